@@ -1,0 +1,1 @@
+"""The namespace helper: owns the user+net namespace, its TUN devices and listeners."""

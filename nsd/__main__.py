@@ -1,0 +1,157 @@
+"""nsd, the namespace helper: ``python -m ipferry.nsd --control-fd N``.
+
+Handshake with the supervisor on the control channel (each step one message):
+
+1. nsd -> ``hello`` {pid}
+2. supervisor -> ``setup`` {blocks, mtu, sysctls}
+3. nsd unshares its user+net namespace -> ``namespace_ready`` {user_ns, net_ns}
+   (or ``error`` {cause, fix} and exit 2 when the host forbids it)
+4. nsd -> one ``worker_equipment`` {block} per worker, fds ``tun``, ``upgrade4``, ``upgrade6``
+5. nsd -> ``network_ready``
+
+Then nsd serves requests until the control channel closes: ``ping`` -> ``pong``;
+``open_channel`` {worker} -> ``channel`` with fd ``nsd`` (a fresh link between that worker and nsd,
+on which the worker may ``ping`` too; downgrade ``connect`` requests come later).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import sys
+
+from . import fdpass
+from .addressing import WorkerBlock
+from .namespace import HostError, enter_user_and_net_namespace, namespace_ids, write_sysctls
+
+
+def _block(d: dict) -> WorkerBlock:
+    import ipaddress
+    return WorkerBlock(d["index"], d["tun"], ipaddress.IPv4Network(d["ipv4"]),
+                       ipaddress.IPv6Network(d["ipv6"]))
+
+
+def handshake(control: socket.socket, log) -> None:
+    """Steps 1-5 above, blocking: nothing else runs before the network is ready."""
+    fdpass.send(control, "hello", {"pid": os.getpid()})
+    setup = fdpass.recv(control)
+    if setup.type != "setup":
+        raise fdpass.ProtocolError(f"expected setup, got {setup.type}")
+    try:
+        enter_user_and_net_namespace()
+    except HostError as exc:
+        fdpass.send(control, "error", {"cause": exc.cause, "fix": exc.fix})
+        sys.exit(2)
+    fdpass.send(control, "namespace_ready", namespace_ids())
+
+    # pyroute2 is imported only now: the unshare above must happen while we are single-threaded.
+    from pyroute2 import IPRoute
+
+    from .network import DEFAULT_SYSCTLS, add_worker_tun, bring_up_loopback
+
+    failed = write_sysctls({**DEFAULT_SYSCTLS, **setup["sysctls"]})
+    for key, reason in failed.items():
+        log.warning("sysctl_not_set", key=key, reason=reason)
+    with IPRoute() as ipr:
+        bring_up_loopback(ipr)
+        for raw in setup["blocks"]:
+            block = _block(raw)
+            try:
+                equipment = add_worker_tun(ipr, block, setup["mtu"])
+            except HostError as exc:
+                fdpass.send(control, "error", {"cause": exc.cause, "fix": exc.fix})
+                sys.exit(2)
+            # The supervisor keeps these for the worker's whole life (and its restarts).
+            fdpass.send(control, "worker_equipment", {"block": block.as_dict()}, equipment.fds())
+            equipment.close()
+    fdpass.send(control, "network_ready")
+
+
+class NamespaceHelper:
+    """Serves the control channel and one channel per worker, inside the namespace."""
+
+    def __init__(self, control: socket.socket, log) -> None:
+        self.control = fdpass.AsyncChannel(control, "control")
+        self.log = log
+        self.worker_channels: dict[int, fdpass.AsyncChannel] = {}
+        self.tasks: set[asyncio.Task] = set()
+
+    async def serve(self) -> None:
+        while (msg := await self.control.inbox.get()) is not None:
+            self.dispatch(self.control, msg)
+        self.log.info("control_channel_closed")
+
+    def dispatch(self, channel: fdpass.AsyncChannel, msg: fdpass.Message) -> None:
+        handler = getattr(self, f"handle_{msg.type}", None)
+        if handler is None:
+            self.log.warning("unknown_request", type=msg.type, channel=channel.name)
+            msg.close_fds()
+            return
+        handler(channel, msg)
+
+    def handle_ping(self, channel: fdpass.AsyncChannel, msg: fdpass.Message) -> None:
+        channel.reply(msg, "pong", {"pid": os.getpid()})
+
+    def handle_open_channel(self, channel: fdpass.AsyncChannel, msg: fdpass.Message) -> None:
+        worker = int(msg["worker"])
+        ours, theirs = fdpass.channel_pair()
+        old = self.worker_channels.pop(worker, None)
+        if old is not None:
+            old.close()
+        self.worker_channels[worker] = fdpass.AsyncChannel(ours, f"worker{worker}")
+        channel.reply(msg, "channel", {"worker": worker}, {"nsd": theirs.fileno()})
+        theirs.close()
+        task = asyncio.get_running_loop().create_task(self.serve_worker(worker))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def serve_worker(self, worker: int) -> None:
+        channel = self.worker_channels[worker]
+        while (msg := await channel.inbox.get()) is not None:
+            self.dispatch(channel, msg)
+        if self.worker_channels.get(worker) is channel:
+            del self.worker_channels[worker]
+        channel.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ipferry-nsd", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--control-fd", type=int, required=True)
+    parser.add_argument("--parent-pid", type=int, required=True)
+    parser.add_argument("--log-format", default="json")
+    parser.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+
+    from ipferry.supervisor.lifecycle import become_child
+    from ipferry.supervisor.logs import configure
+
+    become_child("ipferry: nsd", args.parent_pid)
+    log = configure("nsd", fmt=args.log_format, level=args.log_level)
+    control = socket.socket(fileno=args.control_fd)
+    try:
+        handshake(control, log)
+    except (fdpass.ChannelClosed, ConnectionError):
+        return 1  # the supervisor went away mid-handshake
+    log.info("nsd_ready", pid=os.getpid(), **namespace_ids())
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        # SIGTERM: stop serving; the namespace goes when the last fd into it closes.
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        helper = NamespaceHelper(control, log)
+        serve = loop.create_task(helper.serve())
+        await asyncio.wait([serve, loop.create_task(stop.wait())],
+                           return_when=asyncio.FIRST_COMPLETED)
+
+    asyncio.run(run())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The supervisor: config, on-ramp listeners, children, admin API and metrics. Never a packet."""

@@ -1,0 +1,469 @@
+"""The supervisor's main loop: start nsd and the workers, keep them alive, reload, drain.
+
+As in gunicorn's arbiter, signal handlers only queue an event; the loop dispatches
+``handle_<event>`` and nothing else changes state. What it guarantees:
+
+- A worker that dies (even ``kill -9``) is restarted after an exponential backoff with the same
+  on-ramp listeners and the same TUN and upgrade listeners (the supervisor holds them), a fresh nsd
+  link and fresh mesh links to every other worker. The others are not touched. More than
+  ``crash_loop_limit`` deaths within ``crash_loop_window`` seconds stop the daemon (exit 1).
+- If nsd dies, its namespace is rebuilt by a new nsd (same blocks, same device names), and every
+  live worker is re-equipped in place with the new TUN, upgrade listeners and nsd link; workers keep
+  their pids, on-ramps and mesh. Flows that lived in the old namespace are lost with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from ipferry.nsd import fdpass
+from ipferry.nsd.addressing import WorkerBlock
+from ipferry.nsd.namespace import HostError
+
+from . import config as configmod
+from . import logs
+from .children import ChildProcess, Restarts, State
+from .listeners import Listener, open_onramps
+from .metrics import ProcessInfo, SupervisorMetrics
+from .notify import Notifier
+
+
+class StartupError(Exception):
+    """The daemon cannot start; ``str()`` is the one line to print."""
+
+
+@dataclass
+class NsdSlot:
+    restarts: Restarts
+    child: ChildProcess | None = None
+    state: State = State.STARTING
+    restart_count: int = 0
+    started_at: float | None = None
+    namespaces: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class WorkerSlot:
+    index: int
+    block: WorkerBlock
+    restarts: Restarts
+    equipment: dict[str, int] = field(default_factory=dict)  # tun, upgrade4, upgrade6: ours to keep
+    child: ChildProcess | None = None
+    state: State = State.STARTING
+    restart_count: int = 0
+    started_at: float | None = None
+    planned_restart: bool = False
+
+    def as_dict(self) -> dict:
+        return {"index": self.index, "pid": self.child.pid if self.child else None,
+                "state": str(self.state), "restarts": self.restart_count,
+                "started_at": self.started_at, "tun": self.block.tun_name}
+
+
+class Supervisor:
+    def __init__(self, config: configmod.Config, config_path: str | None, *,
+                 workers: int | None = None, admin_listen: str | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.workers_override = workers
+        self.admin_listen_override = admin_listen
+        self.worker_count = config.worker_count(workers)
+        self.log = structlog.get_logger()
+        self.notifier = Notifier()
+        self.events: asyncio.Queue[tuple] = asyncio.Queue()
+        self.onramps: list[Listener] = []
+        sup = config.supervision
+        self.nsd = NsdSlot(self._restarts())
+        blocks = config.namespace.blocks(self.worker_count)
+        self.workers = [WorkerSlot(i, b, self._restarts()) for i, b in enumerate(blocks)]
+        self.metrics = SupervisorMetrics(self.processes)
+        self.metrics.workers_configured.set(self.worker_count)
+        for slot in self.workers:
+            self.metrics.worker_restarts.labels(str(slot.index))
+        self.stop_timeout = sup.stop_timeout
+        self.exit_code = 0
+        self.stopping = False
+        self.started_at = time.time()
+        self.admin = None
+        self.tasks: set[asyncio.Task] = set()
+
+    def _restarts(self) -> Restarts:
+        s = self.config.supervision
+        return Restarts(s.backoff_initial, s.backoff_max, s.crash_loop_limit, s.crash_loop_window)
+
+    # -- what the admin API and the metrics read ------------------------------------------------
+
+    def processes(self) -> list[ProcessInfo]:
+        out = [ProcessInfo("supervisor", "", os.getpid())]
+        if self.nsd.child and self.nsd.child.alive:
+            out.append(ProcessInfo("nsd", "", self.nsd.child.pid))
+        out += [ProcessInfo("worker", str(w.index), w.child.pid)
+                for w in self.workers if w.child and w.child.alive]
+        return out
+
+    def is_ready(self) -> bool:
+        return (not self.stopping and self.nsd.state is State.READY
+                and all(w.state is State.READY for w in self.workers))
+
+    def status_line(self) -> str:
+        ready = sum(w.state is State.READY for w in self.workers)
+        return f"nsd {self.nsd.state}, {ready}/{len(self.workers)} workers ready"
+
+    async def gather_worker_metrics(self, timeout: float = 1.0) -> None:
+        live = [w for w in self.workers if w.child and w.child.alive and w.state is State.READY]
+
+        async def one(slot: WorkerSlot):
+            try:
+                reply = await slot.child.channel.request("metrics", timeout=timeout)
+                return slot.index, reply["families"]
+            except (fdpass.ChannelClosed, TimeoutError):
+                return slot.index, None
+
+        results = await asyncio.gather(*(one(w) for w in live))
+        self.metrics.workers.snapshots = {i: fams for i, fams in results if fams is not None}
+        self.metrics.workers_ready.set(sum(w.state is State.READY for w in self.workers))
+        self.metrics.nsd_up.set(1 if self.nsd.state is State.READY else 0)
+
+    # -- the main loop ---------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, self.events.put_nowait, ("signal", sig))
+        try:
+            await self.start()
+        except StartupError:
+            await self.shutdown()
+            raise
+        self.spawn(self.notifier.watchdog(lambda: not self.stopping))
+        while not self.stopping:
+            event, *args = await self.events.get()
+            await getattr(self, f"handle_{event}")(*args)
+        await self.shutdown()
+        return self.exit_code
+
+    def spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def start(self) -> None:
+        from .admin import AdminServer
+
+        t0 = time.monotonic()
+        try:
+            self.onramps = open_onramps(self.config.onramps)
+        except Exception as exc:
+            raise StartupError(str(exc)) from None
+        self.admin = AdminServer(self, self.config.admin, self.admin_listen_override)
+        try:
+            await self.admin.start()
+        except OSError as exc:
+            raise StartupError(f"admin API: cannot listen ({exc.strerror or exc})") from None
+        try:
+            await self.start_nsd()
+        except HostError as exc:
+            raise StartupError(str(exc)) from None
+        for slot in self.workers:
+            self.start_worker(slot)
+        deadline = self.config.supervision.start_timeout
+        try:
+            await asyncio.wait_for(self._all_ready(), deadline)
+        except TimeoutError:
+            raise StartupError(f"not ready after {deadline:g}s: {self.status_line()}") from None
+        self.log.info("ready", workers=len(self.workers), seconds=round(time.monotonic() - t0, 3),
+                      onramps={o.name: str(o.path) for o in self.onramps},
+                      admin=self.admin.addresses())
+        self.notifier.ready(self.status_line())
+
+    async def _all_ready(self) -> None:
+        while not self.is_ready():
+            event, *args = await self.events.get()
+            if event == "signal":
+                raise StartupError(f"interrupted by {signal.Signals(args[0]).name} during start-up")
+            await getattr(self, f"handle_{event}")(*args)
+
+    # -- nsd -------------------------------------------------------------------------------------
+
+    async def start_nsd(self) -> None:
+        """Spawn nsd and walk its handshake; on success every worker slot holds new equipment."""
+        slot = self.nsd
+        slot.state = State.STARTING
+        child = ChildProcess(["ipferry.nsd", *self.log_args()], self.on_child_exit)
+        slot.child = child
+        timeout = self.config.supervision.start_timeout
+
+        async def expect(*types: str) -> fdpass.Message:
+            msg = await asyncio.wait_for(child.channel.inbox.get(), timeout)
+            if msg is None:
+                raise HostError(f"nsd exited during start-up (status {child.proc.wait()})",
+                                "see nsd's log lines above")
+            if msg.type == "error":
+                raise HostError(msg["cause"], msg["fix"])
+            if msg.type not in types:
+                msg.close_fds()
+                raise HostError(f"nsd sent {msg.type!r}, expected {types}", "a version mismatch?")
+            return msg
+
+        try:
+            await expect("hello")
+            ns = self.config.namespace
+            child.channel.send("setup", {"blocks": [w.block.as_dict() for w in self.workers],
+                                         "mtu": ns.mtu, "sysctls": ns.sysctls})
+            slot.namespaces = (await expect("namespace_ready")).body
+            new: dict[int, dict[str, int]] = {}
+            for _ in self.workers:
+                msg = await expect("worker_equipment")
+                new[msg["block"]["index"]] = {n: msg.take_fd(n) for n in ("tun", "upgrade4",
+                                                                          "upgrade6")}
+            await expect("network_ready")
+        except BaseException:
+            child.signal(signal.SIGKILL)
+            for fds in locals().get("new", {}).values():
+                for fd in fds.values():
+                    os.close(fd)
+            raise
+        for w in self.workers:
+            for fd in w.equipment.values():
+                os.close(fd)  # the old namespace's devices go once the worker lets go too
+            w.equipment = new[w.index]
+        slot.state = State.READY
+        slot.started_at = time.time()
+        self.log.info("nsd_ready", pid=child.pid, **slot.namespaces)
+        self.spawn(self.watch_child(child, None))
+
+    def log_args(self) -> list[str]:
+        return ["--log-format", self.config.logging.format, "--log-level", self.config.logging.level]
+
+    # -- workers ---------------------------------------------------------------------------------
+
+    def start_worker(self, slot: WorkerSlot) -> None:
+        slot.state = State.STARTING
+        slot.child = ChildProcess(["ipferry.worker", "--index", str(slot.index), *self.log_args()],
+                                  self.on_child_exit)
+        slot.started_at = time.time()
+        self.spawn(self.equip(slot, with_mesh=True))
+        self.spawn(self.watch_child(slot.child, slot))
+
+    async def equip(self, slot: WorkerSlot, *, with_mesh: bool) -> None:
+        """Send a worker its fds: on-ramps, TUN, upgrade listeners, a fresh nsd link (and mesh)."""
+        child = slot.child
+        try:
+            reply = await self.nsd.child.channel.request("open_channel", {"worker": slot.index})
+        except (fdpass.ChannelClosed, TimeoutError, AttributeError):
+            return  # nsd is down; it re-equips every worker when it is back
+        nsd_fd = reply.take_fd("nsd")
+        fds = {f"onramp:{o.name}": o.sock.fileno() for o in self.onramps}
+        fds.update(slot.equipment)
+        fds["nsd"] = nsd_fd
+        peers: list[tuple[WorkerSlot, object]] = []
+        if with_mesh:
+            for other in self.workers:
+                if other is slot or not (other.child and other.child.alive):
+                    continue
+                ours, theirs = fdpass.channel_pair()
+                fds[f"mesh:{other.index}"] = ours.fileno()
+                peers.append((other, ours, theirs))
+        try:
+            if child.alive:
+                child.channel.send("equip", {"block": slot.block.as_dict(),
+                                             "onramps": [o.name for o in self.onramps]}, fds)
+                for other, _, theirs in peers:
+                    try:
+                        other.child.channel.send("mesh_peer", {"peer": slot.index},
+                                                 {f"mesh:{slot.index}": theirs.fileno()})
+                    except fdpass.ChannelClosed:
+                        pass  # that peer is dying; its replacement gets a new link
+        except fdpass.ChannelClosed:
+            pass
+        finally:
+            os.close(nsd_fd)
+            for _, ours, theirs in peers:
+                ours.close()
+                theirs.close()
+
+    async def watch_child(self, child: ChildProcess, slot: WorkerSlot | None) -> None:
+        """Read what a child says on its control channel (workers report ``ready``)."""
+        while (msg := await child.channel.inbox.get()) is not None:
+            msg.close_fds()
+            if msg.type == "ready" and slot is not None and slot.child is child:
+                slot.state = State.READY
+                self.log.info("worker_ready", worker=slot.index, pid=child.pid)
+                self.notifier.status(self.status_line())
+                self.events.put_nowait(("progress",))
+
+    def on_child_exit(self, child: ChildProcess) -> None:
+        self.events.put_nowait(("exit", child))
+
+    # -- event handlers --------------------------------------------------------------------------
+
+    async def handle_progress(self) -> None:
+        pass  # wakes _all_ready()
+
+    async def handle_signal(self, sig: int) -> None:
+        name = signal.Signals(sig).name
+        if sig == signal.SIGHUP:
+            self.reload()
+        else:
+            self.log.info("stop_requested", signal=name)
+            self.stopping = True
+
+    async def handle_exit(self, child: ChildProcess) -> None:
+        if self.stopping:
+            return
+        if self.nsd.child is child:
+            await self.nsd_died(child)
+            return
+        slot = next((w for w in self.workers if w.child is child), None)
+        if slot is None:
+            return
+        slot.child = None
+        if slot.planned_restart:
+            slot.planned_restart = False
+            self.log.info("worker_restarting", worker=slot.index, pid=child.pid)
+            delay = 0.0
+        else:
+            delay = slot.restarts.record_death()
+            self.log.warning("worker_died", worker=slot.index, pid=child.pid,
+                             status=child.returncode, restart_in=delay)
+            if delay is None:
+                return self.crash_loop(f"worker {slot.index}", slot)
+        slot.state = State.BACKOFF
+        self.notifier.status(self.status_line())
+        asyncio.get_running_loop().call_later(delay, self.events.put_nowait, ("respawn", slot))
+
+    async def handle_respawn(self, slot: WorkerSlot) -> None:
+        if self.stopping or slot.child is not None:
+            return
+        if self.nsd.state is not State.READY:
+            return  # start_nsd's success path starts every worker that has no process
+        slot.restart_count += 1
+        self.metrics.worker_restarts.labels(str(slot.index)).inc()
+        self.start_worker(slot)
+
+    async def nsd_died(self, child: ChildProcess) -> None:
+        slot = self.nsd
+        slot.child = None
+        slot.state = State.BACKOFF
+        delay = slot.restarts.record_death()
+        self.log.warning("nsd_died", pid=child.pid, status=child.returncode, restart_in=delay)
+        if delay is None:
+            return self.crash_loop("nsd", slot)
+        self.notifier.status(self.status_line())
+        asyncio.get_running_loop().call_later(delay, self.events.put_nowait, ("rebuild_namespace",))
+
+    async def handle_rebuild_namespace(self) -> None:
+        if self.stopping:
+            return
+        try:
+            await self.start_nsd()
+        except (HostError, TimeoutError, fdpass.ChannelClosed) as exc:
+            self.log.error("nsd_restart_failed", error=str(exc))
+            return  # its exit event schedules the next try (and counts toward the crash loop)
+        self.nsd.restart_count += 1
+        self.metrics.nsd_restarts.inc()
+        for w in self.workers:
+            if w.child is None:
+                if w.state is State.BACKOFF:
+                    w.restart_count += 1
+                    self.metrics.worker_restarts.labels(str(w.index)).inc()
+                self.start_worker(w)
+            else:
+                w.state = State.STARTING
+                self.spawn(self.equip(w, with_mesh=False))
+
+    def crash_loop(self, who: str, slot) -> None:
+        s = self.config.supervision
+        slot.state = State.FAILED
+        self.log.critical("crash_loop", process=who, limit=s.crash_loop_limit,
+                          window=s.crash_loop_window)
+        self.exit_code = 1
+        self.stopping = True
+
+    async def restart_worker(self, index: int) -> WorkerSlot:
+        """Admin-requested restart: a graceful stop, then an immediate start (no backoff)."""
+        slot = self.workers[index]
+        if slot.child is not None and slot.child.alive:
+            slot.planned_restart = True
+            slot.state = State.STOPPING
+            self.spawn(slot.child.stop(self.stop_timeout, message="stop"))
+        return slot
+
+    # -- reload and stop -------------------------------------------------------------------------
+
+    def reload(self) -> tuple[bool, str]:
+        """Re-read the config file; a broken one is refused and the running config stays."""
+        if self.config_path is None:
+            return True, "running on the built-in default config; nothing to reload"
+        self.notifier.reloading()
+        try:
+            new = configmod.load(self.config_path)
+        except configmod.ConfigError as exc:
+            self.metrics.reloads.labels("refused").inc()
+            self.log.error("reload_refused", config=self.config_path, errors=str(exc).splitlines())
+            self.notifier.ready(self.status_line())
+            return False, str(exc)
+        old = self.config
+        needs_restart = [key for key in ("workers", "onramps", "namespace")
+                         if getattr(old, key) != getattr(new, key)]
+        if old.admin.listen != new.admin.listen or old.admin.unix_socket != new.admin.unix_socket:
+            needs_restart.append("admin listeners")
+        self.config = new
+        logs.set_level(new.logging.level)
+        if self.admin:
+            self.admin.settings = new.admin
+        for slot in self.workers:
+            if slot.child and slot.child.alive:
+                try:
+                    slot.child.channel.send("reconfigure", {"log_level": new.logging.level})
+                except fdpass.ChannelClosed:
+                    pass
+        self.metrics.reloads.labels("applied").inc()
+        self.log.info("reloaded", config=self.config_path, needs_restart=needs_restart)
+        self.notifier.ready(self.status_line())
+        msg = "reloaded"
+        if needs_restart:
+            msg += f"; changes to {', '.join(needs_restart)} take effect at the next restart"
+        return True, msg
+
+    async def shutdown(self) -> None:
+        """Drain: stop workers (bounded), then nsd, then the listeners and their socket files."""
+        self.stopping = True
+        self.notifier.stopping()
+        self.log.info("stopping", timeout=self.stop_timeout)
+        workers = [w.child for w in self.workers if w.child and w.child.alive]
+        for w in self.workers:
+            if w.state is not State.FAILED:
+                w.state = State.STOPPING
+        await asyncio.gather(*(c.stop(self.stop_timeout, message="stop") for c in workers))
+        if self.nsd.child:
+            await self.nsd.child.stop(self.stop_timeout)
+        for listener in self.onramps:
+            listener.close()
+        for w in self.workers:
+            for fd in w.equipment.values():
+                os.close(fd)
+            w.equipment = {}
+            if w.state is not State.FAILED:
+                w.state = State.STOPPED
+        if self.admin:
+            await self.admin.stop()
+        for task in list(self.tasks):
+            task.cancel()
+        self.log.info("stopped", exit_code=self.exit_code)
+
+
+def runtime_paths(config: configmod.Config) -> list[Path]:
+    """Every socket file the daemon creates (for tests and for clean-up checks)."""
+    paths = [o.socket_path() for o in config.onramps]
+    if (p := config.admin.unix_socket_path()) is not None:
+        paths.append(p)
+    return paths

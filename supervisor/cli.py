@@ -1,0 +1,178 @@
+"""The ``ipferry`` command: run the daemon, check a config, and talk to a running daemon."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+
+from pydantic import ValidationError
+
+from . import config as configmod
+
+DESCRIPTION = """\
+ipferry carries traffic across OSI layers: it on-ramps raw IP packets from tunnels, tracks
+flows per tenant, upgrades them into real TCP streams through the kernel of an unprivileged
+user+network namespace, and off-ramps them at any layer. It needs no privileges.
+"""
+
+EPILOG = """\
+examples:
+  ipferry run                              built-in default: a tunnel on-ramp, admin on :9180
+  ipferry run --config /etc/ipferry/ipferry.toml --workers 4
+  ipferry check-config /etc/ipferry/ipferry.toml
+  ipferry status                           ask the running daemon (over its admin unix socket)
+  ipferry reload                           re-read the config (same as SIGHUP)
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ipferry", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the daemon in the foreground (supervisor, nsd, workers)",
+                         description="Run the supervisor in the foreground. It binds the on-ramps, "
+                         "starts nsd and the workers, serves the admin API and stops cleanly on "
+                         "SIGTERM; SIGHUP reloads the config.")
+    run.add_argument("--config", "-c", metavar="FILE",
+                     help="TOML config (default: built-in: one tunnel on-ramp at "
+                          "$RUNTIME_DIRECTORY/tunnel.sock, else $XDG_RUNTIME_DIR/ipferry/tunnel.sock,"
+                          " else /run/ipferry/tunnel.sock; admin on 127.0.0.1:9180)")
+    run.add_argument("--workers", "-w", type=int, metavar="N",
+                     help="number of worker processes (default: config, else the number of CPUs)")
+    run.add_argument("--admin-listen", metavar="HOST:PORT",
+                     help="admin HTTP listener, loopback only; '' disables TCP admin")
+    run.add_argument("--log-format", choices=["json", "console"],
+                     help="log format (default: config, else json lines)")
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+    check = sub.add_parser("check-config", help="validate a config file without starting",
+                           description="Validate a config file; exit 0 if it would start, else "
+                           "print each problem (file:line: key = value: reason) and exit 2.")
+    check.add_argument("file")
+
+    def admin_client(name: str, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.add_argument("--admin", metavar="URL|PATH",
+                       help="the daemon's admin unix socket (default: <runtime dir>/admin.sock) "
+                            "or http://HOST:PORT")
+        p.add_argument("--token", default=os.environ.get("IPFERRY_ADMIN_TOKEN"),
+                       help="bearer token for mutating calls over TCP (env IPFERRY_ADMIN_TOKEN)")
+        return p
+
+    admin_client("status", "show the running daemon's readiness, nsd and workers")
+    admin_client("reload", "make the running daemon re-read its config (like SIGHUP)")
+    restart = admin_client("restart-worker", "restart one worker of the running daemon gracefully")
+    restart.add_argument("index", type=int)
+    return parser
+
+
+def cmd_check_config(args) -> int:
+    try:
+        cfg = configmod.load(args.file)
+        n = cfg.worker_count()
+    except configmod.ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    print(f"{args.file}: ok ({n} workers, on-ramps: "
+          f"{', '.join(f'{o.name} at {o.socket_path()}' for o in cfg.onramps)})")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .arbiter import StartupError, Supervisor
+    from .lifecycle import set_title
+    from .logs import configure
+
+    try:
+        cfg = configmod.load(args.config)
+        overrides = {}
+        if args.log_format or args.log_level:
+            overrides["logging"] = cfg.logging.model_copy(update={
+                k: v for k, v in (("format", args.log_format), ("level", args.log_level)) if v})
+        if args.admin_listen is not None:
+            configmod.Admin(listen=args.admin_listen)  # the same loopback-only check as the file
+        cfg = cfg.model_copy(update=overrides)
+        if args.workers is not None and args.workers < 1:
+            raise configmod.ConfigError(f"--workers {args.workers}: must be at least 1")
+        cfg.worker_count(args.workers)
+    except configmod.ConfigError as exc:
+        print(f"ipferry: refusing to start:\n{exc}", file=sys.stderr)
+        return 2
+    except ValidationError as exc:
+        print(f"ipferry: refusing to start: --admin-listen {args.admin_listen!r}: "
+              f"{exc.errors()[0]['msg'].removeprefix('Value error, ')}", file=sys.stderr)
+        return 2
+
+    set_title("ipferry: supervisor")
+    configure("supervisor", fmt=cfg.logging.format, level=cfg.logging.level)
+
+    async def main() -> int:
+        supervisor = Supervisor(cfg, args.config, workers=args.workers,
+                                admin_listen=args.admin_listen)
+        return await supervisor.run()
+
+    try:
+        return asyncio.run(main())
+    except StartupError as exc:
+        print(f"ipferry: cannot start: {exc}", file=sys.stderr)
+        return 1
+
+
+def cmd_admin(args) -> int:
+    from .adminclient import AdminClientError, call
+
+    try:
+        if args.command == "status":
+            status, body = call(args.admin, "GET", "/api/status", args.token)
+            if status == 200:
+                print(format_status(body))
+                return 0 if body["ready"] else 1
+        elif args.command == "reload":
+            status, body = call(args.admin, "POST", "/api/reload", args.token)
+            if status == 200:
+                print(body["message"])
+                return 0
+            if status == 422:
+                print(f"reload refused; the daemon keeps its running config:\n{body['message']}",
+                      file=sys.stderr)
+                return 1
+        else:
+            status, body = call(args.admin, "POST", f"/api/workers/{args.index}/restart",
+                                args.token)
+            if status == 202:
+                print(f"worker {args.index} (pid {body['pid']}) is restarting")
+                return 0
+    except AdminClientError as exc:
+        print(f"ipferry: {exc}", file=sys.stderr)
+        return 1
+    print(f"ipferry: admin API answered {status}: {body}", file=sys.stderr)
+    return 1
+
+
+def format_status(body: dict) -> str:
+    lines = [f"{'ready' if body['ready'] else 'NOT READY'}: {body['status']} "
+             f"(supervisor pid {body['pid']}, config {body['config'] or 'built-in default'})",
+             f"nsd: pid {body['nsd']['pid']}, {body['nsd']['state']}, "
+             f"restarts {body['nsd']['restarts']}"]
+    for w in body["workers"]:
+        lines.append(f"worker {w['index']}: pid {w['pid']}, {w['state']}, restarts {w['restarts']}, "
+                     f"tun {w['tun']}")
+    for o in body["onramps"]:
+        lines.append(f"on-ramp {o['name']}: {o['path'] or 'from systemd'}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "run":
+        return cmd_run(args)
+    if args.command == "check-config":
+        return cmd_check_config(args)
+    return cmd_admin(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

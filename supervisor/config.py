@@ -1,0 +1,236 @@
+"""The ipferry config: a TOML file validated by a pydantic schema.
+
+A refused config names the key, the value, the reason and, where the file has it, the line::
+
+    ipferry.toml:7: admin.listen = '0.0.0.0:9180': admin must listen on loopback (...)
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ipferry.nsd.addressing import capacity, worker_block
+
+
+class ConfigError(Exception):
+    """A config that must not be started; ``str()`` is the list of problems, one a line."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def default_runtime_dir() -> Path:
+    """$RUNTIME_DIRECTORY (systemd), else $XDG_RUNTIME_DIR/ipferry, else /run/ipferry."""
+    if rd := os.environ.get("RUNTIME_DIRECTORY"):
+        return Path(rd.split(":")[0])
+    if xdg := os.environ.get("XDG_RUNTIME_DIR"):
+        return Path(xdg) / "ipferry"
+    return Path("/run/ipferry")
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:9180 or [::1]:9180")
+    return host.strip("[]"), int(port)
+
+
+class TunnelOnramp(_Strict):
+    """A connected IP tunnel: SOCK_SEQPACKET; first datagram the context, then one packet each."""
+
+    kind: Literal["tunnel"] = "tunnel"
+    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")] = "tunnel"
+    path: Path | None = None  # default: <runtime dir>/<name>.sock
+    mode: int = 0o660
+    backlog: Annotated[int, Field(ge=1, le=65535)] = 1024
+
+    def socket_path(self) -> Path:
+        return self.path or default_runtime_dir() / f"{self.name}.sock"
+
+
+class Admin(_Strict):
+    listen: str | None = "127.0.0.1:9180"
+    unix_socket: Path | None = None  # default: <runtime dir>/admin.sock; "" disables it
+    token: Annotated[str, Field(min_length=16)] | None = None
+    token_file: Path | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _loopback_only(cls, v: str | None) -> str | None:
+        if v in (None, ""):
+            return None
+        host, _ = _host_port(v)
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise ValueError("admin must listen on loopback (127.0.0.0/8, ::1) or a unix socket")
+        return v
+
+    @model_validator(mode="after")
+    def _one_token_source(self) -> Admin:
+        if self.token and self.token_file:
+            raise ValueError("set admin.token or admin.token_file, not both")
+        return self
+
+    def listen_address(self) -> tuple[str, int] | None:
+        return _host_port(self.listen) if self.listen else None
+
+    def unix_socket_path(self) -> Path | None:
+        if self.unix_socket is None:
+            return default_runtime_dir() / "admin.sock"
+        return self.unix_socket if str(self.unix_socket) not in ("", ".") else None
+
+    def bearer_token(self) -> str | None:
+        if self.token_file:
+            return self.token_file.read_text().strip() or None
+        return self.token
+
+
+class Namespace(_Strict):
+    mtu: Annotated[int, Field(ge=1280, le=65520)] = 65520
+    tun_prefix: Annotated[str, Field(pattern=r"^[a-z][a-z0-9]{0,9}$")] = "ipf"
+    ipv4_pool: ipaddress.IPv4Network = ipaddress.IPv4Network("100.64.0.0/10")
+    ipv4_block_prefix: Annotated[int, Field(ge=8, le=28)] = 16
+    ipv6_pool: ipaddress.IPv6Network = ipaddress.IPv6Network("fd69:7066::/48")
+    ipv6_block_prefix: Annotated[int, Field(ge=48, le=120)] = 64
+    sysctls: dict[str, str] = {}
+
+    @field_validator("sysctls")
+    @classmethod
+    def _net_only(cls, v: dict[str, str]) -> dict[str, str]:
+        for key in v:
+            if not re.fullmatch(r"net\.[a-z0-9_.\-]+", key):
+                raise ValueError(f"{key!r}: only net.* sysctls belong to the namespace")
+        return v
+
+    def max_workers(self) -> int:
+        return min(capacity(self.ipv4_pool, self.ipv4_block_prefix),
+                   capacity(self.ipv6_pool, self.ipv6_block_prefix))
+
+    def blocks(self, workers: int):
+        return [worker_block(i, ipv4_pool=self.ipv4_pool, ipv4_prefix=self.ipv4_block_prefix,
+                             ipv6_pool=self.ipv6_pool, ipv6_prefix=self.ipv6_block_prefix,
+                             tun_prefix=self.tun_prefix) for i in range(workers)]
+
+
+class Supervision(_Strict):
+    backoff_initial: Annotated[float, Field(gt=0, le=60)] = 0.5
+    backoff_max: Annotated[float, Field(gt=0, le=600)] = 30.0
+    crash_loop_limit: Annotated[int, Field(ge=1)] = 5  # restarts within the window, then give up
+    crash_loop_window: Annotated[float, Field(gt=0)] = 60.0
+    stop_timeout: Annotated[float, Field(gt=0, le=300)] = 10.0
+    start_timeout: Annotated[float, Field(gt=0, le=300)] = 30.0
+
+
+class Logging(_Strict):
+    format: Literal["json", "console"] = "json"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Config(_Strict):
+    workers: Annotated[int, Field(ge=1, le=256)] | None = None  # default: the number of CPUs
+    onramps: list[TunnelOnramp] = Field(default_factory=lambda: [TunnelOnramp()])
+    admin: Admin = Admin()
+    namespace: Namespace = Namespace()
+    supervision: Supervision = Supervision()
+    logging: Logging = Logging()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        names = [o.name for o in self.onramps]
+        if len(set(names)) != len(names):
+            raise ValueError(f"on-ramp names must be unique, got {names}")
+        if self.workers and self.workers > self.namespace.max_workers():
+            raise ValueError(f"{self.workers} workers need more blocks than namespace pools "
+                             f"hold ({self.namespace.max_workers()})")
+        return self
+
+    def worker_count(self, override: int | None = None) -> int:
+        n = override or self.workers or os.cpu_count() or 1
+        if n > self.namespace.max_workers():
+            raise ConfigError(f"workers = {n}: the namespace pools hold blocks for "
+                              f"{self.namespace.max_workers()} workers")
+        return n
+
+
+def _find_line(text: str, loc: tuple) -> int | None:
+    """Best effort: the line of the key at ``loc`` (e.g. ('admin', 'listen')) in the TOML text."""
+    keys = [k for k in loc if isinstance(k, str)]
+    if not keys:
+        return None
+    table, key = keys[:-1], keys[-1]
+    lines = text.splitlines()
+    start = 0
+    if table:
+        header = re.compile(r"^\s*\[\[?\s*" + re.escape(".".join(table)) + r"\s*\]\]?\s*$")
+        # An index in loc (onramps[1]) means the n-th [[onramps]] header.
+        nth = next((k for k in loc if isinstance(k, int)), 0)
+        seen = -1
+        for i, line in enumerate(lines):
+            if header.match(line):
+                seen += 1
+                if seen == nth:
+                    start = i
+                    break
+        else:
+            return None
+    key_re = re.compile(r"^\s*" + re.escape(key) + r"\s*=")
+    for i in range(start, len(lines)):
+        if i > start and table and lines[i].lstrip().startswith("["):
+            break
+        if key_re.match(lines[i]):
+            return i + 1
+    return start + 1 if table else None
+
+
+def _dotted(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def parse(text: str, source: str = "<config>") -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            line = _find_line(text, loc)
+            where = f"{source}:{line}" if line else source
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            value = err.get("input")
+            shown = f" = {value!r}" if not isinstance(value, dict | list) else ""
+            if "token" in loc:
+                shown = " = <redacted>"  # never echo a secret into logs
+            problems.append(f"{where}: {_dotted(loc)}{shown}: {msg}")
+        raise ConfigError("\n".join(problems)) from None
+
+
+def load(path: str | os.PathLike | None) -> Config:
+    """The config at ``path``, or the built-in default when ``path`` is None."""
+    if path is None:
+        return Config()
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read: {exc.strerror}") from None
+    return parse(text, str(p))

@@ -1,0 +1,171 @@
+"""A worker: ``python -m ipferry.worker --index I --control-fd N --parent-pid P``.
+
+Protocol with the supervisor on the control channel:
+
+- supervisor -> ``equip`` {onramps, block}: fds ``onramp:<name>``, ``tun``, ``upgrade4``,
+  ``upgrade6``, ``nsd`` and ``mesh:<peer>`` for every other live worker. Sent again after nsd was
+  replaced: the worker then swaps its TUN, listeners and nsd link, keeping the rest.
+- worker -> ``ready`` once equipped and nsd answered a ping on the worker's own link.
+- supervisor -> ``mesh_peer`` {peer}: fd ``mesh:<peer>``, a replaced worker's new link.
+- supervisor -> ``metrics`` -> worker replies with ``metrics`` {families}.
+- supervisor -> ``reconfigure`` {log_level}: a reloaded config's live settings.
+- supervisor -> ``stop``: drain and exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import sys
+
+from ipferry.nsd import fdpass
+from ipferry.supervisor import logs
+from ipferry.supervisor.lifecycle import become_child
+
+from . import metrics
+from .tun import TunDevice
+
+
+class Worker:
+    def __init__(self, index: int, control: socket.socket, log) -> None:
+        self.index = index
+        self.log = log
+        self.control = fdpass.AsyncChannel(control, "supervisor")
+        self.onramps: dict[str, socket.socket] = {}
+        self.tun: TunDevice | None = None
+        self.upgrade: dict[str, socket.socket] = {}
+        self.nsd: fdpass.AsyncChannel | None = None
+        self.mesh: dict[int, fdpass.AsyncChannel] = {}
+        self.stopping = asyncio.Event()
+        self.tasks: set[asyncio.Task] = set()
+
+    def spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def run(self) -> None:
+        while (msg := await self.control.inbox.get()) is not None:
+            handler = getattr(self, f"handle_{msg.type}", None)
+            if handler is None:
+                self.log.warning("unknown_message", type=msg.type)
+                msg.close_fds()
+                continue
+            await handler(msg)
+            if self.stopping.is_set():
+                break
+        self.close()
+
+    async def handle_equip(self, msg: fdpass.Message) -> None:
+        first = self.tun is None
+        for name in [n for n in msg.fds if n.startswith("onramp:")]:
+            fd = msg.take_fd(name)
+            if name[7:] in self.onramps:
+                os.close(fd)  # a re-equip repeats the on-ramps we already hold
+            else:
+                self.onramps[name[7:]] = socket.socket(fileno=fd)
+        if self.tun is not None:
+            self.tun.close()
+        self.tun = TunDevice(msg.take_fd("tun"))
+        for name in ("upgrade4", "upgrade6"):
+            if old := self.upgrade.pop(name, None):
+                old.close()
+            self.upgrade[name] = socket.socket(fileno=msg.take_fd(name))
+        if self.nsd is not None:
+            self.nsd.close()
+        self.nsd = fdpass.AsyncChannel(socket.socket(fileno=msg.take_fd("nsd")), "nsd")
+        for name in [n for n in msg.fds if n.startswith("mesh:")]:
+            self.add_mesh_peer(int(name[5:]), msg.take_fd(name))
+        msg.close_fds()
+        try:
+            pong = await self.nsd.request("ping", timeout=5)
+        except (fdpass.ChannelClosed, TimeoutError):
+            # nsd is going away; the supervisor re-equips us (or restarts us) once it is back.
+            self.log.warning("nsd_unreachable")
+            return
+        self.log.info("equipped" if first else "re_equipped", tun=msg["block"]["tun"],
+                      onramps=sorted(self.onramps), mesh=sorted(self.mesh), nsd_pid=pong["pid"])
+        self.control.send("ready", {"pid": os.getpid()})
+
+    async def handle_mesh_peer(self, msg: fdpass.Message) -> None:
+        peer = int(msg["peer"])
+        self.add_mesh_peer(peer, msg.take_fd(f"mesh:{peer}"))
+        msg.close_fds()
+
+    def add_mesh_peer(self, peer: int, fd: int) -> None:
+        if old := self.mesh.pop(peer, None):
+            old.close()
+        link = fdpass.AsyncChannel(socket.socket(fileno=fd), f"mesh{peer}")
+        self.mesh[peer] = link
+        metrics.MESH_PEERS.set(len(self.mesh))
+        self.spawn(self.serve_mesh(peer, link))
+
+    async def serve_mesh(self, peer: int, link: fdpass.AsyncChannel) -> None:
+        # Nothing crosses the mesh yet (flow hand-off comes with the data path); watch for EOF.
+        while (msg := await link.inbox.get()) is not None:
+            msg.close_fds()
+        if self.mesh.get(peer) is link:
+            del self.mesh[peer]
+            metrics.MESH_PEERS.set(len(self.mesh))
+        link.close()
+
+    async def handle_metrics(self, msg: fdpass.Message) -> None:
+        self.control.reply(msg, "metrics", {"families": metrics.snapshot()})
+
+    async def handle_reconfigure(self, msg: fdpass.Message) -> None:
+        logs.set_level(msg["log_level"])
+        self.log.info("reconfigured", log_level=msg["log_level"])
+
+    async def handle_stop(self, msg: fdpass.Message) -> None:
+        self.request_stop()
+
+    def request_stop(self) -> None:
+        self.log.info("stopping")
+        self.stopping.set()
+        self.control.inbox.put_nowait(None)  # wake run() even when no message is due
+
+    def close(self) -> None:
+        if self.tun:
+            self.tun.close()
+        for sock in [*self.onramps.values(), *self.upgrade.values()]:
+            sock.close()
+        for link in [*self.mesh.values(), *([self.nsd] if self.nsd else [])]:
+            link.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ipferry-worker", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--control-fd", type=int, required=True)
+    parser.add_argument("--parent-pid", type=int, required=True)
+    parser.add_argument("--log-format", default="json")
+    parser.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+
+    become_child(f"ipferry: worker {args.index}", args.parent_pid)
+    log = logs.configure("worker", args.index, fmt=args.log_format, level=args.log_level)
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        worker = Worker(args.index, socket.socket(fileno=args.control_fd), log)
+        # The supervisor stops us with a message; a stray SIGTERM/SIGINT (e.g. ^C on the
+        # terminal's process group) is left to it, so drains stay ordered.
+        loop.add_signal_handler(signal.SIGINT, lambda: None)
+        loop.add_signal_handler(signal.SIGTERM, worker.request_stop)
+        await worker.run()
+
+    try:
+        import uvloop
+        uvloop.run(run())
+    except ImportError:
+        asyncio.run(run())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

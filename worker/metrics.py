@@ -1,0 +1,38 @@
+"""A worker's own metrics, and the snapshot it sends to the supervisor on request.
+
+Workers keep ordinary prometheus-client metrics in a private registry. The supervisor asks each
+live worker for a snapshot at scrape time and adds the ``worker`` label, so a dead worker's series
+vanish with it (no multiprocess files left behind).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+registry = CollectorRegistry(auto_describe=True)
+
+TUN_PACKETS = Counter("ipferry_tun_packets", "Packets through the worker's TUN device.",
+                      ["direction"], registry=registry)
+TUN_BYTES = Counter("ipferry_tun_bytes", "Bytes through the worker's TUN device.",
+                    ["direction"], registry=registry)
+MESH_PEERS = Gauge("ipferry_mesh_peers", "Workers this worker has a live mesh link to.",
+                   registry=registry)
+
+# Children of prometheus metrics with labels are looked up per call; cache the hot ones.
+TUN_RX_PACKETS = TUN_PACKETS.labels("rx")
+TUN_RX_BYTES = TUN_BYTES.labels("rx")
+TUN_TX_PACKETS = TUN_PACKETS.labels("tx")
+TUN_TX_BYTES = TUN_BYTES.labels("tx")
+for child in (TUN_RX_PACKETS, TUN_RX_BYTES, TUN_TX_PACKETS, TUN_TX_BYTES):
+    child.inc(0)
+
+
+def snapshot() -> list[dict]:
+    """Every family in the registry as plain data (JSON-able): name, type, help, samples."""
+    families = []
+    for family in registry.collect():
+        families.append({
+            "name": family.name, "type": family.type, "help": family.documentation,
+            "samples": [[s.name, s.labels, s.value] for s in family.samples],
+        })
+    return families

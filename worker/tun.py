@@ -1,0 +1,49 @@
+"""The worker's side of its TUN device: drain what the kernel sends, write what we send."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+
+from . import metrics
+
+READ_SIZE = 65536 + 4  # one packet at the largest MTU
+BATCH = 64  # packets drained per wake-up before yielding to the loop
+
+
+class TunDevice:
+    """A TUN fd registered with the loop; ``on_packet`` gets every packet the kernel sends."""
+
+    def __init__(self, fd: int, on_packet: Callable[[bytes], None] | None = None) -> None:
+        self.fd = fd
+        self.on_packet = on_packet
+        self._loop = asyncio.get_running_loop()
+        os.set_blocking(fd, False)
+        self._loop.add_reader(fd, self._drain)
+
+    def _drain(self) -> None:
+        for _ in range(BATCH):
+            try:
+                packet = os.read(self.fd, READ_SIZE)
+            except BlockingIOError:
+                return
+            except OSError:
+                self.close()
+                return
+            metrics.TUN_RX_PACKETS.inc()
+            metrics.TUN_RX_BYTES.inc(len(packet))
+            if self.on_packet is not None:
+                self.on_packet(packet)
+
+    def write(self, packet: bytes) -> None:
+        os.write(self.fd, packet)
+        metrics.TUN_TX_PACKETS.inc()
+        metrics.TUN_TX_BYTES.inc(len(packet))
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        self._loop.remove_reader(self.fd)
+        os.close(self.fd)
+        self.fd = -1
