@@ -1,0 +1,59 @@
+"""Fixtures that build real kernel parts and always take them down again.
+
+The daemon under test runs inside a network namespace the test created (nothing it does can leave
+the machine); the test reaches it through its admin unix socket, which the shared filesystem makes
+visible from here, or from a thread that entered the namespace.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+from tests.helpers import Daemon, NetNs, require_kernel_features
+
+
+def pytest_sessionstart(session):
+    # CI runs as root: a missing feature must fail loudly, never skip quietly.
+    problem = require_kernel_features()
+    if problem:
+        raise pytest.UsageError(f"ipferry's tests need real kernel features: {problem}")
+
+
+@pytest.fixture
+def netns():
+    ns = NetNs(f"ipft-{uuid.uuid4().hex[:8]}")
+    try:
+        yield ns
+    finally:
+        ns.delete()
+
+
+@pytest.fixture
+def runtime_dir(tmp_path):
+    d = tmp_path / "run"
+    d.mkdir()
+    os.chmod(d, 0o755)
+    return d
+
+
+@pytest.fixture
+def daemon_factory(netns, runtime_dir, tmp_path):
+    started: list[Daemon] = []
+
+    def start(*args: str, config: str | None = None, wait_ready: bool = True,
+              no_caps: bool = True, env: dict | None = None) -> Daemon:
+        d = Daemon(netns, runtime_dir, tmp_path, config=config, no_caps=no_caps, env=env)
+        started.append(d)
+        d.start(*args)
+        if wait_ready:
+            d.wait_ready()
+        return d
+
+    try:
+        yield start
+    finally:
+        for d in started:
+            d.destroy()
