@@ -204,7 +204,9 @@ def parse(text: str, source: str = "<config>") -> Config:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+        at = re.search(r"\(at line (\d+), column \d+\)", str(exc))
+        where = f"{source}:{at.group(1)}" if at else source
+        raise ConfigError(f"{where}: not valid TOML: {exc}") from None
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
