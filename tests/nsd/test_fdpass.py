@@ -1,0 +1,77 @@
+"""The control protocol over real SEQPACKET socketpairs, with real fds crossing."""
+
+import asyncio
+import os
+import socket
+
+import pytest
+
+from ipferry.nsd import fdpass
+
+
+def test_named_fds_cross_and_refer_to_the_same_file(tmp_path):
+    a, b = fdpass.channel_pair()
+    path = tmp_path / "f"
+    path.write_text("hello")
+    fd = os.open(path, os.O_RDONLY)
+    r, w = os.pipe()
+    fdpass.send(a, "equip", {"worker": 3}, {"file": fd, "pipe": w})
+    msg = fdpass.recv(b)
+    assert msg.type == "equip" and msg["worker"] == 3
+    assert set(msg.fds) == {"file", "pipe"}
+    assert os.read(msg.fds["file"], 5) == b"hello"
+    os.write(msg.fds["pipe"], b"x")
+    assert os.read(r, 1) == b"x"
+    got = msg.take_fd("file")
+    msg.close_fds()
+    assert msg.fds == {}
+    os.fstat(got)  # still ours
+    os.close(got)
+    for f in (fd, r, w):
+        os.close(f)
+
+
+def test_version_mismatch_is_refused_and_fds_closed():
+    a, b = fdpass.channel_pair()
+    r, w = os.pipe()
+    socket.send_fds(a, [b'{"v": 99, "type": "hello", "fds": ["p"]}'], [w])
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(fdpass.ProtocolError, match="protocol version 1"):
+        fdpass.recv(b)
+    assert len(os.listdir("/proc/self/fd")) == before  # the received copy was closed
+
+
+def test_fd_count_mismatch_is_refused():
+    a, b = fdpass.channel_pair()
+    socket.send_fds(a, [b'{"v": 1, "type": "x", "fds": ["a", "b"]}'], [a.fileno()])
+    with pytest.raises(fdpass.ProtocolError, match="names 2 fds but carries 1"):
+        fdpass.recv(b)
+
+
+def test_eof_is_channel_closed():
+    a, b = fdpass.channel_pair()
+    a.close()
+    with pytest.raises(fdpass.ChannelClosed):
+        fdpass.recv(b)
+
+
+def test_async_request_reply_and_eof():
+    async def main():
+        a, b = fdpass.channel_pair()
+        client = fdpass.AsyncChannel(a, "client")
+        server = fdpass.AsyncChannel(b, "server")
+
+        async def serve():
+            while (msg := await server.inbox.get()) is not None:
+                server.reply(msg, "pong", {"n": msg["n"]})
+
+        task = asyncio.create_task(serve())
+        replies = await asyncio.gather(*(client.request("ping", {"n": i}) for i in range(50)))
+        assert [r["n"] for r in replies] == list(range(50))
+        server.close()
+        with pytest.raises(fdpass.ChannelClosed):
+            await client.request("ping", {"n": 0}, timeout=2)
+        await task
+        assert await client.inbox.get() is None
+
+    asyncio.run(main())
