@@ -44,10 +44,10 @@ def daemon_factory(netns, runtime_dir, tmp_path):
     started: list[Daemon] = []
 
     def start(*args: str, config: str | None = None, wait_ready: bool = True,
-              no_caps: bool = True, env: dict | None = None) -> Daemon:
+              no_caps: bool = True, env: dict | None = None, **start_kw) -> Daemon:
         d = Daemon(netns, runtime_dir, tmp_path, config=config, no_caps=no_caps, env=env)
         started.append(d)
-        d.start(*args)
+        d.start(*args, **start_kw)
         if wait_ready:
             d.wait_ready()
         return d

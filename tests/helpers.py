@@ -155,20 +155,22 @@ class Daemon:
     def admin_socket(self) -> str:
         return str(self.runtime_dir / "admin.sock")
 
-    def command(self, *args: str) -> list[str]:
+    def command(self, *args: str, sh_prefix: str | None = None) -> list[str]:
         cmd = ["nsenter", f"--net={self.netns.path}"]
         if self.no_caps:
             cmd += NO_CAPS
+        if sh_prefix is not None:  # e.g. to set LISTEN_PID=$$ for socket activation
+            cmd += ["bash", "-c", f'{sh_prefix} exec "$@"', "bash"]
         cmd += [IPFERRY, "run", "--log-format", "json"]
         if self.config_path is not None:
             cmd += ["--config", str(self.config_path)]
         return cmd + list(args)
 
-    def start(self, *args: str) -> None:
+    def start(self, *args: str, sh_prefix: str | None = None, pass_fds=()) -> None:
         self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(self.command(*args), stdout=self.log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=self.env,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(self.command(*args, sh_prefix=sh_prefix), stdout=self.log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=self.env, start_new_session=True, pass_fds=pass_fds)
 
     @property
     def pid(self) -> int:
