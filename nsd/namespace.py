@@ -59,7 +59,8 @@ def userns_disabled_reason() -> str | None:
         "/proc/sys/kernel/unprivileged_userns_clone": ("0", "sysctl -w kernel.unprivileged_userns_clone=1"),
         "/proc/sys/user/max_user_namespaces": ("0", "sysctl -w user.max_user_namespaces=15000"),
         "/proc/sys/kernel/apparmor_restrict_unprivileged_userns": (
-            "1", "sysctl -w kernel.apparmor_restrict_unprivileged_userns=0 (or an AppArmor profile for ipferry)"),
+            "1", "sysctl -w kernel.apparmor_restrict_unprivileged_userns=0 "
+                 "(or an AppArmor profile for ipferry)"),
     }
     for path, (bad, fix) in knobs.items():
         try:
