@@ -97,6 +97,9 @@ async def restart_worker(request: web.Request) -> web.Response:
     except ValueError:
         raise web.HTTPNotFound(text=f"no worker {request.match_info['index']}\n") from None
     slot = await sup.restart_worker(index)
+    if slot is None:
+        state = sup.workers[index].state
+        raise web.HTTPConflict(text=f"worker {index} has no running process to restart ({state})\n")
     return web.json_response(slot.as_dict(), status=202)
 
 

@@ -170,7 +170,7 @@ class Supervisor:
             raise StartupError(f"admin API: cannot listen ({exc.strerror or exc})") from None
         try:
             await self.start_nsd()
-        except HostError as exc:
+        except (HostError, fdpass.ProtocolError) as exc:
             raise StartupError(str(exc)) from None
         for slot in self.workers:
             self.start_worker(slot)
@@ -179,16 +179,16 @@ class Supervisor:
             await asyncio.wait_for(self._all_ready(), deadline)
         except TimeoutError:
             raise StartupError(f"not ready after {deadline:g}s: {self.status_line()}") from None
+        if self.stopping:
+            return  # asked to stop (or a crash loop) while starting
         self.log.info("ready", workers=len(self.workers), seconds=round(time.monotonic() - t0, 3),
                       onramps={o.name: str(o.path) for o in self.onramps},
                       admin=self.admin.addresses())
         self.notifier.ready(self.status_line())
 
     async def _all_ready(self) -> None:
-        while not self.is_ready():
+        while not self.is_ready() and not self.stopping:
             event, *args = await self.events.get()
-            if event == "signal":
-                raise StartupError(f"interrupted by {signal.Signals(args[0]).name} during start-up")
             await getattr(self, f"handle_{event}")(*args)
 
     # -- nsd -------------------------------------------------------------------------------------
@@ -202,7 +202,12 @@ class Supervisor:
         timeout = self.config.supervision.start_timeout
 
         async def expect(*types: str) -> fdpass.Message:
-            msg = await asyncio.wait_for(child.channel.inbox.get(), timeout)
+            try:
+                msg = await asyncio.wait_for(child.channel.inbox.get(), timeout)
+            except TimeoutError:
+                raise HostError(f"nsd sent no {types[0]!r} within {timeout:g}s",
+                                "see nsd's log lines; raise supervision.start_timeout on a "
+                                "slow host") from None
             if msg is None:
                 raise HostError(f"nsd exited during start-up (status {child.proc.wait()})",
                                 "see nsd's log lines above")
@@ -365,7 +370,7 @@ class Supervisor:
             return
         try:
             await self.start_nsd()
-        except (HostError, TimeoutError, fdpass.ChannelClosed) as exc:
+        except (HostError, fdpass.ProtocolError, fdpass.ChannelClosed) as exc:
             self.log.error("nsd_restart_failed", error=str(exc))
             return  # its exit event schedules the next try (and counts toward the crash loop)
         self.nsd.restart_count += 1
@@ -388,13 +393,17 @@ class Supervisor:
         self.exit_code = 1
         self.stopping = True
 
-    async def restart_worker(self, index: int) -> WorkerSlot:
-        """Admin-requested restart: a graceful stop, then an immediate start (no backoff)."""
+    async def restart_worker(self, index: int) -> WorkerSlot | None:
+        """Admin-requested restart: a graceful stop, then an immediate start (no backoff).
+
+        None when the worker has no running process to restart (it is in backoff or stopping).
+        """
         slot = self.workers[index]
-        if slot.child is not None and slot.child.alive:
-            slot.planned_restart = True
-            slot.state = State.STOPPING
-            self.spawn(slot.child.stop(self.stop_timeout, message="stop"))
+        if slot.child is None or not slot.child.alive or slot.planned_restart or self.stopping:
+            return None
+        slot.planned_restart = True
+        slot.state = State.STOPPING
+        self.spawn(slot.child.stop(self.stop_timeout, message="stop"))
         return slot
 
     # -- reload and stop -------------------------------------------------------------------------

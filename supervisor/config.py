@@ -80,6 +80,15 @@ class Admin(_Strict):
     def _one_token_source(self) -> Admin:
         if self.token and self.token_file:
             raise ValueError("set admin.token or admin.token_file, not both")
+        if self.token_file:
+            try:
+                token = self.token_file.read_text().strip()
+            except OSError as exc:
+                raise ValueError(f"admin.token_file {str(self.token_file)!r}: cannot read "
+                                 f"({exc.strerror})") from None
+            if len(token) < 16:
+                raise ValueError(f"admin.token_file {str(self.token_file)!r}: the token must "
+                                 f"have at least 16 characters")
         return self
 
     def listen_address(self) -> tuple[str, int] | None:
@@ -91,8 +100,12 @@ class Admin(_Strict):
         return self.unix_socket if str(self.unix_socket) not in ("", ".") else None
 
     def bearer_token(self) -> str | None:
+        """The token now (a token file is re-read, so rotating it needs no reload)."""
         if self.token_file:
-            return self.token_file.read_text().strip() or None
+            try:
+                return self.token_file.read_text().strip() or None
+            except OSError:
+                return None  # unreadable now: mutations are refused (403), never let through
         return self.token
 
 

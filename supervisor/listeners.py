@@ -55,7 +55,11 @@ def systemd_sockets() -> dict[str, socket.socket]:
 
 def bind_unix(path: Path, type_: int, mode: int, backlog: int) -> tuple[socket.socket, int]:
     """Bind a unix socket at ``path``, replacing a stale file but never a live listener."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    except OSError as exc:
+        raise ListenerError(f"{path.parent}: cannot create ({exc.strerror}); set RUNTIME_DIRECTORY "
+                            f"or the socket path in the config") from None
     if path.exists() or path.is_symlink():
         probe = socket.socket(socket.AF_UNIX, type_)
         try:

@@ -225,3 +225,39 @@ def test_startup_reaches_ready(daemon_factory, workers):
     ready = next(e for e in d.log_events() if e.get("event") == "ready")
     assert ready["workers"] == workers
     assert len(d.children()) == workers + 1
+
+
+def test_crash_loop_stops_the_daemon_with_exit_1(daemon_factory):
+    d = daemon_factory("--workers", "2", config=textwrap.dedent("""\
+        [supervision]
+        backoff_initial = 0.1
+        crash_loop_limit = 2
+        crash_loop_window = 60
+        """))
+    for n in range(3):
+        pid = d.workers()[0]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        if n < 2:
+            wait_for(lambda pid=pid: (w := d.workers()[0])["pid"] not in (None, pid)
+                     and w["state"] == "ready", 10, f"restart {n + 1}")
+    assert d.proc.wait(20) == 1
+    crash = next(e for e in d.log_events() if e.get("event") == "crash_loop")
+    assert crash["process"] == "worker 0" and crash["level"] == "critical"
+
+
+def test_kill_9_supervisor_takes_every_child_with_it(daemon_factory):
+    d = daemon_factory("--workers", "2")
+    kids = d.children()
+    os.kill(d.pid, signal.SIGKILL)
+    d.proc.wait(5)
+    for pid in kids:  # the death signal set with prctl, not any clean-up code, does this
+        wait_for(lambda pid=pid: not alive(pid), 5, f"child {pid} to die with the supervisor")
+
+
+def test_restart_of_a_worker_in_backoff_is_a_conflict(daemon_factory):
+    d = daemon_factory("--workers", "2", config="[supervision]\nbackoff_initial = 5\n")
+    os.kill(d.workers()[1]["pid"], signal.SIGKILL)
+    wait_for(lambda: d.workers()[1]["state"] == "backoff", 5, "worker 1 in backoff")
+    status, body = d.request("POST", "/api/workers/1/restart")
+    assert status == 409 and b"backoff" in body
+    assert d.request("POST", "/api/workers/7/restart")[0] == 404

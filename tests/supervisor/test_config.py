@@ -76,3 +76,12 @@ def test_worker_override_checked_against_pools():
     assert cfg.worker_count(64) == 64
     with pytest.raises(ConfigError, match="hold blocks for 64 workers"):
         cfg.worker_count(65)
+
+
+def test_token_file_must_be_readable_and_long_enough(tmp_path):
+    f = tmp_path / "token"
+    assert "cannot read" in problems(f'[admin]\ntoken_file = "{f}"\n')[0]
+    f.write_text("short\n")
+    assert "at least 16 characters" in problems(f'[admin]\ntoken_file = "{f}"\n')[0]
+    f.write_text("0123456789abcdef0123\n")
+    assert parse(f'[admin]\ntoken_file = "{f}"\n').admin.bearer_token() == "0123456789abcdef0123"
