@@ -1,5 +1,5 @@
 # The targets people expect; each sets the machine up first (deploy/setup.sh is idempotent).
-.PHONY: setup run test lint clean
+.PHONY: setup run test lint bench clean
 
 setup:
 	bash deploy/setup.sh
@@ -15,3 +15,6 @@ lint: setup
 
 clean:
 	rm -rf .venv build *.egg-info .pytest_cache .hypothesis .ruff_cache
+
+bench: setup
+	.venv/bin/python bench/startup.py
