@@ -24,6 +24,9 @@ DEFAULT_SYSCTLS: dict[str, str] = {
     "net.ipv4.tcp_wmem": "4096 131072 16777216",
     "net.ipv6.conf.all.disable_ipv6": "0",
     "net.ipv6.conf.default.accept_dad": "0",
+    # No router lives behind a TUN: don't have every new device solicit one into its worker.
+    "net.ipv6.conf.default.router_solicitations": "0",
+    "net.ipv6.conf.default.accept_ra": "0",
 }
 
 UPGRADE_PORT = 1  # the upgrade listeners own their address; any fixed port will do
