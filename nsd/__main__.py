@@ -101,15 +101,19 @@ class NamespaceHelper:
         old = self.worker_channels.pop(worker, None)
         if old is not None:
             old.close()
-        self.worker_channels[worker] = fdpass.AsyncChannel(ours, f"worker{worker}")
+        link = fdpass.AsyncChannel(ours, f"worker{worker}")
+        self.worker_channels[worker] = link
         channel.reply(msg, "channel", {"worker": worker}, {"nsd": theirs.fileno()})
         theirs.close()
-        task = asyncio.get_running_loop().create_task(self.serve_worker(worker))
+        task = asyncio.get_running_loop().create_task(self.serve_worker(worker, link))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def serve_worker(self, worker: int) -> None:
-        channel = self.worker_channels[worker]
+    def handle_reconfigure(self, channel: fdpass.AsyncChannel, msg: fdpass.Message) -> None:
+        from ipferry.supervisor.logs import set_level
+        set_level(msg["log_level"])
+
+    async def serve_worker(self, worker: int, channel: fdpass.AsyncChannel) -> None:
         while (msg := await channel.inbox.get()) is not None:
             self.dispatch(channel, msg)
         if self.worker_channels.get(worker) is channel:
@@ -140,10 +144,11 @@ def main(argv: list[str] | None = None) -> int:
 
     async def run() -> None:
         loop = asyncio.get_running_loop()
-        # SIGTERM: stop serving; the namespace goes when the last fd into it closes.
+        # SIGTERM: stop serving; the namespace goes when the last fd into it closes. SIGINT
+        # (^C reaches the whole process group) is the supervisor's to act on, in order.
         stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
-        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGINT, lambda: None)
         helper = NamespaceHelper(control, log)
         serve = loop.create_task(helper.serve())
         await asyncio.wait([serve, loop.create_task(stop.wait())],

@@ -111,7 +111,8 @@ def send(sock: socket.socket, type_: str, body: Mapping | None = None,
 
 def recv(sock: socket.socket) -> Message:
     """Receive one message, blocking. Raises :class:`ChannelClosed` at EOF."""
-    data, fds, flags, _ = socket.recv_fds(sock, MAX_MESSAGE, MAX_FDS)
+    # CLOEXEC: a received fd must never leak into a process we spawn later.
+    data, fds, flags, _ = socket.recv_fds(sock, MAX_MESSAGE, MAX_FDS, socket.MSG_CMSG_CLOEXEC)
     if not data and not fds:
         raise ChannelClosed("peer closed the channel")
     if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):

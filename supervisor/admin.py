@@ -33,7 +33,8 @@ def _over_unix_socket(request: web.Request) -> bool:
 
 @web.middleware
 async def authorize_mutations(request: web.Request, handler):
-    if request.method in ("GET", "HEAD") or _over_unix_socket(request):
+    if (request.method in ("GET", "HEAD") or _over_unix_socket(request)
+            or request.match_info.http_exception is not None):  # 404/405 need no token
         return await handler(request)
     token = request.app[SERVER].settings.bearer_token()
     if token is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from .config import default_runtime_dir
@@ -29,7 +30,11 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
 def call(target: str | None, method: str, path: str, token: str | None = None,
          timeout: float = 10.0) -> tuple[int, object]:
     """One request; returns (status, decoded JSON or text). ``target``: socket path or URL."""
-    target = target or str(default_runtime_dir() / "admin.sock")
+    if target is None:
+        # The caller's environment may name another runtime dir than the service's (root with
+        # XDG_RUNTIME_DIR set, say): try ours, then the system service's.
+        candidates = [default_runtime_dir() / "admin.sock", Path("/run/ipferry/admin.sock")]
+        target = str(next((p for p in candidates if p.exists()), candidates[0]))
     if target.startswith(("http://", "https://")):
         url = urlsplit(target)
         conn: http.client.HTTPConnection = http.client.HTTPConnection(

@@ -30,7 +30,7 @@ from ipferry.nsd.namespace import HostError
 from . import config as configmod
 from . import logs
 from .children import ChildProcess, Restarts, State
-from .listeners import Listener, open_onramps
+from .listeners import Listener, ListenerError, open_onramps
 from .metrics import ProcessInfo, SupervisorMetrics
 from .notify import Notifier
 
@@ -69,8 +69,13 @@ class WorkerSlot:
 
 class Supervisor:
     def __init__(self, config: configmod.Config, config_path: str | None, *,
-                 workers: int | None = None, admin_listen: str | None = None) -> None:
+                 workers: int | None = None, admin_listen: str | None = None,
+                 log_overrides: dict | None = None) -> None:
         self.config = config
+        self.log_overrides = log_overrides or {}  # --log-level/--log-format outlive reloads
+        # What the namespace and log format were built with; a reload cannot change them.
+        self.namespace = config.namespace
+        self.log_format = config.logging.format
         self.config_path = config_path
         self.workers_override = workers
         self.admin_listen_override = admin_listen
@@ -90,8 +95,11 @@ class Supervisor:
         self.stop_timeout = sup.stop_timeout
         self.exit_code = 0
         self.stopping = False
+        self.started = False  # READY=1 sent
+        self.rebuild: asyncio.Task | None = None
         self.started_at = time.time()
         self.admin = None
+        self.nsd_reconfigure: dict | None = None  # the live settings after a reload
         self.tasks: set[asyncio.Task] = set()
 
     def _restarts(self) -> Restarts:
@@ -117,16 +125,18 @@ class Supervisor:
         return f"nsd {self.nsd.state}, {ready}/{len(self.workers)} workers ready"
 
     async def gather_worker_metrics(self, timeout: float = 1.0) -> None:
-        live = [w for w in self.workers if w.child and w.child.alive and w.state is State.READY]
+        # Capture the child now: by the time a request goes out, the slot may hold none.
+        live = [(w.index, w.child) for w in self.workers
+                if w.child and w.child.alive and w.state is State.READY]
 
-        async def one(slot: WorkerSlot):
+        async def one(index: int, child: ChildProcess):
             try:
-                reply = await slot.child.channel.request("metrics", timeout=timeout)
-                return slot.index, reply["families"]
+                reply = await child.channel.request("metrics", timeout=timeout)
+                return index, reply["families"]
             except (fdpass.ChannelClosed, TimeoutError):
-                return slot.index, None
+                return index, None
 
-        results = await asyncio.gather(*(one(w) for w in live))
+        results = await asyncio.gather(*(one(i, c) for i, c in live))
         self.metrics.workers.snapshots = {i: fams for i, fams in results if fams is not None}
         self.metrics.workers_ready.set(sum(w.state is State.READY for w in self.workers))
         self.metrics.nsd_up.set(1 if self.nsd.state is State.READY else 0)
@@ -137,23 +147,40 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, self.events.put_nowait, ("signal", sig))
+        loop.set_exception_handler(self._loop_exception)
         try:
             await self.start()
+            if not self.stopping:
+                self.spawn(self.notifier.watchdog(lambda: not self.stopping))
+            while not self.stopping:
+                event, *args = await self.events.get()
+                await getattr(self, f"handle_{event}")(*args)
         except StartupError:
-            await self.shutdown()
+            self.exit_code = 1
             raise
-        self.spawn(self.notifier.watchdog(lambda: not self.stopping))
-        while not self.stopping:
-            event, *args = await self.events.get()
-            await getattr(self, f"handle_{event}")(*args)
-        await self.shutdown()
+        except Exception:
+            # A bug, not a condition we handle: say so loudly, then still drain and clean up.
+            self.log.critical("supervisor_failed", exc_info=True)
+            self.exit_code = 1
+        finally:
+            await self.shutdown()
         return self.exit_code
+
+    def _loop_exception(self, loop, context: dict) -> None:
+        self.log.error("loop_exception", message=context.get("message"),
+                       exc_info=context.get("exception"))
 
     def spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(self._task_done)
         return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.log.error("task_failed", task=task.get_coro().__qualname__,
+                           exc_info=task.exception())
 
     async def start(self) -> None:
         from .admin import AdminServer
@@ -166,11 +193,14 @@ class Supervisor:
         self.admin = AdminServer(self, self.config.admin, self.admin_listen_override)
         try:
             await self.admin.start()
+        except ListenerError as exc:
+            raise StartupError(f"admin API: {exc}") from None
         except OSError as exc:
-            raise StartupError(f"admin API: cannot listen ({exc.strerror or exc})") from None
+            raise StartupError(f"admin API: cannot listen on {self.admin.listen} "
+                               f"({exc.strerror or exc})") from None
         try:
             await self.start_nsd()
-        except (HostError, fdpass.ProtocolError) as exc:
+        except (HostError, fdpass.ProtocolError, fdpass.ChannelClosed) as exc:
             raise StartupError(str(exc)) from None
         for slot in self.workers:
             self.start_worker(slot)
@@ -184,6 +214,7 @@ class Supervisor:
         self.log.info("ready", workers=len(self.workers), seconds=round(time.monotonic() - t0, 3),
                       onramps={o.name: str(o.path) for o in self.onramps},
                       admin=self.admin.addresses())
+        self.started = True
         self.notifier.ready(self.status_line())
 
     async def _all_ready(self) -> None:
@@ -208,8 +239,10 @@ class Supervisor:
                 raise HostError(f"nsd sent no {types[0]!r} within {timeout:g}s",
                                 "see nsd's log lines; raise supervision.start_timeout on a "
                                 "slow host") from None
-            if msg is None:
-                raise HostError(f"nsd exited during start-up (status {child.proc.wait()})",
+            if msg is None:  # nsd exited, or spoke something that is not our protocol
+                child.signal(signal.SIGKILL)
+                await child.wait(5)
+                raise HostError(f"nsd failed during start-up (exit status {child.returncode})",
                                 "see nsd's log lines above")
             if msg.type == "error":
                 raise HostError(msg["cause"], msg["fix"])
@@ -220,15 +253,22 @@ class Supervisor:
 
         try:
             await expect("hello")
-            ns = self.config.namespace
+            ns = self.namespace
             child.channel.send("setup", {"blocks": [w.block.as_dict() for w in self.workers],
                                          "mtu": ns.mtu, "sysctls": ns.sysctls})
             slot.namespaces = (await expect("namespace_ready")).body
             new: dict[int, dict[str, int]] = {}
             for _ in self.workers:
                 msg = await expect("worker_equipment")
-                new[msg["block"]["index"]] = {n: msg.take_fd(n) for n in ("tun", "upgrade4",
-                                                                          "upgrade6")}
+                try:
+                    new[int(msg["block"]["index"])] = {n: msg.take_fd(n) for n in
+                                                       ("tun", "upgrade4", "upgrade6")}
+                except (KeyError, TypeError, ValueError):
+                    raise fdpass.ProtocolError(f"malformed worker_equipment: {msg.body}") from None
+                finally:
+                    msg.close_fds()
+            if set(new) != {w.index for w in self.workers}:
+                raise fdpass.ProtocolError(f"nsd equipped workers {sorted(new)}")
             await expect("network_ready")
         except BaseException:
             child.signal(signal.SIGKILL)
@@ -242,11 +282,13 @@ class Supervisor:
             w.equipment = new[w.index]
         slot.state = State.READY
         slot.started_at = time.time()
+        if self.nsd_reconfigure:
+            child.channel.send("reconfigure", self.nsd_reconfigure)
         self.log.info("nsd_ready", pid=child.pid, **slot.namespaces)
         self.spawn(self.watch_child(child, None))
 
     def log_args(self) -> list[str]:
-        return ["--log-format", self.config.logging.format, "--log-level", self.config.logging.level]
+        return ["--log-format", self.log_format, "--log-level", self.config.logging.level]
 
     # -- workers ---------------------------------------------------------------------------------
 
@@ -261,11 +303,19 @@ class Supervisor:
     async def equip(self, slot: WorkerSlot, *, with_mesh: bool) -> None:
         """Send a worker its fds: on-ramps, TUN, upgrade listeners, a fresh nsd link (and mesh)."""
         child = slot.child
+        nsd = self.nsd.child
+        if nsd is None or self.nsd.state is not State.READY:
+            return  # nsd is down; every worker is re-equipped when it is back
         try:
-            reply = await self.nsd.child.channel.request("open_channel", {"worker": slot.index})
-        except (fdpass.ChannelClosed, TimeoutError, AttributeError):
-            return  # nsd is down; it re-equips every worker when it is back
-        nsd_fd = reply.take_fd("nsd")
+            reply = await nsd.channel.request("open_channel", {"worker": slot.index})
+            nsd_fd = reply.take_fd("nsd")
+        except (fdpass.ChannelClosed, TimeoutError, KeyError) as exc:
+            if nsd is self.nsd.child and nsd.alive:
+                # nsd is alive yet did not answer: the worker would never be ready. Count it as
+                # a death, restarted with backoff (and a crash loop if it keeps happening).
+                self.log.error("equip_failed", worker=slot.index, error=repr(exc))
+                child.signal(signal.SIGKILL)
+            return
         fds = {f"onramp:{o.name}": o.sock.fileno() for o in self.onramps}
         fds.update(slot.equipment)
         fds["nsd"] = nsd_fd
@@ -288,7 +338,7 @@ class Supervisor:
                     except fdpass.ChannelClosed:
                         pass  # that peer is dying; its replacement gets a new link
         except fdpass.ChannelClosed:
-            pass
+            child.signal(signal.SIGKILL)  # a worker that cannot take its fds is restarted
         finally:
             os.close(nsd_fd)
             for _, ours, theirs in peers:
@@ -366,13 +416,21 @@ class Supervisor:
         asyncio.get_running_loop().call_later(delay, self.events.put_nowait, ("rebuild_namespace",))
 
     async def handle_rebuild_namespace(self) -> None:
-        if self.stopping:
+        if self.stopping or self.rebuild is not None:
             return
+        # A task, so that SIGTERM is handled (and cancels it) while nsd walks its handshake.
+        self.rebuild = self.spawn(self.rebuild_namespace())
+
+    async def rebuild_namespace(self) -> None:
         try:
             await self.start_nsd()
         except (HostError, fdpass.ProtocolError, fdpass.ChannelClosed) as exc:
             self.log.error("nsd_restart_failed", error=str(exc))
             return  # its exit event schedules the next try (and counts toward the crash loop)
+        finally:
+            self.rebuild = None
+        if self.stopping:
+            return
         self.nsd.restart_count += 1
         self.metrics.nsd_restarts.inc()
         for w in self.workers:
@@ -409,43 +467,70 @@ class Supervisor:
     # -- reload and stop -------------------------------------------------------------------------
 
     def reload(self) -> tuple[bool, str]:
-        """Re-read the config file; a broken one is refused and the running config stays."""
+        """Re-read the config file; a broken one is refused and the running config stays.
+
+        Live: logging.level (every process), admin.token/token_file, supervision.*. The rest
+        (workers, onramps, namespace, admin listeners, logging.format) is reported as needing a
+        restart and keeps its running value.
+        """
         if self.config_path is None:
             return True, "running on the built-in default config; nothing to reload"
         self.notifier.reloading()
         try:
             new = configmod.load(self.config_path)
+            if self.log_overrides:
+                new = new.model_copy(update={"logging": new.logging.model_copy(
+                    update=self.log_overrides)})
+            new.admin.check_token_file()
         except configmod.ConfigError as exc:
             self.metrics.reloads.labels("refused").inc()
             self.log.error("reload_refused", config=self.config_path, errors=str(exc).splitlines())
-            self.notifier.ready(self.status_line())
+            if self.started:
+                self.notifier.ready(self.status_line())
             return False, str(exc)
         old = self.config
-        needs_restart = [key for key in ("workers", "onramps", "namespace")
+        needs_restart = [key for key in ("workers", "onramps")
                          if getattr(old, key) != getattr(new, key)]
+        if new.namespace != self.namespace:
+            needs_restart.append("namespace")
+        if new.logging.format != self.log_format:
+            needs_restart.append("logging.format")
         if old.admin.listen != new.admin.listen or old.admin.unix_socket != new.admin.unix_socket:
             needs_restart.append("admin listeners")
         self.config = new
+        self.apply_supervision(new.supervision)
         logs.set_level(new.logging.level)
         if self.admin:
             self.admin.settings = new.admin
-        for slot in self.workers:
-            if slot.child and slot.child.alive:
+        self.nsd_reconfigure = {"log_level": new.logging.level}
+        children = [w.child for w in self.workers] + [self.nsd.child]
+        for child in children:
+            if child and child.alive:
                 try:
-                    slot.child.channel.send("reconfigure", {"log_level": new.logging.level})
+                    child.channel.send("reconfigure", self.nsd_reconfigure)
                 except fdpass.ChannelClosed:
                     pass
         self.metrics.reloads.labels("applied").inc()
         self.log.info("reloaded", config=self.config_path, needs_restart=needs_restart)
-        self.notifier.ready(self.status_line())
+        if self.started:
+            self.notifier.ready(self.status_line())
         msg = "reloaded"
         if needs_restart:
             msg += f"; changes to {', '.join(needs_restart)} take effect at the next restart"
         return True, msg
 
+    def apply_supervision(self, sup: configmod.Supervision) -> None:
+        self.stop_timeout = sup.stop_timeout
+        for r in [self.nsd.restarts, *(w.restarts for w in self.workers)]:
+            r.initial, r.maximum = sup.backoff_initial, sup.backoff_max
+            r.limit, r.window = sup.crash_loop_limit, sup.crash_loop_window
+
     async def shutdown(self) -> None:
         """Drain: stop workers (bounded), then nsd, then the listeners and their socket files."""
         self.stopping = True
+        if self.rebuild is not None:
+            self.rebuild.cancel()  # start_nsd kills a half-started nsd on its way out
+            await asyncio.gather(self.rebuild, return_exceptions=True)
         self.notifier.stopping()
         self.log.info("stopping", timeout=self.stop_timeout)
         workers = [w.child for w in self.workers if w.child and w.child.alive]

@@ -86,18 +86,18 @@ def cmd_run(args) -> int:
     from .lifecycle import set_title
     from .logs import configure
 
+    log_overrides = {k: v for k, v in (("format", args.log_format), ("level", args.log_level))
+                     if v}
     try:
         cfg = configmod.load(args.config)
-        overrides = {}
-        if args.log_format or args.log_level:
-            overrides["logging"] = cfg.logging.model_copy(update={
-                k: v for k, v in (("format", args.log_format), ("level", args.log_level)) if v})
+        if log_overrides:
+            cfg = cfg.model_copy(update={"logging": cfg.logging.model_copy(update=log_overrides)})
         if args.admin_listen is not None:
             configmod.Admin(listen=args.admin_listen)  # the same loopback-only check as the file
-        cfg = cfg.model_copy(update=overrides)
         if args.workers is not None and args.workers < 1:
             raise configmod.ConfigError(f"--workers {args.workers}: must be at least 1")
         cfg.worker_count(args.workers)
+        cfg.admin.check_token_file()
     except configmod.ConfigError as exc:
         print(f"ipferry: refusing to start:\n{exc}", file=sys.stderr)
         return 2
@@ -111,7 +111,7 @@ def cmd_run(args) -> int:
 
     async def main() -> int:
         supervisor = Supervisor(cfg, args.config, workers=args.workers,
-                                admin_listen=args.admin_listen)
+                                admin_listen=args.admin_listen, log_overrides=log_overrides)
         return await supervisor.run()
 
     try:

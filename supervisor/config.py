@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ipferry.nsd.addressing import capacity, worker_block
 
+MAX_WORKERS = 128
+
 
 class ConfigError(Exception):
     """A config that must not be started; ``str()`` is the list of problems, one a line."""
@@ -49,7 +51,7 @@ class TunnelOnramp(_Strict):
     kind: Literal["tunnel"] = "tunnel"
     name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")] = "tunnel"
     path: Path | None = None  # default: <runtime dir>/<name>.sock
-    mode: int = 0o660
+    mode: Annotated[int, Field(ge=0, le=0o777)] = 0o660
     backlog: Annotated[int, Field(ge=1, le=65535)] = 1024
 
     def socket_path(self) -> Path:
@@ -80,16 +82,20 @@ class Admin(_Strict):
     def _one_token_source(self) -> Admin:
         if self.token and self.token_file:
             raise ValueError("set admin.token or admin.token_file, not both")
-        if self.token_file:
-            try:
-                token = self.token_file.read_text().strip()
-            except OSError as exc:
-                raise ValueError(f"admin.token_file {str(self.token_file)!r}: cannot read "
-                                 f"({exc.strerror})") from None
-            if len(token) < 16:
-                raise ValueError(f"admin.token_file {str(self.token_file)!r}: the token must "
-                                 f"have at least 16 characters")
         return self
+
+    def check_token_file(self) -> None:
+        """At start and reload (not in check-config: a credential may exist only for the service)."""
+        if not self.token_file:
+            return
+        try:
+            token = self.token_file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"admin.token_file = {str(self.token_file)!r}: cannot read "
+                              f"({exc.strerror})") from None
+        if len(token) < 16:
+            raise ConfigError(f"admin.token_file = {str(self.token_file)!r}: the token must have "
+                              f"at least 16 characters")
 
     def listen_address(self) -> tuple[str, int] | None:
         return _host_port(self.listen) if self.listen else None
@@ -151,8 +157,10 @@ class Logging(_Strict):
 
 
 class Config(_Strict):
-    workers: Annotated[int, Field(ge=1, le=256)] | None = None  # default: the number of CPUs
-    onramps: list[TunnelOnramp] = Field(default_factory=lambda: [TunnelOnramp()])
+    # At most 128: a worker's equip message carries a mesh fd per peer (SCM_MAX_FD is 253).
+    workers: Annotated[int, Field(ge=1, le=MAX_WORKERS)] | None = None  # default: the CPUs
+    onramps: Annotated[list[TunnelOnramp], Field(max_length=32)] = Field(
+        default_factory=lambda: [TunnelOnramp()])
     admin: Admin = Admin()
     namespace: Namespace = Namespace()
     supervision: Supervision = Supervision()
@@ -170,6 +178,8 @@ class Config(_Strict):
 
     def worker_count(self, override: int | None = None) -> int:
         n = override or self.workers or os.cpu_count() or 1
+        if n > MAX_WORKERS:
+            raise ConfigError(f"workers = {n}: at most {MAX_WORKERS}")
         if n > self.namespace.max_workers():
             raise ConfigError(f"workers = {n}: the namespace pools hold blocks for "
                               f"{self.namespace.max_workers()} workers")

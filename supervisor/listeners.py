@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,7 +61,14 @@ def bind_unix(path: Path, type_: int, mode: int, backlog: int) -> tuple[socket.s
     except OSError as exc:
         raise ListenerError(f"{path.parent}: cannot create ({exc.strerror}); set RUNTIME_DIRECTORY "
                             f"or the socket path in the config") from None
-    if path.exists() or path.is_symlink():
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None and not stat.S_ISSOCK(st.st_mode):
+        raise ListenerError(f"{path}: exists and is not a socket; refusing to replace it "
+                            f"(choose another path)")
+    if st is not None:
         probe = socket.socket(socket.AF_UNIX, type_)
         try:
             probe.connect(str(path))
@@ -75,6 +83,8 @@ def bind_unix(path: Path, type_: int, mode: int, backlog: int) -> tuple[socket.s
         finally:
             probe.close()
     sock = socket.socket(socket.AF_UNIX, type_)
+    # The umask makes the file born with at most ``mode``: no window in which others can connect.
+    old_umask = os.umask(0o777 & ~mode)
     try:
         sock.bind(str(path))
         os.chmod(path, mode)
@@ -84,6 +94,8 @@ def bind_unix(path: Path, type_: int, mode: int, backlog: int) -> tuple[socket.s
         hint = "; set its path in the config or run with RUNTIME_DIRECTORY set" \
             if exc.errno in (errno.EACCES, errno.EROFS) else ""
         raise ListenerError(f"{path}: cannot bind ({exc.strerror}){hint}") from None
+    finally:
+        os.umask(old_umask)
     return sock, os.stat(path).st_ino
 
 

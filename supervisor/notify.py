@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 import sdnotify
 
@@ -37,7 +38,8 @@ class Notifier:
             self.send(f"STATUS={status}")
 
     def reloading(self) -> None:
-        self.send("RELOADING=1")
+        # Type=notify-reload (systemd 253+) wants the CLOCK_MONOTONIC time of the reload.
+        self.send("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
 
     def stopping(self) -> None:
         self.send("STOPPING=1", "STATUS=stopping")

@@ -84,8 +84,11 @@ class Worker:
         try:
             pong = await self.nsd.request("ping", timeout=5)
         except (fdpass.ChannelClosed, TimeoutError):
-            # nsd is going away; the supervisor re-equips us (or restarts us) once it is back.
-            self.log.warning("nsd_unreachable")
+            # Without nsd we cannot serve; exiting makes the supervisor restart us (with backoff)
+            # or, if nsd itself died, re-equip every worker once it is back.
+            self.log.error("nsd_unreachable")
+            if first:
+                raise SystemExit(1) from None
             return
         self.log.info("equipped" if first else "re_equipped", tun=msg["block"]["tun"],
                       onramps=sorted(self.onramps), mesh=sorted(self.mesh), nsd_pid=pong["pid"])
@@ -153,9 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     async def run() -> None:
         loop = asyncio.get_running_loop()
         worker = Worker(args.index, socket.socket(fileno=args.control_fd), log)
-        # The supervisor stops us with a message; a stray SIGTERM/SIGINT (e.g. ^C on the
-        # terminal's process group) is left to it, so drains stay ordered.
+        # The supervisor stops us with a message. SIGINT (^C reaches the whole process group) is
+        # left to it, so drains stay ordered; SIGTERM alone (e.g. systemd's KillMode) stops us.
         loop.add_signal_handler(signal.SIGINT, lambda: None)
+        loop.set_exception_handler(lambda _loop, ctx: log.error(
+            "loop_exception", message=ctx.get("message"), exc_info=ctx.get("exception")))
         loop.add_signal_handler(signal.SIGTERM, worker.request_stop)
         await worker.run()
 
