@@ -60,9 +60,13 @@ class NetNs:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        subprocess.run(["ip", "netns", "add", name], check=True)
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
         self.path = f"/run/netns/{name}"
+        subprocess.run(["ip", "netns", "add", name], check=True)
+        try:
+            subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        except BaseException:
+            self.delete()
+            raise
 
     def run(self, fn, *args):
         """Run ``fn`` in a thread that has entered this namespace (sockets it makes live here)."""

@@ -34,6 +34,37 @@ def worker_pids(daemon) -> dict[int, int]:
     return {w["index"]: w["pid"] for w in daemon.workers()}
 
 
+def socket_inodes(pid: int) -> set[str]:
+    out = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:"):
+            out.add(target)
+    return out
+
+
+def tun_names(pid: int) -> set[str]:
+    """The TUN devices a process holds, from the ``iff:`` line of each fd's fdinfo."""
+    out = set()
+    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+        try:
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                for line in f:
+                    if line.startswith("iff:"):
+                        out.add(line.split()[1])
+        except OSError:
+            continue
+    return out
+
+
+def mesh_peers(daemon) -> dict[str, float]:
+    return {dict(labels)["worker"]: v for (name, labels), v in daemon.metrics().items()
+            if name == "ipferry_mesh_peers"}
+
+
 def test_three_workers_one_nsd_in_its_own_namespaces(daemon_factory):
     d = daemon_factory("--workers", "3")
     kids = d.children()
@@ -92,6 +123,14 @@ def test_kill_9_worker_is_restarted_and_others_untouched(daemon_factory):
     now = worker_pids(d)
     assert now[0] == pids[0] and now[2] == pids[2]
     assert d.metrics()[("ipferry_worker_restarts_total", (("worker", "1"),))] == 1
+    # The same on-ramp listener and upgrade listeners (the very sockets the supervisor holds,
+    # shared with the old worker 0 too), and the same TUN device.
+    shared = socket_inodes(now[1]) & socket_inodes(d.pid)
+    assert len(shared) >= 3, shared  # onramp:tunnel, upgrade4, upgrade6
+    assert socket_inodes(now[1]) & socket_inodes(now[0]) & socket_inodes(d.pid), "the on-ramp"
+    assert tun_names(now[1]) == {"ipf1"}
+    # Fresh mesh links: every worker sees the two others again.
+    wait_for(lambda: mesh_peers(d) == {"0": 2, "1": 2, "2": 2}, 5, "a full mesh")
 
     before = tun_rx(d.metrics(), 1)
     send_into_block(d, "100.65.1.1", 11)
@@ -114,6 +153,8 @@ def test_kill_9_nsd_rebuilds_namespace_and_reequips_workers(daemon_factory):
     new_nsd = st["nsd"]["pid"]
     assert os.readlink(f"/proc/{new_nsd}/ns/net") != old_net
     assert worker_pids(d) == pids, "workers are re-equipped in place, not restarted"
+    assert tun_names(pids[0]) == {"ipf0"} and tun_names(pids[1]) == {"ipf1"}
+    assert mesh_peers(d) == {"0": 1, "1": 1}, "the mesh is untouched"
 
     before = d.metrics()
     send_into_block(d, "100.64.3.3", 9)
@@ -122,13 +163,20 @@ def test_kill_9_nsd_rebuilds_namespace_and_reequips_workers(daemon_factory):
              "both workers to count packets on the new TUNs")
 
 
-def test_sigterm_stops_everything_and_removes_socket_files(daemon_factory, runtime_dir):
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT to the process group"])
+def test_stop_ends_everything_and_removes_socket_files(daemon_factory, runtime_dir, how):
     d = daemon_factory("--workers", "2")
     kids = d.children()
     assert len(kids) == 3
     sockets = sorted(p.name for p in runtime_dir.iterdir())
     assert sockets == ["admin.sock", "tunnel.sock"]
-    assert d.terminate(timeout=20) == 0
+    if how == "SIGTERM":
+        d.proc.send_signal(signal.SIGTERM)
+    else:  # what ^C in a terminal does: every process of the group gets it
+        os.killpg(d.pid, signal.SIGINT)
+    assert d.proc.wait(20) == 0
+    events = [e.get("event") for e in d.log_events()]
+    assert "nsd_died" not in events and "worker_died" not in events, "an orderly drain"
     for pid in kids:
         wait_for(lambda pid=pid: not alive(pid), 5, f"child {pid} to be gone")
     assert list(runtime_dir.iterdir()) == []
@@ -225,6 +273,39 @@ def test_startup_reaches_ready(daemon_factory, workers):
     ready = next(e for e in d.log_events() if e.get("event") == "ready")
     assert ready["workers"] == workers
     assert len(d.children()) == workers + 1
+
+
+def test_every_log_line_says_who_wrote_it(daemon_factory):
+    d = daemon_factory("--workers", "2")
+    d.request("POST", "/api/reload")
+    assert d.terminate() == 0
+    lines = [line for line in d.logs().splitlines() if line.strip()]
+    events = [json.loads(line) for line in lines]  # every line is JSON
+    roles = {e["role"] for e in events}
+    assert roles == {"supervisor", "nsd", "worker"}
+    for e in events:
+        assert {"event", "level", "timestamp", "role"} <= e.keys(), e
+        if e["role"] == "worker":
+            assert e["worker"] in (0, 1), e
+    assert {e["worker"] for e in events if e["role"] == "worker"} == {0, 1}
+
+
+def test_namespace_sysctls_and_routes(daemon_factory):
+    d = daemon_factory("--workers", "2",
+                       config='[namespace.sysctls]\n"net.core.somaxconn" = "2048"\n')
+    def sysctl(key: str) -> str:
+        return d.in_namespace("cat", "/proc/sys/" + key.replace(".", "/")).stdout.split()
+    assert sysctl("net.ipv4.conf.all.rp_filter") == ["0"]
+    assert sysctl("net.ipv4.ip_local_port_range") == ["1024", "65535"]
+    assert sysctl("net.core.somaxconn") == ["2048"], "a configured sysctl wins over the default"
+    assert sysctl("net.ipv6.conf.ipf0.router_solicitations") == ["0"]
+    routes6 = json.loads(d.in_namespace("ip", "-6", "-j", "route", "show").stdout)
+    assert {(r["dst"], r["dev"]) for r in routes6} >= {("fd69:7066::/64", "ipf0"),
+                                                       ("fd69:7066:0:1::/64", "ipf1")}
+    # The upgrade listeners, one per worker and family, on the worker's own address.
+    listening = d.in_namespace("ss", "-Htln").stdout
+    for addr in ("100.64.0.1:1", "100.65.0.1:1", "[fd69:7066::1]:1", "[fd69:7066:0:1::1]:1"):
+        assert addr in listening, listening
 
 
 def test_crash_loop_stops_the_daemon_with_exit_1(daemon_factory):

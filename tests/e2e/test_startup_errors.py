@@ -92,6 +92,19 @@ def test_user_namespaces_disabled_is_one_clear_line(netns, runtime_dir):
     assert "Traceback" not in res.stderr
 
 
+def test_a_file_that_is_not_a_socket_is_never_replaced(tmp_path, netns, runtime_dir):
+    precious = tmp_path / "notes.txt"
+    precious.write_text("keep me")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[[onramps]]\nname = "tunnel"\npath = "{precious}"\n')
+    env = {"RUNTIME_DIRECTORY": str(runtime_dir), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    res = run_briefly(["nsenter", f"--net={netns.path}", IPFERRY, "run", "--config", str(cfg)], env)
+    assert res.returncode == 1
+    assert last_line(res.stderr) == (f"ipferry: cannot start: {precious}: exists and is not a "
+                                     "socket; refusing to replace it (choose another path)")
+    assert precious.read_text() == "keep me"
+
+
 def test_second_daemon_on_same_socket_is_refused(daemon_factory, runtime_dir, netns):
     d = daemon_factory("--workers", "1")
     env = {"RUNTIME_DIRECTORY": str(runtime_dir), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
