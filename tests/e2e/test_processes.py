@@ -342,3 +342,23 @@ def test_restart_of_a_worker_in_backoff_is_a_conflict(daemon_factory):
     status, body = d.request("POST", "/api/workers/1/restart")
     assert status == 409 and b"backoff" in body
     assert d.request("POST", "/api/workers/7/restart")[0] == 404
+
+
+def test_reload_applies_supervision_and_log_level_live(daemon_factory):
+    slow = "[supervision]\nbackoff_initial = 30\n[logging]\nlevel = \"info\"\n"
+    d = daemon_factory("--workers", "2", config=slow)
+    d.config_path.write_text(slow.replace("30", "0.1").replace('"info"', '"debug"'))
+    status, body = d.request("POST", "/api/reload")
+    assert status == 200 and json.loads(body)["message"] == "reloaded"
+    pid = d.workers()[0]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    # With the old 30 s backoff this would time out.
+    wait_for(lambda: (w := d.workers()[0])["pid"] not in (None, pid) and w["state"] == "ready",
+             10, "a restart after the reloaded 0.1 s backoff")
+    died = next(e for e in d.log_events() if e.get("event") == "worker_died")
+    assert died["restart_in"] == 0.1
+    d.config_path.write_text(slow.replace(
+        "[supervision]", "workers = 3\n[supervision]"))
+    status, body = d.request("POST", "/api/reload")
+    assert json.loads(body)["message"] == ("reloaded; changes to workers take effect at the "
+                                           "next restart")
