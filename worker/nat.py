@@ -1,0 +1,95 @@
+"""The worker's NAT: slots in its own block, and in-place rewrites with incremental checksums.
+
+Upgrading a flow means addressing its packets to the worker's upgrade listener inside nsd's
+namespace. Each flow gets a *NAT slot*, an (address, port) of the worker's block, as the new
+source; the kernel's accepted connection then has the slot as its peer, which names the flow.
+Replies from the kernel are addressed to the slot and are rewritten back to the client.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from .checksum import update
+
+_PORT = struct.Struct("!H")
+FIRST_PORT = 1024
+LAST_PORT = 65535
+
+
+@dataclass(frozen=True, slots=True)
+class NatSlot:
+    address: bytes  # 4 bytes
+    port: int
+
+    def __str__(self) -> str:
+        return f"{ipaddress.IPv4Address(self.address)}:{self.port}"
+
+
+class SlotPoolExhausted(Exception):
+    pass
+
+
+class NatPool:
+    """Slots of one IPv4 block: fresh ones first, released ones only after a quarantine.
+
+    The quarantine keeps a 4-tuple out of use while the namespace's kernel may still hold it in
+    TIME_WAIT: a new SYN on it could be taken for an old segment.
+    """
+
+    def __init__(self, block: ipaddress.IPv4Network, reserved: set[ipaddress.IPv4Address],
+                 quarantine: float = 60.0) -> None:
+        self._addresses = [a.packed for a in block.hosts() if a not in reserved]
+        if not self._addresses:
+            raise ValueError(f"{block} has no address left for NAT slots")
+        self._ports = LAST_PORT - FIRST_PORT + 1
+        self.capacity = len(self._addresses) * self._ports
+        self._next_fresh = 0
+        self._released: deque[tuple[float, NatSlot]] = deque()
+        self.quarantine = quarantine
+        self.in_use = 0
+
+    def claim(self, now: float | None = None) -> NatSlot:
+        if self._released and self._released[0][0] <= (time.monotonic() if now is None else now):
+            slot = self._released.popleft()[1]
+        elif self._next_fresh < self.capacity:
+            # Walk addresses first, then ports, so consecutive flows differ in address.
+            i = self._next_fresh
+            self._next_fresh += 1
+            slot = NatSlot(self._addresses[i % len(self._addresses)],
+                           FIRST_PORT + i // len(self._addresses))
+        else:
+            raise SlotPoolExhausted(f"all {self.capacity} NAT slots are in use or in quarantine")
+        self.in_use += 1
+        return slot
+
+    def release(self, slot: NatSlot, now: float | None = None) -> None:
+        self.in_use -= 1
+        ready_at = (time.monotonic() if now is None else now) + self.quarantine
+        self._released.append((ready_at, slot))
+
+
+def rewrite_ipv4_tcp(packet: bytearray, ihl: int, src: bytes, sport: int, dst: bytes,
+                     dport: int) -> None:
+    """Rewrite addresses and ports of an IPv4 TCP packet in place, checksums updated (RFC 1624).
+
+    The IP header checksum covers the addresses; the TCP checksum covers them too (through the
+    pseudo-header) and the ports. Only the 12 changed bytes are summed, never the payload.
+    """
+    old_addrs = bytes(packet[12:20])
+    new_addrs = src + dst
+    old_ports = bytes(packet[ihl:ihl + 4])
+    new_ports = _PORT.pack(sport) + _PORT.pack(dport)
+    ip_csum = (packet[10] << 8) | packet[11]
+    ip_csum = update(ip_csum, old_addrs, new_addrs)
+    packet[10:12] = _PORT.pack(ip_csum)
+    off = ihl + 16
+    tcp_csum = (packet[off] << 8) | packet[off + 1]
+    tcp_csum = update(tcp_csum, old_addrs + old_ports, new_addrs + new_ports)
+    packet[off:off + 2] = _PORT.pack(tcp_csum)
+    packet[12:20] = new_addrs
+    packet[ihl:ihl + 4] = new_ports
