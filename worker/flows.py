@@ -1,0 +1,165 @@
+"""Flow tracking, sans I/O: keys, per-flow state and accounting, limits and idle timeouts.
+
+A flow is identified by (tenant, protocol, addresses, ports), always written from the client's
+side (the side whose packet started it). TCP follows the handshake, FIN in each direction and RST;
+every state has an idle timeout like conntrack's. Ending a flow yields its accounting once.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from .packet import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
+
+
+@dataclass(frozen=True, slots=True)
+class FlowKey:
+    tenant: str
+    protocol: int
+    src: bytes
+    sport: int
+    dst: bytes
+    dport: int
+
+    def reply(self) -> FlowKey:
+        """The same flow seen from the other side."""
+        return FlowKey(self.tenant, self.protocol, self.dst, self.dport, self.src, self.sport)
+
+
+class Direction(enum.IntEnum):
+    TO_SERVER = 0  # client -> off-ramp ("original" in conntrack's words)
+    TO_CLIENT = 1  # replies
+
+
+class TcpState(enum.StrEnum):
+    SYN_SENT = "syn_sent"
+    ESTABLISHED = "established"
+    FIN_WAIT = "fin_wait"  # one side has sent FIN, the other may still send
+    CLOSING = "closing"  # both sides sent FIN, waiting for the last ACK
+    TIME_WAIT = "time_wait"
+    CLOSED = "closed"
+
+
+class CloseReason(enum.StrEnum):
+    FIN = "fin"
+    RST = "rst"
+    IDLE = "idle_timeout"
+    EVICTED = "evicted"  # the worker's owner dropped it (shutdown, off-ramp failure)
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Idle timeouts in seconds per TCP state (the defaults are conntrack's, shortened where a
+    proxy holding real sockets should not wait five days for a silent peer)."""
+
+    syn_sent: float = 120.0
+    established: float = 7200.0
+    fin_wait: float = 120.0
+    closing: float = 60.0
+    time_wait: float = 120.0
+
+    def for_state(self, state: TcpState) -> float:
+        return {TcpState.SYN_SENT: self.syn_sent, TcpState.ESTABLISHED: self.established,
+                TcpState.FIN_WAIT: self.fin_wait, TcpState.CLOSING: self.closing,
+                TcpState.TIME_WAIT: self.time_wait, TcpState.CLOSED: 0.0}[state]
+
+
+@dataclass
+class Flow:
+    key: FlowKey
+    decision: object  # the application's memoised decision, opaque here
+    started: float
+    last_seen: float
+    state: TcpState = TcpState.SYN_SENT
+    packets: list[int] = field(default_factory=lambda: [0, 0])  # by Direction
+    bytes: list[int] = field(default_factory=lambda: [0, 0])
+    fin_seen: list[bool] = field(default_factory=lambda: [False, False])
+    close_reason: CloseReason | None = None
+
+    def duration(self, now: float) -> float:
+        return max(0.0, now - self.started)
+
+
+class LimitReached(enum.StrEnum):
+    """Why a new flow was refused: the ``reason`` label of its drop counter."""
+
+    WORKER = "flow_limit_worker"
+    TENANT = "flow_limit_tenant"
+
+
+class FlowTable:
+    def __init__(self, *, max_flows: int = 100_000, max_flows_per_tenant: int = 10_000,
+                 timeouts: Timeouts | None = None) -> None:
+        self.max_flows = max_flows
+        self.max_flows_per_tenant = max_flows_per_tenant
+        self.timeouts = timeouts or Timeouts()
+        self._flows: dict[FlowKey, Flow] = {}
+        self._per_tenant: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._flows)
+
+    def __iter__(self) -> Iterator[Flow]:
+        return iter(list(self._flows.values()))
+
+    def get(self, key: FlowKey) -> Flow | None:
+        return self._flows.get(key)
+
+    def tenant_count(self, tenant: str) -> int:
+        return self._per_tenant.get(tenant, 0)
+
+    def start(self, key: FlowKey, decision: object, now: float) -> Flow | LimitReached:
+        if len(self._flows) >= self.max_flows:
+            return LimitReached.WORKER
+        if self._per_tenant.get(key.tenant, 0) >= self.max_flows_per_tenant:
+            return LimitReached.TENANT
+        flow = Flow(key, decision, now, now)
+        self._flows[key] = flow
+        self._per_tenant[key.tenant] = self._per_tenant.get(key.tenant, 0) + 1
+        return flow
+
+    def observe(self, flow: Flow, direction: Direction, tcp_flags: int, length: int,
+                now: float) -> bool:
+        """Account one packet and advance the TCP state; True when the flow just ended."""
+        flow.packets[direction] += 1
+        flow.bytes[direction] += length
+        flow.last_seen = now
+        if tcp_flags & TCP_RST:
+            return self.end(flow, CloseReason.RST)
+        state = flow.state
+        if state is TcpState.SYN_SENT:
+            if direction is Direction.TO_CLIENT and tcp_flags & TCP_SYN and tcp_flags & TCP_ACK:
+                flow.state = TcpState.ESTABLISHED
+        if tcp_flags & TCP_FIN and not flow.fin_seen[direction]:
+            flow.fin_seen[direction] = True
+            flow.state = TcpState.CLOSING if all(flow.fin_seen) else TcpState.FIN_WAIT
+        elif flow.state is TcpState.CLOSING and tcp_flags & TCP_ACK and not tcp_flags & TCP_FIN:
+            # The ACK of the second FIN: done. Kept briefly so late retransmissions match.
+            flow.state = TcpState.TIME_WAIT
+            flow.close_reason = CloseReason.FIN
+        return False
+
+    def end(self, flow: Flow, reason: CloseReason) -> bool:
+        """Remove ``flow``; True if it was still tracked (so accounting is reported once)."""
+        if self._flows.pop(flow.key, None) is None:
+            return False
+        flow.close_reason = flow.close_reason or reason
+        flow.state = TcpState.CLOSED
+        left = self._per_tenant[flow.key.tenant] - 1
+        if left:
+            self._per_tenant[flow.key.tenant] = left
+        else:
+            del self._per_tenant[flow.key.tenant]
+        return True
+
+    def expire(self, now: float) -> list[Flow]:
+        """End and return every flow idle longer than its state allows (TIME_WAIT ends as FIN)."""
+        ended = []
+        for flow in list(self._flows.values()):
+            if now - flow.last_seen >= self.timeouts.for_state(flow.state):
+                reason = CloseReason.FIN if flow.state is TcpState.TIME_WAIT else CloseReason.IDLE
+                self.end(flow, reason)
+                ended.append(flow)
+        return ended
