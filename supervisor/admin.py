@@ -69,6 +69,12 @@ async def workers(request: web.Request) -> web.Response:
     return web.json_response([w.as_dict() for w in sup.workers])
 
 
+async def mesh(request: web.Request) -> web.Response:
+    """Each worker pings its peers over the mesh: which worker answered on each link."""
+    sup: Supervisor = request.app[SUPERVISOR]
+    return web.json_response(await sup.mesh_report())
+
+
 async def status(request: web.Request) -> web.Response:
     sup: Supervisor = request.app[SUPERVISOR]
     nsd = sup.nsd
@@ -117,6 +123,7 @@ class AdminServer:
         self.app.router.add_get("/metrics", metrics)
         self.app.router.add_get("/api/status", status)
         self.app.router.add_get("/api/workers", workers)
+        self.app.router.add_get("/api/mesh", mesh)
         self.app.router.add_post("/api/reload", reload)
         self.app.router.add_post("/api/workers/{index}/restart", restart_worker)
         self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False)

@@ -60,6 +60,7 @@ class WorkerSlot:
     restart_count: int = 0
     started_at: float | None = None
     planned_restart: bool = False
+    equipped: bool = False  # holds its fds and mesh links (a replacement starts without)
 
     def as_dict(self) -> dict:
         return {"index": self.index, "pid": self.child.pid if self.child else None,
@@ -141,6 +142,25 @@ class Supervisor:
         self.metrics.workers_ready.set(sum(w.state is State.READY for w in self.workers))
         self.metrics.nsd_up.set(1 if self.nsd.state is State.READY else 0)
 
+    async def mesh_report(self, timeout: float = 5.0) -> dict:
+        """Ask each ready worker to ping its peers over the mesh; whole when all answer right."""
+        live = [(w.index, w.child) for w in self.workers
+                if w.child and w.child.alive and w.state is State.READY]
+
+        async def one(index: int, child: ChildProcess):
+            try:
+                return index, (await child.channel.request("mesh_check", timeout=timeout))["peers"]
+            except (fdpass.ChannelClosed, TimeoutError):
+                return index, None
+
+        report = dict(await asyncio.gather(*(one(i, c) for i, c in live)))
+        n = len(self.workers)
+        whole = len(report) == n and all(
+            peers is not None and {int(p): a for p, a in peers.items()}
+            == {j: j for j in range(n) if j != i}
+            for i, peers in report.items())
+        return {"whole": whole, "workers": {str(i): peers for i, peers in report.items()}}
+
     # -- the main loop ---------------------------------------------------------------------------
 
     async def run(self) -> int:
@@ -198,12 +218,15 @@ class Supervisor:
         except OSError as exc:
             raise StartupError(f"admin API: cannot listen on {self.admin.listen} "
                                f"({exc.strerror or exc})") from None
+        # Workers start (and import) while nsd builds the namespace; they are equipped after.
+        for slot in self.workers:
+            self.start_worker(slot, equip=False)
         try:
             await self.start_nsd()
         except (HostError, fdpass.ProtocolError, fdpass.ChannelClosed) as exc:
             raise StartupError(str(exc)) from None
         for slot in self.workers:
-            self.start_worker(slot)
+            self.spawn(self.equip(slot, with_mesh=True))
         deadline = self.config.supervision.start_timeout
         try:
             await asyncio.wait_for(self._all_ready(), deadline)
@@ -292,12 +315,14 @@ class Supervisor:
 
     # -- workers ---------------------------------------------------------------------------------
 
-    def start_worker(self, slot: WorkerSlot) -> None:
+    def start_worker(self, slot: WorkerSlot, *, equip: bool = True) -> None:
         slot.state = State.STARTING
+        slot.equipped = False
         slot.child = ChildProcess(["ipferry.worker", "--index", str(slot.index), *self.log_args()],
                                   self.on_child_exit)
         slot.started_at = time.time()
-        self.spawn(self.equip(slot, with_mesh=True))
+        if equip:
+            self.spawn(self.equip(slot, with_mesh=True))
         self.spawn(self.watch_child(slot.child, slot))
 
     async def equip(self, slot: WorkerSlot, *, with_mesh: bool) -> None:
@@ -321,8 +346,10 @@ class Supervisor:
         fds["nsd"] = nsd_fd
         peers: list[tuple[WorkerSlot, object]] = []
         if with_mesh:
+            # A link to every worker equipped before this one; those equipped later link to us
+            # themselves. No await from here to the sends: each pair is made exactly once.
             for other in self.workers:
-                if other is slot or not (other.child and other.child.alive):
+                if other is slot or not (other.equipped and other.child and other.child.alive):
                     continue
                 ours, theirs = fdpass.channel_pair()
                 fds[f"mesh:{other.index}"] = ours.fileno()
@@ -331,6 +358,7 @@ class Supervisor:
             if child.alive:
                 child.channel.send("equip", {"block": slot.block.as_dict(),
                                              "onramps": [o.name for o in self.onramps]}, fds)
+                slot.equipped = True
                 for other, _, theirs in peers:
                     try:
                         other.child.channel.send("mesh_peer", {"peer": slot.index},
@@ -381,6 +409,7 @@ class Supervisor:
         if slot is None:
             return
         slot.child = None
+        slot.equipped = False
         if slot.planned_restart:
             slot.planned_restart = False
             self.log.info("worker_restarting", worker=slot.index, pid=child.pid)

@@ -8,6 +8,8 @@ Protocol with the supervisor on the control channel:
 - worker -> ``ready`` once equipped and nsd answered a ping on the worker's own link.
 - supervisor -> ``mesh_peer`` {peer}: fd ``mesh:<peer>``, a replaced worker's new link.
 - supervisor -> ``metrics`` -> worker replies with ``metrics`` {families}.
+- supervisor -> ``mesh_check`` -> worker pings each peer over the mesh, replies ``mesh`` {peers:
+  {peer index: the index that answered, or null}}.
 - supervisor -> ``reconfigure`` {log_level}: a reloaded config's live settings.
 - supervisor -> ``stop``: drain and exit 0.
 """
@@ -108,13 +110,29 @@ class Worker:
         self.spawn(self.serve_mesh(peer, link))
 
     async def serve_mesh(self, peer: int, link: fdpass.AsyncChannel) -> None:
-        # Nothing crosses the mesh yet (flow hand-off comes with the data path); watch for EOF.
+        # Only pings cross the mesh yet (flow hand-off comes with the data path); watch for EOF.
         while (msg := await link.inbox.get()) is not None:
+            if msg.type == "ping":
+                link.reply(msg, "pong", {"worker": self.index})
             msg.close_fds()
         if self.mesh.get(peer) is link:
             del self.mesh[peer]
             metrics.MESH_PEERS.set(len(self.mesh))
         link.close()
+
+    async def handle_mesh_check(self, msg: fdpass.Message) -> None:
+        """Ping every peer over its mesh link; reply which worker answered on each."""
+        async def ping(peer: int, link: fdpass.AsyncChannel) -> tuple[str, int | None]:
+            try:
+                return str(peer), (await link.request("ping", timeout=2))["worker"]
+            except (fdpass.ChannelClosed, TimeoutError):
+                return str(peer), None
+
+        async def check() -> None:
+            answers = await asyncio.gather(*(ping(p, link) for p, link in self.mesh.items()))
+            self.control.reply(msg, "mesh", {"peers": dict(answers)})
+
+        self.spawn(check())  # the control loop stays free while peers answer
 
     async def handle_metrics(self, msg: fdpass.Message) -> None:
         self.control.reply(msg, "metrics", {"families": metrics.snapshot()})

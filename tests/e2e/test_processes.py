@@ -71,6 +71,7 @@ def test_three_workers_one_nsd_in_its_own_namespaces(daemon_factory):
     titles = sorted(proc_cmdline(p) for p in kids)
     assert titles == ["ipferry: nsd", "ipferry: worker 0", "ipferry: worker 1",
                       "ipferry: worker 2"], titles
+    assert d.get_json("/api/mesh")["whole"] is True
     assert proc_cmdline(d.pid) == "ipferry: supervisor"
 
     nsd = d.nsd_pid()
@@ -129,8 +130,10 @@ def test_kill_9_worker_is_restarted_and_others_untouched(daemon_factory):
     assert len(shared) >= 3, shared  # onramp:tunnel, upgrade4, upgrade6
     assert socket_inodes(now[1]) & socket_inodes(now[0]) & socket_inodes(d.pid), "the on-ramp"
     assert tun_names(now[1]) == {"ipf1"}
-    # Fresh mesh links: every worker sees the two others again.
+    # Fresh mesh links: every worker reaches the two others again, each on the right link.
     wait_for(lambda: mesh_peers(d) == {"0": 2, "1": 2, "2": 2}, 5, "a full mesh")
+    assert d.get_json("/api/mesh") == {"whole": True, "workers": {
+        "0": {"1": 1, "2": 2}, "1": {"0": 0, "2": 2}, "2": {"0": 0, "1": 1}}}
 
     before = tun_rx(d.metrics(), 1)
     send_into_block(d, "100.65.1.1", 11)
@@ -155,6 +158,7 @@ def test_kill_9_nsd_rebuilds_namespace_and_reequips_workers(daemon_factory):
     assert worker_pids(d) == pids, "workers are re-equipped in place, not restarted"
     assert tun_names(pids[0]) == {"ipf0"} and tun_names(pids[1]) == {"ipf1"}
     assert mesh_peers(d) == {"0": 1, "1": 1}, "the mesh is untouched"
+    assert d.get_json("/api/mesh")["whole"] is True
 
     before = d.metrics()
     send_into_block(d, "100.64.3.3", 9)
