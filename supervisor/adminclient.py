@@ -15,7 +15,9 @@ class AdminClientError(Exception):
     pass
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over a unix stream socket (the admin socket)."""
+
     def __init__(self, path: str, timeout: float) -> None:
         super().__init__("localhost", timeout=timeout)
         self.unix_path = path
@@ -40,7 +42,7 @@ def call(target: str | None, method: str, path: str, token: str | None = None,
         conn: http.client.HTTPConnection = http.client.HTTPConnection(
             url.hostname, url.port or 80, timeout=timeout)
     else:
-        conn = _UnixHTTPConnection(target, timeout)
+        conn = UnixHTTPConnection(target, timeout)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
         conn.request(method, path, headers=headers)

@@ -7,7 +7,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from ipferry.nsd.namespace import CLONE_NEWNET, setns
+from ipferry.supervisor.adminclient import UnixHTTPConnection
 
 VENV_BIN = Path(sys.executable).parent
 IPFERRY = str(VENV_BIN / "ipferry")
@@ -83,29 +83,22 @@ class NetNs:
 
     def http(self, method: str, host: str, port: int, path: str,
              headers: dict | None = None) -> tuple[int, bytes]:
-        def call():
-            conn = http.client.HTTPConnection(host, port, timeout=10)
-            try:
-                conn.request(method, path, headers=headers or {})
-                resp = conn.getresponse()
-                return resp.status, resp.read()
-            finally:
-                conn.close()
-        return self.run(call)
+        return self.run(lambda: exchange(http.client.HTTPConnection(host, port, timeout=10),
+                                         method, path, headers))
 
     def delete(self) -> None:
         subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
 
 
-class _UnixConn(http.client.HTTPConnection):
-    def __init__(self, path: str) -> None:
-        super().__init__("localhost", timeout=10)
-        self.unix_path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.unix_path)
+def exchange(conn: http.client.HTTPConnection, method: str, path: str,
+             headers: dict | None = None) -> tuple[int, bytes]:
+    """One request on a fresh connection: (status, body)."""
+    try:
+        conn.request(method, path, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
 
 
 def proc_children(pid: int) -> list[int]:
@@ -193,13 +186,7 @@ class Daemon:
         return out
 
     def request(self, method: str, path: str, headers: dict | None = None) -> tuple[int, bytes]:
-        conn = _UnixConn(self.admin_socket)
-        try:
-            conn.request(method, path, headers=headers or {})
-            resp = conn.getresponse()
-            return resp.status, resp.read()
-        finally:
-            conn.close()
+        return exchange(UnixHTTPConnection(self.admin_socket, 10), method, path, headers)
 
     def get_json(self, path: str):
         status, body = self.request("GET", path)
