@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import os
 import signal
 import socket
@@ -29,7 +30,6 @@ from .namespace import HostError, enter_user_and_net_namespace, namespace_ids, w
 
 
 def _block(d: dict) -> WorkerBlock:
-    import ipaddress
     return WorkerBlock(d["index"], d["tun"], ipaddress.IPv4Network(d["ipv4"]),
                        ipaddress.IPv6Network(d["ipv6"]))
 

@@ -19,7 +19,6 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import structlog
 
@@ -274,28 +273,29 @@ class Supervisor:
                 raise HostError(f"nsd sent {msg.type!r}, expected {types}", "a version mismatch?")
             return msg
 
+        new: dict[int, dict[str, int]] = {}  # worker index -> its fds, ours once taken
         try:
             await expect("hello")
             ns = self.namespace
             child.channel.send("setup", {"blocks": [w.block.as_dict() for w in self.workers],
                                          "mtu": ns.mtu, "sysctls": ns.sysctls})
             slot.namespaces = (await expect("namespace_ready")).body
-            new: dict[int, dict[str, int]] = {}
             for _ in self.workers:
                 msg = await expect("worker_equipment")
                 try:
-                    new[int(msg["block"]["index"])] = {n: msg.take_fd(n) for n in
-                                                       ("tun", "upgrade4", "upgrade6")}
+                    index = int(msg["block"]["index"])
+                    if set(msg.fds) != {"tun", "upgrade4", "upgrade6"} or index in new:
+                        raise ValueError
                 except (KeyError, TypeError, ValueError):
-                    raise fdpass.ProtocolError(f"malformed worker_equipment: {msg.body}") from None
-                finally:
                     msg.close_fds()
+                    raise fdpass.ProtocolError(f"malformed worker_equipment: {msg.body}") from None
+                new[index] = dict(msg.fds)
             if set(new) != {w.index for w in self.workers}:
                 raise fdpass.ProtocolError(f"nsd equipped workers {sorted(new)}")
             await expect("network_ready")
         except BaseException:
             child.signal(signal.SIGKILL)
-            for fds in locals().get("new", {}).values():
+            for fds in new.values():
                 for fd in fds.values():
                     os.close(fd)
             raise
@@ -583,10 +583,3 @@ class Supervisor:
             task.cancel()
         self.log.info("stopped", exit_code=self.exit_code)
 
-
-def runtime_paths(config: configmod.Config) -> list[Path]:
-    """Every socket file the daemon creates (for tests and for clean-up checks)."""
-    paths = [o.socket_path() for o in config.onramps]
-    if (p := config.admin.unix_socket_path()) is not None:
-        paths.append(p)
-    return paths
