@@ -1,0 +1,128 @@
+"""``ipferry connect``: run a command whose every packet goes through ipferry's tunnel.
+
+The command runs in a fresh user+net namespace (see :mod:`ipferry.nsd.sandbox`) whose default
+route is a TUN device; this process pumps the TUN's packets into a connected IP tunnel (a
+SOCK_SEQPACKET connection to the daemon: the context first, then one raw packet per datagram) and
+the tunnel's packets back into the TUN. It exits with the command's status.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from . import fdpass
+
+READ_SIZE = 65536 + 4
+
+
+class ConnectError(Exception):
+    """Why the command could not be started; ``str()`` is the one line to print."""
+
+
+def default_tunnel_path() -> Path:
+    # The same rule as the daemon's default config (RUNTIME_DIRECTORY, XDG_RUNTIME_DIR, /run).
+    from ipferry.supervisor.config import default_runtime_dir
+    path = default_runtime_dir() / "tunnel.sock"
+    system = Path("/run/ipferry/tunnel.sock")
+    return path if path.exists() or not system.exists() else system
+
+
+def random_address() -> ipaddress.IPv4Interface:
+    """A client address of its own for each tunnel, so two tunnels' flows never collide."""
+    return ipaddress.IPv4Interface(f"10.98.{random.randrange(256)}.{random.randrange(1, 255)}/32")
+
+
+def open_tunnel(path: Path, context: dict) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        sock.connect(str(path))
+    except FileNotFoundError:
+        raise ConnectError(f"no tunnel on-ramp at {path}: is ipferry running? "
+                           f"(--tunnel selects another)") from None
+    except OSError as exc:
+        raise ConnectError(f"cannot connect to the tunnel on-ramp at {path}: {exc.strerror}") from None
+    sock.send(json.dumps(context).encode())
+    return sock
+
+
+def _pump_tun_to_tunnel(tun_fd: int, tunnel: socket.socket, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            packet = os.read(tun_fd, READ_SIZE)
+        except OSError:
+            break  # the namespace is gone (the command exited)
+        try:
+            tunnel.send(packet)
+        except OSError as exc:
+            if exc.errno == errno.EMSGSIZE:
+                continue  # larger than the tunnel takes: dropped, as a router would
+            break
+    stop.set()
+
+
+def _pump_tunnel_to_tun(tun_fd: int, tunnel: socket.socket, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            packet = tunnel.recv(READ_SIZE)
+        except OSError:
+            break
+        if not packet:
+            break  # the daemon closed the tunnel
+        try:
+            os.write(tun_fd, packet)
+        except OSError as exc:
+            if exc.errno in (errno.EINVAL, errno.EMSGSIZE):
+                continue  # a packet the TUN refuses is dropped, the tunnel goes on
+            break
+    stop.set()
+
+
+def run(command: list[str], *, tunnel_path: Path, context: dict, mtu: int,
+        address: ipaddress.IPv4Interface) -> int:
+    tunnel = open_tunnel(tunnel_path, context)
+    ours, theirs = fdpass.channel_pair()
+    child = subprocess.Popen(
+        [sys.executable, "-m", "ipferry.nsd.sandbox", "--control-fd", str(theirs.fileno()),
+         "--address", str(address), "--mtu", str(mtu), "--", *command],
+        pass_fds=[theirs.fileno()])
+    theirs.close()
+    try:
+        msg = fdpass.recv(ours)
+    except (fdpass.ChannelClosed, fdpass.ProtocolError):
+        child.wait()
+        raise ConnectError(f"the namespace could not be set up (status {child.returncode})") from None
+    finally:
+        ours.close()
+    if msg.type == "error":
+        child.wait()
+        raise ConnectError(f"{msg['cause']}; fix: {msg['fix']}")
+    tun_fd = msg.take_fd("tun")
+    msg.close_fds()
+    os.set_blocking(tun_fd, True)
+
+    stop = threading.Event()
+    pumps = [threading.Thread(target=fn, args=(tun_fd, tunnel, stop), daemon=True)
+             for fn in (_pump_tun_to_tunnel, _pump_tunnel_to_tun)]
+    for t in pumps:
+        t.start()
+    # ^C reaches the command (same process group); we wait for it to decide.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        status = child.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        stop.set()
+        tunnel.shutdown(socket.SHUT_RDWR)
+        tunnel.close()
+        os.close(tun_fd)  # unblocks the TUN reader (the namespace is gone with the command)
+    return status if status >= 0 else 128 - status

@@ -1,0 +1,75 @@
+"""The inside of ``ipferry connect``: a fresh user+net namespace whose only way out is a TUN.
+
+``python -m ipferry.nsd.sandbox --control-fd N --address A [--mtu M] -- CMD ...`` enters a new
+user and network namespace, brings up ``lo`` and a TUN device as the default route, sends the TUN
+fd to its parent (message ``tun``, fd ``tun``) and then becomes CMD. The parent pumps packets
+between that TUN and a tunnel. Errors before CMD runs are sent as ``error`` {cause, fix}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import signal
+import socket
+import sys
+
+from . import fdpass
+from .namespace import HostError, enter_user_and_net_namespace, write_sysctls
+from .tun import open_tun
+
+TUN_NAME = "ipf-tun0"
+
+
+def build_network(address: ipaddress.IPv4Interface, mtu: int) -> int:
+    """In the current (new) namespace: lo up, a TUN with ``address`` as default route."""
+    from pyroute2 import IPRoute  # only now: unshare needed a single-threaded process
+
+    write_sysctls({"net.ipv6.conf.default.router_solicitations": "0",
+                   "net.ipv6.conf.default.accept_dad": "0",
+                   # Let CMD (uid 0 inside, or unmapped) use ping sockets.
+                   "net.ipv4.ping_group_range": "0 2147483647"})
+    tun_fd, name = open_tun(TUN_NAME)
+    with IPRoute() as ipr:
+        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+        idx = ipr.link_lookup(ifname=name)[0]
+        ipr.link("set", index=idx, mtu=mtu, state="up")
+        ipr.addr("add", index=idx, address=str(address.ip), prefixlen=address.network.prefixlen)
+        ipr.route("add", dst="0.0.0.0/0", oif=idx)
+    return tun_fd
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ipferry-sandbox", description=__doc__)
+    parser.add_argument("--control-fd", type=int, required=True)
+    parser.add_argument("--address", type=ipaddress.IPv4Interface, required=True)
+    parser.add_argument("--mtu", type=int, default=65520)
+    parser.add_argument("command", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    control = socket.socket(fileno=args.control_fd)
+    try:
+        enter_user_and_net_namespace()
+        tun_fd = build_network(args.address, args.mtu)
+    except HostError as exc:
+        fdpass.send(control, "error", {"cause": exc.cause, "fix": exc.fix})
+        return 2
+    except OSError as exc:
+        fdpass.send(control, "error", {"cause": f"cannot build the namespace's network: {exc}",
+                                       "fix": "see the cause"})
+        return 2
+    fdpass.send(control, "tun", {"pid": os.getpid()}, {"tun": tun_fd})
+    os.close(tun_fd)
+    control.close()
+    import prctl
+    prctl.set_pdeathsig(signal.SIGTERM)  # the command goes when ipferry connect goes
+    try:
+        os.execvp(command[0], command)
+    except OSError as exc:
+        print(f"ipferry connect: cannot run {command[0]!r}: {exc.strerror}", file=sys.stderr)
+        return 127
+
+
+if __name__ == "__main__":
+    sys.exit(main())
