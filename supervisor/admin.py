@@ -75,6 +75,31 @@ async def mesh(request: web.Request) -> web.Response:
     return web.json_response(await sup.mesh_report())
 
 
+async def flows(request: web.Request) -> web.Response:
+    """Live flows of every worker; ``?tenant=`` filters, ``?offset=&limit=`` pages."""
+    sup: Supervisor = request.app[SUPERVISOR]
+    try:
+        offset = int(request.query.get("offset", 0))
+        limit = min(int(request.query.get("limit", 100)), 1000)
+        if offset < 0 or limit < 1:
+            raise ValueError
+    except ValueError:
+        raise web.HTTPBadRequest(text="offset and limit must be non-negative integers\n") from None
+    replies = await sup.ask_workers("flows", {"tenant": request.query.get("tenant")})
+    every = sorted((f for r in replies.values() if r for f in r["flows"]),
+                   key=lambda f: (f["worker"], f["tenant"], f["src"], f["sport"]))
+    return web.json_response({"total": len(every), "offset": offset, "limit": limit,
+                              "flows": every[offset:offset + limit],
+                              "workers_missing": sorted(i for i, r in replies.items() if not r)})
+
+
+async def tunnels(request: web.Request) -> web.Response:
+    sup: Supervisor = request.app[SUPERVISOR]
+    replies = await sup.ask_workers("tunnels")
+    return web.json_response([{**t, "worker": i} for i, r in sorted(replies.items()) if r
+                              for t in r["tunnels"]])
+
+
 async def status(request: web.Request) -> web.Response:
     sup: Supervisor = request.app[SUPERVISOR]
     nsd = sup.nsd
@@ -124,6 +149,8 @@ class AdminServer:
         self.app.router.add_get("/api/status", status)
         self.app.router.add_get("/api/workers", workers)
         self.app.router.add_get("/api/mesh", mesh)
+        self.app.router.add_get("/api/flows", flows)
+        self.app.router.add_get("/api/tunnels", tunnels)
         self.app.router.add_post("/api/reload", reload)
         self.app.router.add_post("/api/workers/{index}/restart", restart_worker)
         self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False)

@@ -357,7 +357,8 @@ class Supervisor:
         try:
             if child.alive:
                 child.channel.send("equip", {"block": slot.block.as_dict(),
-                                             "onramps": [o.name for o in self.onramps]}, fds)
+                                             "onramps": [o.name for o in self.onramps],
+                                             "settings": self.worker_settings()}, fds)
                 slot.equipped = True
                 for other, _, theirs in peers:
                     try:
@@ -532,11 +533,12 @@ class Supervisor:
         if self.admin:
             self.admin.settings = new.admin
         self.nsd_reconfigure = {"log_level": new.logging.level}
-        children = [w.child for w in self.workers] + [self.nsd.child]
-        for child in children:
+        settings = {**self.nsd_reconfigure, "settings": self.worker_settings()}
+        for child in [w.child for w in self.workers] + [self.nsd.child]:
             if child and child.alive:
                 try:
-                    child.channel.send("reconfigure", self.nsd_reconfigure)
+                    child.channel.send("reconfigure", settings if child is not self.nsd.child
+                                       else self.nsd_reconfigure)
                 except fdpass.ChannelClosed:
                     pass
         self.metrics.reloads.labels("applied").inc()
@@ -547,6 +549,32 @@ class Supervisor:
         if needs_restart:
             msg += f"; changes to {', '.join(needs_restart)} take effect at the next restart"
         return True, msg
+
+    def worker_settings(self) -> dict:
+        """What workers need of the config: the application, its rules, flow limits, audit."""
+        c = self.config
+        return {
+            "app": c.app.model_dump(mode="json", by_alias=True),
+            "rules": [{**r.model_dump(mode="json"), "port_range": r.port_range(),
+                       "upstream": configmod._host_port(r.upstream) if r.upstream else None}
+                      for r in c.rules],
+            "flows": c.flows.model_dump(mode="json"),
+            "audit": c.audit.model_dump(mode="json"),
+        }
+
+    async def ask_workers(self, request: str, body: dict | None = None,
+                          timeout: float = 2.0) -> dict[int, fdpass.Message | None]:
+        """One request to every ready worker, concurrently; None for those that did not answer."""
+        live = [(w.index, w.child) for w in self.workers
+                if w.child and w.child.alive and w.state is State.READY]
+
+        async def one(index: int, child: ChildProcess):
+            try:
+                return index, await child.channel.request(request, body, timeout=timeout)
+            except (fdpass.ChannelClosed, TimeoutError):
+                return index, None
+
+        return dict(await asyncio.gather(*(one(i, c) for i, c in live)))
 
     def apply_supervision(self, sup: configmod.Supervision) -> None:
         self.stop_timeout = sup.stop_timeout

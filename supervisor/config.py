@@ -156,6 +156,73 @@ class Logging(_Strict):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+class Flows(_Strict):
+    """Flow tracking limits and idle timeouts (seconds, per TCP state, like conntrack's)."""
+
+    max_per_worker: Annotated[int, Field(ge=1)] = 100_000
+    max_per_tenant: Annotated[int, Field(ge=1)] = 10_000
+    tcp_syn_sent: Annotated[float, Field(gt=0)] = 120.0
+    tcp_established: Annotated[float, Field(gt=0)] = 7200.0
+    tcp_fin_wait: Annotated[float, Field(gt=0)] = 120.0
+    tcp_closing: Annotated[float, Field(gt=0)] = 60.0
+    upstream_connect_timeout: Annotated[float, Field(gt=0, le=300)] = 10.0
+
+
+class Rule(_Strict):
+    """One policy rule; the first that matches a new flow decides it."""
+
+    action: Literal["allow", "deny"]
+    name: str = ""
+    tenant: str | None = None
+    protocol: Literal["tcp", "udp", "icmp"] | None = None
+    cidr: str | None = None
+    ports: str | None = None  # "80" or "8000-8080"
+    upstream: str | None = None  # HOST:PORT to off-ramp to instead of the original destination
+
+    @field_validator("cidr")
+    @classmethod
+    def _cidr(cls, v: str | None) -> str | None:
+        if v is not None:
+            ipaddress.ip_network(v, strict=False)  # raises ValueError with a clear message
+        return v
+
+    @field_validator("ports")
+    @classmethod
+    def _ports(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        lo, _, hi = v.partition("-")
+        if not (lo.isdigit() and (hi or lo).isdigit() and 0 <= int(lo) <= int(hi or lo) <= 65535):
+            raise ValueError("expected a port (80) or an inclusive range (8000-8080)")
+        return v
+
+    @field_validator("upstream")
+    @classmethod
+    def _upstream(cls, v: str | None) -> str | None:
+        if v is not None:
+            _host_port(v)
+        return v
+
+    def port_range(self) -> tuple[int, int] | None:
+        if self.ports is None:
+            return None
+        lo, _, hi = self.ports.partition("-")
+        return int(lo), int(hi or lo)
+
+
+class App(_Strict):
+    """The application hooks: a ``module:Class`` (default: rules from this file)."""
+
+    cls: Annotated[str | None, Field(alias="class", pattern=r"^[\w.]+:\w+$")] = None
+    default_action: Literal["allow", "deny"] = "allow"
+
+
+class Audit(_Strict):
+    """Where flow start/end records go: ``stdout`` or a JSON-lines file."""
+
+    sink: str = "stdout"
+
+
 class Config(_Strict):
     # At most 128: a worker's equip message carries a mesh fd per peer (SCM_MAX_FD is 253).
     workers: Annotated[int, Field(ge=1, le=MAX_WORKERS)] | None = None  # default: the CPUs
@@ -165,6 +232,10 @@ class Config(_Strict):
     namespace: Namespace = Namespace()
     supervision: Supervision = Supervision()
     logging: Logging = Logging()
+    flows: Flows = Flows()
+    app: App = App()
+    rules: list[Rule] = []
+    audit: Audit = Audit()
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:

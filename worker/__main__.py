@@ -2,7 +2,7 @@
 
 Protocol with the supervisor on the control channel:
 
-- supervisor -> ``equip`` {onramps, block}: fds ``onramp:<name>``, ``tun``, ``upgrade4``,
+- supervisor -> ``equip`` {onramps, block, settings}: fds ``onramp:<name>``, ``tun``, ``upgrade4``,
   ``upgrade6``, ``nsd`` and ``mesh:<peer>`` for every other live worker. Sent again after nsd was
   replaced: the worker then swaps its TUN, listeners and nsd link, keeping the rest.
 - worker -> ``ready`` once equipped and nsd answered a ping on the worker's own link.
@@ -10,7 +10,8 @@ Protocol with the supervisor on the control channel:
 - supervisor -> ``metrics`` -> worker replies with ``metrics`` {families}.
 - supervisor -> ``mesh_check`` -> worker pings each peer over the mesh, replies ``mesh`` {peers:
   {peer index: the index that answered, or null}}.
-- supervisor -> ``reconfigure`` {log_level}: a reloaded config's live settings.
+- supervisor -> ``reconfigure`` {log_level, settings}: a reloaded config's live settings.
+- supervisor -> ``flows`` {tenant} -> ``flows`` {flows}; ``tunnels`` -> ``tunnels`` {tunnels}.
 - supervisor -> ``stop``: drain and exit 0.
 """
 
@@ -28,7 +29,26 @@ from ipferry.supervisor import logs
 from ipferry.supervisor.lifecycle import become_child
 
 from . import metrics
+from .app import Rule, RulesApplication, TunnelContext, call_hook, load_application
+from .audit import AuditLog
+from .datapath import DataPath
+from .flows import CloseReason, FlowTable, Timeouts
+from .nat import NatPool
 from .tun import TunDevice
+from .tunnels import TunnelOnramp
+
+EXPIRE_INTERVAL = 1.0
+
+
+def build_application(settings: dict):
+    rules = [Rule(r["action"], r.get("tenant"), r.get("cidr"),
+                  tuple(r["port_range"]) if r.get("port_range") else None, r.get("protocol"),
+                  tuple(r["upstream"]) if r.get("upstream") else None, r.get("name") or str(i))
+             for i, r in enumerate(settings["rules"])]
+    spec = settings["app"].get("class")
+    if spec:
+        return load_application(spec)
+    return RulesApplication(rules, settings["app"]["default_action"])
 
 
 class Worker:
@@ -41,6 +61,10 @@ class Worker:
         self.upgrade: dict[str, socket.socket] = {}
         self.nsd: fdpass.AsyncChannel | None = None
         self.mesh: dict[int, fdpass.AsyncChannel] = {}
+        self.datapath: DataPath | None = None
+        self.tunnel_onramps: dict[str, TunnelOnramp] = {}
+        self.app = None
+        self.audit: AuditLog | None = None
         self.stopping = asyncio.Event()
         self.tasks: set[asyncio.Task] = set()
 
@@ -64,12 +88,16 @@ class Worker:
 
     async def handle_equip(self, msg: fdpass.Message) -> None:
         first = self.tun is None
+        if first:
+            self.configure(msg["settings"])
         for name in [n for n in msg.fds if n.startswith("onramp:")]:
             fd = msg.take_fd(name)
             if name[7:] in self.onramps:
                 os.close(fd)  # a re-equip repeats the on-ramps we already hold
             else:
                 self.onramps[name[7:]] = socket.socket(fileno=fd)
+        if self.datapath is not None:
+            self.datapath.detach()
         if self.tun is not None:
             self.tun.close()
         self.tun = TunDevice(msg.take_fd("tun"))
@@ -77,6 +105,7 @@ class Worker:
             if old := self.upgrade.pop(name, None):
                 old.close()
             self.upgrade[name] = socket.socket(fileno=msg.take_fd(name))
+        self.start_datapath(msg["block"])
         if self.nsd is not None:
             self.nsd.close()
         self.nsd = fdpass.AsyncChannel(socket.socket(fileno=msg.take_fd("nsd")), "nsd")
@@ -95,6 +124,54 @@ class Worker:
         self.log.info("equipped" if first else "re_equipped", tun=msg["block"]["tun"],
                       onramps=sorted(self.onramps), mesh=sorted(self.mesh), nsd_pid=pong["pid"])
         self.control.send("ready", {"pid": os.getpid()})
+
+    def configure(self, settings: dict) -> None:
+        self.settings = settings
+        self.app = build_application(settings)
+        if self.audit is None:
+            self.audit = AuditLog(settings["audit"]["sink"], self.index)
+
+    def start_datapath(self, block: dict) -> None:
+        import ipaddress
+        f = self.settings["flows"]
+        local = ipaddress.IPv4Address(block["ipv4_local"])
+        pool = NatPool(ipaddress.IPv4Network(block["ipv4"]), {local})
+        if self.datapath is None:
+            flows = FlowTable(max_flows=f["max_per_worker"],
+                              max_flows_per_tenant=f["max_per_tenant"],
+                              timeouts=Timeouts(f["tcp_syn_sent"], f["tcp_established"],
+                                                f["tcp_fin_wait"], f["tcp_closing"]))
+            self.datapath = DataPath(index=self.index, app=self.app, audit=self.audit,
+                                     log=self.log, flows=flows, pool=pool, local=local,
+                                     connect_timeout=f["upstream_connect_timeout"])
+            self.spawn(self.expire_flows())
+        else:
+            self.datapath.pool = pool  # a new namespace: nothing of the old one is in use
+        self.datapath.attach(self.tun, self.upgrade["upgrade4"])
+        for name, sock in self.onramps.items():
+            if name not in self.tunnel_onramps:
+                self.tunnel_onramps[name] = TunnelOnramp(
+                    name, sock, self.log, self.parse_context, self.datapath.on_tunnel_packet,
+                    lambda tunnel, reason: self.datapath.close_tunnel(tunnel))
+
+    async def parse_context(self, raw: bytes) -> TunnelContext:
+        context = await call_hook(self.app.parse_context, raw)
+        if not isinstance(context, TunnelContext):
+            raise TypeError(f"parse_context returned {context!r}, not a TunnelContext")
+        return context
+
+    async def expire_flows(self) -> None:
+        while True:
+            await asyncio.sleep(EXPIRE_INTERVAL)
+            self.datapath.expire()
+
+    async def handle_flows(self, msg: fdpass.Message) -> None:
+        flows = self.datapath.flow_list(msg.get("tenant")) if self.datapath else []
+        self.control.reply(msg, "flows", {"flows": flows})
+
+    async def handle_tunnels(self, msg: fdpass.Message) -> None:
+        tunnels = [t.as_dict() for o in self.tunnel_onramps.values() for t in o.tunnels.values()]
+        self.control.reply(msg, "tunnels", {"tunnels": tunnels})
 
     async def handle_mesh_peer(self, msg: fdpass.Message) -> None:
         peer = int(msg["peer"])
@@ -139,6 +216,9 @@ class Worker:
 
     async def handle_reconfigure(self, msg: fdpass.Message) -> None:
         logs.set_level(msg["log_level"])
+        if "settings" in msg.body and self.datapath is not None:
+            self.settings = msg["settings"]
+            self.app = self.datapath.app = build_application(self.settings)
         self.log.info("reconfigured", log_level=msg["log_level"])
 
     async def handle_stop(self, msg: fdpass.Message) -> None:
@@ -150,6 +230,13 @@ class Worker:
         self.control.inbox.put_nowait(None)  # wake run() even when no message is due
 
     def close(self) -> None:
+        for onramp in self.tunnel_onramps.values():
+            onramp.stop()
+        if self.datapath is not None:
+            for entry in list(self.datapath.entries.values()):
+                self.datapath.end_flow(entry, CloseReason.EVICTED, close_reason="shutdown")
+        if self.audit is not None:
+            self.audit.close()
         if self.tun:
             self.tun.close()
         for sock in [*self.onramps.values(), *self.upgrade.values()]:

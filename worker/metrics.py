@@ -15,6 +15,25 @@ TUN_PACKETS = Counter("ipferry_tun_packets", "Packets through the worker's TUN d
                       ["direction"], registry=registry)
 TUN_BYTES = Counter("ipferry_tun_bytes", "Bytes through the worker's TUN device.",
                     ["direction"], registry=registry)
+PACKETS = Counter("ipferry_packets", "IP packets handled, by direction.", ["direction"],
+                  registry=registry)
+BYTES = Counter("ipferry_bytes", "IP bytes handled, by direction.", ["direction"],
+                registry=registry)
+DROPS = Counter("ipferry_drops", "Packets dropped, by reason.", ["reason"], registry=registry)
+FLOWS_STARTED = Counter("ipferry_flows_started", "Flows started, by protocol.", ["protocol"],
+                        registry=registry)
+FLOWS_ENDED = Counter("ipferry_flows_ended", "Flows ended, by protocol and close reason.",
+                      ["protocol", "reason"], registry=registry)
+FLOWS_ACTIVE = Gauge("ipferry_flows_active", "Flows tracked now, by protocol.", ["protocol"],
+                     registry=registry)
+NAT_SLOTS = Gauge("ipferry_nat_slots_in_use", "NAT slots claimed by live flows.",
+                  registry=registry)
+TUNNELS = Gauge("ipferry_tunnels_active", "Connected IP tunnels held by this worker.",
+                registry=registry)
+TUNNELS_CLOSED = Counter("ipferry_tunnels_closed", "Tunnels closed, by reason.", ["reason"],
+                         registry=registry)
+UPSTREAM_FAILURES = Counter("ipferry_upstream_failures", "Off-ramp connects that failed.",
+                            ["reason"], registry=registry)
 MESH_PEERS = Gauge("ipferry_mesh_peers", "Workers this worker has a live mesh link to.",
                    registry=registry)
 

@@ -1,0 +1,112 @@
+"""The data path, end to end: a command in `ipferry connect` reaches a server in the daemon's
+namespace through a tunnel, the IP->TCP upgrade in nsd's kernel, and the TCP off-ramp."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tests.helpers import IPFERRY, NO_CAPS, wait_for
+
+SERVER_ADDR = "198.18.0.1"  # benchmark range, on the test namespace's own loopback
+
+
+@pytest.fixture
+def upstream(netns, tmp_path):
+    """An HTTP server inside the test's namespace, serving tmp_path/www."""
+    www = tmp_path / "www"
+    www.mkdir()
+    subprocess.run(["ip", "-n", netns.name, "addr", "add", f"{SERVER_ADDR}/32", "dev", "lo"],
+                   check=True)
+    proc = subprocess.Popen(["nsenter", f"--net={netns.path}", sys.executable, "-m",
+                             "http.server", "--bind", SERVER_ADDR, "8080"], cwd=www,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: netns.run(_can_connect, SERVER_ADDR, 8080), 10, "the upstream server")
+        yield www
+    finally:
+        proc.kill()
+        proc.wait(5)
+
+
+def _can_connect(host: str, port: int) -> bool:
+    import socket
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex((host, port)) == 0
+
+
+def connect(daemon, *cmd: str, tenant: str = "acme", timeout: float = 120):
+    return subprocess.run([*NO_CAPS, IPFERRY, "connect", "--tunnel",
+                           str(daemon.runtime_dir / "tunnel.sock"), "--tenant", tenant, "--",
+                           *cmd], capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def audit_records(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def config(tmp_path, extra: str = "") -> str:
+    return textwrap.dedent(f"""\
+        [audit]
+        sink = "{tmp_path / 'audit.jsonl'}"
+        """) + extra
+
+
+def test_http_get_through_connect(daemon_factory, upstream, tmp_path):
+    (upstream / "index.html").write_text("hello through the ferry\n")
+    d = daemon_factory("--workers", "1", config=config(tmp_path))
+    res = connect(d, "curl", "-sS", "--max-time", "20", f"http://{SERVER_ADDR}:8080/index.html")
+    assert res.returncode == 0, res.stderr.decode()
+    assert res.stdout == b"hello through the ferry\n"
+
+    def flow_end():
+        return [r for r in audit_records(tmp_path / "audit.jsonl") if r["audit"] == "flow_end"]
+    end = wait_for(flow_end, 10, "the flow_end audit record")[0]
+    start = next(r for r in audit_records(tmp_path / "audit.jsonl") if r["audit"] == "flow_start")
+    assert start["tenant"] == "acme" and start["decision"] == "upgrade"
+    assert (start["dst"], start["dport"]) == (SERVER_ADDR, 8080)
+    assert end["close_reason"] == "fin"
+    assert end["payload_bytes"][1] > len(b"hello through the ferry\n")
+    m = d.metrics()
+    assert m[("ipferry_nat_slots_in_use", (("worker", "0"),))] == 0
+
+
+@pytest.mark.parametrize("workers", [1])
+def test_transfers_arrive_intact(daemon_factory, upstream, tmp_path, workers):
+    blob = os.urandom(1 << 20) * 8  # 8 MiB
+    (upstream / "blob").write_bytes(blob)
+    d = daemon_factory("--workers", str(workers), config=config(tmp_path))
+    res = connect(d, "sh", "-c", f"curl -sS --max-time 60 http://{SERVER_ADDR}:8080/blob | sha256sum")
+    assert res.returncode == 0, res.stderr.decode()
+    assert res.stdout.split()[0].decode() == hashlib.sha256(blob).hexdigest()
+
+
+def test_upstream_refused_resets_the_client_fast(daemon_factory, upstream, tmp_path):
+    d = daemon_factory("--workers", "1", config=config(tmp_path))
+    res = connect(d, "curl", "-sS", "--max-time", "5", "-o", "/dev/null", "-w", "%{time_total}",
+                  f"http://{SERVER_ADDR}:8081/")
+    assert res.returncode != 0
+    assert b"reset" in res.stderr.lower() or b"refused" in res.stderr.lower(), res.stderr
+    assert float(res.stdout or 0) < 1.0
+
+
+def test_denied_destination_fails_fast_and_is_audited(daemon_factory, upstream, tmp_path):
+    d = daemon_factory("--workers", "1", config=config(tmp_path, textwrap.dedent(f"""\
+        [[rules]]
+        name = "no-8080"
+        action = "deny"
+        cidr = "{SERVER_ADDR}/32"
+        ports = "8080"
+        """)))
+    res = connect(d, "curl", "-sS", "--max-time", "5", f"http://{SERVER_ADDR}:8080/")
+    assert res.returncode == 7, res.stderr  # curl: couldn't connect (reset on SYN)
+    start = wait_for(lambda: [r for r in audit_records(tmp_path / "audit.jsonl")
+                              if r["audit"] == "flow_start"], 5, "audit")[0]
+    assert start["decision"] == "drop" and start["reason"] == "denied by rule no-8080"

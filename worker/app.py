@@ -1,0 +1,151 @@
+"""The application hooks: every decision about a tunnel or a flow goes through one object.
+
+An application is a class named in the config (``[app] class = "module:Class"``) with these
+methods, each plain or ``async``::
+
+    class Application:
+        def parse_context(self, raw: bytes) -> TunnelContext: ...
+        def on_flow_start(self, flow: FlowStart) -> Decision: ...
+        def on_flow_end(self, flow: FlowEnd) -> None: ...
+
+``parse_context`` raising closes that tunnel (with the reason logged); ``on_flow_start`` raising
+drops that flow (counted as ``hook_error``). The default application reads a JSON context with at
+least ``tenant`` and decides by the config's rules.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import ipaddress
+import json
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class TunnelContext:
+    tenant: str
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FlowStart:
+    tenant: str
+    protocol: str  # "tcp", "udp", ...
+    src: str
+    sport: int
+    dst: str
+    dport: int
+    context: TunnelContext
+
+
+@dataclass(frozen=True)
+class Decision:
+    """``upgrade``: terminate in the kernel and off-ramp to ``upstream`` (None: the original
+    destination). ``drop``: refuse, with ``reason`` (the rule that said so)."""
+
+    action: str  # "upgrade" | "drop"
+    upstream: tuple[str, int] | None = None
+    reason: str = ""
+
+    @classmethod
+    def upgrade(cls, upstream: tuple[str, int] | None = None, reason: str = "") -> Decision:
+        return cls("upgrade", upstream, reason)
+
+    @classmethod
+    def drop(cls, reason: str) -> Decision:
+        return cls("drop", None, reason)
+
+
+@dataclass(frozen=True)
+class FlowEnd:
+    start: FlowStart
+    decision: Decision
+    packets: tuple[int, int]  # (to server, to client)
+    bytes: tuple[int, int]
+    payload_bytes: tuple[int, int]
+    duration: float
+    close_reason: str
+
+
+class Application(Protocol):
+    def parse_context(self, raw: bytes) -> TunnelContext: ...
+    def on_flow_start(self, flow: FlowStart) -> Decision: ...
+    def on_flow_end(self, flow: FlowEnd) -> None: ...
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One line of policy: first match wins. Empty fields match everything."""
+
+    action: str  # "allow" | "deny"
+    tenant: str | None = None
+    cidr: str | None = None
+    ports: tuple[int, int] | None = None  # inclusive range
+    protocol: str | None = None
+    upstream: tuple[str, int] | None = None
+    name: str = ""
+
+    def matches(self, flow: FlowStart) -> bool:
+        if self.tenant is not None and flow.tenant != self.tenant:
+            return False
+        if self.protocol is not None and flow.protocol != self.protocol:
+            return False
+        if self.cidr is not None and ipaddress.ip_address(flow.dst) not in \
+                ipaddress.ip_network(self.cidr):
+            return False
+        return self.ports is None or self.ports[0] <= flow.dport <= self.ports[1]
+
+
+class RulesApplication:
+    """The default application: JSON context with a ``tenant``; config rules decide flows."""
+
+    def __init__(self, rules: list[Rule] | None = None, default_action: str = "allow") -> None:
+        self.rules = rules or []
+        self.default_action = default_action
+
+    def parse_context(self, raw: bytes) -> TunnelContext:
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            raise ValueError("the tunnel context is not JSON") from None
+        if not isinstance(data, dict):
+            raise ValueError("the tunnel context is not a JSON object")
+        tenant = data.get("tenant")
+        if not isinstance(tenant, str) or not tenant:
+            raise ValueError("the tunnel context has no tenant")
+        return TunnelContext(tenant, {k: v for k, v in data.items() if k != "tenant"})
+
+    def on_flow_start(self, flow: FlowStart) -> Decision:
+        for rule in self.rules:
+            if rule.matches(flow):
+                if rule.action == "deny":
+                    return Decision.drop(f"denied by rule {rule.name}")
+                return Decision.upgrade(rule.upstream, f"allowed by rule {rule.name}")
+        if self.default_action == "deny":
+            return Decision.drop("denied by default")
+        return Decision.upgrade(None, "allowed by default")
+
+    def on_flow_end(self, flow: FlowEnd) -> None:
+        pass
+
+
+def load_application(spec: str | None, **kwargs: Any) -> Application:
+    """``module:Class`` from the config (None: the rules application), instantiated."""
+    if not spec:
+        return RulesApplication(**kwargs)
+    module, _, name = spec.partition(":")
+    cls = getattr(importlib.import_module(module), name)
+    try:
+        return cls(**kwargs)
+    except TypeError:
+        return cls()
+
+
+async def call_hook(fn, *args):
+    """Hooks may be sync or async."""
+    result = fn(*args)
+    if inspect.isawaitable(result):
+        result = await result
+    return result

@@ -1,0 +1,372 @@
+"""The worker's data path: tunnel packets in, kernel TCP streams out, and back.
+
+For a new TCP flow the application decides; an upgraded flow claims a NAT slot and its packets
+are rewritten (source = the slot, destination = the worker's upgrade listener) into the worker's
+TUN. The namespace's kernel does the TCP; the worker accepts the connection (the peer address is
+the slot, which names the flow), connects the off-ramp and splices the two streams. The kernel's
+packets come out of the TUN addressed to the slot and are rewritten back into the flow's tunnel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import ipaddress
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+
+import dpkt
+
+from . import metrics
+from .app import Application, Decision, FlowEnd, FlowStart, call_hook
+from .audit import AuditLog
+from .flows import CloseReason, Direction, Flow, FlowKey, FlowTable, LimitReached, TcpState
+from .nat import NatPool, NatSlot, SlotPoolExhausted, rewrite_ipv4_tcp
+from .packet import TCP_ACK, TCP_RST, TCP_SYN, Drop, Parsed, parse
+from .relay import relay
+from .tun import TunDevice
+from .tunnels import Tunnel
+
+PROTO_NAMES = {6: "tcp", 17: "udp", 1: "icmp"}
+UPGRADE_PORT = 1  # nsd binds the upgrade listeners there (see ipferry.nsd.network)
+_LINGER_RST = struct.pack("ii", 1, 0)  # close() sends RST instead of FIN
+
+PKT_IN = metrics.PACKETS.labels("from_tunnel")
+PKT_OUT = metrics.PACKETS.labels("to_tunnel")
+BYTES_IN = metrics.BYTES.labels("from_tunnel")
+BYTES_OUT = metrics.BYTES.labels("to_tunnel")
+
+
+@dataclass
+class FlowEntry:
+    flow: Flow
+    tunnel: Tunnel
+    start: FlowStart
+    decision: Decision | None = None  # None while the application decides
+    slot: NatSlot | None = None
+    pending: list[tuple[Parsed, bytes]] = field(default_factory=list)
+    payload: list[int] = field(default_factory=lambda: [0, 0])
+    stream: asyncio.Task | None = None
+    sockets: list[socket.socket] = field(default_factory=list)
+    ended: bool = False
+
+
+def _addr(b: bytes) -> str:
+    return socket.inet_ntoa(b)
+
+
+def reset_for(p: Parsed, packet: bytes) -> bytes:
+    """The RST a TCP stack would answer ``packet`` with (slow path: dpkt builds it)."""
+    tcp = dpkt.tcp.TCP(packet[p.ihl:p.total_length])
+    seg_len = p.payload_length + (1 if p.tcp_flags & TCP_SYN else 0)
+    if p.tcp_flags & TCP_ACK:
+        rst = dpkt.tcp.TCP(sport=p.dport, dport=p.sport, seq=tcp.ack, flags=dpkt.tcp.TH_RST)
+    else:
+        rst = dpkt.tcp.TCP(sport=p.dport, dport=p.sport, seq=0, ack=(tcp.seq + seg_len) & 0xFFFFFFFF,
+                           flags=dpkt.tcp.TH_RST | dpkt.tcp.TH_ACK)
+    ip = dpkt.ip.IP(src=p.dst, dst=p.src, p=dpkt.ip.IP_PROTO_TCP, ttl=64, data=rst)
+    ip.len = 40
+    return bytes(ip)
+
+
+class DataPath:
+    def __init__(self, *, index: int, app: Application, audit: AuditLog, log,
+                 flows: FlowTable, pool: NatPool, local: ipaddress.IPv4Address,
+                 connect_timeout: float) -> None:
+        self.index = index
+        self.app = app
+        self.audit = audit
+        self.log = log
+        self.flows = flows
+        self.pool = pool
+        self.local = local.packed
+        self.connect_timeout = connect_timeout
+        self.entries: dict[FlowKey, FlowEntry] = {}
+        self.by_slot: dict[tuple[bytes, int], FlowEntry] = {}
+        self.tun: TunDevice | None = None
+        self._loop = asyncio.get_running_loop()
+        self._listener: socket.socket | None = None
+
+    # -- equipment ---------------------------------------------------------------------------
+
+    def detach(self) -> None:
+        """Let go of the TUN and upgrade listener (nsd is rebuilding the namespace)."""
+        for entry in list(self.entries.values()):
+            self.end_flow(entry, CloseReason.EVICTED, close_reason="namespace_lost")
+        if self._listener is not None:
+            self._loop.remove_reader(self._listener.fileno())
+            self._listener = None
+        self.tun = None
+
+    def attach(self, tun: TunDevice, upgrade4: socket.socket) -> None:
+        """Use this TUN and upgrade listener (again after nsd rebuilt the namespace)."""
+        self.tun = tun
+        tun.on_packet = self.on_tun_packet
+        self._listener = upgrade4
+        upgrade4.setblocking(False)
+        self._loop.add_reader(upgrade4.fileno(), self._accept_upgraded)
+
+    # -- from the tunnel ---------------------------------------------------------------------
+
+    def on_tunnel_packet(self, tunnel: Tunnel, packet: bytes) -> None:
+        PKT_IN.inc()
+        BYTES_IN.inc(len(packet))
+        p = parse(packet)
+        if isinstance(p, Drop):
+            metrics.DROPS.labels(p.value).inc()
+            return
+        key = FlowKey(tunnel.tenant, p.protocol, p.src, p.sport, p.dst, p.dport)
+        entry = self.entries.get(key)
+        if entry is None:
+            if p.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) != TCP_SYN:
+                # Not the start of a flow we know (e.g. ours died with a worker): reset it so
+                # the client fails fast instead of retransmitting into the void.
+                metrics.DROPS.labels("no_flow").inc()
+                if not p.tcp_flags & TCP_RST:
+                    self._to_tunnel(tunnel, reset_for(p, packet))
+                return
+            entry = self.start_flow(tunnel, key, p, packet)
+            if entry is None:
+                return
+        if entry.decision is None:
+            entry.pending.append((p, packet))
+            return
+        self.to_kernel(entry, p, packet)
+
+    def start_flow(self, tunnel: Tunnel, key: FlowKey, p: Parsed, packet: bytes) -> FlowEntry | None:
+        now = time.monotonic()
+        flow = self.flows.start(key, None, now)
+        if isinstance(flow, LimitReached):
+            metrics.DROPS.labels(flow.value).inc()
+            self._to_tunnel(tunnel, reset_for(p, packet))
+            return None
+        start = FlowStart(key.tenant, PROTO_NAMES.get(key.protocol, str(key.protocol)),
+                          _addr(key.src), key.sport, _addr(key.dst), key.dport, tunnel.context)
+        entry = FlowEntry(flow, tunnel, start)
+        self.entries[key] = entry
+        try:
+            decision = self.app.on_flow_start(start)
+        except Exception as exc:
+            return self._hook_failed(entry, p, packet, exc)
+        if inspect.isawaitable(decision):
+            entry.pending.append((p, packet))
+            self._loop.create_task(self._decide_later(entry, decision))
+            return None
+        return entry if self.apply_decision(entry, decision, p, packet) else None
+
+    async def _decide_later(self, entry: FlowEntry, pending) -> None:
+        first_p, first_packet = entry.pending[0]
+        try:
+            decision = await pending
+        except Exception as exc:
+            self._hook_failed(entry, first_p, first_packet, exc)
+            return
+        if entry.ended:
+            return
+        if self.apply_decision(entry, decision, first_p, first_packet):
+            queued, entry.pending = entry.pending, []
+            for p, packet in queued:
+                if not entry.ended:
+                    self.to_kernel(entry, p, packet)
+
+    def _hook_failed(self, entry: FlowEntry, p: Parsed, packet: bytes, exc: Exception) -> None:
+        self.log.warning("flow_hook_failed", error=repr(exc), **self._flow_fields(entry))
+        metrics.DROPS.labels("hook_error").inc()
+        entry.decision = Decision.drop(f"hook error: {exc!r}")
+        self._to_tunnel(entry.tunnel, reset_for(p, packet))
+        self.end_flow(entry, CloseReason.EVICTED, audit_start=True)
+        return None
+
+    def apply_decision(self, entry: FlowEntry, decision: Decision, p: Parsed,
+                       packet: bytes) -> bool:
+        """Memoise the decision; True when the flow goes on (upgraded), False when refused."""
+        if not isinstance(decision, Decision):
+            return self._hook_failed(entry, p, packet, TypeError(f"not a Decision: {decision!r}"))
+        entry.decision = decision
+        entry.flow.decision = decision
+        self.audit.record("flow_start", decision=decision.action, reason=decision.reason,
+                          upstream=_fmt(decision.upstream), **self._flow_fields(entry))
+        if decision.action != "upgrade":
+            metrics.DROPS.labels("denied").inc()
+            self._to_tunnel(entry.tunnel, reset_for(p, packet))
+            self.end_flow(entry, CloseReason.EVICTED, close_reason="denied")
+            return False
+        try:
+            entry.slot = self.pool.claim()
+        except SlotPoolExhausted:
+            metrics.DROPS.labels("nat_exhausted").inc()
+            self._to_tunnel(entry.tunnel, reset_for(p, packet))
+            self.end_flow(entry, CloseReason.EVICTED, close_reason="nat_exhausted")
+            return False
+        self.by_slot[(entry.slot.address, entry.slot.port)] = entry
+        metrics.NAT_SLOTS.set(self.pool.in_use)
+        metrics.FLOWS_STARTED.labels(entry.start.protocol).inc()
+        metrics.FLOWS_ACTIVE.labels(entry.start.protocol).set(len(self.flows))
+        return True
+
+    def to_kernel(self, entry: FlowEntry, p: Parsed, packet: bytes) -> None:
+        """Account a client packet, rewrite it to the upgrade listener, write it to the TUN."""
+        ended = self.flows.observe(entry.flow, Direction.TO_SERVER, p.tcp_flags, p.total_length,
+                                   time.monotonic())
+        entry.payload[0] += p.payload_length
+        buf = bytearray(packet)
+        rewrite_ipv4_tcp(buf, p.ihl, entry.slot.address, entry.slot.port, self.local,
+                         UPGRADE_PORT)
+        if self.tun is not None:
+            self.tun.write(buf)
+        self._after_packet(entry, ended)
+
+    # -- from the kernel ---------------------------------------------------------------------
+
+    def on_tun_packet(self, packet: bytes) -> None:
+        p = parse(packet)
+        if isinstance(p, Drop):
+            metrics.DROPS.labels(f"kernel_{p.value}").inc()
+            return
+        entry = self.by_slot.get((p.dst, p.dport))
+        if entry is None:
+            metrics.DROPS.labels("kernel_no_flow").inc()
+            return
+        key = entry.flow.key
+        ended = self.flows.observe(entry.flow, Direction.TO_CLIENT, p.tcp_flags, p.total_length,
+                                   time.monotonic())
+        entry.payload[1] += p.payload_length
+        buf = bytearray(packet)
+        rewrite_ipv4_tcp(buf, p.ihl, key.dst, key.dport, key.src, key.sport)
+        self._to_tunnel(entry.tunnel, buf)
+        self._after_packet(entry, ended)
+
+    def _to_tunnel(self, tunnel: Tunnel, packet: bytes | bytearray) -> None:
+        PKT_OUT.inc()
+        BYTES_OUT.inc(len(packet))
+        tunnel.send(packet)
+
+    def _after_packet(self, entry: FlowEntry, ended: bool) -> None:
+        if ended:
+            self.end_flow(entry, CloseReason.RST)
+        elif entry.flow.state is TcpState.TIME_WAIT:
+            # Both FINs acknowledged: the flow is over. Its slot waits out TIME_WAIT in the pool's
+            # quarantine, so late retransmissions cannot meet a new flow on the same 4-tuple.
+            self.end_flow(entry, CloseReason.FIN)
+
+    # -- the upgraded stream -----------------------------------------------------------------
+
+    def _accept_upgraded(self) -> None:
+        for _ in range(64):
+            try:
+                conn, peer = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self.log.warning("upgrade_accept_failed", error=exc.strerror)
+                return
+            entry = self.by_slot.get((socket.inet_aton(peer[0]), peer[1]))
+            if entry is None or entry.ended:
+                metrics.DROPS.labels("upgrade_no_flow").inc()
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+                conn.close()
+                continue
+            conn.setblocking(False)
+            entry.sockets.append(conn)
+            entry.stream = self._loop.create_task(self.offramp(entry, conn))
+
+    async def offramp(self, entry: FlowEntry, conn: socket.socket) -> None:
+        """Connect the off-ramp (the original destination or the decision's upstream), splice."""
+        upstream = entry.decision.upstream or (entry.start.dst, entry.start.dport)
+        up = socket.socket(socket.AF_INET6 if ":" in upstream[0] else socket.AF_INET,
+                           socket.SOCK_STREAM)
+        up.setblocking(False)
+        entry.sockets.append(up)
+        try:
+            await asyncio.wait_for(self._loop.sock_connect(up, upstream), self.connect_timeout)
+        except (OSError, TimeoutError) as exc:
+            reason = "timeout" if isinstance(exc, TimeoutError) else (
+                "refused" if isinstance(exc, ConnectionRefusedError) else "error")
+            metrics.UPSTREAM_FAILURES.labels(reason).inc()
+            self.log.info("upstream_failed", upstream=_fmt(upstream), reason=reason,
+                          **self._flow_fields(entry))
+            # The client's peer is the namespace's kernel: a reset from it is the client's answer.
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+            self._close_sockets(entry)
+            return
+        up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        await relay(conn, up)
+        self._close_sockets(entry)
+
+    def _close_sockets(self, entry: FlowEntry) -> None:
+        for sock in entry.sockets:
+            sock.close()
+        entry.sockets.clear()
+
+    # -- flow end ----------------------------------------------------------------------------
+
+    def end_flow(self, entry: FlowEntry, reason: CloseReason, *, audit_start: bool = False,
+                 close_reason: str | None = None) -> None:
+        if entry.ended:
+            return
+        entry.ended = True
+        self.flows.end(entry.flow, reason)
+        self.entries.pop(entry.flow.key, None)
+        if entry.slot is not None:
+            self.by_slot.pop((entry.slot.address, entry.slot.port), None)
+            self.pool.release(entry.slot)
+            metrics.NAT_SLOTS.set(self.pool.in_use)
+        if entry.stream is not None and not entry.stream.done():
+            entry.stream.cancel()
+        self._close_sockets(entry)
+        if audit_start:
+            self.audit.record("flow_start", decision="drop", reason=entry.decision.reason,
+                              upstream=None, **self._flow_fields(entry))
+        now = time.monotonic()
+        flow = entry.flow
+        why = close_reason or str(flow.close_reason or reason)
+        decision = entry.decision or Decision.drop("undecided")
+        self.audit.record("flow_end", decision=decision.action, reason=decision.reason,
+                          close_reason=why, packets=list(flow.packets), bytes=list(flow.bytes),
+                          payload_bytes=list(entry.payload),
+                          duration=round(flow.duration(now), 6), **self._flow_fields(entry))
+        metrics.FLOWS_ENDED.labels(entry.start.protocol, why).inc()
+        metrics.FLOWS_ACTIVE.labels(entry.start.protocol).set(len(self.flows))
+        end = FlowEnd(entry.start, decision, tuple(flow.packets), tuple(flow.bytes),
+                      tuple(entry.payload), flow.duration(now), why)
+        self._loop.create_task(self._flow_end_hook(end))
+
+    async def _flow_end_hook(self, end: FlowEnd) -> None:
+        try:
+            await call_hook(self.app.on_flow_end, end)
+        except Exception as exc:
+            self.log.warning("flow_end_hook_failed", error=repr(exc))
+
+    def expire(self) -> None:
+        """End the flows idle past their state's timeout (the table has already let go)."""
+        for flow in self.flows.expire(time.monotonic()):
+            entry = self.entries.get(flow.key)
+            if entry is not None:
+                self.end_flow(entry, flow.close_reason or CloseReason.IDLE)
+
+    def close_tunnel(self, tunnel: Tunnel) -> None:
+        for entry in [e for e in self.entries.values() if e.tunnel is tunnel]:
+            self.end_flow(entry, CloseReason.EVICTED, close_reason="tunnel_closed")
+
+    # -- views -------------------------------------------------------------------------------
+
+    def _flow_fields(self, entry: FlowEntry) -> dict:
+        s = entry.start
+        return {"tenant": s.tenant, "protocol": s.protocol, "src": s.src, "sport": s.sport,
+                "dst": s.dst, "dport": s.dport, "tunnel": entry.tunnel.id}
+
+    def flow_list(self, tenant: str | None = None) -> list[dict]:
+        now = time.monotonic()
+        return [{**self._flow_fields(e), "state": str(e.flow.state),
+                 "decision": e.decision.action if e.decision else None,
+                 "slot": str(e.slot) if e.slot else None, "packets": list(e.flow.packets),
+                 "payload_bytes": list(e.payload), "age": round(e.flow.duration(now), 3),
+                 "worker": self.index}
+                for e in self.entries.values() if tenant is None or e.start.tenant == tenant]
+
+
+def _fmt(hp: tuple[str, int] | None) -> str | None:
+    return f"{hp[0]}:{hp[1]}" if hp else None

@@ -1,0 +1,176 @@
+"""Connected IP tunnels (SOCK_SEQPACKET): accept, read the context, then one packet a datagram.
+
+A tunnel whose context the application refuses is closed with the reason logged; nothing else is
+touched. Packets towards a tunnel wait in a bounded queue while its socket is full; beyond that
+they are dropped and counted (the tunnel's TCP will retransmit), never buffered without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import socket
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+from . import metrics
+from .app import TunnelContext
+
+READ_SIZE = 65536 + 4
+BATCH = 64
+SEND_QUEUE = 4096
+
+_ids = itertools.count(1)
+
+
+class Tunnel:
+    def __init__(self, sock: socket.socket, onramp: str) -> None:
+        self.id = next(_ids)
+        self.sock = sock
+        self.onramp = onramp
+        self.context: TunnelContext | None = None
+        self.packets_in = 0
+        self.packets_out = 0
+        self.closed = False
+        self._queue: deque[bytes] = deque()
+        self._loop = asyncio.get_running_loop()
+
+    @property
+    def tenant(self) -> str:
+        return self.context.tenant if self.context else ""
+
+    def send(self, packet: bytes | bytearray) -> None:
+        if self.closed:
+            return
+        if self._queue:
+            self._enqueue(packet)
+            return
+        try:
+            self.sock.send(packet)
+            self.packets_out += 1
+        except BlockingIOError:
+            self._enqueue(packet)
+            self._loop.add_writer(self.sock.fileno(), self._flush)
+        except OSError:
+            metrics.DROPS.labels("tunnel_gone").inc()
+
+    def _enqueue(self, packet: bytes | bytearray) -> None:
+        if len(self._queue) >= SEND_QUEUE:
+            metrics.DROPS.labels("tunnel_queue_full").inc()
+            return
+        self._queue.append(bytes(packet))
+
+    def _flush(self) -> None:
+        while self._queue:
+            try:
+                self.sock.send(self._queue[0])
+            except BlockingIOError:
+                return
+            except OSError:
+                self._queue.clear()
+                break
+            self._queue.popleft()
+            self.packets_out += 1
+        self._loop.remove_writer(self.sock.fileno())
+
+    def as_dict(self) -> dict:
+        return {"id": self.id, "onramp": self.onramp, "tenant": self.tenant,
+                "context": self.context.extra if self.context else None,
+                "packets_in": self.packets_in, "packets_out": self.packets_out}
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._loop.remove_reader(self.sock.fileno())
+        if self._queue:
+            self._loop.remove_writer(self.sock.fileno())
+        self.sock.close()
+
+
+class TunnelOnramp:
+    """Accepts tunnels on a shared listener (every worker accepts; the kernel picks one)."""
+
+    def __init__(self, name: str, listener: socket.socket, log,
+                 parse_context: Callable[[bytes], Awaitable[TunnelContext]],
+                 on_packet: Callable[[Tunnel, bytes], None],
+                 on_close: Callable[[Tunnel, str], None]) -> None:
+        self.name = name
+        self.listener = listener
+        self.log = log
+        self.parse_context = parse_context
+        self.on_packet = on_packet
+        self.on_close = on_close
+        self.tunnels: dict[int, Tunnel] = {}
+        self._loop = asyncio.get_running_loop()
+        listener.setblocking(False)
+        self._loop.add_reader(listener.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        for _ in range(BATCH):
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return  # another worker took it
+            except OSError as exc:
+                self.log.warning("tunnel_accept_failed", onramp=self.name, error=exc.strerror)
+                return
+            sock.setblocking(False)
+            tunnel = Tunnel(sock, self.name)
+            self._loop.add_reader(sock.fileno(), self._read_context, tunnel)
+
+    def _read_context(self, tunnel: Tunnel) -> None:
+        self._loop.remove_reader(tunnel.sock.fileno())
+        try:
+            raw = tunnel.sock.recv(READ_SIZE)
+        except BlockingIOError:
+            self._loop.add_reader(tunnel.sock.fileno(), self._read_context, tunnel)
+            return
+        except OSError:
+            raw = b""
+        if not raw:
+            tunnel.close()
+            return
+        self._loop.create_task(self._start(tunnel, raw))
+
+    async def _start(self, tunnel: Tunnel, raw: bytes) -> None:
+        try:
+            tunnel.context = await self.parse_context(raw)
+        except Exception as exc:  # the application refused it: this tunnel only
+            self.log.warning("tunnel_refused", onramp=self.name, reason=str(exc))
+            metrics.TUNNELS_CLOSED.labels("bad_context").inc()
+            tunnel.close()
+            return
+        self.tunnels[tunnel.id] = tunnel
+        metrics.TUNNELS.set(len(self.tunnels))
+        self.log.info("tunnel_open", tunnel=tunnel.id, onramp=self.name, tenant=tunnel.tenant)
+        self._loop.add_reader(tunnel.sock.fileno(), self._read_packets, tunnel)
+
+    def _read_packets(self, tunnel: Tunnel) -> None:
+        for _ in range(BATCH):
+            try:
+                packet = tunnel.sock.recv(READ_SIZE)
+            except BlockingIOError:
+                return
+            except OSError:
+                packet = b""
+            if not packet:
+                self.close(tunnel, "closed_by_peer")
+                return
+            tunnel.packets_in += 1
+            self.on_packet(tunnel, packet)
+
+    def close(self, tunnel: Tunnel, reason: str) -> None:
+        if self.tunnels.pop(tunnel.id, None) is None:
+            return
+        tunnel.close()
+        metrics.TUNNELS.set(len(self.tunnels))
+        metrics.TUNNELS_CLOSED.labels(reason).inc()
+        self.log.info("tunnel_closed", tunnel=tunnel.id, reason=reason,
+                      packets_in=tunnel.packets_in, packets_out=tunnel.packets_out)
+        self.on_close(tunnel, reason)
+
+    def stop(self) -> None:
+        self._loop.remove_reader(self.listener.fileno())
+        for tunnel in list(self.tunnels.values()):
+            self.close(tunnel, "shutdown")
