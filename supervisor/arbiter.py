@@ -554,6 +554,7 @@ class Supervisor:
         """What workers need of the config: the application, its rules, flow limits, audit."""
         c = self.config
         return {
+            "workers": self.worker_count,
             "app": c.app.model_dump(mode="json", by_alias=True),
             "rules": [{**r.model_dump(mode="json"), "port_range": r.port_range(),
                        "upstream": configmod._host_port(r.upstream) if r.upstream else None}

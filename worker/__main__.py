@@ -31,8 +31,9 @@ from ipferry.supervisor.lifecycle import become_child
 from . import metrics
 from .app import Rule, RulesApplication, TunnelContext, call_hook, load_application
 from .audit import AuditLog
-from .datapath import DataPath
+from .datapath import PKT_TO_MESH, DataPath
 from .flows import CloseReason, FlowTable, Timeouts
+from .mesh import PACKET, REPLY, MeshLink, RemoteTunnel
 from .nat import NatPool
 from .tun import TunDevice
 from .tunnels import TunnelOnramp
@@ -60,7 +61,8 @@ class Worker:
         self.tun: TunDevice | None = None
         self.upgrade: dict[str, socket.socket] = {}
         self.nsd: fdpass.AsyncChannel | None = None
-        self.mesh: dict[int, fdpass.AsyncChannel] = {}
+        self.mesh: dict[int, MeshLink] = {}
+        self.remote_tunnels: dict[tuple[int, int], RemoteTunnel] = {}  # (origin, id)
         self.datapath: DataPath | None = None
         self.tunnel_onramps: dict[str, TunnelOnramp] = {}
         self.app = None
@@ -143,7 +145,8 @@ class Worker:
                                                 f["tcp_fin_wait"], f["tcp_closing"]))
             self.datapath = DataPath(index=self.index, app=self.app, audit=self.audit,
                                      log=self.log, flows=flows, pool=pool, local=local,
-                                     connect_timeout=f["upstream_connect_timeout"])
+                                     connect_timeout=f["upstream_connect_timeout"],
+                                     workers=self.settings["workers"], forward=self.forward)
             self.spawn(self.expire_flows())
         else:
             self.datapath.pool = pool  # a new namespace: nothing of the old one is in use
@@ -152,7 +155,7 @@ class Worker:
             if name not in self.tunnel_onramps:
                 self.tunnel_onramps[name] = TunnelOnramp(
                     name, sock, self.log, self.parse_context, self.datapath.on_tunnel_packet,
-                    lambda tunnel, reason: self.datapath.close_tunnel(tunnel))
+                    self.tunnel_closed)
 
     async def parse_context(self, raw: bytes) -> TunnelContext:
         context = await call_hook(self.app.parse_context, raw)
@@ -181,25 +184,76 @@ class Worker:
     def add_mesh_peer(self, peer: int, fd: int) -> None:
         if old := self.mesh.pop(peer, None):
             old.close()
-        link = fdpass.AsyncChannel(socket.socket(fileno=fd), f"mesh{peer}")
-        self.mesh[peer] = link
+        self.mesh[peer] = MeshLink(peer, socket.socket(fileno=fd), on_message=self.on_mesh_message,
+                                   on_frame=self.on_mesh_frame, on_close=self.on_mesh_close)
         metrics.MESH_PEERS.set(len(self.mesh))
-        self.spawn(self.serve_mesh(peer, link))
 
-    async def serve_mesh(self, peer: int, link: fdpass.AsyncChannel) -> None:
-        # Only pings cross the mesh yet (flow hand-off comes with the data path); watch for EOF.
-        while (msg := await link.inbox.get()) is not None:
-            if msg.type == "ping":
-                link.reply(msg, "pong", {"worker": self.index})
-            msg.close_fds()
-        if self.mesh.get(peer) is link:
-            del self.mesh[peer]
+    # -- the mesh: flows owned by another worker ----------------------------------------------
+
+    def forward(self, peer: int, tunnel, packet: bytes) -> None:
+        """A packet of our tunnel whose flow ``peer`` owns: tell it the tunnel once, then send."""
+        link = self.mesh.get(peer)
+        if link is None:
+            metrics.DROPS.labels("owner_unreachable").inc()
+            return
+        if tunnel.id not in link.opened:
+            link.opened.add(tunnel.id)
+            link.send_message("tunnel_open", {"tunnel": tunnel.id, "tenant": tunnel.tenant,
+                                              "extra": tunnel.context.extra})
+        if link.send_frame(PACKET, tunnel.id, packet):
+            PKT_TO_MESH.inc()
+
+    def tunnel_closed(self, tunnel, reason: str) -> None:
+        self.datapath.close_tunnel(tunnel)
+        for link in self.mesh.values():
+            if tunnel.id in link.opened:
+                link.opened.discard(tunnel.id)
+                link.send_message("tunnel_closed", {"tunnel": tunnel.id})
+
+    def on_mesh_message(self, link: MeshLink, msg: fdpass.Message) -> None:
+        if msg.type == "ping":
+            link.reply(msg, "pong", {"worker": self.index})
+        elif msg.type == "tunnel_open":
+            context = TunnelContext(msg["tenant"], msg.get("extra") or {})
+            self.remote_tunnels[(link.peer, msg["tunnel"])] = RemoteTunnel(link, msg["tunnel"],
+                                                                           context)
+        elif msg.type == "tunnel_closed":
+            remote = self.remote_tunnels.pop((link.peer, msg["tunnel"]), None)
+            if remote is not None:
+                remote.closed = True
+                self.datapath.close_tunnel(remote)
+
+    def on_mesh_frame(self, link: MeshLink, kind: bytes, tunnel_id: int, packet: bytes) -> None:
+        if kind == PACKET:
+            remote = self.remote_tunnels.get((link.peer, tunnel_id))
+            if remote is None or self.datapath is None:
+                metrics.DROPS.labels("mesh_unknown_tunnel").inc()
+                return
+            self.datapath.on_tunnel_packet(remote, packet)
+        elif kind == REPLY:
+            tunnel = next((o.tunnels.get(tunnel_id) for o in self.tunnel_onramps.values()
+                           if tunnel_id in o.tunnels), None)
+            if tunnel is None:
+                metrics.DROPS.labels("mesh_unknown_tunnel").inc()
+                return
+            self.datapath.send_to_tunnel(tunnel, packet)
+        else:
+            metrics.DROPS.labels("mesh_bad_frame").inc()
+
+    def on_mesh_close(self, link: MeshLink) -> None:
+        if self.mesh.get(link.peer) is link:
+            del self.mesh[link.peer]
             metrics.MESH_PEERS.set(len(self.mesh))
-        link.close()
+        # The peer is gone: the flows we owned for its tunnels go with it.
+        for key in [k for k in self.remote_tunnels if k[0] == link.peer]:
+            remote = self.remote_tunnels.pop(key)
+            remote.closed = True
+            if self.datapath is not None:
+                self.datapath.close_tunnel(remote)
 
     async def handle_mesh_check(self, msg: fdpass.Message) -> None:
         """Ping every peer over its mesh link; reply which worker answered on each."""
-        async def ping(peer: int, link: fdpass.AsyncChannel) -> tuple[str, int | None]:
+        async def ping(peer: int, link: MeshLink) -> tuple[str, int | None]:
             try:
                 return str(peer), (await link.request("ping", timeout=2))["worker"]
             except (fdpass.ChannelClosed, TimeoutError):

@@ -26,6 +26,7 @@ from .flows import CloseReason, Direction, Flow, FlowKey, FlowTable, LimitReache
 from .nat import NatPool, NatSlot, SlotPoolExhausted, rewrite_ipv4_tcp
 from .packet import TCP_ACK, TCP_RST, TCP_SYN, Drop, Parsed, parse
 from .relay import relay
+from .sharding import owner
 from .tun import TunDevice
 from .tunnels import Tunnel
 
@@ -37,6 +38,8 @@ PKT_IN = metrics.PACKETS.labels("from_tunnel")
 PKT_OUT = metrics.PACKETS.labels("to_tunnel")
 BYTES_IN = metrics.BYTES.labels("from_tunnel")
 BYTES_OUT = metrics.BYTES.labels("to_tunnel")
+PKT_TO_MESH = metrics.PACKETS.labels("to_mesh")
+PKT_FROM_MESH = metrics.PACKETS.labels("from_mesh")
 
 
 @dataclass
@@ -74,8 +77,10 @@ def reset_for(p: Parsed, packet: bytes) -> bytes:
 class DataPath:
     def __init__(self, *, index: int, app: Application, audit: AuditLog, log,
                  flows: FlowTable, pool: NatPool, local: ipaddress.IPv4Address,
-                 connect_timeout: float) -> None:
+                 connect_timeout: float, workers: int = 1, forward=None) -> None:
         self.index = index
+        self.workers = workers
+        self.forward = forward  # (owner, tunnel, packet): hands a packet to its flow's owner
         self.app = app
         self.audit = audit
         self.log = log
@@ -111,12 +116,20 @@ class DataPath:
     # -- from the tunnel ---------------------------------------------------------------------
 
     def on_tunnel_packet(self, tunnel: Tunnel, packet: bytes) -> None:
-        PKT_IN.inc()
-        BYTES_IN.inc(len(packet))
+        if tunnel.local:
+            PKT_IN.inc()
+            BYTES_IN.inc(len(packet))
+        else:
+            PKT_FROM_MESH.inc()
         p = parse(packet)
         if isinstance(p, Drop):
             metrics.DROPS.labels(p.value).inc()
             return
+        if self.workers > 1 and tunnel.local:
+            o = owner(p.protocol, p.src, p.sport, p.dst, p.dport, self.workers)
+            if o != self.index:
+                self.forward(o, tunnel, packet)
+                return
         key = FlowKey(tunnel.tenant, p.protocol, p.src, p.sport, p.dst, p.dport)
         entry = self.entries.get(key)
         if entry is None:
@@ -125,7 +138,7 @@ class DataPath:
                 # the client fails fast instead of retransmitting into the void.
                 metrics.DROPS.labels("no_flow").inc()
                 if not p.tcp_flags & TCP_RST:
-                    self._to_tunnel(tunnel, reset_for(p, packet))
+                    self.send_to_tunnel(tunnel, reset_for(p, packet))
                 return
             entry = self.start_flow(tunnel, key, p, packet)
             if entry is None:
@@ -140,7 +153,7 @@ class DataPath:
         flow = self.flows.start(key, None, now)
         if isinstance(flow, LimitReached):
             metrics.DROPS.labels(flow.value).inc()
-            self._to_tunnel(tunnel, reset_for(p, packet))
+            self.send_to_tunnel(tunnel, reset_for(p, packet))
             return None
         start = FlowStart(key.tenant, PROTO_NAMES.get(key.protocol, str(key.protocol)),
                           _addr(key.src), key.sport, _addr(key.dst), key.dport, tunnel.context)
@@ -175,7 +188,7 @@ class DataPath:
         self.log.warning("flow_hook_failed", error=repr(exc), **self._flow_fields(entry))
         metrics.DROPS.labels("hook_error").inc()
         entry.decision = Decision.drop(f"hook error: {exc!r}")
-        self._to_tunnel(entry.tunnel, reset_for(p, packet))
+        self.send_to_tunnel(entry.tunnel, reset_for(p, packet))
         self.end_flow(entry, CloseReason.EVICTED, audit_start=True)
         return None
 
@@ -190,14 +203,14 @@ class DataPath:
                           upstream=_fmt(decision.upstream), **self._flow_fields(entry))
         if decision.action != "upgrade":
             metrics.DROPS.labels("denied").inc()
-            self._to_tunnel(entry.tunnel, reset_for(p, packet))
+            self.send_to_tunnel(entry.tunnel, reset_for(p, packet))
             self.end_flow(entry, CloseReason.EVICTED, close_reason="denied")
             return False
         try:
             entry.slot = self.pool.claim()
         except SlotPoolExhausted:
             metrics.DROPS.labels("nat_exhausted").inc()
-            self._to_tunnel(entry.tunnel, reset_for(p, packet))
+            self.send_to_tunnel(entry.tunnel, reset_for(p, packet))
             self.end_flow(entry, CloseReason.EVICTED, close_reason="nat_exhausted")
             return False
         self.by_slot[(entry.slot.address, entry.slot.port)] = entry
@@ -235,12 +248,15 @@ class DataPath:
         entry.payload[1] += p.payload_length
         buf = bytearray(packet)
         rewrite_ipv4_tcp(buf, p.ihl, key.dst, key.dport, key.src, key.sport)
-        self._to_tunnel(entry.tunnel, buf)
+        self.send_to_tunnel(entry.tunnel, buf)
         self._after_packet(entry, ended)
 
-    def _to_tunnel(self, tunnel: Tunnel, packet: bytes | bytearray) -> None:
-        PKT_OUT.inc()
-        BYTES_OUT.inc(len(packet))
+    def send_to_tunnel(self, tunnel: Tunnel, packet: bytes | bytearray) -> None:
+        if tunnel.local:
+            PKT_OUT.inc()
+            BYTES_OUT.inc(len(packet))
+        else:
+            PKT_TO_MESH.inc()  # back to the worker that holds the tunnel
         tunnel.send(packet)
 
     def _after_packet(self, entry: FlowEntry, ended: bool) -> None:

@@ -3,6 +3,7 @@
 A tunnel whose context the application refuses is closed with the reason logged; nothing else is
 touched. Packets towards a tunnel wait in a bounded queue while its socket is full; beyond that
 they are dropped and counted (the tunnel's TCP will retransmit), never buffered without bound.
+Packets of flows another worker owns are the worker's business (see :mod:`ipferry.worker.mesh`).
 """
 
 from __future__ import annotations
@@ -10,20 +11,21 @@ from __future__ import annotations
 import asyncio
 import itertools
 import socket
-from collections import deque
 from collections.abc import Awaitable, Callable
 
 from . import metrics
 from .app import TunnelContext
+from .mesh import DatagramQueue
 
 READ_SIZE = 65536 + 4
 BATCH = 64
-SEND_QUEUE = 4096
 
 _ids = itertools.count(1)
 
 
 class Tunnel:
+    local = True  # accepted by this worker (a RemoteTunnel is another worker's)
+
     def __init__(self, sock: socket.socket, onramp: str) -> None:
         self.id = next(_ids)
         self.sock = sock
@@ -32,7 +34,7 @@ class Tunnel:
         self.packets_in = 0
         self.packets_out = 0
         self.closed = False
-        self._queue: deque[bytes] = deque()
+        self.out = DatagramQueue(sock, "tunnel_queue_full")
         self._loop = asyncio.get_running_loop()
 
     @property
@@ -40,38 +42,8 @@ class Tunnel:
         return self.context.tenant if self.context else ""
 
     def send(self, packet: bytes | bytearray) -> None:
-        if self.closed:
-            return
-        if self._queue:
-            self._enqueue(packet)
-            return
-        try:
-            self.sock.send(packet)
+        if not self.closed and self.out.send(packet):
             self.packets_out += 1
-        except BlockingIOError:
-            self._enqueue(packet)
-            self._loop.add_writer(self.sock.fileno(), self._flush)
-        except OSError:
-            metrics.DROPS.labels("tunnel_gone").inc()
-
-    def _enqueue(self, packet: bytes | bytearray) -> None:
-        if len(self._queue) >= SEND_QUEUE:
-            metrics.DROPS.labels("tunnel_queue_full").inc()
-            return
-        self._queue.append(bytes(packet))
-
-    def _flush(self) -> None:
-        while self._queue:
-            try:
-                self.sock.send(self._queue[0])
-            except BlockingIOError:
-                return
-            except OSError:
-                self._queue.clear()
-                break
-            self._queue.popleft()
-            self.packets_out += 1
-        self._loop.remove_writer(self.sock.fileno())
 
     def as_dict(self) -> dict:
         return {"id": self.id, "onramp": self.onramp, "tenant": self.tenant,
@@ -83,8 +55,7 @@ class Tunnel:
             return
         self.closed = True
         self._loop.remove_reader(self.sock.fileno())
-        if self._queue:
-            self._loop.remove_writer(self.sock.fileno())
+        self.out.close()
         self.sock.close()
 
 

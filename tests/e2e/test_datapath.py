@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -33,6 +34,33 @@ def upstream(netns, tmp_path):
     finally:
         proc.kill()
         proc.wait(5)
+
+
+STREAMS = str(Path(__file__).with_name("streams.py"))
+STREAM_PORT = 9000
+
+
+@pytest.fixture
+def streams(netns):
+    """The stream test server (tests/e2e/streams.py) inside the test's namespace."""
+    subprocess.run(["ip", "-n", netns.name, "addr", "add", f"{SERVER_ADDR}/32", "dev", "lo"],
+                   capture_output=True)  # may already be there (the upstream fixture)
+    proc = subprocess.Popen(["nsenter", f"--net={netns.path}", sys.executable, STREAMS, "serve",
+                             SERVER_ADDR, str(STREAM_PORT)], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL)
+    try:
+        assert proc.stdout.readline().strip() == b"ready"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait(5)
+
+
+def stream_client(daemon, mode: str, *args, tenant: str = "acme", timeout: float = 240) -> dict:
+    res = connect(daemon, "python3", STREAMS, mode, SERVER_ADDR, str(STREAM_PORT),
+                  *map(str, args), tenant=tenant, timeout=timeout)
+    assert res.returncode == 0, res.stderr.decode()[-2000:]
+    return json.loads(res.stdout)
 
 
 def _can_connect(host: str, port: int) -> bool:
@@ -78,7 +106,7 @@ def test_http_get_through_connect(daemon_factory, upstream, tmp_path):
     assert m[("ipferry_nat_slots_in_use", (("worker", "0"),))] == 0
 
 
-@pytest.mark.parametrize("workers", [1])
+@pytest.mark.parametrize("workers", [1, 2])
 def test_transfers_arrive_intact(daemon_factory, upstream, tmp_path, workers):
     blob = os.urandom(1 << 20) * 8  # 8 MiB
     (upstream / "blob").write_bytes(blob)
@@ -110,3 +138,57 @@ def test_denied_destination_fails_fast_and_is_audited(daemon_factory, upstream, 
     start = wait_for(lambda: [r for r in audit_records(tmp_path / "audit.jsonl")
                               if r["audit"] == "flow_start"], 5, "audit")[0]
     assert start["decision"] == "drop" and start["reason"] == "denied by rule no-8080"
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("size", [1 << 20, 100 << 20])
+def test_download_and_upload_intact_with_exact_audit_bytes(daemon_factory, streams, tmp_path,
+                                                          workers, size):
+    from tests.e2e.streams import pattern
+    d = daemon_factory("--workers", str(workers), config=config(tmp_path))
+    expected = hashlib.sha256()
+    block = pattern(min(size, 1 << 22))
+    left = size
+    while left:
+        expected.update(block[:min(len(block), left)])
+        left -= min(len(block), left)
+    down = stream_client(d, "get", size)
+    assert down["bytes"] == size and down["sha256"] == expected.hexdigest()
+    up = stream_client(d, "put", size)
+    assert up["server_sha256"] == expected.hexdigest()
+
+    ends = wait_for(lambda: (e := [r for r in audit_records(tmp_path / "audit.jsonl")
+                                   if r["audit"] == "flow_end"]) and len(e) == 2 and e, 15,
+                    "two flow_end records")
+    by_port = sorted(ends, key=lambda r: r["ts"])
+    # Payload bytes in each direction are exactly what the applications sent.
+    assert by_port[0]["payload_bytes"] == [down["sent"], size]
+    assert by_port[1]["payload_bytes"] == [len(f"PUT {size}\n") + size, 65]
+    wait_for(lambda: all(v == 0 for (n, _), v in d.metrics().items()
+                         if n == "ipferry_nat_slots_in_use"), 5, "NAT slots back to 0")
+
+
+def test_half_close_keeps_the_other_direction_flowing(daemon_factory, streams, tmp_path):
+    d = daemon_factory("--workers", "1", config=config(tmp_path))
+    r = stream_client(d, "echo", 3 << 20)
+    assert r == {"intact": True, "bytes": 3 << 20}
+
+
+def test_200_concurrent_flows_spread_over_two_workers(daemon_factory, streams, tmp_path):
+    d = daemon_factory("--workers", "2", config=config(tmp_path))
+    r = stream_client(d, "many", 200, 10000)
+    assert r["ok"] == 200, r
+    ends = wait_for(lambda: (e := [x for x in audit_records(tmp_path / "audit.jsonl")
+                                   if x["audit"] == "flow_end"]) and len(e) >= 200 and e, 20,
+                    "200 flow_end records")
+    owners: dict[tuple, set] = {}
+    for e in ends:
+        owners.setdefault((e["src"], e["sport"]), set()).add(e["worker"])
+    assert len(owners) == 200
+    assert all(len(w) == 1 for w in owners.values()), "each flow handled by exactly one worker"
+    per_worker = {w: sum(1 for ws in owners.values() if w in ws) for w in (0, 1)}
+    assert min(per_worker.values()) >= 50, per_worker
+    m = d.metrics()
+    crossed = sum(v for (n, labels), v in m.items()
+                  if n == "ipferry_packets_total" and ("direction", "to_mesh") in labels)
+    assert crossed > 0, "the tunnel's worker handed the other worker's flows over the mesh"

@@ -1,0 +1,119 @@
+"""A tiny stream protocol for the end-to-end tests, server and client in one file.
+
+Server (runs in the test's namespace): ``python streams.py serve ADDR PORT``. A client sends one
+command line: ``GET n`` -> n bytes of a known pattern, then close; ``PUT n`` + n bytes -> the
+sha256 of what arrived; ``ECHO`` -> everything back until the client's FIN, then close.
+Client (runs inside ``ipferry connect``): ``python streams.py MODE ...`` prints one JSON line.
+"""
+
+import asyncio
+import hashlib
+import json
+import socket
+import sys
+import time
+
+CHUNK = 1 << 16
+
+
+def pattern(n: int) -> bytes:
+    block = hashlib.sha256(b"ipferry").digest() * 2048  # 64 KiB
+    return (block * (n // len(block) + 1))[:n]
+
+
+async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        line = (await reader.readline()).decode().split()
+        if line[0] == "GET":
+            n = int(line[1])
+            data = pattern(min(n, 1 << 22))
+            sent = 0
+            while sent < n:
+                chunk = data[: min(len(data), n - sent)]
+                writer.write(chunk)
+                await writer.drain()
+                sent += len(chunk)
+        elif line[0] == "PUT":
+            n, h = int(line[1]), hashlib.sha256()
+            while n:
+                chunk = await reader.read(min(n, CHUNK))
+                if not chunk:
+                    break
+                h.update(chunk)
+                n -= len(chunk)
+            writer.write(h.hexdigest().encode() + b"\n")
+        elif line[0] == "ECHO":
+            while chunk := await reader.read(CHUNK):
+                writer.write(chunk)
+                await writer.drain()
+        await writer.drain()
+    except (ConnectionError, IndexError, ValueError):
+        pass
+    finally:
+        writer.close()
+
+
+async def serve(addr: str, port: int) -> None:
+    server = await asyncio.start_server(handle, addr, port, backlog=4096)
+    print("ready", flush=True)
+    async with server:
+        await server.serve_forever()
+
+
+def get(addr: str, port: int, n: int) -> dict:
+    with socket.create_connection((addr, port), timeout=60) as s:
+        s.sendall(f"GET {n}\n".encode())
+        h, got = hashlib.sha256(), 0
+        while chunk := s.recv(1 << 20):
+            h.update(chunk)
+            got += len(chunk)
+    return {"bytes": got, "sha256": h.hexdigest(), "sent": len(f"GET {n}\n")}
+
+
+def put(addr: str, port: int, n: int) -> dict:
+    data = pattern(min(n, 1 << 22))
+    with socket.create_connection((addr, port), timeout=60) as s:
+        s.sendall(f"PUT {n}\n".encode())
+        view, sent = memoryview(data), 0
+        while sent < n:  # the pattern repeats every len(data) bytes: resume where send stopped
+            off = sent % len(data)
+            sent += s.send(view[off:min(len(data), off + n - sent)])
+        reply = s.makefile().readline().strip()
+    return {"bytes": n, "server_sha256": reply}
+
+
+def echo_half_close(addr: str, port: int, n: int) -> dict:
+    data = pattern(n)
+    with socket.create_connection((addr, port), timeout=60) as s:
+        s.sendall(b"ECHO\n" + data)
+        s.shutdown(socket.SHUT_WR)  # our FIN; the server goes on sending what it has
+        back = b""
+        while chunk := s.recv(1 << 20):
+            back += chunk
+    return {"intact": back == data, "bytes": len(back)}
+
+
+async def many(addr: str, port: int, count: int, n: int) -> dict:
+    async def one(i: int):
+        try:
+            r, w = await asyncio.wait_for(asyncio.open_connection(addr, port), 30)
+            w.write(f"GET {n}\n".encode())
+            data = await asyncio.wait_for(r.read(), 30)
+            w.close()
+            return len(data) == n
+        except (TimeoutError, OSError):
+            return False
+    t0 = time.monotonic()
+    results = await asyncio.gather(*(one(i) for i in range(count)))
+    return {"ok": sum(results), "count": count, "seconds": round(time.monotonic() - t0, 3)}
+
+
+if __name__ == "__main__":
+    mode, addr, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    if mode == "serve":
+        asyncio.run(serve(addr, port))
+    elif mode == "many":
+        print(json.dumps(asyncio.run(many(addr, port, int(sys.argv[4]), int(sys.argv[5])))))
+    else:
+        fn = {"get": get, "put": put, "echo": echo_half_close}[mode]
+        print(json.dumps(fn(addr, port, int(sys.argv[4]))))

@@ -1,0 +1,177 @@
+"""The worker mesh: packets of flows owned by another worker cross to it, replies come back.
+
+One SOCK_SEQPACKET link per pair of workers (made by the supervisor). Two kinds of datagram share
+it, in order: control messages (the JSON of :mod:`ipferry.nsd.fdpass`, starting with ``{``) and
+binary frames, a kind byte and a tunnel id before a raw packet:
+
+- ``P`` + tunnel id + packet: from the origin's tunnel to the flow's owner;
+- ``R`` + tunnel id + packet: from the owner back to the origin's tunnel.
+
+The owner learns a tunnel's context from ``tunnel_open`` {tunnel, tenant, extra} before its first
+packet, and forgets it on ``tunnel_closed`` {tunnel} or when the link goes down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections import deque
+from collections.abc import Callable
+
+from ipferry.nsd import fdpass
+
+from . import metrics
+from .app import TunnelContext
+
+FRAME = struct.Struct("!cI")
+PACKET, REPLY = b"P", b"R"
+READ_SIZE = 65536 + 64
+BATCH = 64
+QUEUE = 4096
+
+
+class DatagramQueue:
+    """Non-blocking datagram sends with a bounded queue while the socket is full."""
+
+    def __init__(self, sock, drop_reason: str) -> None:
+        self.sock = sock
+        self.drop_reason = drop_reason
+        self._queue: deque[bytes] = deque()
+        self._loop = asyncio.get_running_loop()
+        self.closed = False
+
+    def send(self, data: bytes | bytearray) -> bool:
+        if self.closed:
+            return False
+        if not self._queue:
+            try:
+                self.sock.send(data)
+                return True
+            except BlockingIOError:
+                self._loop.add_writer(self.sock.fileno(), self._flush)
+            except OSError:
+                metrics.DROPS.labels(self.drop_reason).inc()
+                return False
+        if len(self._queue) >= QUEUE:
+            metrics.DROPS.labels(self.drop_reason).inc()
+            return False
+        self._queue.append(bytes(data))
+        return True
+
+    def _flush(self) -> None:
+        while self._queue:
+            try:
+                self.sock.send(self._queue[0])
+            except BlockingIOError:
+                return
+            except OSError:
+                self._queue.clear()
+                break
+            self._queue.popleft()
+        self._loop.remove_writer(self.sock.fileno())
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self._queue:
+                self._loop.remove_writer(self.sock.fileno())
+                self._queue.clear()
+
+
+class MeshLink:
+    def __init__(self, peer: int, sock, *, on_message: Callable, on_frame: Callable,
+                 on_close: Callable) -> None:
+        self.peer = peer
+        self.sock = sock
+        sock.setblocking(False)
+        self.out = DatagramQueue(sock, "mesh_queue_full")
+        self.on_message = on_message
+        self.on_frame = on_frame
+        self.on_close = on_close
+        self.opened: set[int] = set()  # our tunnels the peer has been told about
+        self._pending: dict[int, asyncio.Future] = {}
+        self._next_id = 1
+        self.closed = False
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(sock.fileno(), self._read)
+
+    def _read(self) -> None:
+        for _ in range(BATCH):
+            try:
+                data = self.sock.recv(READ_SIZE)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self.close()
+                return
+            if data[:1] == b"{":
+                try:
+                    msg = fdpass.decode(data, [])
+                except fdpass.ProtocolError:
+                    metrics.DROPS.labels("mesh_bad_message").inc()
+                    continue
+                fut = self._pending.pop(msg.body.get("reply_to"), None)
+                if fut is not None:
+                    if not fut.done():
+                        fut.set_result(msg)
+                else:
+                    self.on_message(self, msg)
+            elif len(data) > FRAME.size:
+                kind, tunnel = FRAME.unpack_from(data)
+                self.on_frame(self, kind, tunnel, data[FRAME.size:])
+            else:
+                metrics.DROPS.labels("mesh_bad_frame").inc()
+
+    def send_message(self, type_: str, body: dict | None = None) -> None:
+        self.out.send(fdpass.encode(type_, body, []))
+
+    def send_frame(self, kind: bytes, tunnel: int, packet: bytes | bytearray) -> bool:
+        return self.out.send(FRAME.pack(kind, tunnel) + packet)
+
+    async def request(self, type_: str, body: dict | None = None, timeout: float = 2.0):
+        req_id = self._next_id
+        self._next_id += 1
+        fut = self._loop.create_future()
+        self._pending[req_id] = fut
+        try:
+            self.send_message(type_, {**(body or {}), "id": req_id})
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self._pending.pop(req_id, None)
+
+    def reply(self, request: fdpass.Message, type_: str, body: dict | None = None) -> None:
+        self.send_message(type_, {**(body or {}), "reply_to": request.body.get("id")})
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._loop.remove_reader(self.sock.fileno())
+        self.out.close()
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(fdpass.ChannelClosed(f"mesh link to {self.peer} closed"))
+        self.sock.close()
+        self.on_close(self)
+
+
+class RemoteTunnel:
+    """Another worker's tunnel as seen by the owner of some of its flows."""
+
+    local = False
+
+    def __init__(self, link: MeshLink, tunnel_id: int, context: TunnelContext) -> None:
+        self.link = link
+        self.id = tunnel_id
+        self.context = context
+        self.closed = False
+
+    @property
+    def tenant(self) -> str:
+        return self.context.tenant
+
+    def send(self, packet: bytes | bytearray) -> None:
+        if not self.closed:
+            self.link.send_frame(REPLY, self.id, packet)
