@@ -18,11 +18,14 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from . import fdpass
 
 READ_SIZE = 65536 + 4
+LINGER_IDLE = 0.1  # after the command exits, wait for this much quiet on the TUN ...
+LINGER_MAX = 1.0  # ... but no longer than this
 
 
 class ConnectError(Exception):
@@ -55,12 +58,22 @@ def open_tunnel(path: Path, context: dict) -> socket.socket:
     return sock
 
 
-def _pump_tun_to_tunnel(tun_fd: int, tunnel: socket.socket, stop: threading.Event) -> None:
+class _Activity:
+    """When the last packet left the namespace: the tunnel stays until the command's last words
+    (its FINs, sent by the kernel as the command exits) have crossed."""
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+
+
+def _pump_tun_to_tunnel(tun_fd: int, tunnel: socket.socket, stop: threading.Event,
+                        activity: _Activity) -> None:
     while not stop.is_set():
         try:
             packet = os.read(tun_fd, READ_SIZE)
         except OSError:
             break  # the namespace is gone (the command exited)
+        activity.last = time.monotonic()
         try:
             tunnel.send(packet)
         except OSError as exc:
@@ -70,7 +83,8 @@ def _pump_tun_to_tunnel(tun_fd: int, tunnel: socket.socket, stop: threading.Even
     stop.set()
 
 
-def _pump_tunnel_to_tun(tun_fd: int, tunnel: socket.socket, stop: threading.Event) -> None:
+def _pump_tunnel_to_tun(tun_fd: int, tunnel: socket.socket, stop: threading.Event,
+                        activity: _Activity) -> None:
     while not stop.is_set():
         try:
             packet = tunnel.recv(READ_SIZE)
@@ -111,7 +125,8 @@ def run(command: list[str], *, tunnel_path: Path, context: dict, mtu: int,
     os.set_blocking(tun_fd, True)
 
     stop = threading.Event()
-    pumps = [threading.Thread(target=fn, args=(tun_fd, tunnel, stop), daemon=True)
+    activity = _Activity()
+    pumps = [threading.Thread(target=fn, args=(tun_fd, tunnel, stop, activity), daemon=True)
              for fn in (_pump_tun_to_tunnel, _pump_tunnel_to_tun)]
     for t in pumps:
         t.start()
@@ -119,6 +134,9 @@ def run(command: list[str], *, tunnel_path: Path, context: dict, mtu: int,
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         status = child.wait()
+        deadline = time.monotonic() + LINGER_MAX
+        while time.monotonic() < deadline and time.monotonic() - activity.last < LINGER_IDLE:
+            time.sleep(LINGER_IDLE / 4)
     finally:
         signal.signal(signal.SIGINT, previous)
         stop.set()

@@ -365,7 +365,10 @@ class DataPath:
 
     def close_tunnel(self, tunnel: Tunnel) -> None:
         for entry in [e for e in self.entries.values() if e.tunnel is tunnel]:
-            self.end_flow(entry, CloseReason.EVICTED, close_reason="tunnel_closed")
+            if all(entry.flow.fin_seen):  # only the last ACK was missing: a clean close
+                self.end_flow(entry, CloseReason.FIN)
+            else:
+                self.end_flow(entry, CloseReason.EVICTED, close_reason="tunnel_closed")
 
     # -- views -------------------------------------------------------------------------------
 

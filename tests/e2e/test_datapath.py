@@ -4,87 +4,13 @@ namespace through a tunnel, the IP->TCP upgrade in nsd's kernel, and the TCP off
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
-from tests.helpers import IPFERRY, NO_CAPS, wait_for
-
-SERVER_ADDR = "198.18.0.1"  # benchmark range, on the test namespace's own loopback
-
-
-@pytest.fixture
-def upstream(netns, tmp_path):
-    """An HTTP server inside the test's namespace, serving tmp_path/www."""
-    www = tmp_path / "www"
-    www.mkdir()
-    subprocess.run(["ip", "-n", netns.name, "addr", "add", f"{SERVER_ADDR}/32", "dev", "lo"],
-                   check=True)
-    proc = subprocess.Popen(["nsenter", f"--net={netns.path}", sys.executable, "-m",
-                             "http.server", "--bind", SERVER_ADDR, "8080"], cwd=www,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for(lambda: netns.run(_can_connect, SERVER_ADDR, 8080), 10, "the upstream server")
-        yield www
-    finally:
-        proc.kill()
-        proc.wait(5)
-
-
-STREAMS = str(Path(__file__).with_name("streams.py"))
-STREAM_PORT = 9000
-
-
-@pytest.fixture
-def streams(netns):
-    """The stream test server (tests/e2e/streams.py) inside the test's namespace."""
-    subprocess.run(["ip", "-n", netns.name, "addr", "add", f"{SERVER_ADDR}/32", "dev", "lo"],
-                   capture_output=True)  # may already be there (the upstream fixture)
-    proc = subprocess.Popen(["nsenter", f"--net={netns.path}", sys.executable, STREAMS, "serve",
-                             SERVER_ADDR, str(STREAM_PORT)], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL)
-    try:
-        assert proc.stdout.readline().strip() == b"ready"
-        yield proc
-    finally:
-        proc.kill()
-        proc.wait(5)
-
-
-def stream_client(daemon, mode: str, *args, tenant: str = "acme", timeout: float = 240) -> dict:
-    res = connect(daemon, "python3", STREAMS, mode, SERVER_ADDR, str(STREAM_PORT),
-                  *map(str, args), tenant=tenant, timeout=timeout)
-    assert res.returncode == 0, res.stderr.decode()[-2000:]
-    return json.loads(res.stdout)
-
-
-def _can_connect(host: str, port: int) -> bool:
-    import socket
-    with socket.socket() as s:
-        s.settimeout(1)
-        return s.connect_ex((host, port)) == 0
-
-
-def connect(daemon, *cmd: str, tenant: str = "acme", timeout: float = 120):
-    return subprocess.run([*NO_CAPS, IPFERRY, "connect", "--tunnel",
-                           str(daemon.runtime_dir / "tunnel.sock"), "--tenant", tenant, "--",
-                           *cmd], capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
-
-
-def audit_records(path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def config(tmp_path, extra: str = "") -> str:
-    return textwrap.dedent(f"""\
-        [audit]
-        sink = "{tmp_path / 'audit.jsonl'}"
-        """) + extra
+from tests.e2e.dataplane import SERVER_ADDR, audit_records, config, connect, stream_client
+from tests.helpers import wait_for
 
 
 def test_http_get_through_connect(daemon_factory, upstream, tmp_path):
@@ -100,7 +26,7 @@ def test_http_get_through_connect(daemon_factory, upstream, tmp_path):
     start = next(r for r in audit_records(tmp_path / "audit.jsonl") if r["audit"] == "flow_start")
     assert start["tenant"] == "acme" and start["decision"] == "upgrade"
     assert (start["dst"], start["dport"]) == (SERVER_ADDR, 8080)
-    assert end["close_reason"] == "fin"
+    assert end["close_reason"] == "fin", end
     assert end["payload_bytes"][1] > len(b"hello through the ferry\n")
     m = d.metrics()
     assert m[("ipferry_nat_slots_in_use", (("worker", "0"),))] == 0
