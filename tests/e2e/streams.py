@@ -93,19 +93,25 @@ def echo_half_close(addr: str, port: int, n: int) -> dict:
     return {"intact": back == data, "bytes": len(back)}
 
 
-async def many(addr: str, port: int, count: int, n: int) -> dict:
+async def many(addr: str, port: int, count: int, n: int, timeout: float = 30) -> dict:
+    """``count`` concurrent GETs of ``n`` bytes; which local ports got everything."""
     async def one(i: int):
+        sport = None
         try:
             r, w = await asyncio.wait_for(asyncio.open_connection(addr, port), 30)
+            sport = w.get_extra_info("sockname")[1]
             w.write(f"GET {n}\n".encode())
-            data = await asyncio.wait_for(r.read(), 30)
+            got = 0
+            while chunk := await asyncio.wait_for(r.read(1 << 20), timeout):
+                got += len(chunk)
             w.close()
-            return len(data) == n
+            return sport, got == n
         except (TimeoutError, OSError):
-            return False
+            return sport, False
     t0 = time.monotonic()
     results = await asyncio.gather(*(one(i) for i in range(count)))
-    return {"ok": sum(results), "count": count, "seconds": round(time.monotonic() - t0, 3)}
+    return {"ok": sum(ok for _, ok in results), "count": count, "ports": dict(results),
+            "seconds": round(time.monotonic() - t0, 3)}
 
 
 if __name__ == "__main__":
@@ -113,7 +119,9 @@ if __name__ == "__main__":
     if mode == "serve":
         asyncio.run(serve(addr, port))
     elif mode == "many":
-        print(json.dumps(asyncio.run(many(addr, port, int(sys.argv[4]), int(sys.argv[5])))))
+        timeout = float(sys.argv[6]) if len(sys.argv) > 6 else 30
+        print(json.dumps(asyncio.run(many(addr, port, int(sys.argv[4]), int(sys.argv[5]),
+                                          timeout))))
     else:
         fn = {"get": get, "put": put, "echo": echo_half_close}[mode]
         print(json.dumps(fn(addr, port, int(sys.argv[4]))))

@@ -4,13 +4,26 @@ namespace through a tunnel, the IP->TCP upgrade in nsd's kernel, and the TCP off
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import signal
+import socket
+import subprocess
 import textwrap
 
 import pytest
 
-from tests.e2e.dataplane import SERVER_ADDR, audit_records, config, connect, stream_client
-from tests.helpers import wait_for
+from ipferry.worker.sharding import owner
+from tests.e2e.dataplane import (
+    SERVER_ADDR,
+    STREAM_PORT,
+    STREAMS,
+    audit_records,
+    config,
+    connect,
+    stream_client,
+)
+from tests.helpers import IPFERRY, NO_CAPS, wait_for
 
 
 def test_http_get_through_connect(daemon_factory, upstream, tmp_path):
@@ -118,3 +131,72 @@ def test_200_concurrent_flows_spread_over_two_workers(daemon_factory, streams, t
     crossed = sum(v for (n, labels), v in m.items()
                   if n == "ipferry_packets_total" and ("direction", "to_mesh") in labels)
     assert crossed > 0, "the tunnel's worker handed the other worker's flows over the mesh"
+
+
+def test_kill_9_of_one_worker_spares_the_flows_of_the_other(daemon_factory, streams, tmp_path):
+    d = daemon_factory("--workers", "2", config=config(tmp_path))
+    client = subprocess.Popen(
+        [*NO_CAPS, IPFERRY, "connect", "--tunnel", str(d.runtime_dir / "tunnel.sock"),
+         "--address", "10.98.7.7", "--", "python3", STREAMS, "many", SERVER_ADDR,
+         str(STREAM_PORT), "16", str(40 << 20), "5"],  # the dead worker's flows stall: 5 s
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: d.get_json("/api/flows")["total"] >= 16, 30, "16 flows in flight")
+        holder = d.get_json("/api/tunnels")[0]["worker"]  # the worker that holds the tunnel
+        other = 1 - holder
+        os.kill(d.workers()[other]["pid"], signal.SIGKILL)
+        out, err = client.communicate(timeout=180)
+    finally:
+        client.kill()
+    result = json.loads(out)
+    src, dst = socket.inet_aton("10.98.7.7"), socket.inet_aton(SERVER_ADDR)
+    mine = {int(p): ok for p, ok in result["ports"].items()
+            if owner(6, src, int(p), dst, STREAM_PORT, 2) == holder}
+    assert mine and all(mine.values()), (holder, result)  # the survivor's flows all completed
+
+
+def test_rule_upstream_override_and_flow_limits(daemon_factory, streams, tmp_path):
+    d = daemon_factory("--workers", "1", config=config(tmp_path, textwrap.dedent(f"""\
+        [flows]
+        max_per_tenant = 3
+
+        [[rules]]
+        name = "to-streams"
+        action = "allow"
+        cidr = "198.18.0.0/15"
+        ports = "80"
+        upstream = "{SERVER_ADDR}:{STREAM_PORT}"
+        """)))
+    # Port 80 has no server: the rule's upstream takes the flow to the stream server.
+    assert stream_client(d, "get", 1000, port=80)["bytes"] == 1000
+    start = next(r for r in audit_records(tmp_path / "audit.jsonl") if r["audit"] == "flow_start")
+    assert start["upstream"] == f"{SERVER_ADDR}:{STREAM_PORT}"
+    assert start["reason"] == "allowed by rule to-streams"
+    # Ten concurrent flows of one tenant, three allowed at a time: the rest are refused fast.
+    r = stream_client(d, "many", 10, 20 << 20, 10)
+    assert 3 <= r["ok"] < 10, r
+    refused = sum(v for (n, labels), v in d.metrics().items() if n == "ipferry_drops_total"
+                  and ("reason", "flow_limit_tenant") in labels)
+    assert refused >= 1
+
+
+def test_flows_api_filters_and_pages(daemon_factory, streams, tmp_path):
+    d = daemon_factory("--workers", "2", config=config(tmp_path))
+    clients = [subprocess.Popen(
+        [*NO_CAPS, IPFERRY, "connect", "--tunnel", str(d.runtime_dir / "tunnel.sock"),
+         "--tenant", tenant, "--", "python3", STREAMS, "many", SERVER_ADDR, str(STREAM_PORT),
+         "5", str(200 << 20), "5"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for tenant in ("acme", "globex")]
+    try:
+        wait_for(lambda: d.get_json("/api/flows")["total"] >= 10, 30, "10 live flows")
+        acme = d.get_json("/api/flows?tenant=acme")
+        assert acme["total"] == 5 and {f["tenant"] for f in acme["flows"]} == {"acme"}
+        assert {f["worker"] for f in d.get_json("/api/flows")["flows"]} <= {0, 1}
+        page = d.get_json("/api/flows?offset=8&limit=5")
+        assert page["total"] == 10 and len(page["flows"]) == 2
+        assert d.request("GET", "/api/flows?limit=x")[0] == 400
+        assert {t["tenant"] for t in d.get_json("/api/tunnels")} == {"acme", "globex"}
+    finally:
+        for c in clients:
+            c.kill()
+            c.wait(10)
