@@ -18,3 +18,4 @@ clean:
 
 bench: setup
 	.venv/bin/python bench/startup.py
+	.venv/bin/python bench/throughput.py
