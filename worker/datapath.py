@@ -287,6 +287,9 @@ class DataPath:
             conn.setblocking(False)
             entry.sockets.append(conn)
             entry.stream = self._loop.create_task(self.offramp(entry, conn))
+            # Sockets close only once the stream task is done: a pump being cancelled still
+            # unregisters its fds, which must not have been closed (and reused) under it.
+            entry.stream.add_done_callback(lambda _task, entry=entry: self._close_sockets(entry))
 
     async def offramp(self, entry: FlowEntry, conn: socket.socket) -> None:
         """Connect the off-ramp (the original destination or the decision's upstream), splice."""
@@ -331,8 +334,9 @@ class DataPath:
             self.pool.release(entry.slot)
             metrics.NAT_SLOTS.set(self.pool.in_use)
         if entry.stream is not None and not entry.stream.done():
-            entry.stream.cancel()
-        self._close_sockets(entry)
+            entry.stream.cancel()  # its done-callback closes the sockets
+        else:
+            self._close_sockets(entry)
         if audit_start:
             self.audit.record("flow_start", decision="drop", reason=entry.decision.reason,
                               upstream=None, **self._flow_fields(entry))

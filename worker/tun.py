@@ -36,8 +36,13 @@ class TunDevice:
             if self.on_packet is not None:
                 self.on_packet(packet)
 
-    def write(self, packet: bytes) -> None:
-        os.write(self.fd, packet)
+    def write(self, packet: bytes | bytearray) -> None:
+        try:
+            os.write(self.fd, packet)
+        except OSError:
+            # The kernel refused it (or the namespace is going away): a counted drop, not a crash.
+            metrics.DROPS.labels("tun_write_failed").inc()
+            return
         metrics.TUN_TX_PACKETS.inc()
         metrics.TUN_TX_BYTES.inc(len(packet))
 
