@@ -64,6 +64,7 @@ class _Activity:
 
     def __init__(self) -> None:
         self.last = time.monotonic()
+        self.closed_by_daemon = False
 
 
 def _pump_tun_to_tunnel(tun_fd: int, tunnel: socket.socket, stop: threading.Event,
@@ -91,7 +92,8 @@ def _pump_tunnel_to_tun(tun_fd: int, tunnel: socket.socket, stop: threading.Even
         except OSError:
             break
         if not packet:
-            break  # the daemon closed the tunnel
+            activity.closed_by_daemon = not stop.is_set()  # the daemon closed the tunnel
+            break
         try:
             os.write(tun_fd, packet)
         except OSError as exc:
@@ -133,7 +135,14 @@ def run(command: list[str], *, tunnel_path: Path, context: dict, mtu: int,
     # ^C reaches the command (same process group); we wait for it to decide.
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        status = child.wait()
+        while True:
+            try:
+                status = child.wait(0.2)
+                break
+            except subprocess.TimeoutExpired:
+                if activity.closed_by_daemon:
+                    # No way out any more: the command would only hang. Say why and end it.
+                    child.terminate()
         deadline = time.monotonic() + LINGER_MAX
         while time.monotonic() < deadline and time.monotonic() - activity.last < LINGER_IDLE:
             time.sleep(LINGER_IDLE / 4)
@@ -143,4 +152,7 @@ def run(command: list[str], *, tunnel_path: Path, context: dict, mtu: int,
         tunnel.shutdown(socket.SHUT_RDWR)
         tunnel.close()
         os.close(tun_fd)  # unblocks the TUN reader (the namespace is gone with the command)
+    if activity.closed_by_daemon:
+        raise ConnectError("the daemon closed the tunnel (a refused context, or it stopped; "
+                           "see its log)")
     return status if status >= 0 else 128 - status

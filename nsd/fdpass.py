@@ -64,7 +64,8 @@ def encode(type_: str, body: Mapping | None, fd_names: list[str]) -> bytes:
     msg = {"v": PROTOCOL_VERSION, "type": type_, **(body or {})}
     if fd_names:
         msg["fds"] = fd_names
-    data = json.dumps(msg, separators=(",", ":")).encode()
+    # default=str: an application's context may hold values JSON does not know; they cross as text.
+    data = json.dumps(msg, separators=(",", ":"), default=str).encode()
     if len(data) > MAX_MESSAGE:
         raise ProtocolError(f"message {type_!r} is {len(data)} bytes, over {MAX_MESSAGE}")
     return data

@@ -84,13 +84,14 @@ async def flows(request: web.Request) -> web.Response:
         if offset < 0 or limit < 1:
             raise ValueError
     except ValueError:
-        raise web.HTTPBadRequest(text="offset and limit must be non-negative integers\n") from None
+        raise web.HTTPBadRequest(text="offset must be an integer >= 0, limit one >= 1\n") from None
     replies = await sup.ask_workers("flows", {"tenant": request.query.get("tenant")})
     every = sorted((f for r in replies.values() if r for f in r["flows"]),
                    key=lambda f: (f["worker"], f["tenant"], f["src"], f["sport"]))
     return web.json_response({"total": len(every), "offset": offset, "limit": limit,
                               "flows": every[offset:offset + limit],
-                              "workers_missing": sorted(i for i, r in replies.items() if not r)})
+                              "workers_missing": [w.index for w in sup.workers
+                                                  if not replies.get(w.index)]})
 
 
 async def tunnels(request: web.Request) -> web.Response:

@@ -76,6 +76,9 @@ class Supervisor:
         # What the namespace and log format were built with; a reload cannot change them.
         self.namespace = config.namespace
         self.log_format = config.logging.format
+        # Fixed too, so that a worker restarted after a reload runs like its siblings.
+        self.flows_settings = config.flows
+        self.audit_settings = config.audit
         self.config_path = config_path
         self.workers_override = workers
         self.admin_listen_override = admin_listen
@@ -511,7 +514,7 @@ class Supervisor:
             if self.log_overrides:
                 new = new.model_copy(update={"logging": new.logging.model_copy(
                     update=self.log_overrides)})
-            new.admin.check_token_file()
+            new.check_runtime()
         except configmod.ConfigError as exc:
             self.metrics.reloads.labels("refused").inc()
             self.log.error("reload_refused", config=self.config_path, errors=str(exc).splitlines())
@@ -527,6 +530,9 @@ class Supervisor:
             needs_restart.append("logging.format")
         if old.admin.listen != new.admin.listen or old.admin.unix_socket != new.admin.unix_socket:
             needs_restart.append("admin listeners")
+        needs_restart += [key for key, running in (("flows", self.flows_settings),
+                                                   ("audit", self.audit_settings))
+                          if getattr(new, key) != running]
         self.config = new
         self.apply_supervision(new.supervision)
         logs.set_level(new.logging.level)
@@ -559,8 +565,8 @@ class Supervisor:
             "rules": [{**r.model_dump(mode="json"), "port_range": r.port_range(),
                        "upstream": configmod._host_port(r.upstream) if r.upstream else None}
                       for r in c.rules],
-            "flows": c.flows.model_dump(mode="json"),
-            "audit": c.audit.model_dump(mode="json"),
+            "flows": self.flows_settings.model_dump(mode="json"),
+            "audit": self.audit_settings.model_dump(mode="json"),
         }
 
     async def ask_workers(self, request: str, body: dict | None = None,

@@ -114,7 +114,7 @@ def cmd_run(args) -> int:
         if args.workers is not None and args.workers < 1:
             raise configmod.ConfigError(f"--workers {args.workers}: must be at least 1")
         cfg.worker_count(args.workers)
-        cfg.admin.check_token_file()
+        cfg.check_runtime()
     except configmod.ConfigError as exc:
         print(f"ipferry: refusing to start:\n{exc}", file=sys.stderr)
         return 2

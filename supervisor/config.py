@@ -247,6 +247,24 @@ class Config(_Strict):
                              f"hold ({self.namespace.max_workers()})")
         return self
 
+    def check_runtime(self) -> None:
+        """What only the running daemon can check (at start and reload, not in check-config):
+        the token file, the application class, the audit sink."""
+        self.admin.check_token_file()
+        if self.app.cls:
+            from ipferry.worker.app import import_application
+            try:
+                import_application(self.app.cls)
+            except Exception as exc:  # whatever importing the application's module raised
+                raise ConfigError(f"app.class = {self.app.cls!r}: cannot import: {exc}") from None
+        if self.audit.sink != "stdout":
+            try:
+                with open(self.audit.sink, "a"):
+                    pass
+            except OSError as exc:
+                raise ConfigError(f"audit.sink = {self.audit.sink!r}: cannot open for append "
+                                  f"({exc.strerror})") from None
+
     def worker_count(self, override: int | None = None) -> int:
         n = override or self.workers or os.cpu_count() or 1
         if n > MAX_WORKERS:

@@ -29,9 +29,9 @@ from ipferry.supervisor import logs
 from ipferry.supervisor.lifecycle import become_child
 
 from . import metrics
-from .app import Rule, RulesApplication, TunnelContext, call_hook, load_application
+from .app import Rule, TunnelContext, call_hook, load_application
 from .audit import AuditLog
-from .datapath import PKT_TO_MESH, DataPath
+from .datapath import PKT_FROM_MESH, PKT_TO_MESH, DataPath
 from .flows import CloseReason, FlowTable, Timeouts
 from .mesh import PACKET, REPLY, MeshLink, RemoteTunnel
 from .nat import NatPool
@@ -46,10 +46,8 @@ def build_application(settings: dict):
                   tuple(r["port_range"]) if r.get("port_range") else None, r.get("protocol"),
                   tuple(r["upstream"]) if r.get("upstream") else None, r.get("name") or str(i))
              for i, r in enumerate(settings["rules"])]
-    spec = settings["app"].get("class")
-    if spec:
-        return load_application(spec)
-    return RulesApplication(rules, settings["app"]["default_action"])
+    return load_application(settings["app"].get("class"), rules=rules,
+                            default_action=settings["app"]["default_action"])
 
 
 class Worker:
@@ -154,7 +152,7 @@ class Worker:
         for name, sock in self.onramps.items():
             if name not in self.tunnel_onramps:
                 self.tunnel_onramps[name] = TunnelOnramp(
-                    name, sock, self.log, self.parse_context, self.datapath.on_tunnel_packet,
+                    name, self.index, sock, self.log, self.parse_context, self.datapath.on_tunnel_packet,
                     self.tunnel_closed)
 
     async def parse_context(self, raw: bytes) -> TunnelContext:
@@ -231,6 +229,7 @@ class Worker:
                 return
             self.datapath.on_tunnel_packet(remote, packet)
         elif kind == REPLY:
+            PKT_FROM_MESH.inc()
             tunnel = next((o.tunnels.get(tunnel_id) for o in self.tunnel_onramps.values()
                            if tunnel_id in o.tunnels), None)
             if tunnel is None:
@@ -325,9 +324,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         import uvloop
-        uvloop.run(run())
-    except ImportError:
+    except ImportError:  # only the loop is optional; an application's ImportError is not ours
         asyncio.run(run())
+    else:
+        uvloop.run(run())
     return 0
 
 

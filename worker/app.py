@@ -86,14 +86,20 @@ class Rule:
     protocol: str | None = None
     upstream: tuple[str, int] | None = None
     name: str = ""
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network | None = field(init=False,
+                                                                          compare=False)
+
+    def __post_init__(self) -> None:
+        # Host bits are allowed (as the config check allows them): 10.0.0.1/8 means 10.0.0.0/8.
+        net = ipaddress.ip_network(self.cidr, strict=False) if self.cidr else None
+        object.__setattr__(self, "network", net)
 
     def matches(self, flow: FlowStart) -> bool:
         if self.tenant is not None and flow.tenant != self.tenant:
             return False
         if self.protocol is not None and flow.protocol != self.protocol:
             return False
-        if self.cidr is not None and ipaddress.ip_address(flow.dst) not in \
-                ipaddress.ip_network(self.cidr):
+        if self.network is not None and ipaddress.ip_address(flow.dst) not in self.network:
             return False
         return self.ports is None or self.ports[0] <= flow.dport <= self.ports[1]
 
@@ -132,15 +138,25 @@ class RulesApplication:
 
 
 def load_application(spec: str | None, **kwargs: Any) -> Application:
-    """``module:Class`` from the config (None: the rules application), instantiated."""
+    """``module:Class`` from the config (None: the rules application), instantiated.
+
+    The class gets ``rules`` and ``default_action`` if its constructor takes them (a subclass
+    of :class:`RulesApplication` does), else no arguments.
+    """
     if not spec:
         return RulesApplication(**kwargs)
+    cls = import_application(spec)
+    params = inspect.signature(cls).parameters
+    takes_all = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    return cls(**{k: v for k, v in kwargs.items() if takes_all or k in params})
+
+
+def import_application(spec: str) -> type:
     module, _, name = spec.partition(":")
-    cls = getattr(importlib.import_module(module), name)
-    try:
-        return cls(**kwargs)
-    except TypeError:
-        return cls()
+    cls = getattr(importlib.import_module(module), name, None)
+    if not isinstance(cls, type):
+        raise ImportError(f"{module} has no class {name}")
+    return cls
 
 
 async def call_hook(fn, *args):

@@ -90,6 +90,7 @@ class DataPath:
         self.connect_timeout = connect_timeout
         self.entries: dict[FlowKey, FlowEntry] = {}
         self.by_slot: dict[tuple[bytes, int], FlowEntry] = {}
+        self.active: dict[str, int] = {}  # flows by protocol, for the gauge
         self.tun: TunDevice | None = None
         self._loop = asyncio.get_running_loop()
         self._listener: socket.socket | None = None
@@ -159,6 +160,8 @@ class DataPath:
                           _addr(key.src), key.sport, _addr(key.dst), key.dport, tunnel.context)
         entry = FlowEntry(flow, tunnel, start)
         self.entries[key] = entry
+        metrics.FLOWS_STARTED.labels(start.protocol).inc()  # refused ones too: they end as well
+        self._active(start.protocol, +1)
         try:
             decision = self.app.on_flow_start(start)
         except Exception as exc:
@@ -215,8 +218,6 @@ class DataPath:
             return False
         self.by_slot[(entry.slot.address, entry.slot.port)] = entry
         metrics.NAT_SLOTS.set(self.pool.in_use)
-        metrics.FLOWS_STARTED.labels(entry.start.protocol).inc()
-        metrics.FLOWS_ACTIVE.labels(entry.start.protocol).set(len(self.flows))
         return True
 
     def to_kernel(self, entry: FlowEntry, p: Parsed, packet: bytes) -> None:
@@ -349,10 +350,14 @@ class DataPath:
                           payload_bytes=list(entry.payload),
                           duration=round(flow.duration(now), 6), **self._flow_fields(entry))
         metrics.FLOWS_ENDED.labels(entry.start.protocol, why).inc()
-        metrics.FLOWS_ACTIVE.labels(entry.start.protocol).set(len(self.flows))
+        self._active(entry.start.protocol, -1)
         end = FlowEnd(entry.start, decision, tuple(flow.packets), tuple(flow.bytes),
                       tuple(entry.payload), flow.duration(now), why)
         self._loop.create_task(self._flow_end_hook(end))
+
+    def _active(self, protocol: str, delta: int) -> None:
+        self.active[protocol] = n = self.active.get(protocol, 0) + delta
+        metrics.FLOWS_ACTIVE.labels(protocol).set(n)
 
     async def _flow_end_hook(self, end: FlowEnd) -> None:
         try:
@@ -379,7 +384,8 @@ class DataPath:
     def _flow_fields(self, entry: FlowEntry) -> dict:
         s = entry.start
         return {"tenant": s.tenant, "protocol": s.protocol, "src": s.src, "sport": s.sport,
-                "dst": s.dst, "dport": s.dport, "tunnel": entry.tunnel.id}
+                "dst": s.dst, "dport": s.dport, "tunnel": entry.tunnel.id,
+                "tunnel_worker": entry.tunnel.origin}
 
     def flow_list(self, tenant: str | None = None) -> list[dict]:
         now = time.monotonic()

@@ -164,6 +164,7 @@ class RemoteTunnel:
 
     def __init__(self, link: MeshLink, tunnel_id: int, context: TunnelContext) -> None:
         self.link = link
+        self.origin = link.peer  # the worker that holds the tunnel
         self.id = tunnel_id
         self.context = context
         self.closed = False

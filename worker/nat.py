@@ -9,6 +9,7 @@ Replies from the kernel are addressed to the slot and are rewritten back to the 
 from __future__ import annotations
 
 import ipaddress
+import random
 import struct
 import time
 from collections import deque
@@ -48,6 +49,9 @@ class NatPool:
             raise ValueError(f"{block} has no address left for NAT slots")
         self._ports = LAST_PORT - FIRST_PORT + 1
         self.capacity = len(self._addresses) * self._ports
+        # A random start: a restarted worker must not reuse the slots its predecessor left
+        # established in the namespace's kernel (they die only by the kernel's timers).
+        self._start = random.randrange(self.capacity)
         self._next_fresh = 0
         self._released: deque[tuple[float, NatSlot]] = deque()
         self.quarantine = quarantine
@@ -58,7 +62,7 @@ class NatPool:
             slot = self._released.popleft()[1]
         elif self._next_fresh < self.capacity:
             # Walk addresses first, then ports, so consecutive flows differ in address.
-            i = self._next_fresh
+            i = (self._start + self._next_fresh) % self.capacity
             self._next_fresh += 1
             slot = NatSlot(self._addresses[i % len(self._addresses)],
                            FIRST_PORT + i // len(self._addresses))

@@ -12,6 +12,7 @@ import asyncio
 import errno
 import os
 import socket
+import struct
 
 CHUNK = 1 << 20
 _FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
@@ -28,22 +29,30 @@ async def _wait(loop: asyncio.AbstractEventLoop, fd: int, writable: bool) -> Non
         remove(fd)
 
 
-async def pump(src: socket.socket, dst: socket.socket) -> int:
-    """Move bytes from ``src`` to ``dst`` until EOF; then half-close ``dst``. Returns the count."""
+_RESET = (errno.ECONNRESET, errno.ENOTCONN, errno.EPIPE, errno.ETIMEDOUT)
+_LINGER_RST = struct.pack("ii", 1, 0)
+
+
+async def pump(src: socket.socket, dst: socket.socket) -> tuple[int, socket.socket | None]:
+    """Move bytes from ``src`` to ``dst`` until EOF, then half-close ``dst``.
+
+    Returns the byte count and the socket that was reset, if one was (then no FIN is sent).
+    """
     loop = asyncio.get_running_loop()
     r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    moved = 0
+    moved, reset = 0, None
     try:
-        while True:
+        while reset is None:
             try:
                 n = os.splice(src.fileno(), w, CHUNK, flags=_FLAGS)
             except BlockingIOError:
                 await _wait(loop, src.fileno(), writable=False)
                 continue
             except OSError as exc:
-                if exc.errno in (errno.ECONNRESET, errno.ENOTCONN, errno.EPIPE):
-                    break
-                raise
+                if exc.errno not in _RESET:
+                    raise
+                reset = src
+                break
             if n == 0:
                 break
             while n:  # drain the pipe into the destination
@@ -52,19 +61,52 @@ async def pump(src: socket.socket, dst: socket.socket) -> int:
                 except BlockingIOError:
                     await _wait(loop, dst.fileno(), writable=True)
                     continue
+                except OSError as exc:
+                    if exc.errno not in _RESET:
+                        raise
+                    reset = dst
+                    break
                 n -= m
                 moved += m
     finally:
         os.close(r)
         os.close(w)
-        try:
-            dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-    return moved
+        if reset is None:
+            try:
+                dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+    return moved, reset
 
 
 async def relay(a: socket.socket, b: socket.socket) -> tuple[int, int]:
-    """Both directions until both have ended; returns (bytes a->b, bytes b->a). Closes neither."""
-    ab, ba = await asyncio.gather(pump(a, b), pump(b, a), return_exceptions=True)
-    return (ab if isinstance(ab, int) else 0, ba if isinstance(ba, int) else 0)
+    """Both directions until both have ended; returns (bytes a->b, bytes b->a). Closes neither.
+
+    A reset on one side is passed on as a reset of the other (``SO_LINGER`` 0, so that the
+    caller's close sends RST), not as a FIN: the peer must not take a cut stream for a whole one.
+    """
+    ab = asyncio.ensure_future(pump(a, b))
+    ba = asyncio.ensure_future(pump(b, a))
+    moved = {ab: 0, ba: 0}
+    pending = {ab, ba}
+    try:
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task.exception() is not None:
+                    reset = a  # an unexpected error: cut both ends
+                else:
+                    moved[task], reset = task.result()
+                if reset is not None:
+                    other = b if reset is a else a
+                    other.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+                    for t in pending:
+                        t.cancel()
+                    await asyncio.gather(*pending, return_exceptions=True)
+                    pending = set()
+    finally:
+        for t in (ab, ba):
+            if not t.done():
+                t.cancel()
+        await asyncio.gather(ab, ba, return_exceptions=True)
+    return moved[ab], moved[ba]

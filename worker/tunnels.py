@@ -26,8 +26,9 @@ _ids = itertools.count(1)
 class Tunnel:
     local = True  # accepted by this worker (a RemoteTunnel is another worker's)
 
-    def __init__(self, sock: socket.socket, onramp: str) -> None:
+    def __init__(self, sock: socket.socket, onramp: str, origin: int = 0) -> None:
         self.id = next(_ids)
+        self.origin = origin  # the worker holding it (ids are per worker)
         self.sock = sock
         self.onramp = onramp
         self.context: TunnelContext | None = None
@@ -62,11 +63,12 @@ class Tunnel:
 class TunnelOnramp:
     """Accepts tunnels on a shared listener (every worker accepts; the kernel picks one)."""
 
-    def __init__(self, name: str, listener: socket.socket, log,
+    def __init__(self, name: str, worker: int, listener: socket.socket, log,
                  parse_context: Callable[[bytes], Awaitable[TunnelContext]],
                  on_packet: Callable[[Tunnel, bytes], None],
                  on_close: Callable[[Tunnel, str], None]) -> None:
         self.name = name
+        self.worker = worker
         self.listener = listener
         self.log = log
         self.parse_context = parse_context
@@ -87,7 +89,7 @@ class TunnelOnramp:
                 self.log.warning("tunnel_accept_failed", onramp=self.name, error=exc.strerror)
                 return
             sock.setblocking(False)
-            tunnel = Tunnel(sock, self.name)
+            tunnel = Tunnel(sock, self.name, self.worker)
             self._loop.add_reader(sock.fileno(), self._read_context, tunnel)
 
     def _read_context(self, tunnel: Tunnel) -> None:
@@ -113,7 +115,7 @@ class TunnelOnramp:
             tunnel.close()
             return
         self.tunnels[tunnel.id] = tunnel
-        metrics.TUNNELS.set(len(self.tunnels))
+        metrics.TUNNELS.inc()  # inc/dec: every on-ramp of the worker adds to the one gauge
         self.log.info("tunnel_open", tunnel=tunnel.id, onramp=self.name, tenant=tunnel.tenant)
         self._loop.add_reader(tunnel.sock.fileno(), self._read_packets, tunnel)
 
@@ -135,7 +137,7 @@ class TunnelOnramp:
         if self.tunnels.pop(tunnel.id, None) is None:
             return
         tunnel.close()
-        metrics.TUNNELS.set(len(self.tunnels))
+        metrics.TUNNELS.dec()
         metrics.TUNNELS_CLOSED.labels(reason).inc()
         self.log.info("tunnel_closed", tunnel=tunnel.id, reason=reason,
                       packets_in=tunnel.packets_in, packets_out=tunnel.packets_out)

@@ -200,3 +200,31 @@ def test_flows_api_filters_and_pages(daemon_factory, streams, tmp_path):
         for c in clients:
             c.kill()
             c.wait(10)
+
+
+def test_upstream_timeout_resets_the_client(daemon_factory, streams, tmp_path, netns):
+    # An upstream whose accept queue is full and that has no SYN cookies drops every further
+    # SYN: the off-ramp's connect can only time out.
+    subprocess.run(["ip", "netns", "exec", netns.name, "sysctl", "-qw",
+                    "net.ipv4.tcp_syncookies=0"], check=True)
+
+    def deaf_listener():
+        s = socket.socket()
+        s.bind((SERVER_ADDR, 9100))
+        s.listen(0)
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex((SERVER_ADDR, 9100))
+        return s, filler
+
+    held = netns.run(deaf_listener)  # keep them open for the test's duration
+    d = daemon_factory("--workers", "1",
+                       config=config(tmp_path, "[flows]\nupstream_connect_timeout = 1\n"))
+    res = connect(d, "python3", STREAMS, "get", SERVER_ADDR, "9100", "10", timeout=60)
+    assert res.returncode != 0
+    assert b"ConnectionResetError" in res.stderr, res.stderr[-500:]
+    failures = sum(v for (n, labels), v in d.metrics().items()
+                   if n == "ipferry_upstream_failures_total" and ("reason", "timeout") in labels)
+    assert failures == 1
+    for s in held:
+        s.close()
