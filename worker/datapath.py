@@ -50,7 +50,8 @@ class FlowEntry:
     decision: Decision | None = None  # None while the application decides
     slot: NatSlot | None = None
     pending: list[tuple[Parsed, bytes]] = field(default_factory=list)
-    payload: list[int] = field(default_factory=lambda: [0, 0])
+    payload: list[int] = field(default_factory=lambda: [0, 0])  # new bytes, by direction
+    next_seq: list[int | None] = field(default_factory=lambda: [None, None])
     stream: asyncio.Task | None = None
     sockets: list[socket.socket] = field(default_factory=list)
     ended: bool = False
@@ -224,7 +225,7 @@ class DataPath:
         """Account a client packet, rewrite it to the upgrade listener, write it to the TUN."""
         ended = self.flows.observe(entry.flow, Direction.TO_SERVER, p.tcp_flags, p.total_length,
                                    time.monotonic())
-        entry.payload[0] += p.payload_length
+        _count_payload(entry, 0, p)
         buf = bytearray(packet)
         rewrite_ipv4_tcp(buf, p.ihl, entry.slot.address, entry.slot.port, self.local,
                          UPGRADE_PORT)
@@ -246,7 +247,7 @@ class DataPath:
         key = entry.flow.key
         ended = self.flows.observe(entry.flow, Direction.TO_CLIENT, p.tcp_flags, p.total_length,
                                    time.monotonic())
-        entry.payload[1] += p.payload_length
+        _count_payload(entry, 1, p)
         buf = bytearray(packet)
         rewrite_ipv4_tcp(buf, p.ihl, key.dst, key.dport, key.src, key.sport)
         self.send_to_tunnel(entry.tunnel, buf)
@@ -395,6 +396,26 @@ class DataPath:
                  "payload_bytes": list(e.payload), "age": round(e.flow.duration(now), 3),
                  "worker": self.index}
                 for e in self.entries.values() if tenant is None or e.start.tenant == tenant]
+
+
+def _count_payload(entry: FlowEntry, direction: int, p: Parsed) -> None:
+    """Count the bytes by which this segment advances its direction's sequence space.
+
+    Retransmissions (a tail loss probe the peer already had, say) add nothing, so the audit's
+    payload bytes are what the application sent, however often TCP sent it.
+    """
+    if p.tcp_flags & TCP_SYN:
+        entry.next_seq[direction] = (p.seq + 1) & 0xFFFFFFFF
+        return
+    expected = entry.next_seq[direction]
+    n = p.payload_length
+    if expected is None or not n:
+        return
+    end = (p.seq + n) & 0xFFFFFFFF
+    new = (end - expected) & 0xFFFFFFFF
+    if 0 < new <= n:
+        entry.payload[direction] += new
+        entry.next_seq[direction] = end
 
 
 def _fmt(hp: tuple[str, int] | None) -> str | None:

@@ -76,6 +76,7 @@ class Flow:
     packets: list[int] = field(default_factory=lambda: [0, 0])  # by Direction
     bytes: list[int] = field(default_factory=lambda: [0, 0])
     fin_seen: list[bool] = field(default_factory=lambda: [False, False])
+    last_fin: Direction | None = None  # the side whose FIN came second must get the last ACK
     close_reason: CloseReason | None = None
 
     def duration(self, now: float) -> float:
@@ -134,9 +135,12 @@ class FlowTable:
                 flow.state = TcpState.ESTABLISHED
         if tcp_flags & TCP_FIN and not flow.fin_seen[direction]:
             flow.fin_seen[direction] = True
+            flow.last_fin = direction
             flow.state = TcpState.CLOSING if all(flow.fin_seen) else TcpState.FIN_WAIT
-        elif flow.state is TcpState.CLOSING and tcp_flags & TCP_ACK and not tcp_flags & TCP_FIN:
-            # The ACK of the second FIN: done. Kept briefly so late retransmissions match.
+        elif (flow.state is TcpState.CLOSING and direction is not flow.last_fin
+              and tcp_flags & TCP_ACK and not tcp_flags & TCP_FIN):
+            # The other side's ACK of the second FIN: done (an ACK of the first FIN that comes
+            # late is not it). Kept briefly so late retransmissions match.
             flow.state = TcpState.TIME_WAIT
             flow.close_reason = CloseReason.FIN
         return False

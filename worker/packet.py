@@ -22,7 +22,7 @@ TCP_RST = 0x04
 TCP_ACK = 0x10
 
 _IPV4 = struct.Struct("!BBHHHBBH4s4s")
-_PORTS = struct.Struct("!HH")
+_PORTS_SEQ = struct.Struct("!HHI")
 
 
 class Drop(enum.StrEnum):
@@ -51,6 +51,7 @@ class Parsed:
     total_length: int
     tcp_flags: int = 0
     payload_offset: int = 0  # where the L4 payload starts
+    seq: int = 0  # TCP sequence number
 
     @property
     def payload_length(self) -> int:
@@ -81,9 +82,9 @@ def parse(packet: bytes | bytearray | memoryview) -> Parsed | Drop:
         return Drop.UNSUPPORTED_PROTOCOL
     if total_length < ihl + 20:
         return Drop.TRUNCATED
-    sport, dport = _PORTS.unpack_from(packet, ihl)
+    sport, dport, seq = _PORTS_SEQ.unpack_from(packet, ihl)
     data_offset = (packet[ihl + 12] >> 4) * 4
     if data_offset < 20 or ihl + data_offset > total_length:
         return Drop.BAD_TCP_HEADER
     return Parsed(proto, bytes(src), bytes(dst), sport, dport, ihl, total_length,
-                  packet[ihl + 13], ihl + data_offset)
+                  packet[ihl + 13], ihl + data_offset, seq)
