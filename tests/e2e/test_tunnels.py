@@ -9,6 +9,7 @@ import random
 import socket
 import textwrap
 import threading
+import time
 
 import dpkt
 
@@ -135,3 +136,14 @@ def test_hook_errors_drop_the_flow_and_async_hooks_decide(daemon_factory, stream
     res = connect(d, "python3", STREAMS, "get", SERVER_ADDR, "9001", "10")
     assert res.returncode == 0 and json.loads(res.stdout)["bytes"] == 10
     assert d.workers()[0]["restarts"] == 0
+
+
+def test_connect_ends_its_command_when_the_daemon_closes_the_tunnel(daemon_factory, tmp_path):
+    d = daemon_factory("--workers", "1", config=config(tmp_path))
+    started = time.monotonic()
+    res = connect(d, "sleep", "60", tenant="")  # the default application refuses it
+    assert res.returncode == 1
+    assert res.stderr.decode().strip() == (
+        "ipferry connect: the daemon closed the tunnel (a refused context, or it stopped; "
+        "see its log)")
+    assert time.monotonic() - started < 10
