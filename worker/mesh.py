@@ -15,67 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from collections import deque
 from collections.abc import Callable
 
 from ipferry.nsd import fdpass
 
 from . import metrics
 from .app import TunnelContext
+from .datagrams import DatagramQueue, drain
 
 FRAME = struct.Struct("!cI")
 PACKET, REPLY = b"P", b"R"
-READ_SIZE = 65536 + 64
-BATCH = 64
-QUEUE = 4096
-
-
-class DatagramQueue:
-    """Non-blocking datagram sends with a bounded queue while the socket is full."""
-
-    def __init__(self, sock, drop_reason: str) -> None:
-        self.sock = sock
-        self.drop_reason = drop_reason
-        self._queue: deque[bytes] = deque()
-        self._loop = asyncio.get_running_loop()
-        self.closed = False
-
-    def send(self, data: bytes | bytearray) -> bool:
-        if self.closed:
-            return False
-        if not self._queue:
-            try:
-                self.sock.send(data)
-                return True
-            except BlockingIOError:
-                self._loop.add_writer(self.sock.fileno(), self._flush)
-            except OSError:
-                metrics.DROPS.labels(self.drop_reason).inc()
-                return False
-        if len(self._queue) >= QUEUE:
-            metrics.DROPS.labels(self.drop_reason).inc()
-            return False
-        self._queue.append(bytes(data))
-        return True
-
-    def _flush(self) -> None:
-        while self._queue:
-            try:
-                self.sock.send(self._queue[0])
-            except BlockingIOError:
-                return
-            except OSError:
-                self._queue.clear()
-                break
-            self._queue.popleft()
-        self._loop.remove_writer(self.sock.fileno())
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            if self._queue:
-                self._loop.remove_writer(self.sock.fileno())
-                self._queue.clear()
 
 
 class MeshLink:
@@ -96,33 +45,26 @@ class MeshLink:
         self._loop.add_reader(sock.fileno(), self._read)
 
     def _read(self) -> None:
-        for _ in range(BATCH):
+        drain(self.sock, self._datagram, self.close)
+
+    def _datagram(self, data: bytes) -> None:
+        if data[:1] == b"{":
             try:
-                data = self.sock.recv(READ_SIZE)
-            except BlockingIOError:
+                msg = fdpass.decode(data, [])
+            except fdpass.ProtocolError:
+                metrics.DROPS.labels("mesh_bad_message").inc()
                 return
-            except OSError:
-                data = b""
-            if not data:
-                self.close()
-                return
-            if data[:1] == b"{":
-                try:
-                    msg = fdpass.decode(data, [])
-                except fdpass.ProtocolError:
-                    metrics.DROPS.labels("mesh_bad_message").inc()
-                    continue
-                fut = self._pending.pop(msg.body.get("reply_to"), None)
-                if fut is not None:
-                    if not fut.done():
-                        fut.set_result(msg)
-                else:
-                    self.on_message(self, msg)
-            elif len(data) > FRAME.size:
-                kind, tunnel = FRAME.unpack_from(data)
-                self.on_frame(self, kind, tunnel, data[FRAME.size:])
+            fut = self._pending.pop(msg.body.get("reply_to"), None)
+            if fut is not None:
+                if not fut.done():
+                    fut.set_result(msg)
             else:
-                metrics.DROPS.labels("mesh_bad_frame").inc()
+                self.on_message(self, msg)
+        elif len(data) > FRAME.size:
+            kind, tunnel = FRAME.unpack_from(data)
+            self.on_frame(self, kind, tunnel, data[FRAME.size:])
+        else:
+            metrics.DROPS.labels("mesh_bad_frame").inc()
 
     def send_message(self, type_: str, body: dict | None = None) -> None:
         self.out.send(fdpass.encode(type_, body, []))

@@ -15,9 +15,8 @@ from collections.abc import Awaitable, Callable
 
 from . import metrics
 from .app import TunnelContext
-from .mesh import DatagramQueue
+from .datagrams import READ_SIZE, DatagramQueue, drain
 
-READ_SIZE = 65536 + 4
 BATCH = 64
 
 _ids = itertools.count(1)
@@ -120,18 +119,11 @@ class TunnelOnramp:
         self._loop.add_reader(tunnel.sock.fileno(), self._read_packets, tunnel)
 
     def _read_packets(self, tunnel: Tunnel) -> None:
-        for _ in range(BATCH):
-            try:
-                packet = tunnel.sock.recv(READ_SIZE)
-            except BlockingIOError:
-                return
-            except OSError:
-                packet = b""
-            if not packet:
-                self.close(tunnel, "closed_by_peer")
-                return
+        def packet(data: bytes) -> None:
             tunnel.packets_in += 1
-            self.on_packet(tunnel, packet)
+            self.on_packet(tunnel, data)
+
+        drain(tunnel.sock, packet, lambda: self.close(tunnel, "closed_by_peer"))
 
     def close(self, tunnel: Tunnel, reason: str) -> None:
         if self.tunnels.pop(tunnel.id, None) is None:
