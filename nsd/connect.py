@@ -24,8 +24,8 @@ from pathlib import Path
 from . import fdpass
 
 READ_SIZE = 65536 + 4
-LINGER_IDLE = 0.1  # after the command exits, wait for this much quiet on the TUN ...
-LINGER_MAX = 1.0  # ... but no longer than this
+LINGER_IDLE = 0.1  # after the namespace's keeper exits, wait for this much quiet on the TUN ...
+LINGER_MAX = 1.0  # ... but no longer than this (the keeper already waited for owed data)
 
 
 class ConnectError(Exception):

@@ -2,8 +2,10 @@
 
 ``python -m ipferry.nsd.sandbox --control-fd N --address A [--mtu M] -- CMD ...`` enters a new
 user and network namespace, brings up ``lo`` and a TUN device as the default route, sends the TUN
-fd to its parent (message ``tun``, fd ``tun``) and then becomes CMD. The parent pumps packets
-between that TUN and a tunnel. Errors before CMD runs are sent as ``error`` {cause, fix}.
+fd to its parent (message ``tun``, fd ``tun``) and runs CMD, staying as the namespace's keeper
+until CMD has exited and the sockets it left have said all they owed (at most 10 s); it exits
+with CMD's status. The parent pumps packets between that TUN and a tunnel. Errors before CMD runs
+are sent as ``error`` {cause, fix}.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import signal
 import socket
 import sys
+import time
 
 from . import fdpass
 from .namespace import HostError, enter_user_and_net_namespace, write_sysctls
@@ -63,12 +66,45 @@ def main(argv: list[str] | None = None) -> int:
     os.close(tun_fd)
     control.close()
     import prctl
-    prctl.set_pdeathsig(signal.SIGTERM)  # the command goes when ipferry connect goes
-    try:
-        os.execvp(command[0], command)
-    except OSError as exc:
-        print(f"ipferry connect: cannot run {command[0]!r}: {exc.strerror}", file=sys.stderr)
-        return 127
+    prctl.set_pdeathsig(signal.SIGTERM)  # we go when ipferry connect goes
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.execvp(command[0], command)
+        except OSError as exc:
+            print(f"ipferry connect: cannot run {command[0]!r}: {exc.strerror}", file=sys.stderr)
+            os._exit(127)
+    # We stay as the namespace's keeper: the command's signals are passed on, and once it has
+    # exited its orphaned sockets get the time to deliver what they still hold.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _frame: os.kill(pid, signum))
+    _, status = os.waitpid(pid, 0)
+    wait_for_orphans()
+    return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else \
+        128 + os.WTERMSIG(status)
+
+
+# TCP states (as /proc/net/tcp writes them) of a closed socket that still owes its peer data
+# or a FIN: FIN_WAIT1, LAST_ACK, CLOSING.
+_OWING = {"04", "09", "0B"}
+ORPHAN_LINGER = 10.0
+
+
+def wait_for_orphans(limit: float = ORPHAN_LINGER) -> None:
+    """Until no socket of this namespace still owes data or a FIN (at most ``limit`` s)."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        owing = False
+        for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+            try:
+                with open(table) as f:
+                    next(f)
+                    owing = owing or any(line.split()[3] in _OWING for line in f)
+            except (OSError, StopIteration):
+                continue
+        if not owing:
+            return
+        time.sleep(0.05)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from .audit import AuditLog
 from .flows import CloseReason, Direction, Flow, FlowKey, FlowTable, LimitReached, TcpState
 from .nat import NatPool, NatSlot, SlotPoolExhausted, rewrite_ipv4_tcp
 from .packet import TCP_ACK, TCP_RST, TCP_SYN, Drop, Parsed, parse
-from .relay import relay
+from .relay import abort, relay
 from .sharding import owner
 from .tun import TunDevice
 from .tunnels import Tunnel
@@ -92,6 +92,7 @@ class DataPath:
         self.entries: dict[FlowKey, FlowEntry] = {}
         self.by_slot: dict[tuple[bytes, int], FlowEntry] = {}
         self.active: dict[str, int] = {}  # flows by protocol, for the gauge
+        self.streams: set[asyncio.Task] = set()  # relays, some outliving their flow entry
         self.tun: TunDevice | None = None
         self._loop = asyncio.get_running_loop()
         self._listener: socket.socket | None = None
@@ -289,6 +290,8 @@ class DataPath:
             conn.setblocking(False)
             entry.sockets.append(conn)
             entry.stream = self._loop.create_task(self.offramp(entry, conn))
+            self.streams.add(entry.stream)
+            entry.stream.add_done_callback(self.streams.discard)
             # Sockets close only once the stream task is done: a pump being cancelled still
             # unregisters its fds, which must not have been closed (and reused) under it.
             entry.stream.add_done_callback(lambda _task, entry=entry: self._close_sockets(entry))
@@ -336,7 +339,13 @@ class DataPath:
             self.pool.release(entry.slot)
             metrics.NAT_SLOTS.set(self.pool.in_use)
         if entry.stream is not None and not entry.stream.done():
-            entry.stream.cancel()  # its done-callback closes the sockets
+            if reason is CloseReason.FIN and close_reason is None:
+                # Both FINs crossed, but the kernel may still hold data the off-ramp has not
+                # read: the relay finishes on its own (its done-callback closes the sockets).
+                pass
+            else:
+                abort(*entry.sockets)  # cut short: both ends see a reset, never a clean FIN
+                entry.stream.cancel()
         else:
             self._close_sockets(entry)
         if audit_start:

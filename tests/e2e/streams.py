@@ -42,6 +42,14 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
                 h.update(chunk)
                 n -= len(chunk)
             writer.write(h.hexdigest().encode() + b"\n")
+        elif line[0] == "DRAIN":  # our FIN first, then read slowly; report on stdout
+            writer.write_eof()
+            n, got, h = int(line[1]), 0, hashlib.sha256()
+            while chunk := await reader.read(CHUNK):
+                h.update(chunk)
+                got += len(chunk)
+                await asyncio.sleep(0.002)
+            print(f"drained {got} of {n} {h.hexdigest()}", flush=True)
         elif line[0] == "ECHO":
             while chunk := await reader.read(CHUNK):
                 writer.write(chunk)
@@ -80,6 +88,16 @@ def put(addr: str, port: int, n: int) -> dict:
             sent += s.send(view[off:min(len(data), off + n - sent)])
         reply = s.makefile().readline().strip()
     return {"bytes": n, "server_sha256": reply}
+
+
+def drain(addr: str, port: int, n: int) -> dict:
+    data = pattern(n)
+    with socket.create_connection((addr, port), timeout=60) as s:
+        s.sendall(f"DRAIN {n}\n".encode() + data)
+        s.shutdown(socket.SHUT_WR)
+        while s.recv(1 << 16):
+            pass
+    return {"sent": n, "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def echo_half_close(addr: str, port: int, n: int) -> dict:
@@ -123,5 +141,5 @@ if __name__ == "__main__":
         print(json.dumps(asyncio.run(many(addr, port, int(sys.argv[4]), int(sys.argv[5]),
                                           timeout))))
     else:
-        fn = {"get": get, "put": put, "echo": echo_half_close}[mode]
+        fn = {"get": get, "put": put, "echo": echo_half_close, "drain": drain}[mode]
         print(json.dumps(fn(addr, port, int(sys.argv[4]))))

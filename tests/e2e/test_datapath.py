@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -228,3 +229,17 @@ def test_upstream_timeout_resets_the_client(daemon_factory, streams, tmp_path, n
     assert failures == 1
     for s in held:
         s.close()
+
+
+def test_server_fin_first_then_a_slow_reader_gets_every_byte(daemon_factory, streams, tmp_path):
+    # The upstream closes its side first and reads slowly: the client's FIN crosses long before
+    # the data has left nsd's kernel. The flow ends, but the relay must still deliver all of it.
+    d = daemon_factory("--workers", "1", config=config(tmp_path))
+    sent = stream_client(d, "drain", 8 << 20)
+    ready, _, _ = select.select([streams.stdout], [], [], 30)
+    assert ready, "the server never finished reading (the stream was cut)"
+    line = streams.stdout.readline().decode().split()
+    assert line == ["drained", str(8 << 20), "of", str(8 << 20), sent["sha256"]], line
+    end = wait_for(lambda: [r for r in audit_records(tmp_path / "audit.jsonl")
+                            if r["audit"] == "flow_end"], 10, "flow_end")[0]
+    assert end["payload_bytes"][0] == len(f"DRAIN {8 << 20}\n") + (8 << 20)
