@@ -80,15 +80,21 @@ async def flows(request: web.Request) -> web.Response:
     sup: Supervisor = request.app[SUPERVISOR]
     try:
         offset = int(request.query.get("offset", 0))
-        limit = min(int(request.query.get("limit", 100)), 1000)
+        # A page crosses the control channel in one message: keep it well under its size.
+        limit = min(int(request.query.get("limit", 100)), 200)
         if offset < 0 or limit < 1:
             raise ValueError
     except ValueError:
         raise web.HTTPBadRequest(text="offset must be an integer >= 0, limit one >= 1\n") from None
-    replies = await sup.ask_workers("flows", {"tenant": request.query.get("tenant")})
-    every = sorted((f for r in replies.values() if r for f in r["flows"]),
+    if offset > 100_000:
+        raise web.HTTPBadRequest(text="offset at most 100000; filter by tenant instead\n")
+    replies = await sup.ask_workers("flows", {"tenant": request.query.get("tenant"),
+                                              "upto": offset + limit})
+    replies = {i: r for i, r in replies.items() if r is not None and r.type == "flows"}
+    every = sorted((f for r in replies.values() for f in r["flows"]),
                    key=lambda f: (f["worker"], f["tenant"], f["src"], f["sport"]))
-    return web.json_response({"total": len(every), "offset": offset, "limit": limit,
+    return web.json_response({"total": sum(r["total"] for r in replies.values()),
+                              "offset": offset, "limit": limit,
                               "flows": every[offset:offset + limit],
                               "workers_missing": [w.index for w in sup.workers
                                                   if not replies.get(w.index)]})

@@ -100,7 +100,7 @@ def cmd_check_config(args) -> int:
 
 def cmd_run(args) -> int:
     from .arbiter import StartupError, Supervisor
-    from .lifecycle import set_title
+    from .lifecycle import raise_fd_limit, set_title
     from .logs import configure
 
     log_overrides = {k: v for k, v in (("format", args.log_format), ("level", args.log_level))
@@ -124,6 +124,7 @@ def cmd_run(args) -> int:
         return 2
 
     set_title("ipferry: supervisor")
+    raise_fd_limit()
     configure("supervisor", fmt=cfg.logging.format, level=cfg.logging.level)
 
     async def main() -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 
 import prctl
@@ -14,6 +15,15 @@ def set_title(title: str) -> None:
     prctl.set_proctitle(title)
 
 
+def raise_fd_limit() -> int:
+    """Soft RLIMIT_NOFILE up to the hard limit: every relayed flow holds six fds (two sockets,
+    two pipes), and 1024, the usual soft default, would cap a worker at ~165 flows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
 def become_child(title: str, parent_pid: int) -> None:
     """Set the process title (``ipferry: worker 2``) and die with the supervisor.
 
@@ -21,6 +31,7 @@ def become_child(title: str, parent_pid: int) -> None:
     ``PR_SET_PDEATHSIG`` took effect we were already re-parented and must go now.
     """
     set_title(title)
+    raise_fd_limit()
     prctl.set_pdeathsig(signal.SIGKILL)
     if os.getppid() != parent_pid:
         os._exit(1)

@@ -39,6 +39,7 @@ from .tun import TunDevice
 from .tunnels import TunnelOnramp
 
 EXPIRE_INTERVAL = 1.0
+HOOK_DRAIN = 2.0  # at stop, how long on_flow_end calls may still take
 
 
 def build_application(settings: dict):
@@ -81,10 +82,16 @@ class Worker:
                 self.log.warning("unknown_message", type=msg.type)
                 msg.close_fds()
                 continue
-            await handler(msg)
+            try:
+                await handler(msg)
+            except Exception:
+                # A failing request must not take the worker (and its flows) down with it.
+                self.log.error("request_failed", type=msg.type, exc_info=True)
+                if msg.body.get("id") is not None:
+                    self.control.reply(msg, "error", {"error": f"{msg.type} failed"})
             if self.stopping.is_set():
                 break
-        self.close()
+        await self.aclose()
 
     async def handle_equip(self, msg: fdpass.Message) -> None:
         first = self.tun is None
@@ -167,8 +174,11 @@ class Worker:
             self.datapath.expire()
 
     async def handle_flows(self, msg: fdpass.Message) -> None:
+        """The first ``upto`` flows in the admin API's order, and how many there are in all."""
         flows = self.datapath.flow_list(msg.get("tenant")) if self.datapath else []
-        self.control.reply(msg, "flows", {"flows": flows})
+        flows.sort(key=lambda f: (f["tenant"], f["src"], f["sport"]))
+        self.control.reply(msg, "flows", {"total": len(flows),
+                                          "flows": flows[:int(msg.get("upto", 100))]})
 
     async def handle_tunnels(self, msg: fdpass.Message) -> None:
         tunnels = [t.as_dict() for o in self.tunnel_onramps.values() for t in o.tunnels.values()]
@@ -195,9 +205,12 @@ class Worker:
             metrics.DROPS.labels("owner_unreachable").inc()
             return
         if tunnel.id not in link.opened:
+            if not link.send_message("tunnel_open", {"tunnel": tunnel.id,
+                                                     "tenant": tunnel.tenant,
+                                                     "extra": tunnel.context.extra}):
+                metrics.DROPS.labels("owner_unreachable").inc()
+                return
             link.opened.add(tunnel.id)
-            link.send_message("tunnel_open", {"tunnel": tunnel.id, "tenant": tunnel.tenant,
-                                              "extra": tunnel.context.extra})
         if link.send_frame(PACKET, tunnel.id, packet):
             PKT_TO_MESH.inc()
 
@@ -282,12 +295,14 @@ class Worker:
         self.stopping.set()
         self.control.inbox.put_nowait(None)  # wake run() even when no message is due
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
         for onramp in self.tunnel_onramps.values():
             onramp.stop()
         if self.datapath is not None:
             for entry in list(self.datapath.entries.values()):
                 self.datapath.end_flow(entry, CloseReason.EVICTED, close_reason="shutdown")
+            if self.datapath.hook_tasks:  # the application hears of every flow's end
+                await asyncio.wait(self.datapath.hook_tasks, timeout=HOOK_DRAIN)
         if self.audit is not None:
             self.audit.close()
         if self.tun:

@@ -15,7 +15,7 @@ from . import metrics
 
 READ_SIZE = 65536 + 64  # a packet at the largest MTU, plus a mesh frame header
 BATCH = 64  # datagrams drained per wake-up before yielding to the loop
-QUEUE = 4096
+QUEUE_BYTES = 8 << 20  # per socket: beyond it packets are dropped (TCP retransmits them)
 
 
 def drain(sock: socket.socket, on_datagram: Callable[[bytes], None],
@@ -41,10 +41,13 @@ class DatagramQueue:
         self.sock = sock
         self.drop_reason = drop_reason
         self._queue: deque[bytes] = deque()
+        self._queued = 0  # bytes
         self._loop = asyncio.get_running_loop()
         self.closed = False
 
-    def send(self, data: bytes | bytearray) -> bool:
+    def send(self, data: bytes | bytearray, *, control: bool = False) -> bool:
+        """Send or queue ``data``; False if it was dropped. ``control`` messages (small, and
+        whose loss would desynchronise the peer) are queued beyond the bound."""
         if self.closed:
             return False
         if not self._queue:
@@ -56,10 +59,11 @@ class DatagramQueue:
             except OSError:
                 metrics.DROPS.labels(self.drop_reason).inc()
                 return False
-        if len(self._queue) >= QUEUE:
+        if self._queued >= QUEUE_BYTES and not control:
             metrics.DROPS.labels(self.drop_reason).inc()
             return False
         self._queue.append(bytes(data))
+        self._queued += len(data)
         return True
 
     def _flush(self) -> None:
@@ -70,8 +74,9 @@ class DatagramQueue:
                 return
             except OSError:
                 self._queue.clear()
+                self._queued = 0
                 break
-            self._queue.popleft()
+            self._queued -= len(self._queue.popleft())
         self._loop.remove_writer(self.sock.fileno())
 
     def close(self) -> None:
@@ -80,3 +85,4 @@ class DatagramQueue:
             if self._queue:
                 self._loop.remove_writer(self.sock.fileno())
                 self._queue.clear()
+                self._queued = 0

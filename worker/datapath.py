@@ -33,6 +33,7 @@ from .tunnels import Tunnel
 PROTO_NAMES = {6: "tcp", 17: "udp", 1: "icmp"}
 UPGRADE_PORT = 1  # nsd binds the upgrade listeners there (see ipferry.nsd.network)
 _LINGER_RST = struct.pack("ii", 1, 0)  # close() sends RST instead of FIN
+MAX_PENDING = 8  # packets held per flow while an async hook decides
 
 PKT_IN = metrics.PACKETS.labels("from_tunnel")
 PKT_OUT = metrics.PACKETS.labels("to_tunnel")
@@ -93,6 +94,7 @@ class DataPath:
         self.by_slot: dict[tuple[bytes, int], FlowEntry] = {}
         self.active: dict[str, int] = {}  # flows by protocol, for the gauge
         self.streams: set[asyncio.Task] = set()  # relays, some outliving their flow entry
+        self.hook_tasks: set[asyncio.Task] = set()  # on_flow_end calls in progress
         self.tun: TunDevice | None = None
         self._loop = asyncio.get_running_loop()
         self._listener: socket.socket | None = None
@@ -128,13 +130,18 @@ class DataPath:
         if isinstance(p, Drop):
             metrics.DROPS.labels(p.value).inc()
             return
-        if self.workers > 1 and tunnel.local:
+        key = FlowKey(tunnel.tenant, p.protocol, p.src, p.sport, p.dst, p.dport)
+        entry = self.entries.get(key)
+        if entry is None and self.workers > 1 and tunnel.local:
+            # Only flows we own have entries here: hash only for the others (and new ones).
             o = owner(p.protocol, p.src, p.sport, p.dst, p.dport, self.workers)
             if o != self.index:
                 self.forward(o, tunnel, packet)
                 return
-        key = FlowKey(tunnel.tenant, p.protocol, p.src, p.sport, p.dst, p.dport)
-        entry = self.entries.get(key)
+        if entry is not None and entry.tunnel is not tunnel:
+            # Same tenant and 4-tuple from another tunnel: never let it touch this flow.
+            metrics.DROPS.labels("tunnel_mismatch").inc()
+            return
         if entry is None:
             if p.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) != TCP_SYN:
                 # Not the start of a flow we know (e.g. ours died with a worker): reset it so
@@ -147,6 +154,9 @@ class DataPath:
             if entry is None:
                 return
         if entry.decision is None:
+            if len(entry.pending) >= MAX_PENDING:
+                metrics.DROPS.labels("decision_pending").inc()  # the client will retransmit
+                return
             entry.pending.append((p, packet))
             return
         self.to_kernel(entry, p, packet)
@@ -224,15 +234,23 @@ class DataPath:
 
     def to_kernel(self, entry: FlowEntry, p: Parsed, packet: bytes) -> None:
         """Account a client packet, rewrite it to the upgrade listener, write it to the TUN."""
+        if p.tcp_flags & TCP_RST and (p.seq - (entry.next_seq[0] or 0)) & 0xFFFFFFFF > 1:
+            # Not at the sequence we expect (RFC 5961; +1 if a FIN went first): the kernel may
+            # answer with a challenge ACK, but a blind reset must not end the flow here.
+            self._write_to_kernel(entry, p, packet)
+            return
         ended = self.flows.observe(entry.flow, Direction.TO_SERVER, p.tcp_flags, p.total_length,
                                    time.monotonic())
         _count_payload(entry, 0, p)
+        self._write_to_kernel(entry, p, packet)
+        self._after_packet(entry, ended)
+
+    def _write_to_kernel(self, entry: FlowEntry, p: Parsed, packet: bytes) -> None:
         buf = bytearray(packet)
         rewrite_ipv4_tcp(buf, p.ihl, entry.slot.address, entry.slot.port, self.local,
                          UPGRADE_PORT)
         if self.tun is not None:
             self.tun.write(buf)
-        self._after_packet(entry, ended)
 
     # -- from the kernel ---------------------------------------------------------------------
 
@@ -299,11 +317,11 @@ class DataPath:
     async def offramp(self, entry: FlowEntry, conn: socket.socket) -> None:
         """Connect the off-ramp (the original destination or the decision's upstream), splice."""
         upstream = entry.decision.upstream or (entry.start.dst, entry.start.dport)
-        up = socket.socket(socket.AF_INET6 if ":" in upstream[0] else socket.AF_INET,
-                           socket.SOCK_STREAM)
-        up.setblocking(False)
-        entry.sockets.append(up)
         try:
+            up = socket.socket(socket.AF_INET6 if ":" in upstream[0] else socket.AF_INET,
+                               socket.SOCK_STREAM)
+            up.setblocking(False)
+            entry.sockets.append(up)
             await asyncio.wait_for(self._loop.sock_connect(up, upstream), self.connect_timeout)
         except (OSError, TimeoutError) as exc:
             reason = "timeout" if isinstance(exc, TimeoutError) else (
@@ -363,7 +381,9 @@ class DataPath:
         self._active(entry.start.protocol, -1)
         end = FlowEnd(entry.start, decision, tuple(flow.packets), tuple(flow.bytes),
                       tuple(entry.payload), flow.duration(now), why)
-        self._loop.create_task(self._flow_end_hook(end))
+        task = self._loop.create_task(self._flow_end_hook(end))
+        self.hook_tasks.add(task)
+        task.add_done_callback(self.hook_tasks.discard)
 
     def _active(self, protocol: str, delta: int) -> None:
         self.active[protocol] = n = self.active.get(protocol, 0) + delta

@@ -66,8 +66,8 @@ class MeshLink:
         else:
             metrics.DROPS.labels("mesh_bad_frame").inc()
 
-    def send_message(self, type_: str, body: dict | None = None) -> None:
-        self.out.send(fdpass.encode(type_, body, []))
+    def send_message(self, type_: str, body: dict | None = None) -> bool:
+        return self.out.send(fdpass.encode(type_, body, []), control=True)
 
     def send_frame(self, kind: bytes, tunnel: int, packet: bytes | bytearray) -> bool:
         return self.out.send(FRAME.pack(kind, tunnel) + packet)

@@ -18,6 +18,8 @@ from .app import TunnelContext
 from .datagrams import READ_SIZE, DatagramQueue, drain
 
 BATCH = 64
+CONTEXT_TIMEOUT = 10.0  # a tunnel that sends no context in time is closed
+MAX_TUNNELS = 10_000  # per worker and on-ramp: beyond it new tunnels are refused
 
 _ids = itertools.count(1)
 
@@ -74,6 +76,8 @@ class TunnelOnramp:
         self.on_packet = on_packet
         self.on_close = on_close
         self.tunnels: dict[int, Tunnel] = {}
+        self.starting = 0  # accepted, context not yet accepted
+        self._tasks: set[asyncio.Task] = set()
         self._loop = asyncio.get_running_loop()
         listener.setblocking(False)
         self._loop.add_reader(listener.fileno(), self._accept)
@@ -87,9 +91,22 @@ class TunnelOnramp:
             except OSError as exc:
                 self.log.warning("tunnel_accept_failed", onramp=self.name, error=exc.strerror)
                 return
+            if len(self.tunnels) + self.starting >= MAX_TUNNELS:
+                metrics.TUNNELS_CLOSED.labels("tunnel_limit").inc()
+                sock.close()
+                continue
             sock.setblocking(False)
             tunnel = Tunnel(sock, self.name, self.worker)
+            self.starting += 1
             self._loop.add_reader(sock.fileno(), self._read_context, tunnel)
+            self._loop.call_later(CONTEXT_TIMEOUT, self._context_overdue, tunnel)
+
+    def _context_overdue(self, tunnel: Tunnel) -> None:
+        if tunnel.context is None and not tunnel.closed:
+            self.log.warning("tunnel_refused", onramp=self.name, reason="no context in time")
+            metrics.TUNNELS_CLOSED.labels("context_timeout").inc()
+            self.starting -= 1
+            tunnel.close()
 
     def _read_context(self, tunnel: Tunnel) -> None:
         self._loop.remove_reader(tunnel.sock.fileno())
@@ -101,18 +118,27 @@ class TunnelOnramp:
         except OSError:
             raw = b""
         if not raw:
+            self.starting -= 1
             tunnel.close()
             return
-        self._loop.create_task(self._start(tunnel, raw))
+        task = self._loop.create_task(self._start(tunnel, raw))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _start(self, tunnel: Tunnel, raw: bytes) -> None:
         try:
-            tunnel.context = await self.parse_context(raw)
+            context = await self.parse_context(raw)
         except Exception as exc:  # the application refused it: this tunnel only
-            self.log.warning("tunnel_refused", onramp=self.name, reason=str(exc))
-            metrics.TUNNELS_CLOSED.labels("bad_context").inc()
-            tunnel.close()
+            if not tunnel.closed:
+                self.starting -= 1
+                self.log.warning("tunnel_refused", onramp=self.name, reason=str(exc))
+                metrics.TUNNELS_CLOSED.labels("bad_context").inc()
+                tunnel.close()
             return
+        if tunnel.closed:
+            return  # timed out while the application decided
+        self.starting -= 1
+        tunnel.context = context
         self.tunnels[tunnel.id] = tunnel
         metrics.TUNNELS.inc()  # inc/dec: every on-ramp of the worker adds to the one gauge
         self.log.info("tunnel_open", tunnel=tunnel.id, onramp=self.name, tenant=tunnel.tenant)
