@@ -27,9 +27,10 @@ def can_connect(host: str, port: int) -> bool:
 
 
 def connect(daemon, *cmd: str, tenant: str = "acme", context: str | None = None,
-            timeout: float = 120) -> subprocess.CompletedProcess:
+            address: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run ``cmd`` inside ``ipferry connect`` (no capabilities) against ``daemon``'s tunnel."""
     extra = ["--context", context] if context else []
+    extra += ["--address", address] if address else []
     return subprocess.run([*NO_CAPS, IPFERRY, "connect", "--tunnel",
                            str(daemon.runtime_dir / "tunnel.sock"), "--tenant", tenant, *extra,
                            "--", *cmd], capture_output=True, timeout=timeout,
@@ -37,9 +38,9 @@ def connect(daemon, *cmd: str, tenant: str = "acme", context: str | None = None,
 
 
 def stream_client(daemon, mode: str, *args, port: int = STREAM_PORT, tenant: str = "acme",
-                  timeout: float = 240) -> dict:
-    res = connect(daemon, "python3", STREAMS, mode,
-                  SERVER_ADDR, str(port), *map(str, args), tenant=tenant, timeout=timeout)
+                  address: str | None = None, timeout: float = 240) -> dict:
+    res = connect(daemon, "python3", STREAMS, mode, SERVER_ADDR, str(port), *map(str, args),
+                  tenant=tenant, address=address, timeout=timeout)
     assert res.returncode == 0, res.stderr.decode()[-2000:]
     return json.loads(res.stdout)
 

@@ -100,6 +100,18 @@ def drain(addr: str, port: int, n: int) -> dict:
     return {"sent": n, "sha256": hashlib.sha256(data).hexdigest()}
 
 
+def idle(addr: str, port: int, seconds: int) -> dict:
+    """Connect, say nothing for ``seconds``, then ask for 10 bytes: what happens?"""
+    with socket.create_connection((addr, port), timeout=30) as s:
+        time.sleep(seconds)
+        try:
+            s.sendall(b"GET 10\n")
+            data = s.recv(100)
+            return {"outcome": "data" if data else "eof"}
+        except ConnectionResetError:
+            return {"outcome": "reset"}
+
+
 def echo_half_close(addr: str, port: int, n: int) -> dict:
     data = pattern(n)
     with socket.create_connection((addr, port), timeout=60) as s:
@@ -141,5 +153,6 @@ if __name__ == "__main__":
         print(json.dumps(asyncio.run(many(addr, port, int(sys.argv[4]), int(sys.argv[5]),
                                           timeout))))
     else:
-        fn = {"get": get, "put": put, "echo": echo_half_close, "drain": drain}[mode]
+        fn = {"get": get, "put": put, "echo": echo_half_close, "drain": drain,
+              "idle": idle}[mode]
         print(json.dumps(fn(addr, port, int(sys.argv[4]))))

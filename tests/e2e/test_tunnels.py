@@ -13,7 +13,7 @@ import time
 
 import dpkt
 
-from tests.e2e.dataplane import SERVER_ADDR, STREAMS, config, connect, stream_client
+from tests.e2e.dataplane import SERVER_ADDR, STREAMS, audit_records, config, connect, stream_client
 from tests.helpers import wait_for
 
 
@@ -147,3 +147,56 @@ def test_connect_ends_its_command_when_the_daemon_closes_the_tunnel(daemon_facto
         "ipferry connect: the daemon closed the tunnel (a refused context, or it stopped; "
         "see its log)")
     assert time.monotonic() - started < 10
+
+
+def test_idle_flow_expires_releases_its_slot_and_is_reset(daemon_factory, streams, tmp_path):
+    d = daemon_factory("--workers", "1", config=config(tmp_path, "[flows]\ntcp_established = 1\n"))
+    assert stream_client(d, "idle", 3) == {"outcome": "reset"}
+    ends = [r for r in audit_records(tmp_path / "audit.jsonl") if r["audit"] == "flow_end"]
+    assert ends[0]["close_reason"] == "idle_timeout"
+    m = d.metrics()
+    assert m[("ipferry_nat_slots_in_use", (("worker", "0"),))] == 0
+    assert drops(d).get("no_flow", 0) >= 1  # the late GET met no flow and was reset
+
+
+END_APP = textwrap.dedent("""\
+    import json, os
+    from ipferry.worker.app import RulesApplication
+
+    class App(RulesApplication):
+        def on_flow_end(self, flow):
+            with open(os.environ["FLOW_END_FILE"], "a") as f:
+                f.write(json.dumps({"dport": flow.start.dport, "bytes": flow.payload_bytes,
+                                    "reason": flow.close_reason}) + "\\n")
+    """)
+
+
+def test_on_flow_end_hears_every_flow(daemon_factory, streams, tmp_path):
+    (tmp_path / "endapp.py").write_text(END_APP)
+    out = tmp_path / "ends.jsonl"
+    d = daemon_factory("--workers", "2", config=config(tmp_path, '[app]\nclass = "endapp:App"\n'),
+                       env={"PYTHONPATH": str(tmp_path), "FLOW_END_FILE": str(out)})
+    assert stream_client(d, "get", 5000)["bytes"] == 5000
+    ends = wait_for(lambda: out.exists() and [json.loads(x) for x in out.read_text().splitlines()], 10,
+                    "on_flow_end")
+    assert ends == [{"dport": 9000, "bytes": [len("GET 5000\n"), 5000], "reason": "fin"}]
+
+
+def test_another_tunnel_cannot_reset_a_flow(daemon_factory, streams, tmp_path):
+    d = daemon_factory("--workers", "1", config=config(tmp_path))
+    result: dict = {}
+    t = threading.Thread(target=lambda: result.update(
+        stream_client(d, "get", 60 << 20, address="10.98.5.5")))
+    t.start()
+    flow = wait_for(lambda: d.get_json("/api/flows")["flows"], 30, "the flow")[0]
+    attacker = open_tunnel(d, b'{"tenant": "acme"}')
+    for seq in range(0, 1 << 32, 1 << 28):  # blind resets across the sequence space
+        rst = dpkt.ip.IP(src=socket.inet_aton("10.98.5.5"), dst=socket.inet_aton(SERVER_ADDR),
+                         p=6, ttl=64, data=dpkt.tcp.TCP(sport=flow["sport"], dport=9000, seq=seq,
+                                                        flags=dpkt.tcp.TH_RST))
+        rst.len = 40
+        attacker.send(bytes(rst))
+    t.join(120)
+    attacker.close()
+    assert result.get("bytes") == 60 << 20, result
+    assert drops(d).get("tunnel_mismatch") == 16
