@@ -17,8 +17,6 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-import dpkt
-
 from . import metrics
 from .app import Application, Decision, FlowEnd, FlowStart, call_hook
 from .audit import AuditLog
@@ -64,6 +62,7 @@ def _addr(b: bytes) -> str:
 
 def reset_for(p: Parsed, packet: bytes) -> bytes:
     """The RST a TCP stack would answer ``packet`` with (slow path: dpkt builds it)."""
+    import dpkt  # only here: a worker that never resets anything never pays for the import
     tcp = dpkt.tcp.TCP(packet[p.ihl:p.total_length])
     seg_len = p.payload_length + (1 if p.tcp_flags & TCP_SYN else 0)
     if p.tcp_flags & TCP_ACK:
