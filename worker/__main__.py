@@ -202,7 +202,9 @@ class Worker:
         """A packet of our tunnel whose flow ``peer`` owns: tell it the tunnel once, then send."""
         link = self.mesh.get(peer)
         if link is None:
+            # The owner is restarting: its flows are gone. A reset makes the client fail fast.
             metrics.DROPS.labels("owner_unreachable").inc()
+            self.datapath.reset_client(tunnel, packet)
             return
         if tunnel.id not in link.opened:
             if not link.send_message("tunnel_open", {"tunnel": tunnel.id,

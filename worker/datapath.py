@@ -165,6 +165,10 @@ class DataPath:
         flow = self.flows.start(key, None, now)
         if isinstance(flow, LimitReached):
             metrics.DROPS.labels(flow.value).inc()
+            self.audit.record("flow_start", decision="drop", reason=flow.value, upstream=None,
+                              tenant=key.tenant, protocol=PROTO_NAMES.get(key.protocol),
+                              src=_addr(key.src), sport=key.sport, dst=_addr(key.dst),
+                              dport=key.dport, tunnel=tunnel.id, tunnel_worker=tunnel.origin)
             self.send_to_tunnel(tunnel, reset_for(p, packet))
             return None
         start = FlowStart(key.tenant, PROTO_NAMES.get(key.protocol, str(key.protocol)),
@@ -270,6 +274,12 @@ class DataPath:
         rewrite_ipv4_tcp(buf, p.ihl, key.dst, key.dport, key.src, key.sport)
         self.send_to_tunnel(entry.tunnel, buf)
         self._after_packet(entry, ended)
+
+    def reset_client(self, tunnel: Tunnel, packet: bytes) -> None:
+        """Answer a tunnel packet with a TCP reset (unless it is not TCP or is a reset itself)."""
+        p = parse(packet)
+        if isinstance(p, Parsed) and not p.tcp_flags & TCP_RST:
+            self.send_to_tunnel(tunnel, reset_for(p, packet))
 
     def send_to_tunnel(self, tunnel: Tunnel, packet: bytes | bytearray) -> None:
         if tunnel.local:

@@ -179,6 +179,9 @@ def test_rule_upstream_override_and_flow_limits(daemon_factory, streams, tmp_pat
     refused = sum(v for (n, labels), v in d.metrics().items() if n == "ipferry_drops_total"
                   and ("reason", "flow_limit_tenant") in labels)
     assert refused >= 1
+    audited = [r for r in audit_records(tmp_path / "audit.jsonl")
+               if r["audit"] == "flow_start" and r["reason"] == "flow_limit_tenant"]
+    assert len(audited) == refused and audited[0]["decision"] == "drop"
 
 
 def test_flows_api_filters_and_pages(daemon_factory, streams, tmp_path):
