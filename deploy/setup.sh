@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-debs=(libcap-dev iproute2 iperf3 procps util-linux gcc python3-dev)
+debs=(libcap-dev iproute2 iperf3 iputils-ping procps util-linux gcc python3-dev)
 missing=()
 for p in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,9 +1,11 @@
 """``ipferry connect``: run a command whose every packet goes through ipferry's tunnel.
 
 The command runs in a fresh user+net namespace (see :mod:`ipferry.nsd.sandbox`) whose default
-route is a TUN device; this process pumps the TUN's packets into a connected IP tunnel (a
-SOCK_SEQPACKET connection to the daemon: the context first, then one raw packet per datagram) and
-the tunnel's packets back into the TUN. It exits with the command's status.
+routes (IPv4 and IPv6) are a TUN device; this process pumps the TUN's packets into a tunnel and
+the tunnel's packets back into the TUN. The tunnel is either connected (a SOCK_SEQPACKET
+connection to the daemon: the context first, then one raw packet per datagram) or, with
+``--gue HOST:PORT``, unconnected: UDP datagrams with the context in each GUE header (see
+:mod:`ipferry.worker.gue`). It exits with the command's status.
 """
 
 from __future__ import annotations
@@ -45,6 +47,97 @@ def random_address() -> ipaddress.IPv4Interface:
     return ipaddress.IPv4Interface(f"10.98.{random.randrange(256)}.{random.randrange(1, 255)}/32")
 
 
+def random_address6() -> ipaddress.IPv6Interface:
+    return ipaddress.IPv6Interface(f"fd98::{random.randrange(1, 0xFFFF):x}:"
+                                   f"{random.randrange(1, 0xFFFF):x}/128")
+
+
+class GueTunnel:
+    """The unconnected tunnel: a UDP socket towards the daemon's GUE on-ramp.
+
+    Quacks like the SEQPACKET socket the pumps use (send, recv, shutdown, close). A packet too big
+    for one datagram is answered into the TUN with ICMP "fragmentation needed" / "packet too big",
+    as a router would, so the command's TCP lowers its segment size.
+    """
+
+    def __init__(self, host: str, port: int, context: bytes) -> None:
+        from ipferry.worker import gue
+        self._gue = gue
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            self.sock.connect((host, port))
+        except OSError as exc:
+            self.sock.close()
+            raise ConnectError(f"cannot reach the GUE on-ramp at {host}:{port}: "
+                               f"{exc.strerror}") from None
+        self.headers = {4: gue.header(context, 4), 6: gue.header(context, 6)}
+        self.max_datagram = gue.MAX_DATAGRAM[6 if family == socket.AF_INET6 else 4]
+        self.mtu = self.max_datagram - len(self.headers[4])  # the largest inner packet
+        self.tun_fd: int | None = None
+
+    def send(self, packet: bytes) -> None:
+        version = packet[0] >> 4 if packet else 0
+        head = self.headers.get(version)
+        if head is None:
+            return  # not IP: nothing the daemon could use
+        if len(head) + len(packet) > self.max_datagram:
+            self._too_big(packet)
+            return
+        try:
+            self.sock.send(head + packet)
+        except ConnectionRefusedError:
+            pass  # the daemon is (re)starting: a lost datagram, as on any UDP path
+        except OSError as exc:
+            if exc.errno != errno.EMSGSIZE:
+                raise
+            self._too_big(packet)
+
+    def _too_big(self, packet: bytes) -> None:
+        from ipferry.worker.icmp import unreachable
+        from ipferry.worker.packet import parse
+        p = parse(packet)
+        if isinstance(p, str) or self.tun_fd is None:
+            return
+        answer = unreachable(packet, p, "too_big", mtu=self.mtu)
+        if answer is not None:
+            os.write(self.tun_fd, answer)
+
+    def recv(self, size: int) -> bytes:
+        while True:
+            try:
+                datagram = self.sock.recv(size)
+            except ConnectionRefusedError:
+                continue  # an ICMP error for an earlier datagram: the tunnel itself goes on
+            if not datagram:
+                return b""  # shut down: we are done
+            try:
+                return self._gue.decapsulate(datagram)[1]
+            except self._gue.BadGue:
+                continue
+
+    def shutdown(self, how: int) -> None:
+        # Unblock the reader: recv on a UDP socket returns once it is shut down.
+        try:
+            self.sock.shutdown(how)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def open_gue(target: str, context: dict) -> GueTunnel:
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConnectError(f"--gue {target!r}: expected HOST:PORT, e.g. 127.0.0.1:6080")
+    raw = json.dumps(context, separators=(",", ":")).encode()
+    try:
+        return GueTunnel(host.strip("[]"), int(port), raw)
+    except ValueError as exc:
+        raise ConnectError(f"--gue: {exc}") from None
+
+
 def open_tunnel(path: Path, context: dict) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
@@ -80,6 +173,8 @@ def _pump_tun_to_tunnel(tun_fd: int, tunnel: socket.socket, stop: threading.Even
         except OSError as exc:
             if exc.errno == errno.EMSGSIZE:
                 continue  # larger than the tunnel takes: dropped, as a router would
+            if exc.errno == errno.ENOBUFS:
+                continue  # a full socket queue on a datagram path: lost, TCP resends it
             break
     stop.set()
 
@@ -103,13 +198,24 @@ def _pump_tunnel_to_tun(tun_fd: int, tunnel: socket.socket, stop: threading.Even
     stop.set()
 
 
-def run(command: list[str], *, tunnel_path: Path, context: dict, mtu: int,
-        address: ipaddress.IPv4Interface) -> int:
-    tunnel = open_tunnel(tunnel_path, context)
+def run(command: list[str], *, tunnel_path: Path | None, context: dict, mtu: int | None,
+        address: ipaddress.IPv4Interface, address6: ipaddress.IPv6Interface | None = None,
+        gue: str | None = None) -> int:
+    """Run ``command`` behind a tunnel: connected at ``tunnel_path``, or GUE to ``gue``.
+
+    ``mtu`` None: 65520 on a connected tunnel, the largest packet a GUE datagram carries on GUE.
+    """
+    if gue is not None:
+        tunnel = open_gue(gue, context)
+        mtu = mtu or tunnel.mtu
+    else:
+        tunnel = open_tunnel(tunnel_path or default_tunnel_path(), context)
+        mtu = mtu or 65520
     ours, theirs = fdpass.channel_pair()
     child = subprocess.Popen(
         [sys.executable, "-m", "ipferry.nsd.sandbox", "--control-fd", str(theirs.fileno()),
-         "--address", str(address), "--mtu", str(mtu), "--", *command],
+         "--address", str(address), "--address6", str(address6 or random_address6()),
+         "--mtu", str(mtu), "--", *command],
         pass_fds=[theirs.fileno()])
     theirs.close()
     try:
@@ -125,6 +231,8 @@ def run(command: list[str], *, tunnel_path: Path, context: dict, mtu: int,
     tun_fd = msg.take_fd("tun")
     msg.close_fds()
     os.set_blocking(tun_fd, True)
+    if isinstance(tunnel, GueTunnel):
+        tunnel.tun_fd = tun_fd
 
     stop = threading.Event()
     activity = _Activity()

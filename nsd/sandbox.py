@@ -1,7 +1,8 @@
 """The inside of ``ipferry connect``: a fresh user+net namespace whose only way out is a TUN.
 
-``python -m ipferry.nsd.sandbox --control-fd N --address A [--mtu M] -- CMD ...`` enters a new
-user and network namespace, brings up ``lo`` and a TUN device as the default route, sends the TUN
+``python -m ipferry.nsd.sandbox --control-fd N --address A --address6 A6 [--mtu M] -- CMD ...``
+enters a new user and network namespace, brings up ``lo`` and a TUN device carrying both addresses
+as the IPv4 and IPv6 default route, sends the TUN
 fd to its parent (message ``tun``, fd ``tun``) and runs CMD, staying as the namespace's keeper
 until CMD has exited and the sockets it left have said all they owed (at most 10 s); it exits
 with CMD's status. The parent pumps packets between that TUN and a tunnel. Errors before CMD runs
@@ -23,14 +24,17 @@ from .namespace import HostError, enter_user_and_net_namespace, write_sysctls
 from .tun import open_tun
 
 TUN_NAME = "ipf-tun0"
+IFA_F_NODAD = 0x02  # usable at once: CMD may connect before duplicate detection would finish
 
 
-def build_network(address: ipaddress.IPv4Interface, mtu: int) -> int:
-    """In the current (new) namespace: lo up, a TUN with ``address`` as default route."""
+def build_network(address: ipaddress.IPv4Interface, mtu: int,
+                  address6: ipaddress.IPv6Interface | None = None) -> int:
+    """In the current (new) namespace: lo up, a TUN with the addresses as default routes."""
     from pyroute2 import IPRoute  # only now: unshare needed a single-threaded process
 
     write_sysctls({"net.ipv6.conf.default.router_solicitations": "0",
                    "net.ipv6.conf.default.accept_dad": "0",
+                   "net.ipv6.conf.default.disable_ipv6": "0",
                    # Let CMD (uid 0 inside, or unmapped) use ping sockets.
                    "net.ipv4.ping_group_range": "0 2147483647"})
     tun_fd, name = open_tun(TUN_NAME)
@@ -40,6 +44,10 @@ def build_network(address: ipaddress.IPv4Interface, mtu: int) -> int:
         ipr.link("set", index=idx, mtu=mtu, state="up")
         ipr.addr("add", index=idx, address=str(address.ip), prefixlen=address.network.prefixlen)
         ipr.route("add", dst="0.0.0.0/0", oif=idx)
+        if address6 is not None:
+            ipr.addr("add", index=idx, address=str(address6.ip),
+                     prefixlen=address6.network.prefixlen, flags=IFA_F_NODAD)
+            ipr.route("add", dst="::/0", oif=idx, family=socket.AF_INET6)
     return tun_fd
 
 
@@ -47,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ipferry-sandbox", description=__doc__)
     parser.add_argument("--control-fd", type=int, required=True)
     parser.add_argument("--address", type=ipaddress.IPv4Interface, required=True)
+    parser.add_argument("--address6", type=ipaddress.IPv6Interface)
     parser.add_argument("--mtu", type=int, default=65520)
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
@@ -54,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     control = socket.socket(fileno=args.control_fd)
     try:
         enter_user_and_net_namespace()
-        tun_fd = build_network(args.address, args.mtu)
+        tun_fd = build_network(args.address, args.mtu, args.address6)
     except HostError as exc:
         fdpass.send(control, "error", {"cause": exc.cause, "fix": exc.fix})
         return 2

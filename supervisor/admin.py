@@ -116,8 +116,9 @@ async def status(request: web.Request) -> web.Response:
         "nsd": {"pid": nsd.child.pid if nsd.child else None, "state": str(nsd.state),
                 "restarts": nsd.restart_count, "started_at": nsd.started_at, **nsd.namespaces},
         "workers": [w.as_dict() for w in sup.workers],
-        "onramps": [{"name": o.name, "path": str(o.path) if o.path else None,
-                     "from_systemd": o.from_systemd} for o in sup.onramps],
+        "onramps": [{"name": o.name, "kind": o.kind, "path": str(o.path) if o.path else None,
+                     "address": o.address, "from_systemd": o.from_systemd}
+                    for o in sup.onramps],
     })
 
 

@@ -209,7 +209,7 @@ class Supervisor:
 
         t0 = time.monotonic()
         try:
-            self.onramps = open_onramps(self.config.onramps)
+            self.onramps = open_onramps(self.config.onramps, self.worker_count)
         except Exception as exc:
             raise StartupError(str(exc)) from None
         self.admin = AdminServer(self, self.config.admin, self.admin_listen_override)
@@ -237,7 +237,7 @@ class Supervisor:
         if self.stopping:
             return  # asked to stop (or a crash loop) while starting
         self.log.info("ready", workers=len(self.workers), seconds=round(time.monotonic() - t0, 3),
-                      onramps={o.name: str(o.path) for o in self.onramps},
+                      onramps={o.name: str(o.path or o.address) for o in self.onramps},
                       admin=self.admin.addresses())
         self.started = True
         self.notifier.ready(self.status_line())
@@ -344,7 +344,7 @@ class Supervisor:
                 self.log.error("equip_failed", worker=slot.index, error=repr(exc))
                 child.signal(signal.SIGKILL)
             return
-        fds = {f"onramp:{o.name}": o.sock.fileno() for o in self.onramps}
+        fds = {name: fd for o in self.onramps for name, fd in o.fds_for(slot.index).items()}
         fds.update(slot.equipment)
         fds["nsd"] = nsd_fd
         peers: list[tuple[WorkerSlot, object]] = []
@@ -566,6 +566,9 @@ class Supervisor:
                        "upstream": configmod._host_port(r.upstream) if r.upstream else None}
                       for r in c.rules],
             "flows": self.flows_settings.model_dump(mode="json"),
+            "mtu": self.namespace.mtu,
+            "gue": {o.name: {"allow": [str(n) for n in o.allow], "tenants": list(o.tenants)}
+                    for o in c.onramps if o.kind == "gue"},
             "audit": self.audit_settings.model_dump(mode="json"),
         }
 

@@ -69,14 +69,23 @@ def build_parser() -> argparse.ArgumentParser:
         "(the context first, then raw IP packets), and the daemon's replies come back the same "
         "way. Exits with CMD's status. Like pasta or slirp4netns, but policy-checked and audited.",
         epilog="example: ipferry connect --tenant acme -- curl http://198.18.0.1/")
-    connect.add_argument("--tunnel", metavar="PATH",
-                         help="the daemon's tunnel on-ramp (default: as `ipferry run` binds it)")
+    how = connect.add_mutually_exclusive_group()
+    how.add_argument("--tunnel", metavar="PATH",
+                     help="the daemon's connected tunnel on-ramp (default: as `ipferry run` "
+                          "binds it)")
+    how.add_argument("--gue", metavar="HOST:PORT",
+                     help="use the daemon's unconnected GUE on-ramp at HOST:PORT instead (UDP; "
+                          "the context rides in every datagram's GUE header, at most 124 bytes)")
     connect.add_argument("--tenant", default="default", help="tenant of the tunnel's context")
     connect.add_argument("--context", metavar="JSON", default="{}",
                          help="more context, a JSON object merged under the tenant")
-    connect.add_argument("--mtu", type=int, default=65520, help="MTU of the TUN (default 65520)")
+    connect.add_argument("--mtu", type=int,
+                         help="MTU of the TUN (default 65520; with --gue the largest packet a "
+                              "datagram carries, 65507 minus the GUE header)")
     connect.add_argument("--address", metavar="A.B.C.D",
                          help="the command's IPv4 address (default: random in 10.98.0.0/16)")
+    connect.add_argument("--address6", metavar="IPV6",
+                         help="the command's IPv6 address (default: random in fd98::/16)")
     connect.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
 
     admin_client("status", "show the running daemon's readiness, nsd and workers")
@@ -94,7 +103,7 @@ def cmd_check_config(args) -> int:
         print(exc, file=sys.stderr)
         return 2
     print(f"{args.file}: ok ({n} workers, on-ramps: "
-          f"{', '.join(f'{o.name} at {o.socket_path()}' for o in cfg.onramps)})")
+          f"{', '.join(f'{o.name} at {_where(o)}' for o in cfg.onramps)})")
     return 0
 
 
@@ -144,7 +153,7 @@ def cmd_connect(args) -> int:
     import json
     from pathlib import Path
 
-    from ipferry.nsd.connect import ConnectError, default_tunnel_path, random_address, run
+    from ipferry.nsd.connect import ConnectError, random_address, random_address6, run
 
     command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     if not command:
@@ -157,15 +166,18 @@ def cmd_connect(args) -> int:
             raise ValueError("not a JSON object")
         address = ipaddress.IPv4Interface(f"{args.address}/32") if args.address \
             else random_address()
+        address6 = ipaddress.IPv6Interface(f"{args.address6}/128") if args.address6 \
+            else random_address6()
     except ValueError as exc:
-        print(f"ipferry connect: bad --context or --address: {exc}", file=sys.stderr)
+        print(f"ipferry connect: bad --context, --address or --address6: {exc}", file=sys.stderr)
         return 2
-    if not 1280 <= args.mtu <= 65520:
+    if args.mtu is not None and not 1280 <= args.mtu <= 65520:
         print(f"ipferry connect: --mtu {args.mtu}: must be within 1280..65520", file=sys.stderr)
         return 2
     try:
-        return run(command, tunnel_path=Path(args.tunnel) if args.tunnel else default_tunnel_path(),
-                   context={**extra, "tenant": args.tenant}, mtu=args.mtu, address=address)
+        return run(command, tunnel_path=Path(args.tunnel) if args.tunnel else None,
+                   context={**extra, "tenant": args.tenant}, mtu=args.mtu, address=address,
+                   address6=address6, gue=args.gue)
     except ConnectError as exc:
         print(f"ipferry connect: {exc}", file=sys.stderr)
         return 1
@@ -202,6 +214,10 @@ def cmd_admin(args) -> int:
     return 1
 
 
+def _where(onramp) -> str:
+    return f"udp {onramp.listen} (GUE)" if onramp.kind == "gue" else str(onramp.socket_path())
+
+
 def format_status(body: dict) -> str:
     lines = [f"{'ready' if body['ready'] else 'NOT READY'}: {body['status']} "
              f"(supervisor pid {body['pid']}, config {body['config'] or 'built-in default'})",
@@ -211,7 +227,8 @@ def format_status(body: dict) -> str:
         lines.append(f"worker {w['index']}: pid {w['pid']}, {w['state']}, restarts {w['restarts']}, "
                      f"tun {w['tun']}")
     for o in body["onramps"]:
-        lines.append(f"on-ramp {o['name']}: {o['path'] or 'from systemd'}")
+        where = o.get("address") and f"GUE on udp {o['address']}" or o["path"] or "from systemd"
+        lines.append(f"on-ramp {o['name']}: {where}")
     return "\n".join(lines)
 
 

@@ -14,7 +14,8 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError,
+                      field_validator, model_validator)
 
 from ipferry.nsd.addressing import capacity, worker_block
 
@@ -56,6 +57,53 @@ class TunnelOnramp(_Strict):
 
     def socket_path(self) -> Path:
         return self.path or default_runtime_dir() / f"{self.name}.sock"
+
+
+class GueOnramp(_Strict):
+    """An unconnected IP tunnel: GUE in UDP, one IP packet a datagram, the context in its header.
+
+    Every worker has a socket in the port's SO_REUSEPORT group; a classic-BPF program steers each
+    datagram to the owner of its inner flow. Whoever can send to the port can claim any tenant:
+    it listens on loopback unless an ``allow`` list of source networks says who may send.
+    """
+
+    kind: Literal["gue"]
+    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")] = "gue"
+    listen: str = "127.0.0.1:6080"
+    allow: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []  # source networks; [] = any
+    tenants: list[Annotated[str, Field(min_length=1)]] = []  # accepted tenants; [] = any
+    receive_buffer: Annotated[int, Field(ge=65536, le=1 << 30)] = 4 << 20
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, v: str) -> str:
+        host, _ = _host_port(v)
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError("expected an IP address and a port, e.g. 127.0.0.1:6080 or "
+                             "[::1]:6080") from None
+        return v
+
+    @model_validator(mode="after")
+    def _not_open_to_all(self) -> GueOnramp:
+        if not ipaddress.ip_address(self.address()[0]).is_loopback and not self.allow:
+            raise ValueError(f"a GUE on-ramp on {self.listen} (not loopback) needs an allow list "
+                             f"of source networks: whoever can send to it can claim any tenant")
+        return self
+
+    def address(self) -> tuple[str, int]:
+        return _host_port(self.listen)
+
+
+def _onramp_kind(value) -> str:
+    if isinstance(value, dict):
+        return value.get("kind", "tunnel")
+    return getattr(value, "kind", "tunnel")
+
+
+Onramp = Annotated[Annotated[TunnelOnramp, Tag("tunnel")] | Annotated[GueOnramp, Tag("gue")],
+                   Discriminator(_onramp_kind)]
 
 
 class Admin(_Strict):
@@ -157,7 +205,7 @@ class Logging(_Strict):
 
 
 class Flows(_Strict):
-    """Flow tracking limits and idle timeouts (seconds, per TCP state, like conntrack's)."""
+    """Flow tracking limits and idle timeouts (seconds, per state, like conntrack's)."""
 
     max_per_worker: Annotated[int, Field(ge=1)] = 100_000
     max_per_tenant: Annotated[int, Field(ge=1)] = 10_000
@@ -165,6 +213,9 @@ class Flows(_Strict):
     tcp_established: Annotated[float, Field(gt=0)] = 7200.0
     tcp_fin_wait: Annotated[float, Field(gt=0)] = 120.0
     tcp_closing: Annotated[float, Field(gt=0)] = 60.0
+    udp_unreplied: Annotated[float, Field(gt=0)] = 30.0  # no reply yet (a lone DNS query)
+    udp_replied: Annotated[float, Field(gt=0)] = 120.0
+    icmp: Annotated[float, Field(gt=0)] = 30.0
     upstream_connect_timeout: Annotated[float, Field(gt=0, le=300)] = 10.0
 
 
@@ -226,7 +277,7 @@ class Audit(_Strict):
 class Config(_Strict):
     # At most 128: a worker's equip message carries a mesh fd per peer (SCM_MAX_FD is 253).
     workers: Annotated[int, Field(ge=1, le=MAX_WORKERS)] | None = None  # default: the CPUs
-    onramps: Annotated[list[TunnelOnramp], Field(max_length=32)] = Field(
+    onramps: Annotated[list[Onramp], Field(max_length=32)] = Field(
         default_factory=lambda: [TunnelOnramp()])
     admin: Admin = Admin()
     namespace: Namespace = Namespace()

@@ -1,4 +1,11 @@
-"""On-ramp listeners: bound once by the supervisor (or taken from systemd) and shared by workers."""
+"""On-ramp listeners: bound once by the supervisor (or taken from systemd) and shared by workers.
+
+A tunnel on-ramp is one SOCK_SEQPACKET listener every worker accepts on. A GUE on-ramp is a
+SO_REUSEPORT group of UDP sockets, one per worker, bound in worker order: the group's steering
+program returns a worker index, which is the socket's place in the group. The supervisor holds
+every socket for the daemon's life, so a restarted worker gets its predecessor's socket (and the
+datagrams queued on it) and the group's order never changes.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +13,10 @@ import errno
 import os
 import socket
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import TunnelOnramp
+from .config import GueOnramp, TunnelOnramp
 
 SD_LISTEN_FDS_START = 3
 
@@ -25,9 +32,20 @@ class Listener:
     path: Path | None  # a unix socket file we created and must remove
     inode: int | None = None
     from_systemd: bool = False
+    kind: str = "tunnel"
+    group: list[socket.socket] = field(default_factory=list)  # GUE: worker i's socket at i
+    address: str | None = None  # GUE: HOST:PORT
+
+    def fds_for(self, worker: int) -> dict[str, int]:
+        """The fds worker ``worker`` gets of this on-ramp."""
+        if self.kind == "gue":
+            return {f"gue:{self.name}": self.group[worker].fileno()}
+        return {f"onramp:{self.name}": self.sock.fileno()}
 
     def close(self) -> None:
         self.sock.close()
+        for sock in self.group:
+            sock.close()
         if self.path is None or self.from_systemd:
             return
         try:  # only remove the file if it is still ours (a successor may have bound it)
@@ -99,11 +117,41 @@ def bind_unix(path: Path, type_: int, mode: int, backlog: int) -> tuple[socket.s
     return sock, os.stat(path).st_ino
 
 
-def open_onramps(onramps: list[TunnelOnramp]) -> list[Listener]:
+def bind_gue_group(onramp: GueOnramp, workers: int) -> Listener:
+    """One UDP socket per worker in a SO_REUSEPORT group steered by the flow-hash program."""
+    from ipferry.worker.steering import attach
+
+    host, port = onramp.address()
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    group: list[socket.socket] = []
+    try:
+        for _ in range(workers):
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            group.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            # Bursts wait here while a worker is busy (capped by net.core.rmem_max).
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, onramp.receive_buffer)
+            sock.bind((host, port))
+            port = sock.getsockname()[1]  # port 0: the first socket's port for the others
+            sock.setblocking(False)
+        attach(group[0], workers)  # the program belongs to the group, not to one socket
+    except OSError as exc:
+        for sock in group:
+            sock.close()
+        raise ListenerError(f"GUE on-ramp {onramp.name} at {onramp.listen}: cannot bind "
+                            f"({exc.strerror or exc}); is another process using the port?") from None
+    where = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+    return Listener(onramp.name, group[0].dup(), None, kind="gue", group=group, address=where)
+
+
+def open_onramps(onramps: list[TunnelOnramp | GueOnramp], workers: int = 1) -> list[Listener]:
     passed = systemd_sockets()
     out: list[Listener] = []
     try:
         for onramp in onramps:
+            if isinstance(onramp, GueOnramp):
+                out.append(bind_gue_group(onramp, workers))
+                continue
             if onramp.name in passed:
                 out.append(Listener(onramp.name, passed.pop(onramp.name), None, from_systemd=True))
                 continue

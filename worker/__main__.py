@@ -2,8 +2,9 @@
 
 Protocol with the supervisor on the control channel:
 
-- supervisor -> ``equip`` {onramps, block, settings}: fds ``onramp:<name>``, ``tun``, ``upgrade4``,
-  ``upgrade6``, ``nsd`` and ``mesh:<peer>`` for every other live worker. Sent again after nsd was
+- supervisor -> ``equip`` {onramps, block, settings}: fds ``onramp:<name>`` (connected tunnel
+  listeners), ``gue:<name>`` (this worker's socket of each GUE on-ramp's group), ``tun``,
+  ``upgrade4``, ``upgrade6``, ``nsd`` and ``mesh:<peer>`` for every other live worker. Sent again after nsd was
   replaced: the worker then swaps its TUN, listeners and nsd link, keeping the rest.
 - worker -> ``ready`` once equipped and nsd answered a ping on the worker's own link.
 - supervisor -> ``mesh_peer`` {peer}: fd ``mesh:<peer>``, a replaced worker's new link.
@@ -37,6 +38,7 @@ from .mesh import PACKET, REPLY, MeshLink, RemoteTunnel
 from .nat import NatPool
 from .tun import TunDevice
 from .tunnels import TunnelOnramp
+from .unconnected import GueOnramp
 
 EXPIRE_INTERVAL = 1.0
 HOOK_DRAIN = 2.0  # at stop, how long on_flow_end calls may still take
@@ -64,6 +66,8 @@ class Worker:
         self.remote_tunnels: dict[tuple[int, int], RemoteTunnel] = {}  # (origin, id)
         self.datapath: DataPath | None = None
         self.tunnel_onramps: dict[str, TunnelOnramp] = {}
+        self.gue_socks: dict[str, socket.socket] = {}
+        self.gue_onramps: dict[str, GueOnramp] = {}
         self.app = None
         self.audit: AuditLog | None = None
         self.stopping = asyncio.Event()
@@ -103,6 +107,12 @@ class Worker:
                 os.close(fd)  # a re-equip repeats the on-ramps we already hold
             else:
                 self.onramps[name[7:]] = socket.socket(fileno=fd)
+        for name in [n for n in msg.fds if n.startswith("gue:")]:
+            fd = msg.take_fd(name)
+            if name[4:] in self.gue_socks:
+                os.close(fd)
+            else:
+                self.gue_socks[name[4:]] = socket.socket(fileno=fd)
         if self.datapath is not None:
             self.datapath.detach()
         if self.tun is not None:
@@ -141,26 +151,40 @@ class Worker:
     def start_datapath(self, block: dict) -> None:
         import ipaddress
         f = self.settings["flows"]
-        local = ipaddress.IPv4Address(block["ipv4_local"])
-        pool = NatPool(ipaddress.IPv4Network(block["ipv4"]), {local})
+        local4 = ipaddress.IPv4Address(block["ipv4_local"])
+        local6 = ipaddress.IPv6Address(block["ipv6_local"])
+        pools = {4: NatPool(ipaddress.IPv4Network(block["ipv4"]), {local4}),
+                 6: NatPool(ipaddress.IPv6Network(block["ipv6"]), {local6})}
         if self.datapath is None:
             flows = FlowTable(max_flows=f["max_per_worker"],
                               max_flows_per_tenant=f["max_per_tenant"],
                               timeouts=Timeouts(f["tcp_syn_sent"], f["tcp_established"],
-                                                f["tcp_fin_wait"], f["tcp_closing"]))
+                                                f["tcp_fin_wait"], f["tcp_closing"],
+                                                udp_unreplied=f["udp_unreplied"],
+                                                udp_replied=f["udp_replied"], icmp=f["icmp"]))
             self.datapath = DataPath(index=self.index, app=self.app, audit=self.audit,
-                                     log=self.log, flows=flows, pool=pool, local=local,
+                                     log=self.log, flows=flows, pools=pools,
+                                     local={4: local4.packed, 6: local6.packed},
                                      connect_timeout=f["upstream_connect_timeout"],
-                                     workers=self.settings["workers"], forward=self.forward)
+                                     workers=self.settings["workers"], forward=self.forward,
+                                     mtu=self.settings.get("mtu", 65520))
             self.spawn(self.expire_flows())
         else:
-            self.datapath.pool = pool  # a new namespace: nothing of the old one is in use
-        self.datapath.attach(self.tun, self.upgrade["upgrade4"])
+            self.datapath.pools = pools  # a new namespace: nothing of the old one is in use
+        self.datapath.attach(self.tun, self.upgrade["upgrade4"], self.upgrade["upgrade6"])
         for name, sock in self.onramps.items():
             if name not in self.tunnel_onramps:
                 self.tunnel_onramps[name] = TunnelOnramp(
                     name, self.index, sock, self.log, self.parse_context, self.datapath.on_tunnel_packet,
                     self.tunnel_closed)
+        for name, sock in self.gue_socks.items():
+            if name not in self.gue_onramps:
+                conf = self.settings.get("gue", {}).get(name, {})
+                self.gue_onramps[name] = GueOnramp(
+                    name, self.index, sock, self.log, allow=conf.get("allow", []),
+                    tenants=conf.get("tenants", []),
+                    parse_context=lambda raw: self.app.parse_context(raw),
+                    on_packet=self.datapath.on_tunnel_packet)
 
     async def parse_context(self, raw: bytes) -> TunnelContext:
         context = await call_hook(self.app.parse_context, raw)
@@ -172,6 +196,10 @@ class Worker:
         while True:
             await asyncio.sleep(EXPIRE_INTERVAL)
             self.datapath.expire()
+            if self.gue_onramps:
+                in_use = {e.tunnel.id for e in self.datapath.entries.values()}
+                for onramp in self.gue_onramps.values():
+                    onramp.sweep(in_use)
 
     async def handle_flows(self, msg: fdpass.Message) -> None:
         """The first ``upto`` flows in the admin API's order, and how many there are in all."""
@@ -181,7 +209,8 @@ class Worker:
                                           "flows": flows[:int(msg.get("upto", 100))]})
 
     async def handle_tunnels(self, msg: fdpass.Message) -> None:
-        tunnels = [t.as_dict() for o in self.tunnel_onramps.values() for t in o.tunnels.values()]
+        tunnels = [t.as_dict() for o in [*self.tunnel_onramps.values(), *self.gue_onramps.values()]
+                   for t in o.tunnels.values()]
         self.control.reply(msg, "tunnels", {"tunnels": tunnels})
 
     async def handle_mesh_peer(self, msg: fdpass.Message) -> None:
@@ -287,6 +316,8 @@ class Worker:
         if "settings" in msg.body and self.datapath is not None:
             self.settings = msg["settings"]
             self.app = self.datapath.app = build_application(self.settings)
+            for onramp in self.gue_onramps.values():
+                onramp.reset_contexts()
         self.log.info("reconfigured", log_level=msg["log_level"])
 
     async def handle_stop(self, msg: fdpass.Message) -> None:
@@ -298,7 +329,7 @@ class Worker:
         self.control.inbox.put_nowait(None)  # wake run() even when no message is due
 
     async def aclose(self) -> None:
-        for onramp in self.tunnel_onramps.values():
+        for onramp in [*self.tunnel_onramps.values(), *self.gue_onramps.values()]:
             onramp.stop()
         if self.datapath is not None:
             for entry in list(self.datapath.entries.values()):
@@ -309,7 +340,7 @@ class Worker:
             self.audit.close()
         if self.tun:
             self.tun.close()
-        for sock in [*self.onramps.values(), *self.upgrade.values()]:
+        for sock in [*self.onramps.values(), *self.gue_socks.values(), *self.upgrade.values()]:
             sock.close()
         for link in [*self.mesh.values(), *([self.nsd] if self.nsd else [])]:
             link.close()

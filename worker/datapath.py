@@ -1,17 +1,23 @@
-"""The worker's data path: tunnel packets in, kernel TCP streams out, and back.
+"""The worker's data path: tunnel packets in, kernel TCP streams and datagram sockets out, and back.
 
-For a new TCP flow the application decides; an upgraded flow claims a NAT slot and its packets
-are rewritten (source = the slot, destination = the worker's upgrade listener) into the worker's
-TUN. The namespace's kernel does the TCP; the worker accepts the connection (the peer address is
-the slot, which names the flow), connects the off-ramp and splices the two streams. The kernel's
-packets come out of the TUN addressed to the slot and are rewritten back into the flow's tunnel.
+For a new flow the application decides. An upgraded TCP flow (IPv4 or IPv6) claims a NAT slot and
+its packets are rewritten (source = the slot, destination = the worker's upgrade listener) into the
+worker's TUN. The namespace's kernel does the TCP; the worker accepts the connection (the peer
+address is the slot, which names the flow), connects the off-ramp and splices the two streams.
+The kernel's packets come out of the TUN addressed to the slot and are rewritten back into the
+flow's tunnel. An upgraded UDP or ICMP echo flow needs no kernel of ours: its payloads go out of a
+datagram socket (:mod:`ipferry.worker.datagram_flows`) and replies are wrapped back into IP.
+
+Refused flows get what a firewall would answer: ICMP "administratively prohibited" for policy,
+a TCP reset when a limit is hit; a packet too big for the path gets "fragmentation needed" /
+"packet too big" so PMTU discovery works, on either side.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
-import ipaddress
 import socket
 import struct
 import time
@@ -20,15 +26,23 @@ from dataclasses import dataclass, field
 from . import metrics
 from .app import Application, Decision, FlowEnd, FlowStart, call_hook
 from .audit import AuditLog
+from .datagram_flows import UNREACHABLE, DatagramUpstream, PingNotPermitted, open_upstream
 from .flows import CloseReason, Direction, Flow, FlowKey, FlowTable, LimitReached, TcpState
-from .nat import NatPool, NatSlot, SlotPoolExhausted, rewrite_ipv4_tcp
-from .packet import TCP_ACK, TCP_RST, TCP_SYN, Drop, Parsed, parse
+from .icmp import echo_message, icmp_packet, udp_packet, unreachable
+from .nat import NatPool, NatSlot, SlotPoolExhausted, rewrite_tcp
+from .packet import (IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_RST,
+                     TCP_SYN, Drop, Parsed, parse)
 from .relay import abort, relay
 from .sharding import owner
 from .tun import TunDevice
 from .tunnels import Tunnel
 
-PROTO_NAMES = {6: "tcp", 17: "udp", 1: "icmp"}
+# ICMPv6 is "icmp" to rules and metrics: one word for ping, whichever IP version.
+PROTO_NAMES = {IPPROTO_TCP: "tcp", IPPROTO_UDP: "udp", IPPROTO_ICMP: "icmp", IPPROTO_ICMPV6: "icmp"}
+ECHO_REQUEST = {IPPROTO_ICMP: 8, IPPROTO_ICMPV6: 128}
+ECHO_REPLY = {0, 129}
+DEST_UNREACHABLE = {IPPROTO_ICMP: 3, IPPROTO_ICMPV6: 1}
+PING_LOG_INTERVAL = 60.0  # how often "ping sockets not permitted" is logged again
 UPGRADE_PORT = 1  # nsd binds the upgrade listeners there (see ipferry.nsd.network)
 _LINGER_RST = struct.pack("ii", 1, 0)  # close() sends RST instead of FIN
 MAX_PENDING = 8  # packets held per flow while an async hook decides
@@ -49,6 +63,8 @@ class FlowEntry:
     decision: Decision | None = None  # None while the application decides
     slot: NatSlot | None = None
     pending: list[tuple[Parsed, bytes]] = field(default_factory=list)
+    upstream: DatagramUpstream | None = None  # UDP and ICMP echo flows
+    last: tuple[Parsed, bytes] | None = None  # datagram flows: the client's last packet
     payload: list[int] = field(default_factory=lambda: [0, 0])  # new bytes, by direction
     next_seq: list[int | None] = field(default_factory=lambda: [None, None])
     stream: asyncio.Task | None = None
@@ -57,19 +73,22 @@ class FlowEntry:
 
 
 def _addr(b: bytes) -> str:
-    return socket.inet_ntoa(b)
+    return socket.inet_ntop(socket.AF_INET6 if len(b) == 16 else socket.AF_INET, b)
 
 
 def reset_for(p: Parsed, packet: bytes) -> bytes:
     """The RST a TCP stack would answer ``packet`` with (slow path: dpkt builds it)."""
     import dpkt  # only here: a worker that never resets anything never pays for the import
-    tcp = dpkt.tcp.TCP(packet[p.ihl:p.total_length])
+    tcp = dpkt.tcp.TCP(bytes(packet[p.ihl:p.ihl + 20]))
     seg_len = p.payload_length + (1 if p.tcp_flags & TCP_SYN else 0)
     if p.tcp_flags & TCP_ACK:
         rst = dpkt.tcp.TCP(sport=p.dport, dport=p.sport, seq=tcp.ack, flags=dpkt.tcp.TH_RST)
     else:
         rst = dpkt.tcp.TCP(sport=p.dport, dport=p.sport, seq=0, ack=(tcp.seq + seg_len) & 0xFFFFFFFF,
                            flags=dpkt.tcp.TH_RST | dpkt.tcp.TH_ACK)
+    if p.version == 6:
+        ip6 = dpkt.ip6.IP6(src=p.dst, dst=p.src, nxt=IPPROTO_TCP, hlim=64, data=rst, plen=20)
+        return bytes(ip6)
     ip = dpkt.ip.IP(src=p.dst, dst=p.src, p=dpkt.ip.IP_PROTO_TCP, ttl=64, data=rst)
     ip.len = 40
     return bytes(ip)
@@ -77,8 +96,9 @@ def reset_for(p: Parsed, packet: bytes) -> bytes:
 
 class DataPath:
     def __init__(self, *, index: int, app: Application, audit: AuditLog, log,
-                 flows: FlowTable, pool: NatPool, local: ipaddress.IPv4Address,
-                 connect_timeout: float, workers: int = 1, forward=None) -> None:
+                 flows: FlowTable, pools: dict[int, NatPool], local: dict[int, bytes],
+                 connect_timeout: float, workers: int = 1, forward=None,
+                 mtu: int = 65520) -> None:
         self.index = index
         self.workers = workers
         self.forward = forward  # (owner, tunnel, packet): hands a packet to its flow's owner
@@ -86,8 +106,9 @@ class DataPath:
         self.audit = audit
         self.log = log
         self.flows = flows
-        self.pool = pool
-        self.local = local.packed
+        self.pools = pools  # NAT slots by IP version
+        self.local = local  # the upgrade listeners' addresses by IP version
+        self.mtu = mtu  # the worker TUN's: larger client packets get "too big"
         self.connect_timeout = connect_timeout
         self.entries: dict[FlowKey, FlowEntry] = {}
         self.by_slot: dict[tuple[bytes, int], FlowEntry] = {}
@@ -96,7 +117,8 @@ class DataPath:
         self.hook_tasks: set[asyncio.Task] = set()  # on_flow_end calls in progress
         self.tun: TunDevice | None = None
         self._loop = asyncio.get_running_loop()
-        self._listener: socket.socket | None = None
+        self._listeners: list[socket.socket] = []
+        self._ping_logged = -PING_LOG_INTERVAL
 
     # -- equipment ---------------------------------------------------------------------------
 
@@ -104,18 +126,19 @@ class DataPath:
         """Let go of the TUN and upgrade listener (nsd is rebuilding the namespace)."""
         for entry in list(self.entries.values()):
             self.end_flow(entry, CloseReason.EVICTED, close_reason="namespace_lost")
-        if self._listener is not None:
-            self._loop.remove_reader(self._listener.fileno())
-            self._listener = None
+        for listener in self._listeners:
+            self._loop.remove_reader(listener.fileno())
+        self._listeners = []
         self.tun = None
 
-    def attach(self, tun: TunDevice, upgrade4: socket.socket) -> None:
-        """Use this TUN and upgrade listener (again after nsd rebuilt the namespace)."""
+    def attach(self, tun: TunDevice, *upgrade: socket.socket) -> None:
+        """Use this TUN and these upgrade listeners (again after nsd rebuilt the namespace)."""
         self.tun = tun
         tun.on_packet = self.on_tun_packet
-        self._listener = upgrade4
-        upgrade4.setblocking(False)
-        self._loop.add_reader(upgrade4.fileno(), self._accept_upgraded)
+        for listener in upgrade:
+            listener.setblocking(False)
+            self._loop.add_reader(listener.fileno(), self._accept_upgraded, listener)
+            self._listeners.append(listener)
 
     # -- from the tunnel ---------------------------------------------------------------------
 
@@ -129,25 +152,31 @@ class DataPath:
         if isinstance(p, Drop):
             metrics.DROPS.labels(p.value).inc()
             return
-        key = FlowKey(tunnel.tenant, p.protocol, p.src, p.sport, p.dst, p.dport)
-        entry = self.entries.get(key)
+        if p.inner is None:
+            key = FlowKey(tunnel.tenant, p.protocol, p.src, p.sport, p.dst, p.dport)
+            entry = self.entries.get(key)
+        else:
+            entry = None  # an ICMP error: its flow is the embedded packet's
         if entry is None and self.workers > 1 and tunnel.local:
             # Only flows we own have entries here: hash only for the others (and new ones).
-            o = owner(p.protocol, p.src, p.sport, p.dst, p.dport, self.workers)
+            h = p.inner or p
+            o = owner(h.protocol, h.src, h.sport, h.dst, h.dport, self.workers)
             if o != self.index:
-                self.forward(o, tunnel, packet)
-                return
+                if not tunnel.steered:
+                    self.forward(o, tunnel, packet)
+                    return
+                # The kernel's steering program disagrees with us: serve it where it landed
+                # (every packet of the flow lands here alike), but count it: it should not be.
+                metrics.GUE_MISSTEERED.inc()
+        if p.inner is not None:
+            self.on_tunnel_icmp_error(tunnel, p, packet)
+            return
         if entry is not None and entry.tunnel is not tunnel:
             # Same tenant and 4-tuple from another tunnel: never let it touch this flow.
             metrics.DROPS.labels("tunnel_mismatch").inc()
             return
         if entry is None:
-            if p.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) != TCP_SYN:
-                # Not the start of a flow we know (e.g. ours died with a worker): reset it so
-                # the client fails fast instead of retransmitting into the void.
-                metrics.DROPS.labels("no_flow").inc()
-                if not p.tcp_flags & TCP_RST:
-                    self.send_to_tunnel(tunnel, reset_for(p, packet))
+            if not self._starts_flow(tunnel, p, packet):
                 return
             entry = self.start_flow(tunnel, key, p, packet)
             if entry is None:
@@ -158,7 +187,23 @@ class DataPath:
                 return
             entry.pending.append((p, packet))
             return
-        self.to_kernel(entry, p, packet)
+        self.to_upstream(entry, p, packet)
+
+    def _starts_flow(self, tunnel: Tunnel, p: Parsed, packet: bytes) -> bool:
+        """May this packet of no known flow start one? (Counted and answered when not.)"""
+        if p.protocol == IPPROTO_TCP:
+            if p.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN:
+                return True
+            # Not the start of a flow we know (e.g. ours died with a worker): reset it so the
+            # client fails fast instead of retransmitting into the void.
+            metrics.DROPS.labels("no_flow").inc()
+            if not p.tcp_flags & TCP_RST:
+                self.send_to_tunnel(tunnel, reset_for(p, packet))
+            return False
+        if p.protocol != IPPROTO_UDP and p.icmp_type != ECHO_REQUEST[p.protocol]:
+            metrics.DROPS.labels("icmp_unsolicited").inc()  # an echo reply nobody asked for
+            return False
+        return True
 
     def start_flow(self, tunnel: Tunnel, key: FlowKey, p: Parsed, packet: bytes) -> FlowEntry | None:
         now = time.monotonic()
@@ -169,7 +214,7 @@ class DataPath:
                               tenant=key.tenant, protocol=PROTO_NAMES.get(key.protocol),
                               src=_addr(key.src), sport=key.sport, dst=_addr(key.dst),
                               dport=key.dport, tunnel=tunnel.id, tunnel_worker=tunnel.origin)
-            self.send_to_tunnel(tunnel, reset_for(p, packet))
+            self.refuse(tunnel, p, packet, policy=False)
             return None
         start = FlowStart(key.tenant, PROTO_NAMES.get(key.protocol, str(key.protocol)),
                           _addr(key.src), key.sport, _addr(key.dst), key.dport, tunnel.context)
@@ -200,13 +245,13 @@ class DataPath:
             queued, entry.pending = entry.pending, []
             for p, packet in queued:
                 if not entry.ended:
-                    self.to_kernel(entry, p, packet)
+                    self.to_upstream(entry, p, packet)
 
     def _hook_failed(self, entry: FlowEntry, p: Parsed, packet: bytes, exc: Exception) -> None:
         self.log.warning("flow_hook_failed", error=repr(exc), **self._flow_fields(entry))
         metrics.DROPS.labels("hook_error").inc()
         entry.decision = Decision.drop(f"hook error: {exc!r}")
-        self.send_to_tunnel(entry.tunnel, reset_for(p, packet))
+        self.refuse(entry.tunnel, p, packet, policy=False)
         self.end_flow(entry, CloseReason.EVICTED, audit_start=True)
         return None
 
@@ -221,22 +266,108 @@ class DataPath:
                           upstream=_fmt(decision.upstream), **self._flow_fields(entry))
         if decision.action != "upgrade":
             metrics.DROPS.labels("denied").inc()
-            self.send_to_tunnel(entry.tunnel, reset_for(p, packet))
+            self.refuse(entry.tunnel, p, packet, policy=True)
             self.end_flow(entry, CloseReason.EVICTED, close_reason="denied")
             return False
+        if p.protocol != IPPROTO_TCP:
+            return self._open_datagram_upstream(entry, p, packet)
+        pool = self.pools[p.version]
         try:
-            entry.slot = self.pool.claim()
+            entry.slot = pool.claim()
         except SlotPoolExhausted:
             metrics.DROPS.labels("nat_exhausted").inc()
-            self.send_to_tunnel(entry.tunnel, reset_for(p, packet))
+            self.refuse(entry.tunnel, p, packet, policy=False)
             self.end_flow(entry, CloseReason.EVICTED, close_reason="nat_exhausted")
             return False
         self.by_slot[(entry.slot.address, entry.slot.port)] = entry
-        metrics.NAT_SLOTS.set(self.pool.in_use)
+        self._nat_gauge()
         return True
+
+    def _nat_gauge(self) -> None:
+        metrics.NAT_SLOTS.set(sum(pool.in_use for pool in self.pools.values()))
+
+    def _open_datagram_upstream(self, entry: FlowEntry, p: Parsed, packet: bytes) -> bool:
+        kind = "udp" if p.protocol == IPPROTO_UDP else "icmp"
+        upstream = entry.decision.upstream or (entry.start.dst, entry.start.dport)
+        try:
+            sock = open_upstream(kind, upstream)
+        except PingNotPermitted as exc:
+            metrics.DROPS.labels("icmp_not_permitted").inc()
+            now = time.monotonic()
+            if now - self._ping_logged >= PING_LOG_INTERVAL:
+                self._ping_logged = now
+                self.log.error("ping_not_permitted", error=exc.strerror,
+                               fix="allow the daemon's group to open ICMP datagram sockets: "
+                                   "sysctl -w net.ipv4.ping_group_range='0 2147483647' in the "
+                                   "daemon's network namespace")
+            self.end_flow(entry, CloseReason.EVICTED, close_reason="icmp_not_permitted")
+            return False
+        except OSError as exc:
+            metrics.UPSTREAM_FAILURES.labels("unreachable").inc()
+            self._answer_unreachable(entry.tunnel, p, packet, UNREACHABLE.get(exc.errno, "host"))
+            self.end_flow(entry, CloseReason.EVICTED, close_reason="upstream_unreachable")
+            return False
+        entry.upstream = DatagramUpstream(sock, functools.partial(self.on_upstream_reply, entry),
+                                          functools.partial(self.on_upstream_error, entry))
+        return True
+
+    def refuse(self, tunnel: Tunnel, p: Parsed, packet: bytes, *, policy: bool) -> None:
+        """Answer a refused flow's packet: ICMP "administratively prohibited" for policy (as a
+        firewall's reject does), a TCP reset for a limit; datagrams over a limit get nothing."""
+        if policy:
+            self._answer_unreachable(tunnel, p, packet, "admin")
+        elif p.protocol == IPPROTO_TCP and not p.tcp_flags & TCP_RST:
+            self.send_to_tunnel(tunnel, reset_for(p, packet))
+
+    def _answer_unreachable(self, tunnel: Tunnel, p: Parsed, packet: bytes, kind: str,
+                            mtu: int = 0) -> None:
+        answer = unreachable(packet, p, kind, mtu=mtu)
+        if answer is not None:
+            metrics.ICMP_SENT.labels(kind).inc()
+            self.send_to_tunnel(tunnel, answer)
+
+    def to_upstream(self, entry: FlowEntry, p: Parsed, packet: bytes) -> None:
+        if entry.upstream is None:
+            self.to_kernel(entry, p, packet)
+            return
+        # A datagram flow: the payload (UDP) or the whole ICMP message leaves by its socket.
+        self.flows.observe(entry.flow, Direction.TO_SERVER, 0, p.total_length, time.monotonic())
+        entry.last = (p, packet)
+        entry.payload[0] += p.total_length - p.payload_offset
+        start = p.payload_offset if p.protocol == IPPROTO_UDP else p.ihl
+        entry.upstream.send(memoryview(packet)[start:p.total_length])
+
+    def on_upstream_reply(self, entry: FlowEntry, data: bytes) -> None:
+        """A datagram from the off-ramp: wrap it back into IP towards the flow's tunnel."""
+        if entry.ended:
+            return
+        key = entry.flow.key
+        if key.protocol == IPPROTO_UDP:
+            out = udp_packet(key.dst, key.dport, key.src, key.sport, data)
+            entry.payload[1] += len(data)
+        elif len(data) >= 8 and data[0] in ECHO_REPLY:
+            # The kernel put its own identifier in; the client gets back the one it sent.
+            seq = int.from_bytes(data[6:8], "big")
+            out = icmp_packet(key.dst, key.src, echo_message(data[0], key.sport, seq, data[8:]))
+            entry.payload[1] += len(data) - 8
+        else:
+            metrics.DROPS.labels("upstream_unexpected").inc()
+            return
+        self.flows.observe(entry.flow, Direction.TO_CLIENT, 0, len(out), time.monotonic())
+        self.send_to_tunnel(entry.tunnel, out)
+
+    def on_upstream_error(self, entry: FlowEntry, kind: str) -> None:
+        """The off-ramp's kernel reported an ICMP error: the client gets the matching one."""
+        if entry.ended or entry.last is None:
+            return
+        p, packet = entry.last
+        self._answer_unreachable(entry.tunnel, p, packet, kind, mtu=self.mtu)
 
     def to_kernel(self, entry: FlowEntry, p: Parsed, packet: bytes) -> None:
         """Account a client packet, rewrite it to the upgrade listener, write it to the TUN."""
+        if p.total_length > self.mtu:
+            self._too_big_for_tun(entry.tunnel, p, packet)
+            return
         if p.tcp_flags & TCP_RST and (p.seq - (entry.next_seq[0] or 0)) & 0xFFFFFFFF > 1:
             # Not at the sequence we expect (RFC 5961; +1 if a FIN went first): the kernel may
             # answer with a challenge ACK, but a blind reset must not end the flow here.
@@ -248,12 +379,53 @@ class DataPath:
         self._write_to_kernel(entry, p, packet)
         self._after_packet(entry, ended)
 
+    def _too_big_for_tun(self, tunnel: Tunnel, p: Parsed, packet: bytes) -> None:
+        metrics.DROPS.labels("too_big").inc()
+        if p.version == 6 or packet[6] & 0x40:  # IPv4 without DF: we don't fragment; dropped
+            self._answer_unreachable(tunnel, p, packet, "too_big", mtu=self.mtu)
+
     def _write_to_kernel(self, entry: FlowEntry, p: Parsed, packet: bytes) -> None:
         buf = bytearray(packet)
-        rewrite_ipv4_tcp(buf, p.ihl, entry.slot.address, entry.slot.port, self.local,
-                         UPGRADE_PORT)
+        rewrite_tcp(buf, p, entry.slot.address, entry.slot.port, self.local[p.version],
+                    UPGRADE_PORT)
         if self.tun is not None:
             self.tun.write(buf)
+
+    def on_tunnel_icmp_error(self, tunnel: Tunnel, p: Parsed, packet: bytes) -> None:
+        """An ICMP error from the client's side about one of our packets: match it to its flow.
+
+        A TCP flow's error goes on to the namespace's kernel, translated to the slot (so a
+        smaller MTU on the client's path reaches the kernel's PMTU cache); a UDP flow whose
+        client says "unreachable" ends, since its replies have nowhere to go.
+        """
+        q = p.inner
+        if q.protocol in ECHO_REQUEST:
+            key = FlowKey(tunnel.tenant, q.protocol, q.dst, q.sport, q.src, 0)
+        else:  # the embedded packet went to the client: its source is the flow's destination
+            key = FlowKey(tunnel.tenant, q.protocol, q.dst, q.dport, q.src, q.sport)
+        entry = self.entries.get(key)
+        if entry is None or entry.tunnel is not tunnel or entry.decision is None:
+            metrics.DROPS.labels("icmp_error_no_flow").inc()
+            return
+        metrics.ICMP_RECEIVED.labels(PROTO_NAMES[key.protocol]).inc()
+        self.flows.observe(entry.flow, Direction.TO_SERVER, 0, p.total_length, time.monotonic())
+        if entry.slot is not None and self.tun is not None:
+            self.tun.write(self._error_for_kernel(entry, p, packet))
+        elif key.protocol == IPPROTO_UDP and p.icmp_type == DEST_UNREACHABLE[p.protocol]:
+            self.end_flow(entry, CloseReason.EVICTED, close_reason="client_unreachable")
+
+    def _error_for_kernel(self, entry: FlowEntry, p: Parsed, packet: bytes) -> bytes:
+        """The client's ICMP error as if about the kernel's own packet (local:1 -> the slot)."""
+        q, slot = p.inner, entry.slot
+        message = bytearray(packet[p.ihl:p.total_length])
+        inner = 8  # the embedded packet's offset in the message
+        local = self.local[p.version]
+        src_at, dst_at = (8, 24) if p.version == 6 else (12, 16)
+        message[inner + src_at:inner + src_at + len(local)] = local
+        message[inner + dst_at:inner + dst_at + len(slot.address)] = slot.address
+        ports = inner + q.ihl
+        message[ports:ports + 4] = struct.pack("!HH", UPGRADE_PORT, slot.port)
+        return icmp_packet(slot.address, local, message)
 
     # -- from the kernel ---------------------------------------------------------------------
 
@@ -262,16 +434,24 @@ class DataPath:
         if isinstance(p, Drop):
             metrics.DROPS.labels(f"kernel_{p.value}").inc()
             return
-        entry = self.by_slot.get((p.dst, p.dport))
+        entry = self.by_slot.get((p.dst, p.dport)) if p.protocol == IPPROTO_TCP else None
         if entry is None:
             metrics.DROPS.labels("kernel_no_flow").inc()
+            return
+        if p.total_length > entry.tunnel.mtu:
+            # More than the flow's tunnel carries: tell the kernel, as a router on its path
+            # would (the ICMP comes "from" the slot, about the kernel's own packet).
+            metrics.DROPS.labels("too_big").inc()
+            answer = unreachable(packet, p, "too_big", mtu=entry.tunnel.mtu)
+            if answer is not None and self.tun is not None:
+                self.tun.write(answer)
             return
         key = entry.flow.key
         ended = self.flows.observe(entry.flow, Direction.TO_CLIENT, p.tcp_flags, p.total_length,
                                    time.monotonic())
         _count_payload(entry, 1, p)
         buf = bytearray(packet)
-        rewrite_ipv4_tcp(buf, p.ihl, key.dst, key.dport, key.src, key.sport)
+        rewrite_tcp(buf, p, key.dst, key.dport, key.src, key.sport)
         self.send_to_tunnel(entry.tunnel, buf)
         self._after_packet(entry, ended)
 
@@ -299,16 +479,16 @@ class DataPath:
 
     # -- the upgraded stream -----------------------------------------------------------------
 
-    def _accept_upgraded(self) -> None:
+    def _accept_upgraded(self, listener: socket.socket) -> None:
         for _ in range(64):
             try:
-                conn, peer = self._listener.accept()
+                conn, peer = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
                 self.log.warning("upgrade_accept_failed", error=exc.strerror)
                 return
-            entry = self.by_slot.get((socket.inet_aton(peer[0]), peer[1]))
+            entry = self.by_slot.get((socket.inet_pton(listener.family, peer[0]), peer[1]))
             if entry is None or entry.ended:
                 metrics.DROPS.labels("upgrade_no_flow").inc()
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
@@ -363,8 +543,10 @@ class DataPath:
         self.entries.pop(entry.flow.key, None)
         if entry.slot is not None:
             self.by_slot.pop((entry.slot.address, entry.slot.port), None)
-            self.pool.release(entry.slot)
-            metrics.NAT_SLOTS.set(self.pool.in_use)
+            self.pools[4 if len(entry.slot.address) == 4 else 6].release(entry.slot)
+            self._nat_gauge()
+        if entry.upstream is not None:
+            entry.upstream.close()
         if entry.stream is not None and not entry.stream.done():
             if reason is CloseReason.FIN and close_reason is None:
                 # Both FINs crossed, but the kernel may still hold data the off-ramp has not

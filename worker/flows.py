@@ -1,8 +1,10 @@
 """Flow tracking, sans I/O: keys, per-flow state and accounting, limits and idle timeouts.
 
 A flow is identified by (tenant, protocol, addresses, ports), always written from the client's
-side (the side whose packet started it). TCP follows the handshake, FIN in each direction and RST;
-every state has an idle timeout like conntrack's. Ending a flow yields its accounting once.
+side (the side whose packet started it; an ICMP echo flow uses its identifier as the source port
+and 0 as the destination port). TCP follows the handshake, FIN in each direction and RST; UDP and
+ICMP flows are *unreplied* until the first reply, then *replied*, and end only on idle timeouts.
+Every state has an idle timeout like conntrack's. Ending a flow yields its accounting once.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import enum
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from .packet import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
+from .packet import IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +44,13 @@ class TcpState(enum.StrEnum):
     CLOSED = "closed"
 
 
+class DatagramState(enum.StrEnum):
+    """UDP and ICMP: conntrack's unreplied and replied (its "stream") states."""
+
+    UNREPLIED = "unreplied"
+    REPLIED = "replied"
+
+
 class CloseReason(enum.StrEnum):
     FIN = "fin"
     RST = "rst"
@@ -51,16 +60,26 @@ class CloseReason(enum.StrEnum):
 
 @dataclass(frozen=True)
 class Timeouts:
-    """Idle timeouts in seconds per TCP state (the defaults are conntrack's, shortened where a
-    proxy holding real sockets should not wait five days for a silent peer)."""
+    """Idle timeouts in seconds per state (the defaults are conntrack's, shortened where a
+    proxy holding real sockets should not wait five days for a silent peer). A datagram flow that
+    never got a reply (a DNS query, say) goes after ``udp_unreplied``; once replied, after
+    ``udp_replied``; ICMP echo flows after ``icmp``."""
 
     syn_sent: float = 120.0
     established: float = 7200.0
     fin_wait: float = 120.0
     closing: float = 60.0
     time_wait: float = 120.0
+    udp_unreplied: float = 30.0
+    udp_replied: float = 120.0
+    icmp: float = 30.0
 
-    def for_state(self, state: TcpState) -> float:
+    def for_flow(self, flow: Flow) -> float:
+        state = flow.state
+        if isinstance(state, DatagramState):
+            if flow.key.protocol != IPPROTO_UDP:
+                return self.icmp
+            return self.udp_replied if state is DatagramState.REPLIED else self.udp_unreplied
         return {TcpState.SYN_SENT: self.syn_sent, TcpState.ESTABLISHED: self.established,
                 TcpState.FIN_WAIT: self.fin_wait, TcpState.CLOSING: self.closing,
                 TcpState.TIME_WAIT: self.time_wait, TcpState.CLOSED: 0.0}[state]
@@ -72,7 +91,7 @@ class Flow:
     decision: object  # the application's memoised decision, opaque here
     started: float
     last_seen: float
-    state: TcpState = TcpState.SYN_SENT
+    state: TcpState | DatagramState = TcpState.SYN_SENT
     packets: list[int] = field(default_factory=lambda: [0, 0])  # by Direction
     bytes: list[int] = field(default_factory=lambda: [0, 0])
     fin_seen: list[bool] = field(default_factory=lambda: [False, False])
@@ -117,16 +136,23 @@ class FlowTable:
         if self._per_tenant.get(key.tenant, 0) >= self.max_flows_per_tenant:
             return LimitReached.TENANT
         flow = Flow(key, decision, now, now)
+        if key.protocol != IPPROTO_TCP:
+            flow.state = DatagramState.UNREPLIED
         self._flows[key] = flow
         self._per_tenant[key.tenant] = self._per_tenant.get(key.tenant, 0) + 1
         return flow
 
     def observe(self, flow: Flow, direction: Direction, tcp_flags: int, length: int,
                 now: float) -> bool:
-        """Account one packet and advance the TCP state; True when the flow just ended."""
+        """Account one packet and advance the state; True when the flow just ended (TCP only:
+        datagram flows end by idle timeout)."""
         flow.packets[direction] += 1
         flow.bytes[direction] += length
         flow.last_seen = now
+        if isinstance(flow.state, DatagramState):
+            if direction is Direction.TO_CLIENT:
+                flow.state = DatagramState.REPLIED
+            return False
         if tcp_flags & TCP_RST:
             return self.end(flow, CloseReason.RST)
         state = flow.state
@@ -162,7 +188,7 @@ class FlowTable:
         """End and return every flow idle longer than its state allows (TIME_WAIT ends as FIN)."""
         ended = []
         for flow in list(self._flows.values()):
-            if now - flow.last_seen >= self.timeouts.for_state(flow.state):
+            if now - flow.last_seen >= self.timeouts.for_flow(flow):
                 reason = CloseReason.FIN if flow.state is TcpState.TIME_WAIT else CloseReason.IDLE
                 self.end(flow, reason)
                 ended.append(flow)

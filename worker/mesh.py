@@ -103,6 +103,8 @@ class RemoteTunnel:
     """Another worker's tunnel as seen by the owner of some of its flows."""
 
     local = False
+    steered = False
+    mtu = 65535
 
     def __init__(self, link: MeshLink, tunnel_id: int, context: TunnelContext) -> None:
         self.link = link

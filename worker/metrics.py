@@ -34,6 +34,14 @@ TUNNELS_CLOSED = Counter("ipferry_tunnels_closed", "Tunnels closed, by reason.",
                          registry=registry)
 UPSTREAM_FAILURES = Counter("ipferry_upstream_failures", "Off-ramp connects that failed.",
                             ["reason"], registry=registry)
+ICMP_SENT = Counter("ipferry_icmp_errors_sent", "ICMP errors sent into tunnels, by kind "
+                    "(admin, port, host, net, too_big).", ["kind"], registry=registry)
+ICMP_RECEIVED = Counter("ipferry_icmp_errors_received", "ICMP errors from tunnels matched to a "
+                        "flow, by the flow's protocol.", ["protocol"], registry=registry)
+GUE_TUNNELS = Gauge("ipferry_gue_tunnels_active", "GUE senders (address, port and context) with "
+                    "recent traffic.", registry=registry)
+GUE_MISSTEERED = Counter("ipferry_gue_missteered", "GUE packets the kernel delivered to a worker "
+                         "that does not own their flow (should stay 0).", registry=registry)
 MESH_PEERS = Gauge("ipferry_mesh_peers", "Workers this worker has a live mesh link to.",
                    registry=registry)
 

@@ -26,6 +26,8 @@ _ids = itertools.count(1)
 
 class Tunnel:
     local = True  # accepted by this worker (a RemoteTunnel is another worker's)
+    steered = False  # packets arrive at whichever worker accepted it: foreign flows cross the mesh
+    mtu = 65535  # the largest packet it carries
 
     def __init__(self, sock: socket.socket, onramp: str, origin: int = 0) -> None:
         self.id = next(_ids)

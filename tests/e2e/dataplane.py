@@ -11,38 +11,62 @@ from pathlib import Path
 from tests.helpers import IPFERRY, NO_CAPS
 
 SERVER_ADDR = "198.18.0.1"  # benchmark range, on the test namespace's own loopback
+SERVER_ADDR6 = "fd18::1"  # a unique local address, on the same loopback
 STREAMS = str(Path(__file__).with_name("streams.py"))
+DATAGRAMS = str(Path(__file__).with_name("datagrams.py"))
 STREAM_PORT = 9000
 
 
 def add_server_address(netns) -> None:
+    # Idempotent: a second fixture may have added them.
     subprocess.run(["ip", "-n", netns.name, "addr", "add", f"{SERVER_ADDR}/32", "dev", "lo"],
-                   capture_output=True)  # idempotent: a second fixture may have added it
+                   capture_output=True)
+    subprocess.run(["ip", "-n", netns.name, "-6", "addr", "add", f"{SERVER_ADDR6}/128", "dev",
+                    "lo", "nodad"], capture_output=True)
 
 
 def can_connect(host: str, port: int) -> bool:
-    with socket.socket() as s:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.settimeout(1)
         return s.connect_ex((host, port)) == 0
 
 
 def connect(daemon, *cmd: str, tenant: str = "acme", context: str | None = None,
-            address: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run ``cmd`` inside ``ipferry connect`` (no capabilities) against ``daemon``'s tunnel."""
+            address: str | None = None, timeout: float = 120, gue: str | None = None,
+            mtu: int | None = None) -> subprocess.CompletedProcess:
+    """Run ``cmd`` inside ``ipferry connect`` (no capabilities) against ``daemon``'s tunnel, or
+    its GUE on-ramp at ``gue`` (then from inside the daemon's namespace, where it listens)."""
     extra = ["--context", context] if context else []
     extra += ["--address", address] if address else []
-    return subprocess.run([*NO_CAPS, IPFERRY, "connect", "--tunnel",
-                           str(daemon.runtime_dir / "tunnel.sock"), "--tenant", tenant, *extra,
-                           "--", *cmd], capture_output=True, timeout=timeout,
+    extra += ["--mtu", str(mtu)] if mtu else []
+    where = ["--gue", gue] if gue else ["--tunnel", str(daemon.runtime_dir / "tunnel.sock")]
+    enter = ["nsenter", f"--net={daemon.netns.path}"] if gue else []
+    return subprocess.run([*enter, *NO_CAPS, IPFERRY, "connect", *where, "--tenant", tenant,
+                           *extra, "--", *cmd], capture_output=True, timeout=timeout,
                           stdin=subprocess.DEVNULL)
 
 
 def stream_client(daemon, mode: str, *args, port: int = STREAM_PORT, tenant: str = "acme",
-                  address: str | None = None, timeout: float = 240) -> dict:
-    res = connect(daemon, "python3", STREAMS, mode, SERVER_ADDR, str(port), *map(str, args),
-                  tenant=tenant, address=address, timeout=timeout)
+                  address: str | None = None, timeout: float = 240, server: str = SERVER_ADDR,
+                  gue: str | None = None, mtu: int | None = None) -> dict:
+    res = connect(daemon, "python3", STREAMS, mode, server, str(port), *map(str, args),
+                  tenant=tenant, address=address, timeout=timeout, gue=gue, mtu=mtu)
     assert res.returncode == 0, res.stderr.decode()[-2000:]
     return json.loads(res.stdout)
+
+
+def drops(daemon) -> dict[str, float]:
+    """ipferry_drops_total by reason, summed over workers."""
+    return counter(daemon, "ipferry_drops_total", "reason")
+
+
+def counter(daemon, name: str, label: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for (metric, labels), v in daemon.metrics().items():
+        if metric == name:
+            key = dict(labels).get(label, "")
+            out[key] = out.get(key, 0) + v
+    return out
 
 
 def audit_records(path) -> list[dict]:

@@ -100,3 +100,22 @@ def test_any_packet_sequence_keeps_the_table_consistent(events):
     assert t.tenant_count("acme") == len(t)
     t.expire(10**9)
     assert len(t) == 0 and flow.close_reason is not None
+
+
+UDP = FlowKey("acme", 17, b"\x0a\0\0\x02", 40000, b"\xc6\x12\0\x01", 53)
+PING = FlowKey("acme", 1, b"\x0a\0\0\x02", 777, b"\xc6\x12\0\x01", 0)
+
+
+def test_datagram_flows_are_unreplied_then_replied_with_conntracks_timeouts():
+    table = FlowTable(timeouts=Timeouts(udp_unreplied=30, udp_replied=120, icmp=10))
+    query = table.start(UDP, "allow", 0.0)
+    answered = table.start(UDP.reply(), "allow", 0.0)
+    ping = table.start(PING, "allow", 0.0)
+    assert query.state == answered.state == "unreplied"
+    assert not table.observe(answered, S, 0, 80, 1.0)  # datagram flows never end by a packet
+    assert answered.state == "replied" and answered.packets == [0, 1]
+    assert [f.key for f in table.expire(11.0)] == [PING]  # ICMP: its own timeout
+    assert [f.key for f in table.expire(30.0)] == [UDP]  # a lone query: the short one
+    assert table.expire(120.0) == []
+    [gone] = table.expire(121.0)
+    assert gone is answered and gone.close_reason is CloseReason.IDLE and ping.state == "closed"

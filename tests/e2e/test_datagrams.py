@@ -1,0 +1,174 @@
+"""UDP and ICMP flows, IPv6 end to end, fragments and PMTU: through `ipferry connect`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import subprocess
+import sys
+
+import dpkt
+import pytest
+
+from tests.e2e.conftest import DNS_PORT, UDP_ECHO_PORT
+from tests.e2e.dataplane import (DATAGRAMS, SERVER_ADDR, SERVER_ADDR6, audit_records, config,
+                                 connect, counter, drops, stream_client)
+from tests.helpers import wait_for
+
+
+def datagram_client(d, *args: str) -> dict:
+    res = connect(d, sys.executable, DATAGRAMS, *args)
+    assert res.returncode == 0, res.stderr.decode()[-2000:]
+    return json.loads(res.stdout)
+
+
+@pytest.mark.parametrize("server", [SERVER_ADDR, SERVER_ADDR6], ids=["ipv4", "ipv6"])
+def test_ten_thousand_udp_datagrams_echo_intact(daemon_factory, udp_servers, tmp_path, server):
+    d = daemon_factory("--workers", "2", config=config(tmp_path))
+    out = datagram_client(d, "echo", server, str(UDP_ECHO_PORT), "10000")
+    assert out == {"sent": 10000, "received": 10000, "corrupt": 0, "lost": 0}
+    flows = d.get_json("/api/flows")["flows"]
+    udp = [f for f in flows if f["protocol"] == "udp"]
+    assert len(udp) == 1 and udp[0]["state"] == "replied", flows
+    assert udp[0]["dst"] == server and udp[0]["packets"] == [10000, 10000]
+
+
+def test_dns_query_resolves_and_the_flow_ends_idle_with_its_audit(daemon_factory, udp_servers,
+                                                                   tmp_path):
+    d = daemon_factory("--workers", "1", config=config(tmp_path, "[flows]\nudp_replied = 1\n"))
+    out = datagram_client(d, "dns", SERVER_ADDR, str(DNS_PORT), "www.ipferry.test")
+    assert out == {"answers": ["192.0.2.7"], "id_matches": True}
+    end = wait_for(lambda: [r for r in audit_records(tmp_path / "audit.jsonl")
+                            if r["audit"] == "flow_end" and r["protocol"] == "udp"], 10,
+                   "the DNS flow's end")[0]
+    assert end["close_reason"] == "idle_timeout" and end["dport"] == DNS_PORT
+    assert end["packets"] == [1, 1] and end["payload_bytes"][0] > 20
+    assert d.get_json("/api/flows")["flows"] == []
+
+
+@pytest.mark.parametrize("server", [SERVER_ADDR, SERVER_ADDR6], ids=["ipv4", "ipv6"])
+def test_udp_to_a_closed_port_is_refused(daemon_factory, udp_servers, tmp_path, server):
+    d = daemon_factory("--workers", "1", config=config(tmp_path))
+    assert datagram_client(d, "refused", server, "9") == {"outcome": "refused"}
+    assert counter(d, "ipferry_icmp_errors_sent_total", "kind").get("port", 0) >= 1
+
+
+def test_denied_udp_gets_admin_prohibited(daemon_factory, udp_servers, tmp_path):
+    d = daemon_factory("--workers", "1", config=config(tmp_path, f"""
+[[rules]]
+name = "no-udp-echo"
+action = "deny"
+protocol = "udp"
+ports = "{UDP_ECHO_PORT}"
+"""))
+    # A connected UDP socket reports "administratively prohibited" as EHOSTUNREACH.
+    res = connect(d, sys.executable, "-c", f"""
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(5)
+s.connect(("{SERVER_ADDR}", {UDP_ECHO_PORT}))
+s.send(b"x")
+try:
+    s.recv(10)
+except OSError as e:
+    print(e.errno)
+""")
+    assert res.stdout.strip() == b"113", res  # EHOSTUNREACH
+    assert counter(d, "ipferry_icmp_errors_sent_total", "kind")["admin"] == 1
+
+
+def allow_ping(netns) -> None:
+    subprocess.run(["ip", "netns", "exec", netns.name, "sysctl", "-qw",
+                    "net.ipv4.ping_group_range=0 2147483647"], check=True)
+
+
+def test_ping_and_ping6_get_replies(daemon_factory, netns, udp_servers, tmp_path):
+    allow_ping(netns)  # the daemon runs as uid/gid 0 without capabilities: ping sockets
+    d = daemon_factory("--workers", "2", config=config(tmp_path))
+    for cmd in (["ping", "-c", "3", "-i", "0.2", "-W", "2", SERVER_ADDR],
+                ["ping", "-6", "-c", "3", "-i", "0.2", "-W", "2", SERVER_ADDR6]):
+        res = connect(d, *cmd)
+        assert res.returncode == 0 and b"3 received" in res.stdout, res
+    flows = [f for f in d.get_json("/api/flows")["flows"] if f["protocol"] == "icmp"]
+    assert sorted(f["dst"] for f in flows) == sorted([SERVER_ADDR, SERVER_ADDR6])
+    assert all(f["packets"] == [3, 3] for f in flows), flows
+
+
+def test_ping_without_ping_sockets_says_why(daemon_factory, netns, udp_servers, tmp_path):
+    subprocess.run(["ip", "netns", "exec", netns.name, "sysctl", "-qw",
+                    "net.ipv4.ping_group_range=1 0"], check=True)  # nobody (a kernel default)
+    d = daemon_factory("--workers", "1", config=config(tmp_path))
+    res = connect(d, "ping", "-c", "2", "-i", "0.2", "-W", "1", SERVER_ADDR)
+    assert res.returncode != 0 and b"0 received" in res.stdout, res
+    assert drops(d)["icmp_not_permitted"] == 2
+    [event] = [e for e in d.log_events() if e.get("event") == "ping_not_permitted"]
+    assert "ping_group_range" in event["fix"]
+
+
+def test_ipv6_http_through_the_tunnel(daemon_factory, upstream6, tmp_path):
+    (upstream6 / "hello.txt").write_bytes(b"hello over IPv6\n" * 1000)
+    d = daemon_factory("--workers", "2", config=config(tmp_path))
+    res = connect(d, "curl", "-sS", "-g", "--max-time", "10", f"http://[{SERVER_ADDR6}]:8080/hello.txt")
+    assert res.returncode == 0 and res.stdout == b"hello over IPv6\n" * 1000, res.stderr
+    start = [r for r in audit_records(tmp_path / "audit.jsonl") if r["audit"] == "flow_start"]
+    assert start and start[0]["dst"] == SERVER_ADDR6 and start[0]["decision"] == "upgrade"
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ipv6_100mb_both_ways_intact(daemon_factory, streams6, tmp_path, workers):
+    from tests.e2e.streams import pattern
+    d = daemon_factory("--workers", str(workers), config=config(tmp_path))
+    size = 100 << 20
+    expected = hashlib.sha256()
+    block = pattern(1 << 22)
+    for _ in range(size // len(block)):
+        expected.update(block)
+    down = stream_client(d, "get", size, server=SERVER_ADDR6)
+    assert down["bytes"] == size and down["sha256"] == expected.hexdigest()
+    up = stream_client(d, "put", size, server=SERVER_ADDR6)
+    assert up["server_sha256"] == expected.hexdigest()
+    ends = wait_for(lambda: (e := [r for r in audit_records(tmp_path / "audit.jsonl")
+                                   if r["audit"] == "flow_end"]) and len(e) == 2 and e, 10, "ends")
+    assert sorted(e["payload_bytes"][1] for e in ends)[1] == size
+
+
+def raw_tunnel(d) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.settimeout(5)
+    s.connect(str(d.runtime_dir / "tunnel.sock"))
+    s.send(b'{"tenant": "acme"}')
+    return s
+
+
+def test_fragments_and_ipv6_extension_headers_are_dropped_and_counted(daemon_factory, tmp_path):
+    d = daemon_factory("--workers", "1", config=config(tmp_path))
+    tcp = dpkt.tcp.TCP(sport=40000, dport=9000, flags=dpkt.tcp.TH_SYN)
+    frag4 = dpkt.ip.IP(src=b"\x0a\0\0\x01", dst=socket.inet_aton(SERVER_ADDR), p=6, ttl=64,
+                       data=tcp, off=dpkt.ip.IP_MF)
+    v6 = dict(src=socket.inet_pton(socket.AF_INET6, "fd98::1"),
+              dst=socket.inet_pton(socket.AF_INET6, SERVER_ADDR6), hlim=64)
+    frag6 = bytes(dpkt.ip6.IP6(nxt=44, plen=8 + 20, **v6)) + bytes([6, 0, 0, 1, 0, 0, 0, 1]) + bytes(tcp)
+    ah6 = bytes(dpkt.ip6.IP6(nxt=51, plen=16 + 20, **v6)) + bytes([6, 2]) + bytes(14) + bytes(tcp)
+    with raw_tunnel(d) as s:
+        for packet in (bytes(frag4), frag6, ah6):
+            s.send(packet)
+        wait_for(lambda: drops(d).get("fragment") == 2 and drops(d).get("ipv6_ext_header") == 1,
+                 5, "the drops")
+
+
+def test_too_big_for_the_path_gets_fragmentation_needed(daemon_factory, tmp_path):
+    d = daemon_factory("--workers", "1", config=config(tmp_path, "[namespace]\nmtu = 9000\n"))
+    big = dpkt.tcp.TCP(sport=40000, dport=9000, flags=dpkt.tcp.TH_SYN, data=bytes(9500))
+    v4 = dpkt.ip.IP(src=b"\x0a\0\0\x01", dst=socket.inet_aton(SERVER_ADDR), p=6, ttl=64,
+                    data=big, off=dpkt.ip.IP_DF)
+    v6 = dpkt.ip6.IP6(src=socket.inet_pton(socket.AF_INET6, "fd98::1"), nxt=6, hlim=64,
+                      dst=socket.inet_pton(socket.AF_INET6, SERVER_ADDR6), data=big, plen=len(big))
+    with raw_tunnel(d) as s:
+        s.send(bytes(v4))
+        icmp = dpkt.ip.IP(s.recv(65535)).data
+        assert (icmp.type, icmp.code) == (3, 4) and int.from_bytes(bytes(icmp)[6:8], "big") == 9000
+        s.send(bytes(v6))
+        icmp6 = dpkt.ip6.IP6(s.recv(65535)).data
+        assert icmp6.type == 2 and int.from_bytes(bytes(icmp6)[4:8], "big") == 9000
+    assert counter(d, "ipferry_icmp_errors_sent_total", "kind")["too_big"] == 2

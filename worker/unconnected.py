@@ -1,0 +1,210 @@
+"""The unconnected IP tunnel on-ramp: GUE datagrams on a UDP socket shared by all workers.
+
+Each worker reads its own socket of the port's SO_REUSEPORT group, to which the kernel's steering
+program (:mod:`ipferry.worker.steering`) delivers only the flows this worker owns: GUE packets
+never cross the mesh. A sender (address, port) with one context is a :class:`GueTunnel`: replies
+go back to it GUE-encapsulated. It is forgotten once idle and no flow refers to it.
+
+Whoever can send to the port can claim any tenant, so sources are checked against the on-ramp's
+allow list and tenants against its ``tenants`` list; failures are dropped and counted
+(``gue_source_denied``, ``bad_gue``, ``gue_bad_context``, ``gue_unknown_tenant``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import ipaddress
+import socket
+import time
+from collections.abc import Callable
+
+from . import gue, metrics
+from .app import TunnelContext
+from .tunnels import _ids
+
+BATCH = 64
+READ_SIZE = 65535
+IDLE = 300.0  # a sender with no traffic and no flows for this long is forgotten
+MAX_CACHED = 4096  # sources and contexts remembered (allowed or not) before starting over
+
+
+class GueTunnel:
+    """One sender and context on a GUE on-ramp, as flows see a tunnel."""
+
+    local = True
+    steered = True  # the kernel delivered it to its flow's owner: never forwarded
+
+    def __init__(self, onramp: str, origin: int, sock: socket.socket, peer: tuple,
+                 context: TunnelContext) -> None:
+        self.id = next(_ids)
+        self.onramp = onramp
+        self.origin = origin
+        self.sock = sock
+        self.peer = peer
+        self.context = context
+        self.mtu = gue.MAX_DATAGRAM[6 if sock.family == socket.AF_INET6 else 4] - gue.HEADER
+        self.packets_in = 0
+        self.packets_out = 0
+        self.last_seen = time.monotonic()
+        self.closed = False
+
+    @property
+    def tenant(self) -> str:
+        return self.context.tenant
+
+    def send(self, packet: bytes | bytearray) -> None:
+        try:
+            self.sock.sendto(gue.reply_header(packet[0] >> 4) + packet, self.peer)
+        except BlockingIOError:
+            metrics.DROPS.labels("gue_send_full").inc()  # datagram semantics: TCP resends
+        except OSError:
+            metrics.DROPS.labels("gue_send_failed").inc()
+        else:
+            self.packets_out += 1
+
+    def as_dict(self) -> dict:
+        return {"id": self.id, "onramp": self.onramp, "kind": "gue", "tenant": self.tenant,
+                "peer": f"{self.peer[0]}:{self.peer[1]}", "context": self.context.extra,
+                "packets_in": self.packets_in, "packets_out": self.packets_out}
+
+
+class GueOnramp:
+    def __init__(self, name: str, worker: int, sock: socket.socket, log, *,
+                 allow: list[str], tenants: list[str], parse_context: Callable,
+                 on_packet: Callable) -> None:
+        self.name = name
+        self.worker = worker
+        self.sock = sock
+        self.log = log
+        self.allow = [ipaddress.ip_network(n) for n in allow]
+        self.tenants = set(tenants)
+        self.parse_context = parse_context  # the application's (sync or async)
+        self.on_packet = on_packet
+        self.tunnels: dict[tuple, GueTunnel] = {}
+        self._sources: dict[str, bool] = {}
+        self._contexts: dict[bytes, TunnelContext | str] = {}  # or the reason it was refused
+        self._pending: set[bytes] = set()
+        self._loop = asyncio.get_running_loop()
+        sock.setblocking(False)
+        self._loop.add_reader(sock.fileno(), self._read)
+
+    def _read(self) -> None:
+        for _ in range(BATCH):
+            try:
+                datagram, peer = self.sock.recvfrom(READ_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # e.g. an ICMP error for a reply we sent: not fatal
+                metrics.DROPS.labels("gue_receive_error").inc()
+                self.log.debug("gue_receive_error", onramp=self.name, error=exc.strerror)
+                continue
+            self._datagram(datagram, peer)
+
+    def _datagram(self, datagram: bytes, peer: tuple) -> None:
+        allowed = self._sources.get(peer[0])
+        if allowed is None:
+            allowed = self._allowed(peer[0])
+        if not allowed:
+            metrics.DROPS.labels("gue_source_denied").inc()
+            return
+        try:
+            raw, packet = gue.decapsulate(datagram)
+        except gue.BadGue:
+            metrics.DROPS.labels("bad_gue").inc()
+            return
+        tunnel = self.tunnels.get((peer, raw))
+        if tunnel is None:
+            tunnel = self._open(peer, raw)
+            if tunnel is None:
+                return
+        tunnel.packets_in += 1
+        tunnel.last_seen = time.monotonic()
+        self.on_packet(tunnel, packet)
+
+    def _allowed(self, host: str) -> bool:
+        if len(self._sources) >= MAX_CACHED:
+            self._sources.clear()
+        address = ipaddress.ip_address(host.partition("%")[0])
+        if address.version == 6 and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        ok = not self.allow or any(address in net for net in self.allow)
+        self._sources[host] = ok
+        return ok
+
+    def _open(self, peer: tuple, raw: bytes) -> GueTunnel | None:
+        context = self._contexts.get(raw)
+        if context is None:
+            context = self._decide(raw)
+            if context is None:
+                metrics.DROPS.labels("gue_context_pending").inc()  # an async hook decides
+                return None
+        if isinstance(context, str):
+            metrics.DROPS.labels(context).inc()
+            return None
+        tunnel = GueTunnel(self.name, self.worker, self.sock, peer, context)
+        self.tunnels[(peer, raw)] = tunnel
+        metrics.GUE_TUNNELS.inc()
+        self.log.info("gue_tunnel_open", tunnel=tunnel.id, onramp=self.name, tenant=context.tenant,
+                      peer=f"{peer[0]}:{peer[1]}")
+        return tunnel
+
+    def _decide(self, raw: bytes) -> TunnelContext | str | None:
+        """The context of ``raw`` (cached), the drop reason, or None while an async hook runs."""
+        try:
+            result = self.parse_context(raw)
+        except Exception as exc:
+            return self._remember(raw, exc)
+        if inspect.isawaitable(result):
+            if raw not in self._pending:
+                self._pending.add(raw)
+                self._loop.create_task(self._decide_later(raw, result))
+            else:
+                result.close()
+            return None
+        return self._remember(raw, result)
+
+    async def _decide_later(self, raw: bytes, pending) -> None:
+        try:
+            result = await pending
+        except Exception as exc:
+            result = exc
+        finally:
+            self._pending.discard(raw)
+        self._remember(raw, result)
+
+    def _remember(self, raw: bytes, result) -> TunnelContext | str:
+        if len(self._contexts) >= MAX_CACHED:
+            self._contexts.clear()
+        if not isinstance(result, TunnelContext):
+            reason = str(result) if isinstance(result, Exception) else f"not a context: {result!r}"
+            self.log.warning("gue_context_refused", onramp=self.name, reason=reason)
+            outcome: TunnelContext | str = "gue_bad_context"
+        elif self.tenants and result.tenant not in self.tenants:
+            self.log.warning("gue_unknown_tenant", onramp=self.name, tenant=result.tenant)
+            outcome = "gue_unknown_tenant"
+        else:
+            outcome = result
+        self._contexts[raw] = outcome
+        return outcome
+
+    def sweep(self, in_use: set[int]) -> None:
+        """Forget the senders idle for ``IDLE`` seconds that no flow refers to (``in_use``: ids)."""
+        cutoff = time.monotonic() - IDLE
+        for key, tunnel in list(self.tunnels.items()):
+            if tunnel.last_seen < cutoff and tunnel.id not in in_use:
+                del self.tunnels[key]
+                tunnel.closed = True
+                metrics.GUE_TUNNELS.dec()
+                metrics.TUNNELS_CLOSED.labels("gue_idle").inc()
+
+    def reset_contexts(self) -> None:
+        """A new application (reload): contexts are judged again."""
+        self._contexts.clear()
+
+    def stop(self) -> None:
+        self._loop.remove_reader(self.sock.fileno())
+        for tunnel in self.tunnels.values():
+            tunnel.closed = True
+        metrics.GUE_TUNNELS.dec(len(self.tunnels))
+        self.tunnels.clear()
