@@ -14,8 +14,16 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError,
-                      field_validator, model_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ipferry.nsd.addressing import capacity, worker_block
 
@@ -376,6 +384,8 @@ def parse(text: str, source: str = "<config>") -> Config:
         problems = []
         for err in exc.errors():
             loc = tuple(err["loc"])
+            if loc[:1] == ("onramps",) and len(loc) > 2 and loc[2] in ("tunnel", "gue"):
+                loc = loc[:2] + loc[3:]  # the on-ramp kind pydantic chose, not a key of the file
             line = _find_line(text, loc)
             where = f"{source}:{line}" if line else source
             msg = err["msg"].removeprefix("Value error, ")

@@ -4,8 +4,8 @@ Protocol with the supervisor on the control channel:
 
 - supervisor -> ``equip`` {onramps, block, settings}: fds ``onramp:<name>`` (connected tunnel
   listeners), ``gue:<name>`` (this worker's socket of each GUE on-ramp's group), ``tun``,
-  ``upgrade4``, ``upgrade6``, ``nsd`` and ``mesh:<peer>`` for every other live worker. Sent again after nsd was
-  replaced: the worker then swaps its TUN, listeners and nsd link, keeping the rest.
+  ``upgrade4``, ``upgrade6``, ``nsd`` and ``mesh:<peer>`` for every other live worker. Sent again
+  after nsd was replaced: the worker then swaps its TUN, listeners and nsd link, keeping the rest.
 - worker -> ``ready`` once equipped and nsd answered a ping on the worker's own link.
 - supervisor -> ``mesh_peer`` {peer}: fd ``mesh:<peer>``, a replaced worker's new link.
 - supervisor -> ``metrics`` -> worker replies with ``metrics`` {families}.

@@ -30,8 +30,18 @@ from .datagram_flows import UNREACHABLE, DatagramUpstream, PingNotPermitted, ope
 from .flows import CloseReason, Direction, Flow, FlowKey, FlowTable, LimitReached, TcpState
 from .icmp import echo_message, icmp_packet, udp_packet, unreachable
 from .nat import NatPool, NatSlot, SlotPoolExhausted, rewrite_tcp
-from .packet import (IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_RST,
-                     TCP_SYN, Drop, Parsed, parse)
+from .packet import (
+    IPPROTO_ICMP,
+    IPPROTO_ICMPV6,
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    TCP_ACK,
+    TCP_RST,
+    TCP_SYN,
+    Drop,
+    Parsed,
+    parse,
+)
 from .relay import abort, relay
 from .sharding import owner
 from .tun import TunDevice

@@ -4,30 +4,38 @@ Upgrading a flow means addressing its packets to the worker's upgrade listener i
 namespace. Each flow gets a *NAT slot*, an (address, port) of the worker's block, as the new
 source; the kernel's accepted connection then has the slot as its peer, which names the flow.
 Replies from the kernel are addressed to the slot and are rewritten back to the client.
+Both IPv4 and IPv6: an IPv6 block (a /64) has far more addresses than a worker needs, so a pool
+takes only the first few.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import random
 import struct
 import time
 from collections import deque
+from collections.abc import Container
 from dataclasses import dataclass
 
 from .checksum import update
+from .packet import Parsed
 
 _PORT = struct.Struct("!H")
 FIRST_PORT = 1024
 LAST_PORT = 65535
+IPV6_MAX_ADDRESSES = 256  # 256 * 64512 slots: far more flows than one worker holds
 
 
 @dataclass(frozen=True, slots=True)
 class NatSlot:
-    address: bytes  # 4 bytes
+    address: bytes  # 4 or 16 bytes
     port: int
 
     def __str__(self) -> str:
+        if len(self.address) == 16:
+            return f"[{ipaddress.IPv6Address(self.address)}]:{self.port}"
         return f"{ipaddress.IPv4Address(self.address)}:{self.port}"
 
 
@@ -36,15 +44,30 @@ class SlotPoolExhausted(Exception):
 
 
 class NatPool:
-    """Slots of one IPv4 block: fresh ones first, released ones only after a quarantine.
+    """Slots of one IPv4 or IPv6 block: fresh ones first, released ones only after a quarantine.
 
     The quarantine keeps a 4-tuple out of use while the namespace's kernel may still hold it in
     TIME_WAIT: a new SYN on it could be taken for an old segment.
+
+    The pool uses the first ``max_addresses`` hosts of the block not in ``reserved``, found
+    without walking the whole block. ``None`` (the default) means every host of an IPv4 block (a
+    /16 gives 65533 addresses with one reserved) and the first :data:`IPV6_MAX_ADDRESSES` of an
+    IPv6 block, whose /64 has 2**64.
+
+        >>> pool = NatPool(ipaddress.IPv6Network("fd00:100::/64"),
+        ...                {ipaddress.IPv6Address("fd00:100::1")})
+        >>> pool.capacity == 256 * (LAST_PORT - FIRST_PORT + 1)
+        True
     """
 
-    def __init__(self, block: ipaddress.IPv4Network, reserved: set[ipaddress.IPv4Address],
-                 quarantine: float = 60.0) -> None:
-        self._addresses = [a.packed for a in block.hosts() if a not in reserved]
+    def __init__(self, block: ipaddress.IPv4Network | ipaddress.IPv6Network,
+                 reserved: Container[ipaddress.IPv4Address | ipaddress.IPv6Address],
+                 quarantine: float = 60.0, *, max_addresses: int | None = None) -> None:
+        if max_addresses is None and block.version == 6:
+            max_addresses = IPV6_MAX_ADDRESSES
+        # hosts() is a generator: islice stops it after the addresses we take.
+        free = (a.packed for a in block.hosts() if a not in reserved)
+        self._addresses = list(itertools.islice(free, max_addresses))
         if not self._addresses:
             raise ValueError(f"{block} has no address left for NAT slots")
         self._ports = LAST_PORT - FIRST_PORT + 1
@@ -97,3 +120,31 @@ def rewrite_ipv4_tcp(packet: bytearray, ihl: int, src: bytes, sport: int, dst: b
     packet[off:off + 2] = _PORT.pack(tcp_csum)
     packet[12:20] = new_addrs
     packet[ihl:ihl + 4] = new_ports
+
+
+def rewrite_ipv6_tcp(packet: bytearray, l4: int, src: bytes, sport: int, dst: bytes,
+                     dport: int) -> None:
+    """Rewrite addresses and ports of an IPv6 TCP packet in place (TCP header at ``l4``).
+
+    IPv6 has no header checksum; the TCP checksum covers the addresses through the pseudo-header
+    and the ports: RFC 1624 over those 36 bytes, never the payload.
+    """
+    old_addrs = bytes(packet[8:40])
+    new_addrs = src + dst
+    old_ports = bytes(packet[l4:l4 + 4])
+    new_ports = _PORT.pack(sport) + _PORT.pack(dport)
+    off = l4 + 16
+    tcp_csum = (packet[off] << 8) | packet[off + 1]
+    tcp_csum = update(tcp_csum, old_addrs + old_ports, new_addrs + new_ports)
+    packet[off:off + 2] = _PORT.pack(tcp_csum)
+    packet[8:40] = new_addrs
+    packet[l4:l4 + 4] = new_ports
+
+
+def rewrite_tcp(packet: bytearray, p: Parsed, src: bytes, sport: int, dst: bytes,
+                dport: int) -> None:
+    """Rewrite a TCP packet that ``parse`` returned ``p`` for, whichever its IP version."""
+    if p.version == 6:
+        rewrite_ipv6_tcp(packet, p.ihl, src, sport, dst, dport)
+    else:
+        rewrite_ipv4_tcp(packet, p.ihl, src, sport, dst, dport)

@@ -50,7 +50,7 @@ class Tunnel:
             self.packets_out += 1
 
     def as_dict(self) -> dict:
-        return {"id": self.id, "onramp": self.onramp, "tenant": self.tenant,
+        return {"id": self.id, "onramp": self.onramp, "kind": "tunnel", "tenant": self.tenant,
                 "context": self.context.extra if self.context else None,
                 "packets_in": self.packets_in, "packets_out": self.packets_out}
 

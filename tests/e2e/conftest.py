@@ -7,8 +7,15 @@ import sys
 
 import pytest
 
-from tests.e2e.dataplane import (DATAGRAMS, SERVER_ADDR, SERVER_ADDR6, STREAM_PORT, STREAMS,
-                                 add_server_address, can_connect)
+from tests.e2e.dataplane import (
+    DATAGRAMS,
+    SERVER_ADDR,
+    SERVER_ADDR6,
+    STREAM_PORT,
+    STREAMS,
+    add_server_address,
+    can_connect,
+)
 from tests.helpers import wait_for
 
 

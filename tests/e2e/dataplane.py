@@ -33,7 +33,7 @@ def can_connect(host: str, port: int) -> bool:
 
 def connect(daemon, *cmd: str, tenant: str = "acme", context: str | None = None,
             address: str | None = None, timeout: float = 120, gue: str | None = None,
-            mtu: int | None = None) -> subprocess.CompletedProcess:
+            mtu: int | None = None, no_caps: bool = True) -> subprocess.CompletedProcess:
     """Run ``cmd`` inside ``ipferry connect`` (no capabilities) against ``daemon``'s tunnel, or
     its GUE on-ramp at ``gue`` (then from inside the daemon's namespace, where it listens)."""
     extra = ["--context", context] if context else []
@@ -41,7 +41,8 @@ def connect(daemon, *cmd: str, tenant: str = "acme", context: str | None = None,
     extra += ["--mtu", str(mtu)] if mtu else []
     where = ["--gue", gue] if gue else ["--tunnel", str(daemon.runtime_dir / "tunnel.sock")]
     enter = ["nsenter", f"--net={daemon.netns.path}"] if gue else []
-    return subprocess.run([*enter, *NO_CAPS, IPFERRY, "connect", *where, "--tenant", tenant,
+    drop = NO_CAPS if no_caps else []
+    return subprocess.run([*enter, *drop, IPFERRY, "connect", *where, "--tenant", tenant,
                            *extra, "--", *cmd], capture_output=True, timeout=timeout,
                           stdin=subprocess.DEVNULL)
 

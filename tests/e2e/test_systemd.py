@@ -53,7 +53,8 @@ def test_socket_activation_uses_the_passed_listener(daemon_factory, runtime_dir,
                                  "LISTEN_FDNAMES=tunnel")
     listener.close()  # only the daemon holds it now
     onramps = d.status()["onramps"]
-    assert onramps == [{"name": "tunnel", "path": None, "from_systemd": True}]
+    assert onramps == [{"name": "tunnel", "kind": "tunnel", "path": None, "address": None,
+                        "from_systemd": True}]
     assert not (runtime_dir / "tunnel.sock").exists()
     client = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     client.connect(str(path))  # the passed socket is listening in the daemon

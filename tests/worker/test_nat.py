@@ -1,14 +1,25 @@
 """NAT rewrite + incremental checksums against dpkt's full recomputation; the slot pool."""
 
+import doctest
 import ipaddress
+import time
 
 import dpkt
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ipferry.worker.nat import NatPool, SlotPoolExhausted, rewrite_ipv4_tcp
+from ipferry.worker import nat
+from ipferry.worker.nat import (
+    NatPool,
+    NatSlot,
+    SlotPoolExhausted,
+    rewrite_ipv4_tcp,
+    rewrite_ipv6_tcp,
+    rewrite_tcp,
+)
 from ipferry.worker.packet import parse
+from tests.worker.packets import ADDR6, PADN6, UNICAST4, l4_checksum_ok, tcp, with_ipv6_ext
 
 ADDR = st.binary(min_size=4, max_size=4)
 PORT = st.integers(0, 65535)
@@ -23,7 +34,7 @@ def build(src, dst, sport, dport, payload, opts=b"") -> bytes:
     return bytes(ip)
 
 
-@given(ADDR, ADDR, PORT, PORT, ADDR, ADDR, PORT, PORT, st.binary(max_size=1500),
+@given(ADDR, ADDR, PORT, PORT, ADDR, UNICAST4, PORT, PORT, st.binary(max_size=1500),
        st.sampled_from([b"", b"\x01\x01\x01\x01", b"\x02\x04\x05\xb4\x01\x03\x03\x07"]))
 def test_incremental_rewrite_equals_full_recomputation(s, d, sp, dp, ns, nd, nsp, ndp, payload,
                                                        opts):
@@ -71,3 +82,82 @@ def test_pool_exhaustion_is_an_error_not_a_reuse():
     pool.claim(now=0)
     with pytest.raises(SlotPoolExhausted):
         pool.claim(now=0)
+
+
+def build6(src, dst, sport, dport, payload, opts=b"", hop_by_hop=False) -> bytes:
+    raw = tcp(src, dst, sport, dport, dpkt.tcp.TH_ACK, payload, opts)
+    return with_ipv6_ext(raw, [(0, PADN6)]) if hop_by_hop else raw
+
+
+def tcp_checksum(packet: bytes | bytearray, l4: int) -> int:
+    return (packet[l4 + 16] << 8) | packet[l4 + 17]
+
+
+@given(ADDR6, ADDR6, PORT, PORT, ADDR6, ADDR6, PORT, PORT, st.binary(max_size=1500),
+       st.sampled_from([b"", b"\x02\x04\x05\xa0\x01\x03\x03\x07"]), st.booleans())
+def test_ipv6_incremental_rewrite_equals_full_recomputation(s, d, sp, dp, ns, nd, nsp, ndp, payload,
+                                                            opts, hop_by_hop):
+    pkt = bytearray(build6(s, d, sp, dp, payload, opts, hop_by_hop))
+    l4 = 48 if hop_by_hop else 40
+    rewrite_ipv6_tcp(pkt, l4, ns, nsp, nd, ndp)
+    # The checksum verifies over the new pseudo-header (dpkt's sum judges)...
+    assert l4_checksum_ok(bytes(pkt), l4, dpkt.ip.IP_PROTO_TCP)
+    # ...and is the one a fresh build computes, as a one's-complement number (0 == 0xFFFF).
+    expected = build6(ns, nd, nsp, ndp, payload, opts, hop_by_hop)
+    assert tcp_checksum(pkt, l4) % 0xFFFF == tcp_checksum(expected, l4) % 0xFFFF
+    assert pkt[:l4 + 16] + pkt[l4 + 18:] == expected[:l4 + 16] + expected[l4 + 18:]
+    p = parse(bytes(pkt))
+    assert (p.src, p.sport, p.dst, p.dport, p.ihl) == (ns, nsp, nd, ndp, l4)
+
+
+def test_rewrite_tcp_dispatches_on_the_version():
+    for client, server, slot, local in ((b"\x0a\0\0\x02", b"\xc6\x12\0\x01", b"\x64\x40\0\x02",
+                                         b"\x64\x40\0\x01"),
+                                        (bytes.fromhex("fd00" + "00" * 13 + "02"),
+                                         bytes.fromhex("20010db8" + "00" * 11 + "01"),
+                                         bytes.fromhex("fd64" + "00" * 13 + "02"),
+                                         bytes.fromhex("fd64" + "00" * 13 + "01"))):
+        original = tcp(client, server, 40000, 80, dpkt.tcp.TH_ACK, b"GET / HTTP/1.0\r\n\r\n")
+        pkt = bytearray(original)
+        p = parse(original)
+        rewrite_tcp(pkt, p, slot, 1024, local, 1)
+        assert l4_checksum_ok(bytes(pkt), p.ihl, dpkt.ip.IP_PROTO_TCP)
+        q = parse(bytes(pkt))
+        assert (q.src, q.sport, q.dst, q.dport) == (slot, 1024, local, 1)
+        rewrite_tcp(pkt, q, client, 40000, server, 80)
+        assert tcp_checksum(pkt, p.ihl) % 0xFFFF == tcp_checksum(original, p.ihl) % 0xFFFF
+
+
+def test_ipv6_pool_over_a_64_is_instant_and_distinct():
+    block = ipaddress.IPv6Network("fd64:0:0:7::/64")
+    listener = ipaddress.IPv6Address("fd64:0:0:7::1")
+    started = time.perf_counter()
+    pool = NatPool(block, {listener}, quarantine=60)
+    assert time.perf_counter() - started < 0.1
+    assert pool.capacity == 256 * 64512
+    slots = [pool.claim(now=0) for _ in range(2000)]
+    assert len(set(slots)) == len(slots)
+    addresses = {ipaddress.IPv6Address(s.address) for s in slots}
+    assert len(addresses) == 256 and listener not in addresses
+    assert all(a in block for a in addresses)
+    assert max(addresses) == ipaddress.IPv6Address("fd64:0:0:7::101")  # the first hosts
+
+
+def test_pool_address_cap():
+    block = ipaddress.IPv6Network("fd64::/64")
+    reserved = {ipaddress.IPv6Address("fd64::1"), ipaddress.IPv6Address("fd64::3")}
+    pool = NatPool(block, reserved, max_addresses=2)
+    assert sorted(pool._addresses) == [ipaddress.IPv6Address(a).packed for a in ("fd64::2", "fd64::4")]
+    v4 = NatPool(ipaddress.IPv4Network("100.64.0.0/16"), {ipaddress.IPv4Address("100.64.0.1")})
+    assert len(v4._addresses) == 65533, "an IPv4 block is used whole by default"
+    capped = NatPool(ipaddress.IPv4Network("100.64.0.0/16"), set(), max_addresses=10)
+    assert capped.capacity == 10 * 64512
+
+
+def test_slot_names():
+    assert str(NatSlot(bytes.fromhex("fd64" + "00" * 13 + "02"), 1024)) == "[fd64::2]:1024"
+    assert str(NatSlot(b"\x64\x40\0\x02", 1024)) == "100.64.0.2:1024"
+
+
+def test_docstring_examples():
+    assert doctest.testmod(nat).failed == 0
