@@ -193,3 +193,76 @@ def test_too_big_for_the_path_gets_fragmentation_needed(daemon_factory, tmp_path
         icmp6 = dpkt.ip6.IP6(s.recv(65535)).data
         assert icmp6.type == 2 and int.from_bytes(bytes(icmp6)[4:8], "big") == 9000
     assert counter(d, "ipferry_icmp_errors_sent_total", "kind")["too_big"] == 2
+
+
+def _icmp4(src: bytes, dst: bytes, type_: int, code: int, rest: bytes, embedded: bytes) -> bytes:
+    from ipferry.worker.checksum import checksum
+    message = bytearray(bytes([type_, code, 0, 0]) + rest + embedded)
+    message[2:4] = checksum(bytes(message)).to_bytes(2, "big")
+    return bytes(dpkt.ip.IP(src=src, dst=dst, p=1, ttl=64, data=bytes(message)))
+
+
+def _recv_from(s: socket.socket, proto: int, sport: int, seconds: float = 5):
+    """The next packet from the tunnel of ``proto`` from port ``sport`` (others skipped)."""
+    import time
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        s.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            ip = dpkt.ip.IP(s.recv(65535))
+        except TimeoutError:
+            break
+        if ip.p == proto and ip.data.sport == sport:
+            return ip
+    raise AssertionError(f"no packet of protocol {proto} from port {sport}")
+
+
+CLIENT = socket.inet_aton("10.98.200.1")
+SERVER = socket.inet_aton(SERVER_ADDR)
+
+
+def test_client_port_unreachable_ends_its_udp_flow(daemon_factory, udp_servers, tmp_path):
+    d = daemon_factory("--workers", "1", config=config(tmp_path))
+    with raw_tunnel(d) as s:
+        udp = dpkt.udp.UDP(sport=40002, dport=UDP_ECHO_PORT, data=b"are you there?")
+        udp.ulen = 8 + len(udp.data)
+        s.send(bytes(dpkt.ip.IP(src=CLIENT, dst=SERVER, p=17, ttl=64, data=udp)))
+        reply = _recv_from(s, 17, UDP_ECHO_PORT)
+        assert reply.data.data == b"are you there?"
+        # The client's socket is gone: its kernel answers the reply with "port unreachable".
+        s.send(_icmp4(CLIENT, SERVER, 3, 3, bytes(4), bytes(reply)[:28]))
+        [end] = wait_for(lambda: [r for r in audit_records(tmp_path / "audit.jsonl")
+                                  if r["audit"] == "flow_end"], 5, "the flow's end")
+    assert end["close_reason"] == "client_unreachable" and end["packets"] == [2, 1]
+    assert counter(d, "ipferry_icmp_errors_received_total", "protocol") == {"udp": 1}
+
+
+def test_client_fragmentation_needed_reaches_the_namespace_kernel(daemon_factory, streams,
+                                                                   tmp_path):
+    """A client-side hop with a 1280-byte MTU: its ICMP, matched to the TCP flow and translated
+    to the NAT slot, makes the namespace's kernel resend the lost segment smaller."""
+    d = daemon_factory("--workers", "1", config=config(tmp_path))
+    mss = b"\x02\x04" + (60000).to_bytes(2, "big")
+
+    def tcp(flags: int, seq: int, ack: int = 0, data: bytes = b"", opts: bytes = b"") -> bytes:
+        seg = dpkt.tcp.TCP(sport=40003, dport=9000, seq=seq, ack=ack, flags=flags, win=65535,
+                           opts=opts, data=data)
+        seg.off = (20 + len(opts)) // 4
+        return bytes(dpkt.ip.IP(src=CLIENT, dst=SERVER, p=6, ttl=64, data=seg, df=1))
+
+    with raw_tunnel(d) as s:
+        s.send(tcp(dpkt.tcp.TH_SYN, 1000, opts=mss))
+        synack = _recv_from(s, 6, 9000)
+        server_seq = synack.data.seq + 1
+        request = b"GET 100000\n"
+        s.send(tcp(dpkt.tcp.TH_ACK, 1001, server_seq, request))
+        big = _recv_from(s, 6, 9000)
+        while not big.data.data:  # skip a bare ACK of the request
+            big = _recv_from(s, 6, 9000)
+        assert big.len > 1280 and big.data.seq == server_seq
+        s.send(_icmp4(CLIENT, SERVER, 3, 4, (1280).to_bytes(4, "big"), bytes(big)[:28]))
+        again = _recv_from(s, 6, 9000)
+        while again.data.seq != server_seq:
+            again = _recv_from(s, 6, 9000)
+        assert again.len <= 1280, again.len  # the first segment again, cut to the new MTU
+    assert counter(d, "ipferry_icmp_errors_received_total", "protocol") == {"tcp": 1}

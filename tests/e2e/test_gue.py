@@ -112,3 +112,25 @@ def test_gue_config_errors_name_the_line(tmp_path, listen, error):
     with pytest.raises(ConfigError) as exc:
         parse(text, "t.toml")
     assert "t.toml:" in str(exc.value) and error in str(exc.value)
+
+
+def test_sources_outside_the_allow_list_are_dropped(daemon_factory, netns, tmp_path):
+    d = daemon_factory("--workers", "1", config=gue_config(tmp_path, 'allow = ["192.0.2.0/24"]'))
+    syn = bytes.fromhex("450000280001400040060000") + socket.inet_aton("10.98.0.9") + \
+        socket.inet_aton(SERVER_ADDR) + bytes.fromhex("9c40232800000000000000005002ffff00000000")
+    netns.run(send_datagrams, [gue.header(b'{"tenant":"acme"}', 4) + syn] * 3)
+    wait_for(lambda: drops(d).get("gue_source_denied") == 3, 5, "denied sources")
+    assert not audit_records(tmp_path / "audit.jsonl")
+
+
+def test_check_config_and_status_show_the_gue_onramp(daemon_factory, tmp_path):
+    import subprocess
+
+    from tests.helpers import IPFERRY
+    path = tmp_path / "gue.toml"
+    path.write_text(gue_config(tmp_path))
+    out = subprocess.run([IPFERRY, "check-config", str(path)], capture_output=True, text=True)
+    assert out.returncode == 0 and f"gue at udp {GUE} (GUE)" in out.stdout, out
+    d = daemon_factory("--workers", "2", config=gue_config(tmp_path))
+    [gue_row] = [o for o in d.status()["onramps"] if o["kind"] == "gue"]
+    assert gue_row["address"] == GUE and gue_row["path"] is None
