@@ -134,3 +134,19 @@ def test_check_config_and_status_show_the_gue_onramp(daemon_factory, tmp_path):
     d = daemon_factory("--workers", "2", config=gue_config(tmp_path))
     [gue_row] = [o for o in d.status()["onramps"] if o["kind"] == "gue"]
     assert gue_row["address"] == GUE and gue_row["path"] is None
+
+
+def test_a_restarted_worker_gets_its_socket_back_and_steering_still_holds(daemon_factory,
+                                                                          streams, tmp_path):
+    import os
+    import signal
+    d = daemon_factory("--workers", "2", config=gue_config(tmp_path))
+    old = {w["index"]: w["pid"] for w in d.workers()}
+    os.kill(old[1], signal.SIGKILL)
+    wait_for(lambda: [w for w in d.workers() if w["index"] == 1 and w["state"] == "ready"
+                      and w["pid"] != old[1]], 10, "worker 1 to be replaced")
+    r = stream_client(d, "many", 40, 10_000, gue=GUE)
+    assert r["ok"] == 40, r
+    assert sum(by_worker(d, "ipferry_gue_missteered_total").values()) == 0
+    packets_in = by_worker(d, "ipferry_packets_total", direction="from_tunnel")
+    assert packets_in.get("1", 0) > 0, packets_in  # the new worker 1 serves its flows
