@@ -75,6 +75,7 @@ class GueTunnel:
         self.max_datagram = gue.MAX_DATAGRAM[6 if family == socket.AF_INET6 else 4]
         self.mtu = self.max_datagram - len(self.headers[4])  # the largest inner packet
         self.tun_fd: int | None = None
+        self.shut = False
 
     def send(self, packet: bytes) -> None:
         version = packet[0] >> 4 if packet else 0
@@ -86,12 +87,13 @@ class GueTunnel:
             return
         try:
             self.sock.send(head + packet)
-        except ConnectionRefusedError:
-            pass  # the daemon is (re)starting: a lost datagram, as on any UDP path
         except OSError as exc:
-            if exc.errno != errno.EMSGSIZE:
-                raise
-            self._too_big(packet)
+            if exc.errno == errno.EBADF:
+                raise  # closed: we are done
+            if exc.errno == errno.EMSGSIZE:
+                self._too_big(packet)
+            # Anything else (refused while the daemon restarts, no route for a moment, a full
+            # queue) is a lost datagram, as on any UDP path: the command's TCP resends it.
 
     def _too_big(self, packet: bytes) -> None:
         from ipferry.worker.icmp import unreachable
@@ -109,8 +111,8 @@ class GueTunnel:
                 datagram = self.sock.recv(size)
             except ConnectionRefusedError:
                 continue  # an ICMP error for an earlier datagram: the tunnel itself goes on
-            if not datagram:
-                return b""  # shut down: we are done
+            if self.shut:
+                return b""  # we shut down: done
             try:
                 return self._gue.decapsulate(datagram)[1]
             except self._gue.BadGue:
@@ -118,6 +120,7 @@ class GueTunnel:
 
     def shutdown(self, how: int) -> None:
         # Unblock the reader: recv on a UDP socket returns once it is shut down.
+        self.shut = True
         try:
             self.sock.shutdown(how)
         except OSError:

@@ -567,8 +567,11 @@ class Supervisor:
                       for r in c.rules],
             "flows": self.flows_settings.model_dump(mode="json"),
             "mtu": self.namespace.mtu,
-            "gue": {o.name: {"allow": [str(n) for n in o.allow], "tenants": list(o.tenants)}
-                    for o in c.onramps if o.kind == "gue"},
+            # From the bound listeners, not a reloaded config: a worker restarted later must get
+            # the lists its socket was opened with (on-ramp changes take a restart).
+            "gue": {o.name: {"allow": [str(n) for n in o.config.allow],
+                             "tenants": list(o.config.tenants), "listen": o.config.listen}
+                    for o in self.onramps if o.config is not None},
             "audit": self.audit_settings.model_dump(mode="json"),
         }
 

@@ -93,6 +93,20 @@ class GueOnramp(_Strict):
                              "[::1]:6080") from None
         return v
 
+    @field_validator("allow", mode="before")
+    @classmethod
+    def _networks(cls, v):
+        if not isinstance(v, list):
+            return v
+        out = []
+        for item in v:
+            try:  # host bits are fine: 10.1.2.3/8 means 10.0.0.0/8
+                out.append(ipaddress.ip_network(item, strict=False) if isinstance(item, str)
+                           else item)
+            except ValueError as exc:
+                raise ValueError(f"{item!r}: not a network ({exc})") from None
+        return out
+
     @model_validator(mode="after")
     def _not_open_to_all(self) -> GueOnramp:
         if not ipaddress.ip_address(self.address()[0]).is_loopback and not self.allow:
@@ -217,6 +231,8 @@ class Flows(_Strict):
 
     max_per_worker: Annotated[int, Field(ge=1)] = 100_000
     max_per_tenant: Annotated[int, Field(ge=1)] = 10_000
+    # UDP and ICMP flows each hold a connected socket, so a local port of the host.
+    max_datagram_per_tenant: Annotated[int, Field(ge=1)] = 1_000
     tcp_syn_sent: Annotated[float, Field(gt=0)] = 120.0
     tcp_established: Annotated[float, Field(gt=0)] = 7200.0
     tcp_fin_wait: Annotated[float, Field(gt=0)] = 120.0
@@ -259,7 +275,12 @@ class Rule(_Strict):
     @classmethod
     def _upstream(cls, v: str | None) -> str | None:
         if v is not None:
-            _host_port(v)
+            host, _ = _host_port(v)
+            try:  # a name would be resolved on the data path, blocking it: literals only
+                ipaddress.ip_address(host)
+            except ValueError:
+                raise ValueError("expected an IP address and a port, e.g. 10.0.0.5:8080 or "
+                                 "[fd00::5]:8080 (no host names)") from None
         return v
 
     def port_range(self) -> tuple[int, int] | None:

@@ -35,6 +35,7 @@ class Listener:
     kind: str = "tunnel"
     group: list[socket.socket] = field(default_factory=list)  # GUE: worker i's socket at i
     address: str | None = None  # GUE: HOST:PORT
+    config: GueOnramp | None = None  # GUE: as bound (a reload changes it only at a restart)
 
     def fds_for(self, worker: int) -> dict[str, int]:
         """The fds worker ``worker`` gets of this on-ramp."""
@@ -123,6 +124,16 @@ def bind_gue_group(onramp: GueOnramp, workers: int) -> Listener:
 
     host, port = onramp.address()
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if port:
+        # Another process of our uid with a SO_REUSEPORT group there would take us in silently
+        # (and share our traffic): a plain bind first must find the port free.
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                raise ListenerError(f"GUE on-ramp {onramp.name} at {onramp.listen}: cannot bind "
+                                    f"({exc.strerror}); is another process (another ipferry?) "
+                                    f"using the port?") from None
     group: list[socket.socket] = []
     try:
         for _ in range(workers):
@@ -141,7 +152,8 @@ def bind_gue_group(onramp: GueOnramp, workers: int) -> Listener:
         raise ListenerError(f"GUE on-ramp {onramp.name} at {onramp.listen}: cannot bind "
                             f"({exc.strerror or exc}); is another process using the port?") from None
     where = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
-    return Listener(onramp.name, group[0].dup(), None, kind="gue", group=group, address=where)
+    return Listener(onramp.name, group[0].dup(), None, kind="gue", group=group, address=where,
+                    config=onramp)
 
 
 def open_onramps(onramps: list[TunnelOnramp | GueOnramp], workers: int = 1) -> list[Listener]:

@@ -53,6 +53,14 @@ def build_application(settings: dict):
                             default_action=settings["app"]["default_action"])
 
 
+def _endpoint(listen: str) -> tuple[bytes | None, int]:
+    """A GUE on-ramp's (address, port) as flows see it; None for a wildcard address."""
+    import ipaddress
+    host, _, port = listen.rpartition(":")
+    address = ipaddress.ip_address(host.strip("[]"))
+    return (None if address.is_unspecified else address.packed), int(port)
+
+
 class Worker:
     def __init__(self, index: int, control: socket.socket, log) -> None:
         self.index = index
@@ -158,6 +166,7 @@ class Worker:
         if self.datapath is None:
             flows = FlowTable(max_flows=f["max_per_worker"],
                               max_flows_per_tenant=f["max_per_tenant"],
+                              max_datagram_flows_per_tenant=f["max_datagram_per_tenant"],
                               timeouts=Timeouts(f["tcp_syn_sent"], f["tcp_established"],
                                                 f["tcp_fin_wait"], f["tcp_closing"],
                                                 udp_unreplied=f["udp_unreplied"],
@@ -179,7 +188,11 @@ class Worker:
                     self.tunnel_closed)
         for name, sock in self.gue_socks.items():
             if name not in self.gue_onramps:
-                conf = self.settings.get("gue", {}).get(name, {})
+                conf = self.settings.get("gue", {}).get(name)
+                if conf is None:  # never serve a GUE socket without its allow and tenant lists
+                    self.log.error("gue_onramp_unconfigured", onramp=name)
+                    continue
+                self.datapath.own_endpoints.add(_endpoint(conf["listen"]))
                 self.gue_onramps[name] = GueOnramp(
                     name, self.index, sock, self.log, allow=conf.get("allow", []),
                     tenants=conf.get("tenants", []),

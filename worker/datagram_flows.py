@@ -23,7 +23,7 @@ READ_SIZE = 65535
 
 # errno on a connected datagram socket -> the unreachable the client gets (see icmp.unreachable)
 UNREACHABLE = {errno.ECONNREFUSED: "port", errno.EHOSTUNREACH: "host", errno.ENETUNREACH: "net",
-               errno.EACCES: "admin", errno.EPERM: "admin", errno.EMSGSIZE: "too_big"}
+               errno.EACCES: "admin", errno.EPERM: "admin"}
 
 
 class PingNotPermitted(OSError):
@@ -43,6 +43,8 @@ def open_upstream(kind: str, upstream: tuple[str, int]) -> socket.socket:
         raise PingNotPermitted(exc.errno, "ICMP datagram sockets are not allowed for this "
                                "group (net.ipv4.ping_group_range)") from None
     try:
+        if family == socket.AF_INET6:  # never reach IPv4 through a mapped address
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.setblocking(False)
         sock.connect((upstream[0], upstream[1] if kind == "udp" else 0))
     except BaseException:

@@ -16,6 +16,7 @@ a TCP reset when a limit is hit; a packet too big for the path gets "fragmentati
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import inspect
 import socket
@@ -53,6 +54,17 @@ ECHO_REQUEST = {IPPROTO_ICMP: 8, IPPROTO_ICMPV6: 128}
 ECHO_REPLY = {0, 129}
 DEST_UNREACHABLE = {IPPROTO_ICMP: 3, IPPROTO_ICMPV6: 1}
 PING_LOG_INTERVAL = 60.0  # how often "ping sockets not permitted" is logged again
+LAST_KEPT = 1280  # of a datagram flow's last client packet: all an ICMP error embeds
+MAX_UDP_PAYLOAD = {4: 65535 - 28, 6: 65535 - 8}
+
+
+def forbidden_destination(dst: bytes) -> bool:
+    """Destinations no tunnel may reach whatever the rules say: the daemon's own host
+    (loopback: its admin API and on-ramps), "this host" (0.0.0.0/8, ::) and IPv6 spellings of
+    IPv4 addresses (::ffff:a.b.c.d, ::a.b.c.d), which would slip past IPv4 rules."""
+    if len(dst) == 4:
+        return dst[0] in (0, 127)
+    return dst[:10] == bytes(10) and (dst[10:12] in (b"\xff\xff", b"\0\0"))
 UPGRADE_PORT = 1  # nsd binds the upgrade listeners there (see ipferry.nsd.network)
 _LINGER_RST = struct.pack("ii", 1, 0)  # close() sends RST instead of FIN
 MAX_PENDING = 8  # packets held per flow while an async hook decides
@@ -129,6 +141,8 @@ class DataPath:
         self._loop = asyncio.get_running_loop()
         self._listeners: list[socket.socket] = []
         self._ping_logged = -PING_LOG_INTERVAL
+        # The daemon's own UDP endpoints (GUE on-ramps): a flow there could speak for any tenant.
+        self.own_endpoints: set[tuple[bytes | None, int]] = set()  # None: any address
 
     # -- equipment ---------------------------------------------------------------------------
 
@@ -201,6 +215,11 @@ class DataPath:
 
     def _starts_flow(self, tunnel: Tunnel, p: Parsed, packet: bytes) -> bool:
         """May this packet of no known flow start one? (Counted and answered when not.)"""
+        if forbidden_destination(p.dst) or (p.protocol == IPPROTO_UDP and (
+                (p.dst, p.dport) in self.own_endpoints or (None, p.dport) in self.own_endpoints)):
+            metrics.DROPS.labels("forbidden_destination").inc()
+            self._answer_unreachable(tunnel, p, packet, "admin")
+            return False
         if p.protocol == IPPROTO_TCP:
             if p.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN:
                 return True
@@ -299,6 +318,8 @@ class DataPath:
     def _open_datagram_upstream(self, entry: FlowEntry, p: Parsed, packet: bytes) -> bool:
         kind = "udp" if p.protocol == IPPROTO_UDP else "icmp"
         upstream = entry.decision.upstream or (entry.start.dst, entry.start.dport)
+        if kind == "icmp" and (":" in upstream[0]) != (p.version == 6):
+            upstream = (entry.start.dst, 0)  # an echo cannot change IP version on the way
         try:
             sock = open_upstream(kind, upstream)
         except PingNotPermitted as exc:
@@ -313,6 +334,11 @@ class DataPath:
             self.end_flow(entry, CloseReason.EVICTED, close_reason="icmp_not_permitted")
             return False
         except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EADDRNOTAVAIL):
+                # No local port left for one more connected socket: a limit, not the network.
+                metrics.DROPS.labels("local_ports_exhausted").inc()
+                self.end_flow(entry, CloseReason.EVICTED, close_reason="local_ports_exhausted")
+                return False
             metrics.UPSTREAM_FAILURES.labels("unreachable").inc()
             self._answer_unreachable(entry.tunnel, p, packet, UNREACHABLE.get(exc.errno, "host"))
             self.end_flow(entry, CloseReason.EVICTED, close_reason="upstream_unreachable")
@@ -342,7 +368,7 @@ class DataPath:
             return
         # A datagram flow: the payload (UDP) or the whole ICMP message leaves by its socket.
         self.flows.observe(entry.flow, Direction.TO_SERVER, 0, p.total_length, time.monotonic())
-        entry.last = (p, packet)
+        entry.last = (p, packet if len(packet) <= LAST_KEPT else packet[:LAST_KEPT])
         entry.payload[0] += p.total_length - p.payload_offset
         start = p.payload_offset if p.protocol == IPPROTO_UDP else p.ihl
         entry.upstream.send(memoryview(packet)[start:p.total_length])
@@ -353,6 +379,9 @@ class DataPath:
             return
         key = entry.flow.key
         if key.protocol == IPPROTO_UDP:
+            if len(data) > MAX_UDP_PAYLOAD[4 if len(key.src) == 4 else 6]:
+                metrics.DROPS.labels("reply_too_big").inc()  # more than IPv4 carries
+                return
             out = udp_packet(key.dst, key.dport, key.src, key.sport, data)
             entry.payload[1] += len(data)
         elif len(data) >= 8 and data[0] in ECHO_REPLY:
@@ -421,7 +450,8 @@ class DataPath:
         self.flows.observe(entry.flow, Direction.TO_SERVER, 0, p.total_length, time.monotonic())
         if entry.slot is not None and self.tun is not None:
             self.tun.write(self._error_for_kernel(entry, p, packet))
-        elif key.protocol == IPPROTO_UDP and p.icmp_type == DEST_UNREACHABLE[p.protocol]:
+        elif (key.protocol == IPPROTO_UDP and p.icmp_type == DEST_UNREACHABLE[p.protocol]
+              and not (p.version == 4 and p.icmp_code == 4)):  # "frag needed" is no goodbye
             self.end_flow(entry, CloseReason.EVICTED, close_reason="client_unreachable")
 
     def _error_for_kernel(self, entry: FlowEntry, p: Parsed, packet: bytes) -> bytes:
@@ -468,7 +498,7 @@ class DataPath:
     def reset_client(self, tunnel: Tunnel, packet: bytes) -> None:
         """Answer a tunnel packet with a TCP reset (unless it is not TCP or is a reset itself)."""
         p = parse(packet)
-        if isinstance(p, Parsed) and not p.tcp_flags & TCP_RST:
+        if isinstance(p, Parsed) and p.protocol == IPPROTO_TCP and not p.tcp_flags & TCP_RST:
             self.send_to_tunnel(tunnel, reset_for(p, packet))
 
     def send_to_tunnel(self, tunnel: Tunnel, packet: bytes | bytearray) -> None:
@@ -517,8 +547,10 @@ class DataPath:
         """Connect the off-ramp (the original destination or the decision's upstream), splice."""
         upstream = entry.decision.upstream or (entry.start.dst, entry.start.dport)
         try:
-            up = socket.socket(socket.AF_INET6 if ":" in upstream[0] else socket.AF_INET,
-                               socket.SOCK_STREAM)
+            family = socket.AF_INET6 if ":" in upstream[0] else socket.AF_INET
+            up = socket.socket(family, socket.SOCK_STREAM)
+            if family == socket.AF_INET6:  # never reach IPv4 through a mapped address
+                up.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             up.setblocking(False)
             entry.sockets.append(up)
             await asyncio.wait_for(self._loop.sock_connect(up, upstream), self.connect_timeout)

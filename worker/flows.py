@@ -107,13 +107,18 @@ class LimitReached(enum.StrEnum):
 
     WORKER = "flow_limit_worker"
     TENANT = "flow_limit_tenant"
+    DATAGRAM_TENANT = "datagram_flow_limit_tenant"  # UDP/ICMP: each holds a local port
 
 
 class FlowTable:
     def __init__(self, *, max_flows: int = 100_000, max_flows_per_tenant: int = 10_000,
+                 max_datagram_flows_per_tenant: int = 1_000,
                  timeouts: Timeouts | None = None) -> None:
         self.max_flows = max_flows
         self.max_flows_per_tenant = max_flows_per_tenant
+        # A datagram flow holds a connected socket, so a local port of the host: fewer of them.
+        self.max_datagram_flows_per_tenant = max_datagram_flows_per_tenant
+        self._datagram_per_tenant: dict[str, int] = {}
         self.timeouts = timeouts or Timeouts()
         self._flows: dict[FlowKey, Flow] = {}
         self._per_tenant: dict[str, int] = {}
@@ -137,6 +142,10 @@ class FlowTable:
             return LimitReached.TENANT
         flow = Flow(key, decision, now, now)
         if key.protocol != IPPROTO_TCP:
+            n = self._datagram_per_tenant.get(key.tenant, 0)
+            if n >= self.max_datagram_flows_per_tenant:
+                return LimitReached.DATAGRAM_TENANT
+            self._datagram_per_tenant[key.tenant] = n + 1
             flow.state = DatagramState.UNREPLIED
         self._flows[key] = flow
         self._per_tenant[key.tenant] = self._per_tenant.get(key.tenant, 0) + 1
@@ -176,6 +185,12 @@ class FlowTable:
         if self._flows.pop(flow.key, None) is None:
             return False
         flow.close_reason = flow.close_reason or reason
+        if isinstance(flow.state, DatagramState):
+            left = self._datagram_per_tenant[flow.key.tenant] - 1
+            if left:
+                self._datagram_per_tenant[flow.key.tenant] = left
+            else:
+                del self._datagram_per_tenant[flow.key.tenant]
         flow.state = TcpState.CLOSED
         left = self._per_tenant[flow.key.tenant] - 1
         if left:

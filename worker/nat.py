@@ -25,7 +25,7 @@ from .packet import Parsed
 _PORT = struct.Struct("!H")
 FIRST_PORT = 1024
 LAST_PORT = 65535
-IPV6_MAX_ADDRESSES = 256  # 256 * 64512 slots: far more flows than one worker holds
+IPV6_MAX_ADDRESSES = 4096  # flows spread over addresses: a PMTU learnt for one rarely hits another
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +56,7 @@ class NatPool:
 
         >>> pool = NatPool(ipaddress.IPv6Network("fd00:100::/64"),
         ...                {ipaddress.IPv6Address("fd00:100::1")})
-        >>> pool.capacity == 256 * (LAST_PORT - FIRST_PORT + 1)
+        >>> pool.capacity == IPV6_MAX_ADDRESSES * (LAST_PORT - FIRST_PORT + 1)
         True
     """
 

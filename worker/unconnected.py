@@ -27,6 +27,8 @@ BATCH = 64
 READ_SIZE = 65535
 IDLE = 300.0  # a sender with no traffic and no flows for this long is forgotten
 MAX_CACHED = 4096  # sources and contexts remembered (allowed or not) before starting over
+MAX_TUNNELS = 10_000  # senders (address, port, context) per worker and on-ramp
+MAX_PENDING = 256  # contexts an async parse_context is deciding at once
 
 
 class GueTunnel:
@@ -115,6 +117,9 @@ class GueOnramp:
             return
         tunnel = self.tunnels.get((peer, raw))
         if tunnel is None:
+            if len(self.tunnels) >= MAX_TUNNELS:
+                metrics.DROPS.labels("gue_tunnel_limit").inc()
+                return
             tunnel = self._open(peer, raw)
             if tunnel is None:
                 return
@@ -145,8 +150,8 @@ class GueOnramp:
         tunnel = GueTunnel(self.name, self.worker, self.sock, peer, context)
         self.tunnels[(peer, raw)] = tunnel
         metrics.GUE_TUNNELS.inc()
-        self.log.info("gue_tunnel_open", tunnel=tunnel.id, onramp=self.name, tenant=context.tenant,
-                      peer=f"{peer[0]}:{peer[1]}")
+        self.log.debug("gue_tunnel_open", tunnel=tunnel.id, onramp=self.name,
+                       tenant=context.tenant, peer=f"{peer[0]}:{peer[1]}")
         return tunnel
 
     def _decide(self, raw: bytes) -> TunnelContext | str | None:
@@ -156,11 +161,11 @@ class GueOnramp:
         except Exception as exc:
             return self._remember(raw, exc)
         if inspect.isawaitable(result):
-            if raw not in self._pending:
+            if raw not in self._pending and len(self._pending) < MAX_PENDING:
                 self._pending.add(raw)
                 self._loop.create_task(self._decide_later(raw, result))
-            else:
-                result.close()
+            elif inspect.iscoroutine(result):
+                result.close()  # already being decided: never awaited, never warned about
             return None
         return self._remember(raw, result)
 
@@ -178,10 +183,10 @@ class GueOnramp:
             self._contexts.clear()
         if not isinstance(result, TunnelContext):
             reason = str(result) if isinstance(result, Exception) else f"not a context: {result!r}"
-            self.log.warning("gue_context_refused", onramp=self.name, reason=reason)
+            self.log.info("gue_context_refused", onramp=self.name, reason=reason)
             outcome: TunnelContext | str = "gue_bad_context"
         elif self.tenants and result.tenant not in self.tenants:
-            self.log.warning("gue_unknown_tenant", onramp=self.name, tenant=result.tenant)
+            self.log.info("gue_unknown_tenant", onramp=self.name, tenant=result.tenant)
             outcome = "gue_unknown_tenant"
         else:
             outcome = result

@@ -266,3 +266,23 @@ def test_client_fragmentation_needed_reaches_the_namespace_kernel(daemon_factory
             again = _recv_from(s, 6, 9000)
         assert again.len <= 1280, again.len  # the first segment again, cut to the new MTU
     assert counter(d, "ipferry_icmp_errors_received_total", "protocol") == {"tcp": 1}
+
+
+def test_the_daemons_own_host_is_out_of_reach(daemon_factory, tmp_path):
+    """Loopback (the admin API, the GUE on-ramp), "this host" and IPv4-mapped IPv6 addresses:
+    refused whatever the rules say, with ICMP "administratively prohibited"."""
+    d = daemon_factory("--workers", "1", config=config(tmp_path))
+    syn = dpkt.tcp.TCP(sport=40004, dport=9180, flags=dpkt.tcp.TH_SYN)
+    six = socket.inet_pton
+    with raw_tunnel(d) as s:
+        for dst in ("127.0.0.1", "0.0.0.0"):
+            s.send(bytes(dpkt.ip.IP(src=CLIENT, dst=socket.inet_aton(dst), p=6, ttl=64, data=syn)))
+            icmp = dpkt.ip.IP(s.recv(65535)).data
+            assert (icmp.type, icmp.code) == (3, 13), dst
+        for dst in ("::ffff:127.0.0.1", "::ffff:198.18.0.1", "::1", "::"):
+            s.send(bytes(dpkt.ip6.IP6(src=six(socket.AF_INET6, "fd98::1"), nxt=6, hlim=64,
+                                      dst=six(socket.AF_INET6, dst), data=syn, plen=20)))
+            icmp6 = dpkt.ip6.IP6(s.recv(65535)).data
+            assert (icmp6.type, icmp6.code) == (1, 1), dst
+    assert drops(d)["forbidden_destination"] == 6
+    assert not audit_records(tmp_path / "audit.jsonl")

@@ -119,3 +119,14 @@ def test_datagram_flows_are_unreplied_then_replied_with_conntracks_timeouts():
     assert table.expire(120.0) == []
     [gone] = table.expire(121.0)
     assert gone is answered and gone.close_reason is CloseReason.IDLE and ping.state == "closed"
+
+
+def test_datagram_flows_have_their_own_tenant_limit():
+    table = FlowTable(max_flows_per_tenant=10, max_datagram_flows_per_tenant=2)
+    udp = [table.start(FlowKey("acme", 17, b"\x0a\0\0\x02", p, b"\xc6\x12\0\x01", 53), None, 0)
+           for p in (1, 2, 3)]
+    assert udp[2] is LimitReached.DATAGRAM_TENANT
+    assert not isinstance(table.start(KEY, None, 0), LimitReached)  # TCP still may
+    table.end(udp[0], CloseReason.IDLE)
+    assert not isinstance(table.start(FlowKey("acme", 1, b"\x0a\0\0\x02", 9, b"\x01" * 4, 0),
+                                      None, 0), LimitReached)
