@@ -16,6 +16,8 @@ lint: setup
 clean:
 	rm -rf .venv build *.egg-info .pytest_cache .hypothesis .ruff_cache
 
+# ipferry against pasta, slirp4netns and veth (about 15 minutes; BENCH_ARGS=--quick for a smoke
+# test), then start-up time and memory.
 bench: setup
+	bench/run $(BENCH_ARGS)
 	.venv/bin/python bench/startup.py
-	.venv/bin/python bench/throughput.py

@@ -78,14 +78,20 @@ async def connrate(host: str, port: int, count: int, concurrency: int, size: int
     errors: dict[str, int] = {}
     ok = 0
 
+    loop = asyncio.get_running_loop()
+
     async def one() -> None:
-        reader, writer = await asyncio.open_connection(host, port)
-        try:
-            writer.write(payload)
-            await reader.readexactly(size)
-        finally:
-            writer.close()
-            await writer.wait_closed()
+        # Bare non-blocking sockets, not streams: the client should cost as little as it can.
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setblocking(False)
+            await loop.sock_connect(s, (host, port))
+            await loop.sock_sendall(s, payload)
+            got = 0
+            while got < size:
+                chunk = await loop.sock_recv(s, size - got)
+                if not chunk:
+                    raise asyncio.IncompleteReadError(b"", size)
+                got += len(chunk)
 
     async def lane() -> None:
         nonlocal ok
@@ -93,7 +99,7 @@ async def connrate(host: str, port: int, count: int, concurrency: int, size: int
             try:
                 await asyncio.wait_for(one(), 10)
                 ok += 1
-            except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as exc:
+            except (TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
                 key = type(exc).__name__ + (f" {exc.strerror}" if isinstance(exc, OSError) and
                                             exc.strerror else "")
                 errors[key] = errors.get(key, 0) + 1

@@ -1,0 +1,86 @@
+"""Where the data path spends its time: py-spy on a worker and on `ipferry connect` under iperf3.
+
+A server namespace with the iperf3 server and the daemon (``--workers 1``, no capabilities), one
+iperf3 run through ``ipferry connect``; py-spy samples the worker and the connect process for the
+run and prints the functions with the most samples (self time, then inclusive).
+
+    .venv/bin/python bench/profile.py [--mtu 1500] [--seconds 8] [--reverse] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.throughput import SERVER, Testbed  # noqa: E402
+from tests.helpers import IPFERRY, NO_CAPS, Daemon  # noqa: E402
+
+PY_SPY = str(Path(sys.executable).with_name("py-spy"))
+
+
+def top(collapsed: Path, n: int = 25) -> str:
+    """Self and inclusive sample counts per function from py-spy's collapsed stacks."""
+    own: collections.Counter[str] = collections.Counter()
+    incl: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = [f.split(" (")[0] + " " + f.split("/")[-1].rstrip(")").split(":")[0]
+                  for f in stack.split(";")]
+        total += int(count)
+        own[frames[-1]] += int(count)
+        for f in set(frames):
+            incl[f] += int(count)
+    lines = [f"{total} samples", "self%  incl%  function"]
+    for f, c in own.most_common(n):
+        lines.append(f"{100 * c / total:5.1f}  {100 * incl[f] / total:5.1f}  {f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mtu", type=int, default=1500)
+    parser.add_argument("--seconds", type=int, default=8)
+    parser.add_argument("--reverse", action="store_true", help="download (iperf3 -R)")
+    parser.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp()))
+    args = parser.parse_args()
+    bed = Testbed()
+    tmp = Path(tempfile.mkdtemp())
+    try:
+        run = tmp / "run"
+        run.mkdir()
+        d = Daemon(bed.server, run, tmp, config=None, no_caps=True, env=None)
+        d.start("--workers", "1", "--admin-listen", "127.0.0.1:9189")
+        d.wait_ready()
+        worker = d.workers()[0]["pid"]
+        client = subprocess.Popen(
+            [*NO_CAPS, IPFERRY, "connect", "--tunnel", str(run / "tunnel.sock"), "--mtu",
+             str(args.mtu), "--", "iperf3", "-c", SERVER, "-t", str(args.seconds + 2),
+             *(["-R"] if args.reverse else [])], stdout=subprocess.PIPE, text=True)
+        time.sleep(1.5)
+        spies = [subprocess.Popen([PY_SPY, "record", "--nonblocking", "-r", "200", "-d",
+                                   str(args.seconds), "-f", "raw", "-o",
+                                   str(args.out / f"{name}.txt"), "-p", str(pid)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                 for name, pid in (("worker", worker), ("connect", client.pid))]
+        for spy in spies:
+            spy.wait()
+        out, _ = client.communicate(timeout=60)
+        print("\n".join(line for line in out.splitlines() if "sender" in line or "receiver" in line))
+        for name in ("worker", "connect"):
+            print(f"\n== {name} ==\n{top(args.out / f'{name}.txt')}")
+        d.destroy()
+    finally:
+        bed.close()
+
+
+if __name__ == "__main__":
+    main()
