@@ -3,7 +3,7 @@
 Handshake with the supervisor on the control channel (each step one message):
 
 1. nsd -> ``hello`` {pid}
-2. supervisor -> ``setup`` {blocks, mtu, sysctls}
+2. supervisor -> ``setup`` {blocks, mtu, offload, sysctls}
 3. nsd unshares its user+net namespace -> ``namespace_ready`` {user_ns, net_ns}
    (or ``error`` {cause, fix} and exit 2 when the host forbids it)
 4. nsd -> one ``worker_equipment`` {block} per worker, fds ``tun``, ``upgrade4``, ``upgrade6``
@@ -60,7 +60,8 @@ def handshake(control: socket.socket, log) -> None:
         for raw in setup["blocks"]:
             block = _block(raw)
             try:
-                equipment = add_worker_tun(ipr, block, setup["mtu"])
+                equipment = add_worker_tun(ipr, block, setup["mtu"],
+                                           offload=setup.get("offload", False))
             except HostError as exc:
                 fdpass.send(control, "error", {"cause": exc.cause, "fix": exc.fix})
                 sys.exit(2)

@@ -23,9 +23,9 @@ import threading
 import time
 from pathlib import Path
 
-from . import fdpass
+from . import fdpass, vnet
 
-READ_SIZE = 65536 + 4
+READ_SIZE = 65536 + 16  # a packet at the largest MTU, and a virtio-net header
 LINGER_IDLE = 0.1  # after the namespace's keeper exits, wait for this much quiet on the TUN ...
 LINGER_MAX = 1.0  # ... but no longer than this (the keeper already waited for owed data)
 
@@ -141,7 +141,7 @@ def open_gue(target: str, context: dict) -> GueTunnel:
         raise ConnectError(f"--gue: {exc}") from None
 
 
-def open_tunnel(path: Path, context: dict) -> socket.socket:
+def open_tunnel(path: Path, context: dict, offload: bool = False) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         sock.connect(str(path))
@@ -150,7 +150,9 @@ def open_tunnel(path: Path, context: dict) -> socket.socket:
                            f"(--tunnel selects another)") from None
     except OSError as exc:
         raise ConnectError(f"cannot connect to the tunnel on-ramp at {path}: {exc.strerror}") from None
-    sock.send(json.dumps(context).encode())
+    # With offload the first datagram says so before the context: every later one then carries
+    # the TUN's virtio-net header, superframes and partial checksums as they are.
+    sock.send((vnet.TUNNEL_MAGIC if offload else b"") + json.dumps(context).encode())
     return sock
 
 
@@ -203,22 +205,24 @@ def _pump_tunnel_to_tun(tun_fd: int, tunnel: socket.socket, stop: threading.Even
 
 def run(command: list[str], *, tunnel_path: Path | None, context: dict, mtu: int | None,
         address: ipaddress.IPv4Interface, address6: ipaddress.IPv6Interface | None = None,
-        gue: str | None = None) -> int:
+        gue: str | None = None, offload: bool = True) -> int:
     """Run ``command`` behind a tunnel: connected at ``tunnel_path``, or GUE to ``gue``.
 
     ``mtu`` None: 65520 on a connected tunnel, the largest packet a GUE datagram carries on GUE.
+    ``offload``: TSO superframes through a connected tunnel (GUE carries plain packets).
     """
     if gue is not None:
         tunnel = open_gue(gue, context)
         mtu = mtu or tunnel.mtu
+        offload = False
     else:
-        tunnel = open_tunnel(tunnel_path or default_tunnel_path(), context)
+        tunnel = open_tunnel(tunnel_path or default_tunnel_path(), context, offload)
         mtu = mtu or 65520
     ours, theirs = fdpass.channel_pair()
     child = subprocess.Popen(
         [sys.executable, "-m", "ipferry.nsd.sandbox", "--control-fd", str(theirs.fileno()),
          "--address", str(address), "--address6", str(address6 or random_address6()),
-         "--mtu", str(mtu), "--", *command],
+         "--mtu", str(mtu), *(["--offload"] if offload else []), "--", *command],
         pass_fds=[theirs.fileno()])
     theirs.close()
     try:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from pyroute2 import IPRoute
 
+from . import vnet
 from .addressing import WorkerBlock
 from .tun import open_tun
 
@@ -55,11 +56,14 @@ def bring_up_loopback(ipr: IPRoute) -> None:
     ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
 
 
-def add_worker_tun(ipr: IPRoute, block: WorkerBlock, mtu: int, backlog: int = 4096) -> WorkerEquipment:
+def add_worker_tun(ipr: IPRoute, block: WorkerBlock, mtu: int, backlog: int = 4096,
+                   offload: bool = False) -> WorkerEquipment:
     """Create the worker's TUN, address it with its block (which routes the block to it), listen."""
-    tun_fd, name = open_tun(block.tun_name)
+    tun_fd, name = open_tun(block.tun_name, offload)
     try:
         idx = ipr.link_lookup(ifname=name)[0]
+        if offload:
+            ipr.link("set", index=idx, gso_max_size=vnet.GSO_MAX_SIZE)
         ipr.link("set", index=idx, mtu=mtu, state="up")
         # Addressing the TUN with the block's prefix makes the kernel route the whole block to it.
         ipr.addr("add", index=idx, address=str(block.ipv4_local), prefixlen=block.ipv4.prefixlen)

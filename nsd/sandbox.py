@@ -19,7 +19,7 @@ import socket
 import sys
 import time
 
-from . import fdpass
+from . import fdpass, vnet
 from .namespace import HostError, enter_user_and_net_namespace, write_sysctls
 from .tun import open_tun
 
@@ -28,7 +28,7 @@ IFA_F_NODAD = 0x02  # usable at once: CMD may connect before duplicate detection
 
 
 def build_network(address: ipaddress.IPv4Interface, mtu: int,
-                  address6: ipaddress.IPv6Interface | None = None) -> int:
+                  address6: ipaddress.IPv6Interface | None = None, offload: bool = False) -> int:
     """In the current (new) namespace: lo up, a TUN with the addresses as default routes."""
     from pyroute2 import IPRoute  # only now: unshare needed a single-threaded process
 
@@ -37,10 +37,12 @@ def build_network(address: ipaddress.IPv4Interface, mtu: int,
                    "net.ipv6.conf.default.disable_ipv6": "0",
                    # Let CMD (uid 0 inside, or unmapped) use ping sockets.
                    "net.ipv4.ping_group_range": "0 2147483647"})
-    tun_fd, name = open_tun(TUN_NAME)
+    tun_fd, name = open_tun(TUN_NAME, offload)
     with IPRoute() as ipr:
         ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
         idx = ipr.link_lookup(ifname=name)[0]
+        if offload:
+            ipr.link("set", index=idx, gso_max_size=vnet.GSO_MAX_SIZE)
         ipr.link("set", index=idx, mtu=mtu, state="up")
         ipr.addr("add", index=idx, address=str(address.ip), prefixlen=address.network.prefixlen)
         ipr.route("add", dst="0.0.0.0/0", oif=idx)
@@ -57,13 +59,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", type=ipaddress.IPv4Interface, required=True)
     parser.add_argument("--address6", type=ipaddress.IPv6Interface)
     parser.add_argument("--mtu", type=int, default=65520)
+    parser.add_argument("--offload", action="store_true",
+                        help="virtio-net headers, TSO and partial checksums on the TUN")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     control = socket.socket(fileno=args.control_fd)
     try:
         enter_user_and_net_namespace()
-        tun_fd = build_network(args.address, args.mtu, args.address6)
+        tun_fd = build_network(args.address, args.mtu, args.address6, args.offload)
     except HostError as exc:
         fdpass.send(control, "error", {"cause": exc.cause, "fix": exc.fix})
         return 2

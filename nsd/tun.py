@@ -19,8 +19,12 @@ IFF_NO_PI = 0x1000
 TUN_PATH = "/dev/net/tun"
 
 
-def open_tun(name: str) -> tuple[int, str]:
-    """Create (or attach to) TUN device ``name``; returns (non-blocking fd, the kernel's name)."""
+def open_tun(name: str, offload: bool = False) -> tuple[int, str]:
+    """Create (or attach to) TUN device ``name``; returns (non-blocking fd, the kernel's name).
+
+    ``offload``: virtio-net headers with TSO and partial checksums (see :mod:`.vnet`).
+    """
+    from . import vnet
     try:
         fd = os.open(TUN_PATH, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -31,8 +35,11 @@ def open_tun(name: str) -> tuple[int, str]:
         raise HostError(f"cannot open {TUN_PATH}: permission denied (mode {mode})",
                         f"chmod 0666 {TUN_PATH}, the distribution default") from None
     try:
-        ifr = struct.pack("16sH22x", name.encode(), IFF_TUN | IFF_NO_PI)
+        flags = IFF_TUN | IFF_NO_PI | (vnet.IFF_VNET_HDR if offload else 0)
+        ifr = struct.pack("16sH22x", name.encode(), flags)
         ifr = fcntl.ioctl(fd, TUNSETIFF, ifr)
+        if offload:
+            fcntl.ioctl(fd, vnet.TUNSETOFFLOAD, vnet.OFFLOADS)
     except OSError as exc:
         os.close(fd)
         if exc.errno == errno.EPERM:

@@ -281,7 +281,8 @@ class Supervisor:
             await expect("hello")
             ns = self.namespace
             child.channel.send("setup", {"blocks": [w.block.as_dict() for w in self.workers],
-                                         "mtu": ns.mtu, "sysctls": ns.sysctls})
+                                         "mtu": ns.mtu, "offload": ns.offload,
+                                         "sysctls": ns.sysctls})
             slot.namespaces = (await expect("namespace_ready")).body
             for _ in self.workers:
                 msg = await expect("worker_equipment")
@@ -567,6 +568,7 @@ class Supervisor:
                       for r in c.rules],
             "flows": self.flows_settings.model_dump(mode="json"),
             "mtu": self.namespace.mtu,
+            "offload": self.namespace.offload,
             # From the bound listeners, not a reloaded config: a worker restarted later must get
             # the lists its socket was opened with (on-ramp changes take a restart).
             "gue": {o.name: {"allow": [str(n) for n in o.config.allow],

@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                               "datagram carries, 65507 minus the GUE header)")
     connect.add_argument("--address", metavar="A.B.C.D",
                          help="the command's IPv4 address (default: random in 10.98.0.0/16)")
+    connect.add_argument("--no-offload", dest="offload", action="store_false",
+                         help="plain packets on the connected tunnel, one per MTU (default: TSO "
+                              "superframes of up to 64 KB with partial checksums, whatever the "
+                              "MTU; much faster at small MTUs)")
     connect.add_argument("--address6", metavar="IPV6",
                          help="the command's IPv6 address (default: random in fd98::/16)")
     connect.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
@@ -177,7 +181,7 @@ def cmd_connect(args) -> int:
     try:
         return run(command, tunnel_path=Path(args.tunnel) if args.tunnel else None,
                    context={**extra, "tenant": args.tenant}, mtu=args.mtu, address=address,
-                   address6=address6, gue=args.gue)
+                   address6=address6, gue=args.gue, offload=args.offload)
     except ConnectError as exc:
         print(f"ipferry connect: {exc}", file=sys.stderr)
         return 1

@@ -187,6 +187,8 @@ class Admin(_Strict):
 
 class Namespace(_Strict):
     mtu: Annotated[int, Field(ge=1280, le=65520)] = 65520
+    # TSO superframes and partial checksums on the worker TUNs (see ipferry.nsd.vnet).
+    offload: bool = True
     tun_prefix: Annotated[str, Field(pattern=r"^[a-z][a-z0-9]{0,9}$")] = "ipf"
     ipv4_pool: ipaddress.IPv4Network = ipaddress.IPv4Network("100.64.0.0/10")
     ipv4_block_prefix: Annotated[int, Field(ge=8, le=28)] = 16

@@ -125,7 +125,7 @@ class Worker:
             self.datapath.detach()
         if self.tun is not None:
             self.tun.close()
-        self.tun = TunDevice(msg.take_fd("tun"))
+        self.tun = TunDevice(msg.take_fd("tun"), vnet=self.settings.get("offload", False))
         for name in ("upgrade4", "upgrade6"):
             if old := self.upgrade.pop(name, None):
                 old.close()
@@ -251,7 +251,8 @@ class Worker:
         if tunnel.id not in link.opened:
             if not link.send_message("tunnel_open", {"tunnel": tunnel.id,
                                                      "tenant": tunnel.tenant,
-                                                     "extra": tunnel.context.extra}):
+                                                     "extra": tunnel.context.extra,
+                                                     "vnet": tunnel.vnet}):
                 metrics.DROPS.labels("owner_unreachable").inc()
                 return
             link.opened.add(tunnel.id)
@@ -270,8 +271,8 @@ class Worker:
             link.reply(msg, "pong", {"worker": self.index})
         elif msg.type == "tunnel_open":
             context = TunnelContext(msg["tenant"], msg.get("extra") or {})
-            self.remote_tunnels[(link.peer, msg["tunnel"])] = RemoteTunnel(link, msg["tunnel"],
-                                                                           context)
+            self.remote_tunnels[(link.peer, msg["tunnel"])] = RemoteTunnel(
+                link, msg["tunnel"], context, bool(msg.get("vnet")))
         elif msg.type == "tunnel_closed":
             remote = self.remote_tunnels.pop((link.peer, msg["tunnel"]), None)
             if remote is not None:
@@ -292,7 +293,7 @@ class Worker:
             if tunnel is None:
                 metrics.DROPS.labels("mesh_unknown_tunnel").inc()
                 return
-            self.datapath.send_to_tunnel(tunnel, packet)
+            self.datapath.relay_to_tunnel(tunnel, packet)  # already in the tunnel's framing
         else:
             metrics.DROPS.labels("mesh_bad_frame").inc()
 

@@ -24,6 +24,8 @@ import struct
 import time
 from dataclasses import dataclass, field
 
+from ipferry.nsd.vnet import PLAIN, complete_checksum, is_gso, is_partial, segment
+
 from . import metrics
 from .app import Application, Decision, FlowEnd, FlowStart, call_hook
 from .audit import AuditLog
@@ -68,6 +70,7 @@ def forbidden_destination(dst: bytes) -> bool:
 UPGRADE_PORT = 1  # nsd binds the upgrade listeners there (see ipferry.nsd.network)
 _LINGER_RST = struct.pack("ii", 1, 0)  # close() sends RST instead of FIN
 MAX_PENDING = 8  # packets held per flow while an async hook decides
+HEADER = 10  # a virtio-net header (ipferry.nsd.vnet)
 
 PKT_IN = metrics.PACKETS.labels("from_tunnel")
 PKT_OUT = metrics.PACKETS.labels("to_tunnel")
@@ -84,7 +87,7 @@ class FlowEntry:
     start: FlowStart
     decision: Decision | None = None  # None while the application decides
     slot: NatSlot | None = None
-    pending: list[tuple[Parsed, bytes]] = field(default_factory=list)
+    pending: list[tuple[Parsed, bytes, bytes | None]] = field(default_factory=list)
     upstream: DatagramUpstream | None = None  # UDP and ICMP echo flows
     last: tuple[Parsed, bytes] | None = None  # datagram flows: the client's last packet
     payload: list[int] = field(default_factory=lambda: [0, 0])  # new bytes, by direction
@@ -166,12 +169,17 @@ class DataPath:
 
     # -- from the tunnel ---------------------------------------------------------------------
 
-    def on_tunnel_packet(self, tunnel: Tunnel, packet: bytes) -> None:
+    def on_tunnel_packet(self, tunnel: Tunnel, data: bytes) -> None:
+        """A datagram of ``tunnel``: the packet (after a virtio-net header on a vnet tunnel)."""
         if tunnel.local:
             PKT_IN.inc()
-            BYTES_IN.inc(len(packet))
+            BYTES_IN.inc(len(data))
         else:
             PKT_FROM_MESH.inc()
+        if tunnel.vnet:
+            header, packet = data[:HEADER], memoryview(data)[HEADER:]
+        else:
+            header, packet = None, data
         p = parse(packet)
         if isinstance(p, Drop):
             metrics.DROPS.labels(p.value).inc()
@@ -187,7 +195,7 @@ class DataPath:
             o = owner(h.protocol, h.src, h.sport, h.dst, h.dport, self.workers)
             if o != self.index:
                 if not tunnel.steered:
-                    self.forward(o, tunnel, packet)
+                    self.forward(o, tunnel, data)
                     return
                 # The kernel's steering program disagrees with us: serve it where it landed
                 # (every packet of the flow lands here alike), but count it: it should not be.
@@ -209,9 +217,9 @@ class DataPath:
             if len(entry.pending) >= MAX_PENDING:
                 metrics.DROPS.labels("decision_pending").inc()  # the client will retransmit
                 return
-            entry.pending.append((p, packet))
+            entry.pending.append((p, bytes(packet), header))
             return
-        self.to_upstream(entry, p, packet)
+        self.to_upstream(entry, p, packet, header)
 
     def _starts_flow(self, tunnel: Tunnel, p: Parsed, packet: bytes) -> bool:
         """May this packet of no known flow start one? (Counted and answered when not.)"""
@@ -256,13 +264,13 @@ class DataPath:
         except Exception as exc:
             return self._hook_failed(entry, p, packet, exc)
         if inspect.isawaitable(decision):
-            entry.pending.append((p, packet))
+            entry.pending.append((p, bytes(packet), None))
             self._loop.create_task(self._decide_later(entry, decision))
             return None
         return entry if self.apply_decision(entry, decision, p, packet) else None
 
     async def _decide_later(self, entry: FlowEntry, pending) -> None:
-        first_p, first_packet = entry.pending[0]
+        first_p, first_packet, _ = entry.pending[0]
         try:
             decision = await pending
         except Exception as exc:
@@ -272,9 +280,9 @@ class DataPath:
             return
         if self.apply_decision(entry, decision, first_p, first_packet):
             queued, entry.pending = entry.pending, []
-            for p, packet in queued:
+            for p, packet, header in queued:
                 if not entry.ended:
-                    self.to_upstream(entry, p, packet)
+                    self.to_upstream(entry, p, packet, header)
 
     def _hook_failed(self, entry: FlowEntry, p: Parsed, packet: bytes, exc: Exception) -> None:
         self.log.warning("flow_hook_failed", error=repr(exc), **self._flow_fields(entry))
@@ -362,13 +370,14 @@ class DataPath:
             metrics.ICMP_SENT.labels(kind).inc()
             self.send_to_tunnel(tunnel, answer)
 
-    def to_upstream(self, entry: FlowEntry, p: Parsed, packet: bytes) -> None:
+    def to_upstream(self, entry: FlowEntry, p: Parsed, packet: bytes,
+                    header: bytes | None = None) -> None:
         if entry.upstream is None:
-            self.to_kernel(entry, p, packet)
+            self.to_kernel(entry, p, packet, header)
             return
         # A datagram flow: the payload (UDP) or the whole ICMP message leaves by its socket.
         self.flows.observe(entry.flow, Direction.TO_SERVER, 0, p.total_length, time.monotonic())
-        entry.last = (p, packet if len(packet) <= LAST_KEPT else packet[:LAST_KEPT])
+        entry.last = (p, bytes(packet[:LAST_KEPT]))
         entry.payload[0] += p.total_length - p.payload_offset
         start = p.payload_offset if p.protocol == IPPROTO_UDP else p.ihl
         entry.upstream.send(memoryview(packet)[start:p.total_length])
@@ -402,20 +411,21 @@ class DataPath:
         p, packet = entry.last
         self._answer_unreachable(entry.tunnel, p, packet, kind, mtu=self.mtu)
 
-    def to_kernel(self, entry: FlowEntry, p: Parsed, packet: bytes) -> None:
+    def to_kernel(self, entry: FlowEntry, p: Parsed, packet: bytes,
+                  header: bytes | None = None) -> None:
         """Account a client packet, rewrite it to the upgrade listener, write it to the TUN."""
-        if p.total_length > self.mtu:
-            self._too_big_for_tun(entry.tunnel, p, packet)
+        if p.total_length > self.mtu and not (header and is_gso(header)):
+            self._too_big_for_tun(entry.tunnel, p, packet)  # (a superframe is many segments)
             return
         if p.tcp_flags & TCP_RST and (p.seq - (entry.next_seq[0] or 0)) & 0xFFFFFFFF > 1:
             # Not at the sequence we expect (RFC 5961; +1 if a FIN went first): the kernel may
             # answer with a challenge ACK, but a blind reset must not end the flow here.
-            self._write_to_kernel(entry, p, packet)
+            self._write_to_kernel(entry, p, packet, header)
             return
         ended = self.flows.observe(entry.flow, Direction.TO_SERVER, p.tcp_flags, p.total_length,
                                    time.monotonic())
         _count_payload(entry, 0, p)
-        self._write_to_kernel(entry, p, packet)
+        self._write_to_kernel(entry, p, packet, header)
         self._after_packet(entry, ended)
 
     def _too_big_for_tun(self, tunnel: Tunnel, p: Parsed, packet: bytes) -> None:
@@ -423,12 +433,19 @@ class DataPath:
         if p.version == 6 or packet[6] & 0x40:  # IPv4 without DF: we don't fragment; dropped
             self._answer_unreachable(tunnel, p, packet, "too_big", mtu=self.mtu)
 
-    def _write_to_kernel(self, entry: FlowEntry, p: Parsed, packet: bytes) -> None:
+    def _write_to_kernel(self, entry: FlowEntry, p: Parsed, packet: bytes,
+                         header: bytes | None = None) -> None:
         buf = bytearray(packet)
+        partial = header is not None and is_partial(header)
         rewrite_tcp(buf, p, entry.slot.address, entry.slot.port, self.local[p.version],
-                    UPGRADE_PORT)
-        if self.tun is not None:
-            self.tun.write(buf)
+                    UPGRADE_PORT, partial=partial)
+        if self.tun is None:
+            return
+        if header is not None and not self.tun.vnet:
+            if partial:
+                complete_checksum(buf, header)  # a TUN without offload wants it whole
+            header = None
+        self.tun.write(buf, header or PLAIN)
 
     def on_tunnel_icmp_error(self, tunnel: Tunnel, p: Parsed, packet: bytes) -> None:
         """An ICMP error from the client's side about one of our packets: match it to its flow.
@@ -469,7 +486,11 @@ class DataPath:
 
     # -- from the kernel ---------------------------------------------------------------------
 
-    def on_tun_packet(self, packet: bytes) -> None:
+    def on_tun_packet(self, data: bytes) -> None:
+        if self.tun is not None and self.tun.vnet:
+            header, packet = data[:HEADER], memoryview(data)[HEADER:]
+        else:
+            header, packet = None, data
         p = parse(packet)
         if isinstance(p, Drop):
             metrics.DROPS.labels(f"kernel_{p.value}").inc()
@@ -478,7 +499,7 @@ class DataPath:
         if entry is None:
             metrics.DROPS.labels("kernel_no_flow").inc()
             return
-        if p.total_length > entry.tunnel.mtu:
+        if p.total_length > entry.tunnel.mtu and not (header and is_gso(header)):
             # More than the flow's tunnel carries: tell the kernel, as a router on its path
             # would (the ICMP comes "from" the slot, about the kernel's own packet).
             metrics.DROPS.labels("too_big").inc()
@@ -491,23 +512,39 @@ class DataPath:
                                    time.monotonic())
         _count_payload(entry, 1, p)
         buf = bytearray(packet)
-        rewrite_tcp(buf, p, key.dst, key.dport, key.src, key.sport)
-        self.send_to_tunnel(entry.tunnel, buf)
+        rewrite_tcp(buf, p, key.dst, key.dport, key.src, key.sport,
+                    partial=header is not None and is_partial(header))
+        self.send_to_tunnel(entry.tunnel, buf, header)
         self._after_packet(entry, ended)
 
-    def reset_client(self, tunnel: Tunnel, packet: bytes) -> None:
+    def reset_client(self, tunnel: Tunnel, data: bytes) -> None:
         """Answer a tunnel packet with a TCP reset (unless it is not TCP or is a reset itself)."""
+        packet = memoryview(data)[HEADER:] if tunnel.vnet else data
         p = parse(packet)
         if isinstance(p, Parsed) and p.protocol == IPPROTO_TCP and not p.tcp_flags & TCP_RST:
             self.send_to_tunnel(tunnel, reset_for(p, packet))
 
-    def send_to_tunnel(self, tunnel: Tunnel, packet: bytes | bytearray) -> None:
+    def send_to_tunnel(self, tunnel: Tunnel, packet: bytes | bytearray,
+                       header: bytes | None = None) -> None:
+        """Send ``packet`` (with its virtio-net ``header``, None: a plain packet) in the framing
+        ``tunnel`` speaks: header and all on a vnet tunnel, else a plain, whole packet."""
+        if tunnel.vnet:
+            packet = (header or PLAIN) + packet
+        elif header is not None and (is_gso(header) or is_partial(header)):
+            # The slow path: cut the superframe into MSS-sized packets, sum every checksum.
+            for seg in segment(packet, header):
+                self.relay_to_tunnel(tunnel, seg)
+            return
+        self.relay_to_tunnel(tunnel, packet)
+
+    def relay_to_tunnel(self, tunnel: Tunnel, data: bytes | bytearray) -> None:
+        """Send a datagram already in ``tunnel``'s framing (e.g. a reply from the mesh)."""
         if tunnel.local:
             PKT_OUT.inc()
-            BYTES_OUT.inc(len(packet))
+            BYTES_OUT.inc(len(data))
         else:
             PKT_TO_MESH.inc()  # back to the worker that holds the tunnel
-        tunnel.send(packet)
+        tunnel.send(data)
 
     def _after_packet(self, entry: FlowEntry, ended: bool) -> None:
         if ended:

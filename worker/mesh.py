@@ -106,7 +106,9 @@ class RemoteTunnel:
     steered = False
     mtu = 65535
 
-    def __init__(self, link: MeshLink, tunnel_id: int, context: TunnelContext) -> None:
+    def __init__(self, link: MeshLink, tunnel_id: int, context: TunnelContext,
+                 vnet: bool = False) -> None:
+        self.vnet = vnet  # the origin's tunnel framing: packets cross the mesh in it, both ways
         self.link = link
         self.origin = link.peer  # the worker that holds the tunnel
         self.id = tunnel_id

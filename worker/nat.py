@@ -100,12 +100,20 @@ class NatPool:
         self._released.append((ready_at, slot))
 
 
+def _partial_update(field: int, old: bytes, new: bytes) -> int:
+    """A *partial* TCP checksum (offload: the field holds the pseudo-header's sum, not the
+    complement of a total) after the pseudo-header's addresses changed from ``old`` to ``new``.
+    The ports are not in it: whoever finishes the checksum sums the header as it is then."""
+    return ~update(~field & 0xFFFF, old, new) & 0xFFFF
+
+
 def rewrite_ipv4_tcp(packet: bytearray, ihl: int, src: bytes, sport: int, dst: bytes,
-                     dport: int) -> None:
+                     dport: int, partial: bool = False) -> None:
     """Rewrite addresses and ports of an IPv4 TCP packet in place, checksums updated (RFC 1624).
 
     The IP header checksum covers the addresses; the TCP checksum covers them too (through the
     pseudo-header) and the ports. Only the 12 changed bytes are summed, never the payload.
+    ``partial``: the TCP checksum is an offloaded partial one (see :func:`_partial_update`).
     """
     old_addrs = bytes(packet[12:20])
     new_addrs = src + dst
@@ -116,14 +124,17 @@ def rewrite_ipv4_tcp(packet: bytearray, ihl: int, src: bytes, sport: int, dst: b
     packet[10:12] = _PORT.pack(ip_csum)
     off = ihl + 16
     tcp_csum = (packet[off] << 8) | packet[off + 1]
-    tcp_csum = update(tcp_csum, old_addrs + old_ports, new_addrs + new_ports)
+    if partial:
+        tcp_csum = _partial_update(tcp_csum, old_addrs, new_addrs)
+    else:
+        tcp_csum = update(tcp_csum, old_addrs + old_ports, new_addrs + new_ports)
     packet[off:off + 2] = _PORT.pack(tcp_csum)
     packet[12:20] = new_addrs
     packet[ihl:ihl + 4] = new_ports
 
 
 def rewrite_ipv6_tcp(packet: bytearray, l4: int, src: bytes, sport: int, dst: bytes,
-                     dport: int) -> None:
+                     dport: int, partial: bool = False) -> None:
     """Rewrite addresses and ports of an IPv6 TCP packet in place (TCP header at ``l4``).
 
     IPv6 has no header checksum; the TCP checksum covers the addresses through the pseudo-header
@@ -135,16 +146,19 @@ def rewrite_ipv6_tcp(packet: bytearray, l4: int, src: bytes, sport: int, dst: by
     new_ports = _PORT.pack(sport) + _PORT.pack(dport)
     off = l4 + 16
     tcp_csum = (packet[off] << 8) | packet[off + 1]
-    tcp_csum = update(tcp_csum, old_addrs + old_ports, new_addrs + new_ports)
+    if partial:
+        tcp_csum = _partial_update(tcp_csum, old_addrs, new_addrs)
+    else:
+        tcp_csum = update(tcp_csum, old_addrs + old_ports, new_addrs + new_ports)
     packet[off:off + 2] = _PORT.pack(tcp_csum)
     packet[8:40] = new_addrs
     packet[l4:l4 + 4] = new_ports
 
 
 def rewrite_tcp(packet: bytearray, p: Parsed, src: bytes, sport: int, dst: bytes,
-                dport: int) -> None:
+                dport: int, partial: bool = False) -> None:
     """Rewrite a TCP packet that ``parse`` returned ``p`` for, whichever its IP version."""
     if p.version == 6:
-        rewrite_ipv6_tcp(packet, p.ihl, src, sport, dst, dport)
+        rewrite_ipv6_tcp(packet, p.ihl, src, sport, dst, dport, partial)
     else:
-        rewrite_ipv4_tcp(packet, p.ihl, src, sport, dst, dport)
+        rewrite_ipv4_tcp(packet, p.ihl, src, sport, dst, dport, partial)

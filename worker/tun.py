@@ -6,18 +6,26 @@ import asyncio
 import os
 from collections.abc import Callable
 
+from ipferry.nsd.vnet import PLAIN
+
 from . import metrics
 
-READ_SIZE = 65536 + 4  # one packet at the largest MTU
+READ_SIZE = 65536 + 16  # one packet at the largest MTU, and a virtio-net header
 BATCH = 64  # packets drained per wake-up before yielding to the loop
 
 
 class TunDevice:
-    """A TUN fd registered with the loop; ``on_packet`` gets every packet the kernel sends."""
+    """A TUN fd registered with the loop; ``on_packet`` gets every packet the kernel sends.
 
-    def __init__(self, fd: int, on_packet: Callable[[bytes], None] | None = None) -> None:
+    With ``vnet`` (offload on), what is read and written is a virtio-net header then the packet
+    (see :mod:`ipferry.nsd.vnet`): ``on_packet`` gets both as one buffer.
+    """
+
+    def __init__(self, fd: int, on_packet: Callable[[bytes], None] | None = None,
+                 vnet: bool = False) -> None:
         self.fd = fd
         self.on_packet = on_packet
+        self.vnet = vnet
         self._loop = asyncio.get_running_loop()
         os.set_blocking(fd, False)
         self._loop.add_reader(fd, self._drain)
@@ -36,9 +44,13 @@ class TunDevice:
             if self.on_packet is not None:
                 self.on_packet(packet)
 
-    def write(self, packet: bytes | bytearray) -> None:
+    def write(self, packet: bytes | bytearray, header: bytes | memoryview = PLAIN) -> None:
+        """Write ``packet`` (with ``header`` in front on a vnet device: default, a plain one)."""
         try:
-            os.write(self.fd, packet)
+            if self.vnet:
+                os.writev(self.fd, (header, packet))
+            else:
+                os.write(self.fd, packet)
         except OSError:
             # The kernel refused it (or the namespace is going away): a counted drop, not a crash.
             metrics.DROPS.labels("tun_write_failed").inc()

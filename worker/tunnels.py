@@ -13,6 +13,8 @@ import itertools
 import socket
 from collections.abc import Awaitable, Callable
 
+from ipferry.nsd.vnet import TUNNEL_MAGIC
+
 from . import metrics
 from .app import TunnelContext
 from .datagrams import READ_SIZE, DatagramQueue, drain
@@ -28,6 +30,7 @@ class Tunnel:
     local = True  # accepted by this worker (a RemoteTunnel is another worker's)
     steered = False  # packets arrive at whichever worker accepted it: foreign flows cross the mesh
     mtu = 65535  # the largest packet it carries
+    vnet = False  # its datagrams carry a virtio-net header before the packet (ipferry.nsd.vnet)
 
     def __init__(self, sock: socket.socket, onramp: str, origin: int = 0) -> None:
         self.id = next(_ids)
@@ -50,7 +53,8 @@ class Tunnel:
             self.packets_out += 1
 
     def as_dict(self) -> dict:
-        return {"id": self.id, "onramp": self.onramp, "kind": "tunnel", "tenant": self.tenant,
+        return {"id": self.id, "onramp": self.onramp, "kind": "tunnel", "offload": self.vnet,
+                "tenant": self.tenant,
                 "context": self.context.extra if self.context else None,
                 "packets_in": self.packets_in, "packets_out": self.packets_out}
 
@@ -123,6 +127,9 @@ class TunnelOnramp:
             self.starting -= 1
             tunnel.close()
             return
+        if raw.startswith(TUNNEL_MAGIC):  # the client speaks offload framing; the rest is context
+            tunnel.vnet = True
+            raw = raw[len(TUNNEL_MAGIC):]
         task = self._loop.create_task(self._start(tunnel, raw))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

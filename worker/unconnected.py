@@ -36,6 +36,7 @@ class GueTunnel:
 
     local = True
     steered = True  # the kernel delivered it to its flow's owner: never forwarded
+    vnet = False
 
     def __init__(self, onramp: str, origin: int, sock: socket.socket, peer: tuple,
                  context: TunnelContext) -> None:

@@ -9,7 +9,9 @@ import textwrap
 import threading
 
 import dpkt
+import pytest
 
+from ipferry.nsd import vnet
 from tests.helpers import IPFERRY, NO_CAPS
 
 UDP_ECHO_CLIENT = textwrap.dedent("""\
@@ -33,14 +35,18 @@ def tunnel_end(path, seen: list, echo: bool):
         conn, _ = srv.accept()
         conn.settimeout(30)
         with conn:
-            seen.append(conn.recv(65536))
+            first = conn.recv(65536)
+            offload = first.startswith(vnet.TUNNEL_MAGIC)  # then a header before each packet
+            seen.append(first)
             while True:
                 try:
-                    pkt = conn.recv(65536)
+                    pkt = conn.recv(65600)
                 except (TimeoutError, OSError):
                     return
                 if not pkt:
                     return
+                if offload:
+                    pkt = pkt[vnet.HEADER_SIZE:]
                 seen.append(pkt)
                 ip = dpkt.ip.IP(pkt) if pkt[0] >> 4 == 4 else None
                 if echo and ip is not None and ip.p == dpkt.ip.IP_PROTO_UDP:
@@ -49,7 +55,7 @@ def tunnel_end(path, seen: list, echo: bool):
                         sport=udp.dport, dport=udp.sport, data=b"pong:" + udp.data))
                     reply.len = 20 + 8 + len(udp.data) + 5
                     reply.data.ulen = 8 + len(udp.data) + 5
-                    conn.send(bytes(reply))
+                    conn.send((vnet.PLAIN if offload else b"") + bytes(reply))
 
     t = threading.Thread(target=serve, daemon=True)
     t.start()
@@ -61,17 +67,21 @@ def connect(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
                           timeout=timeout, stdin=subprocess.DEVNULL)
 
 
-def test_packets_cross_both_ways_with_the_context_first(tmp_path):
+@pytest.mark.parametrize("offload", [True, False])
+def test_packets_cross_both_ways_with_the_context_first(tmp_path, offload):
     path = tmp_path / "tunnel.sock"
     seen: list[bytes] = []
     srv, t = tunnel_end(path, seen, echo=True)
     res = connect("--tunnel", str(path), "--tenant", "acme", "--context", '{"device": "d1"}',
-                  "--address", "10.98.1.2", "--", "python3", "-c", UDP_ECHO_CLIENT)
+                  "--address", "10.98.1.2", *([] if offload else ["--no-offload"]), "--",
+                  "python3", "-c", UDP_ECHO_CLIENT)
     srv.close()
     t.join(10)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["pong:ping", "198.18.0.1", "7"]
-    assert json.loads(seen[0]) == {"device": "d1", "tenant": "acme"}
+    magic = vnet.TUNNEL_MAGIC if offload else b""
+    assert seen[0].startswith(magic)
+    assert json.loads(seen[0][len(magic):]) == {"device": "d1", "tenant": "acme"}
     udp = [dpkt.ip.IP(p) for p in seen[1:] if p[0] >> 4 == 4]
     udp = [ip for ip in udp if ip.p == 17]
     assert len(udp) == 1
