@@ -8,17 +8,53 @@ vanish with it (no multiprocess files left behind).
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily
 
 registry = CollectorRegistry(auto_describe=True)
 
-TUN_PACKETS = Counter("ipferry_tun_packets", "Packets through the worker's TUN device.",
-                      ["direction"], registry=registry)
-TUN_BYTES = Counter("ipferry_tun_bytes", "Bytes through the worker's TUN device.",
-                    ["direction"], registry=registry)
-PACKETS = Counter("ipferry_packets", "IP packets handled, by direction.", ["direction"],
-                  registry=registry)
-BYTES = Counter("ipferry_bytes", "IP bytes handled, by direction.", ["direction"],
-                registry=registry)
+
+class HotCounter:
+    """A counter on the per-packet path: a plain int (the worker is one thread, no lock needed),
+    read by the registry at scrape time. ~10x cheaper than a prometheus-client child's inc()."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def inc(self, amount: int = 1) -> None:
+        self.value += amount
+
+
+class HotCounters:
+    """A labelled counter family of :class:`HotCounter` children, collected like any other."""
+
+    def __init__(self, name: str, documentation: str, label: str, values: list[str]) -> None:
+        self.name, self.documentation, self.label = name, documentation, label
+        self.children = {v: HotCounter() for v in values}
+        registry.register(self)
+
+    def labels(self, value: str) -> HotCounter:
+        return self.children[value]
+
+    def collect(self):
+        family = CounterMetricFamily(self.name, self.documentation, labels=[self.label])
+        for value, child in self.children.items():
+            family.add_metric([value], child.value)
+        yield family
+
+    def describe(self):
+        return self.collect()
+
+
+TUN_PACKETS = HotCounters("ipferry_tun_packets", "Packets through the worker's TUN device.",
+                          "direction", ["rx", "tx"])
+TUN_BYTES = HotCounters("ipferry_tun_bytes", "Bytes through the worker's TUN device.",
+                        "direction", ["rx", "tx"])
+PACKETS = HotCounters("ipferry_packets", "IP packets handled, by direction.", "direction",
+                      ["from_tunnel", "to_tunnel", "to_mesh", "from_mesh"])
+BYTES = HotCounters("ipferry_bytes", "IP bytes handled, by direction.", "direction",
+                    ["from_tunnel", "to_tunnel"])
 DROPS = Counter("ipferry_drops", "Packets dropped, by reason.", ["reason"], registry=registry)
 FLOWS_STARTED = Counter("ipferry_flows_started", "Flows started, by protocol.", ["protocol"],
                         registry=registry)
@@ -50,8 +86,6 @@ TUN_RX_PACKETS = TUN_PACKETS.labels("rx")
 TUN_RX_BYTES = TUN_BYTES.labels("rx")
 TUN_TX_PACKETS = TUN_PACKETS.labels("tx")
 TUN_TX_BYTES = TUN_BYTES.labels("tx")
-for child in (TUN_RX_PACKETS, TUN_RX_BYTES, TUN_TX_PACKETS, TUN_TX_BYTES):
-    child.inc(0)
 
 
 def snapshot() -> list[dict]:
