@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import os
 import sys
+import textwrap
 
 from pydantic import ValidationError
 
@@ -64,11 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     connect = sub.add_parser(
         "connect", help="run a command whose every packet goes through the daemon's tunnel",
-        description="Run CMD in a fresh, unprivileged user+net namespace whose default route is "
-        "a TUN device; every packet it sends is carried to the daemon over a connected IP tunnel "
-        "(the context first, then raw IP packets), and the daemon's replies come back the same "
-        "way. Exits with CMD's status. Like pasta or slirp4netns, but policy-checked and audited.",
-        epilog="example: ipferry connect --tenant acme -- curl http://198.18.0.1/")
+        description=textwrap.fill(
+            "Run CMD in a fresh, unprivileged user+net namespace whose IPv4 and IPv6 default "
+            "routes are a TUN device; every packet it sends is carried to the daemon over a "
+            "connected IP tunnel (the context first, then raw IP packets), or with --gue over UDP "
+            "to the daemon's GUE on-ramp, and the daemon's replies come back the same way. Exits "
+            "with CMD's status. Like pasta or slirp4netns, but policy-checked and audited.", 79),
+        epilog="examples:\n  ipferry connect --tenant acme -- curl http://198.18.0.1/\n"
+               "  ipferry connect --gue 127.0.0.1:6080 --tenant acme -- ping -c 3 198.18.0.1",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     how = connect.add_mutually_exclusive_group()
     how.add_argument("--tunnel", metavar="PATH",
                      help="the daemon's connected tunnel on-ramp (default: as `ipferry run` "

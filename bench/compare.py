@@ -1,0 +1,56 @@
+"""Before/after for ipferry's rows: two bench/run JSON files side by side, with veth for scale.
+
+    .venv/bin/python bench/compare.py bench/published/before.json bench/published/benchmark.json
+
+Each run's own veth median is shown too: the two runs were on the same machine but at different
+times, so a change of the limit means the machine was busier or quieter, not ipferry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def cell(row: dict, transport: str) -> dict | None:
+    c = row["cells"].get(transport)
+    return c if c and c.get("median") is not None else None
+
+
+def fmt(v: float) -> str:
+    return f"{v:.3g}" if v < 100 else f"{v:.0f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("before", type=Path)
+    parser.add_argument("after", type=Path)
+    parser.add_argument("--transport", action="append",
+                        help="rows to compare (default ipferry-w1 and ipferry-w2)")
+    args = parser.parse_args()
+    before, after = (json.loads(p.read_text()) for p in (args.before, args.after))
+    transports = args.transport or ["ipferry-w1", "ipferry-w2"]
+    rows_before = {(r["metric"], r["mtu"]): r for r in before["rows"]}
+    print(f"before: {before['machine']['ipferry_commit']}, after: "
+          f"{after['machine']['ipferry_commit']}; medians of {after['config']['runs']} runs\n")
+    print("| workload | MTU | transport | before | after | after/before | veth before / after |")
+    print("|---|---|---|---|---|---|---|")
+    for row in after["rows"]:
+        old = rows_before.get((row["metric"], row["mtu"]))
+        if old is None:
+            continue
+        for t in transports:
+            a, b = cell(row, t), cell(old, t)
+            if not a or not b:
+                continue
+            va, vb = cell(row, "veth"), cell(old, "veth")
+            limit = f"{fmt(vb['median'])} / {fmt(va['median'])}" if va and vb else "-"
+            change = a["median"] / b["median"] if b["median"] else float("nan")
+            print(f"| {row['label']} ({row['unit']}) | {row['mtu']} | {t} | {fmt(b['median'])} | "
+                  f"{fmt(a['median'])} | {change:.2f}x | {limit} |")
+
+
+if __name__ == "__main__":
+    main()
