@@ -5,6 +5,7 @@ iperf3 run through ``ipferry connect``; py-spy samples the worker and the connec
 run and prints the functions with the most samples (self time, then inclusive).
 
     .venv/bin/python bench/profile.py [--mtu 1500] [--seconds 8] [--reverse] [--out DIR]
+                                      [--workload iperf3|connrate|latency]
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ def main() -> None:
     parser.add_argument("--mtu", type=int, default=1500)
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--reverse", action="store_true", help="download (iperf3 -R)")
+    parser.add_argument("--workload", choices=["iperf3", "connrate", "latency"], default="iperf3",
+                        help="iperf3 (bulk), or bench/rr.py's connection rate or latency")
     parser.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp()))
     args = parser.parse_args()
     bed = Testbed()
@@ -61,10 +64,21 @@ def main() -> None:
         d.start("--workers", "1", "--admin-listen", "127.0.0.1:9189")
         d.wait_ready()
         worker = d.workers()[0]["pid"]
+        rr = str(Path(__file__).with_name("rr.py"))
+        server = None
+        if args.workload == "iperf3":
+            cmd = ["iperf3", "-c", SERVER, "-t", str(args.seconds + 2),
+                   *(["-R"] if args.reverse else [])]
+        else:
+            server = subprocess.Popen(["nsenter", f"--net={bed.server.path}", sys.executable, rr,
+                                       "serve", "--host", SERVER, "--port", "5300"])
+            time.sleep(0.5)
+            cmd = [sys.executable, rr, args.workload, "--host", SERVER, "--port", "5300",
+                   "--count", "100000", "--round-trips", "1000000",
+                   "--timeout", str(args.seconds + 3)]
         client = subprocess.Popen(
             [*NO_CAPS, IPFERRY, "connect", "--tunnel", str(run / "tunnel.sock"), "--mtu",
-             str(args.mtu), "--", "iperf3", "-c", SERVER, "-t", str(args.seconds + 2),
-             *(["-R"] if args.reverse else [])], stdout=subprocess.PIPE, text=True)
+             str(args.mtu), "--", *cmd], stdout=subprocess.PIPE, text=True)
         time.sleep(1.5)
         spies = [subprocess.Popen([PY_SPY, "record", "--nonblocking", "-r", "200", "-d",
                                    str(args.seconds), "-f", "raw", "-o",
@@ -73,7 +87,11 @@ def main() -> None:
                  for name, pid in (("worker", worker), ("connect", client.pid))]
         for spy in spies:
             spy.wait()
+        if args.workload != "iperf3":
+            client.terminate()
         out, _ = client.communicate(timeout=60)
+        if server is not None:
+            server.kill()
         print("\n".join(line for line in out.splitlines() if "sender" in line or "receiver" in line))
         for name in ("worker", "connect"):
             print(f"\n== {name} ==\n{top(args.out / f'{name}.txt')}")

@@ -24,7 +24,7 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-from ipferry.nsd.vnet import PLAIN, complete_checksum, is_gso, is_partial, segment
+from ipferry.nsd.vnet import PLAIN, is_gso, is_partial, segment
 
 from . import metrics
 from .app import Application, Decision, FlowEnd, FlowStart, call_hook
@@ -442,9 +442,10 @@ class DataPath:
         if self.tun is None:
             return
         if header is not None and not self.tun.vnet:
-            if partial:
-                complete_checksum(buf, header)  # a TUN without offload wants it whole
-            header = None
+            # A TUN without offload (namespace.offload = false) takes plain, MTU-sized packets.
+            for seg in segment(buf, header):
+                self.tun.write(seg)
+            return
         self.tun.write(buf, header or PLAIN)
 
     def on_tunnel_icmp_error(self, tunnel: Tunnel, p: Parsed, packet: bytes) -> None:

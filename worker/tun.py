@@ -6,6 +6,7 @@ import asyncio
 import os
 from collections.abc import Callable
 
+from ipferry.nsd.vnet import HEADER_SIZE as HEADER
 from ipferry.nsd.vnet import PLAIN
 
 from . import metrics
@@ -40,7 +41,7 @@ class TunDevice:
                 self.close()
                 return
             metrics.TUN_RX_PACKETS.inc()
-            metrics.TUN_RX_BYTES.inc(len(packet))
+            metrics.TUN_RX_BYTES.inc(len(packet) - (HEADER if self.vnet else 0))
             if self.on_packet is not None:
                 self.on_packet(packet)
 

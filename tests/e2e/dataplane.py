@@ -33,12 +33,14 @@ def can_connect(host: str, port: int) -> bool:
 
 def connect(daemon, *cmd: str, tenant: str = "acme", context: str | None = None,
             address: str | None = None, timeout: float = 120, gue: str | None = None,
-            mtu: int | None = None, no_caps: bool = True) -> subprocess.CompletedProcess:
+            mtu: int | None = None, no_caps: bool = True,
+            options: list[str] | tuple = ()) -> subprocess.CompletedProcess:
     """Run ``cmd`` inside ``ipferry connect`` (no capabilities) against ``daemon``'s tunnel, or
     its GUE on-ramp at ``gue`` (then from inside the daemon's namespace, where it listens)."""
     extra = ["--context", context] if context else []
     extra += ["--address", address] if address else []
     extra += ["--mtu", str(mtu)] if mtu else []
+    extra += list(options)
     where = ["--gue", gue] if gue else ["--tunnel", str(daemon.runtime_dir / "tunnel.sock")]
     enter = ["nsenter", f"--net={daemon.netns.path}"] if gue else []
     drop = NO_CAPS if no_caps else []
