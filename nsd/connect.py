@@ -60,9 +60,10 @@ class GueTunnel:
     as a router would, so the command's TCP lowers its segment size.
     """
 
-    def __init__(self, host: str, port: int, context: bytes) -> None:
+    def __init__(self, host: str, port: int, context: bytes, offload: bool = False) -> None:
         from ipferry.worker import gue
         self._gue = gue
+        self.offload = offload  # TUN reads and writes carry a virtio-net header: so do datagrams
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
@@ -71,27 +72,31 @@ class GueTunnel:
             self.sock.close()
             raise ConnectError(f"cannot reach the GUE on-ramp at {host}:{port}: "
                                f"{exc.strerror}") from None
-        self.headers = {4: gue.header(context, 4), 6: gue.header(context, 6)}
+        self.headers = {4: gue.header(context, 4, offload), 6: gue.header(context, 6, offload)}
         self.max_datagram = gue.MAX_DATAGRAM[6 if family == socket.AF_INET6 else 4]
-        self.mtu = self.max_datagram - len(self.headers[4])  # the largest inner packet
+        # The largest inner packet (superframes are kept below it: vnet.GSO_MAX_SIZE).
+        self.mtu = self.max_datagram - len(self.headers[4]) - (gue.VNET_OPTION if offload else 0)
         self.tun_fd: int | None = None
         self.shut = False
 
-    def send(self, packet: bytes) -> None:
-        version = packet[0] >> 4 if packet else 0
-        head = self.headers.get(version)
+    def send(self, data: bytes) -> None:
+        offset = vnet.HEADER_SIZE if self.offload else 0
+        head = self.headers.get(data[offset] >> 4 if len(data) > offset else 0)
         if head is None:
             return  # not IP: nothing the daemon could use
-        if len(head) + len(packet) > self.max_datagram:
-            self._too_big(packet)
+        if len(data) - offset > self.mtu:
+            self._too_big(data[offset:])
             return
         try:
-            self.sock.send(head + packet)
+            if self.offload:  # the header goes in the GUE option, the packet where Hlen says
+                self.sock.sendmsg([head, data[:offset], b"\0\0", memoryview(data)[offset:]])
+            else:
+                self.sock.send(head + data)
         except OSError as exc:
             if exc.errno == errno.EBADF:
                 raise  # closed: we are done
             if exc.errno == errno.EMSGSIZE:
-                self._too_big(packet)
+                self._too_big(data[offset:])
             # Anything else (refused while the daemon restarts, no route for a moment, a full
             # queue) is a lost datagram, as on any UDP path: the command's TCP resends it.
 
@@ -103,7 +108,7 @@ class GueTunnel:
             return
         answer = unreachable(packet, p, "too_big", mtu=self.mtu)
         if answer is not None:
-            os.write(self.tun_fd, answer)
+            os.write(self.tun_fd, (vnet.PLAIN if self.offload else b"") + answer)
 
     def recv(self, size: int) -> bytes:
         while True:
@@ -114,9 +119,11 @@ class GueTunnel:
             if self.shut:
                 return b""  # we shut down: done
             try:
-                return self._gue.decapsulate(datagram)[1]
+                context, data = self._gue.decapsulate(datagram)
             except self._gue.BadGue:
                 continue
+            if context.startswith(self._gue.VNET_MAGIC) == self.offload:
+                return data  # (a reply in the other framing would be garbage to the TUN)
 
     def shutdown(self, how: int) -> None:
         # Unblock the reader: recv on a UDP socket returns once it is shut down.
@@ -130,13 +137,13 @@ class GueTunnel:
         self.sock.close()
 
 
-def open_gue(target: str, context: dict) -> GueTunnel:
+def open_gue(target: str, context: dict, offload: bool = False) -> GueTunnel:
     host, sep, port = target.rpartition(":")
     if not sep or not port.isdigit():
         raise ConnectError(f"--gue {target!r}: expected HOST:PORT, e.g. 127.0.0.1:6080")
     raw = json.dumps(context, separators=(",", ":")).encode()
     try:
-        return GueTunnel(host.strip("[]"), int(port), raw)
+        return GueTunnel(host.strip("[]"), int(port), raw, offload)
     except ValueError as exc:
         raise ConnectError(f"--gue: {exc}") from None
 
@@ -209,12 +216,11 @@ def run(command: list[str], *, tunnel_path: Path | None, context: dict, mtu: int
     """Run ``command`` behind a tunnel: connected at ``tunnel_path``, or GUE to ``gue``.
 
     ``mtu`` None: 65520 on a connected tunnel, the largest packet a GUE datagram carries on GUE.
-    ``offload``: TSO superframes through a connected tunnel (GUE carries plain packets).
+    ``offload``: TSO superframes with partial checksums through the tunnel (virtio-net headers).
     """
     if gue is not None:
-        tunnel = open_gue(gue, context)
+        tunnel = open_gue(gue, context, offload)
         mtu = mtu or tunnel.mtu
-        offload = False
     else:
         tunnel = open_tunnel(tunnel_path or default_tunnel_path(), context, offload)
         mtu = mtu or 65520

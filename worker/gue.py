@@ -16,6 +16,12 @@ first four bytes are all private data), Proto = 4 (IPv4) or 41 (IPv6) and must m
 packet's version. The private data is the same context a connected tunnel sends first (the
 default application wants UTF-8 JSON with a ``tenant``), padded with zero bytes to a word: at
 most 31 words, 124 bytes. Replies carry no context (Hlen = 0).
+
+Offload (as on connected tunnels, see :mod:`ipferry.nsd.vnet`): private data that starts with the
+6 bytes ``\0vnet\0`` is ``\0vnet\0`` + context, zero-padded to a word, then the packet's 10-byte
+virtio-net header and 2 zero bytes; the inner packet may then be a TCP superframe with a partial
+checksum. Replies to such a sender carry ``\0vnet\0\0\0`` and a header the same way (Hlen = 5).
+The inner packet stays where Hlen says, so the kernel's steering is the same.
 """
 
 from __future__ import annotations
@@ -23,6 +29,9 @@ from __future__ import annotations
 PROTO_IPV4 = 4
 PROTO_IPV6 = 41
 MAX_CONTEXT = 31 * 4
+VNET_MAGIC = b"\0vnet\0"
+VNET_OPTION = 12  # a virtio-net header and 2 bytes of padding, at the end of the private data
+MAX_VNET_CONTEXT = MAX_CONTEXT - len(VNET_MAGIC) - VNET_OPTION - 2
 HEADER = 4
 # The largest UDP payload over IPv4 (65535 - 20 - 8); over loopback IPv6 (MTU 65536) a little less.
 MAX_DATAGRAM = {4: 65507, 6: 65536 - 40 - 8}
@@ -35,13 +44,29 @@ class BadGue(ValueError):
     """A datagram that is not GUE variant 0 carrying an IP packet as this on-ramp speaks it."""
 
 
-def header(context: bytes, version: int) -> bytes:
-    """The GUE header carrying ``context`` in front of an IPv``version`` packet."""
-    if len(context) > MAX_CONTEXT:
+def header(context: bytes, version: int, vnet: bool = False) -> bytes:
+    """The GUE header carrying ``context`` in front of an IPv``version`` packet.
+
+    ``vnet``: the header up to the virtio-net option; the sender appends a virtio-net header and
+    two zero bytes to it (see :func:`vnet_datagram`).
+    """
+    limit = MAX_VNET_CONTEXT if vnet else MAX_CONTEXT
+    if len(context) > limit:
         raise ValueError(f"the context is {len(context)} bytes; a GUE header carries at most "
-                         f"{MAX_CONTEXT}")
+                         f"{limit}")
+    if vnet:
+        context = VNET_MAGIC + context
     padded = context + bytes(-len(context) % 4)
-    return bytes([len(padded) // 4, _PROTO_OF_VERSION[version], 0, 0]) + padded
+    words = (len(padded) + (VNET_OPTION if vnet else 0)) // 4
+    return bytes([words, _PROTO_OF_VERSION[version], 0, 0]) + padded
+
+
+def vnet_reply_header(version: int) -> bytes:
+    """A reply's header up to its virtio-net option (no context)."""
+    return _VNET_REPLY_HEADER[version]
+
+
+_VNET_REPLY_HEADER = {4: header(b"", 4, vnet=True), 6: header(b"", 6, vnet=True)}
 
 
 def reply_header(version: int) -> bytes:
@@ -49,7 +74,11 @@ def reply_header(version: int) -> bytes:
 
 
 def decapsulate(datagram: bytes) -> tuple[bytes, bytes]:
-    """(context, inner packet) of a GUE datagram; raises :class:`BadGue` with the reason."""
+    """(context, inner packet) of a GUE datagram; raises :class:`BadGue` with the reason.
+
+    With the offload option the "inner packet" is the virtio-net header, then the packet, and
+    the context starts with :data:`VNET_MAGIC` (so the two framings never share a sender's tunnel).
+    """
     if len(datagram) < HEADER + 20:
         raise BadGue("shorter than a GUE header and an IP header")
     first, proto, f1, f2 = datagram[0], datagram[1], datagram[2], datagram[3]
@@ -63,4 +92,10 @@ def decapsulate(datagram: bytes) -> tuple[bytes, bytes]:
     version = datagram[start] >> 4
     if _PROTO_OF_VERSION.get(version) != proto:
         raise BadGue(f"protocol {proto} does not match an IPv{version} inner packet")
+    if datagram[HEADER:HEADER + len(VNET_MAGIC)] == VNET_MAGIC:
+        option = start - VNET_OPTION
+        if option < HEADER + len(VNET_MAGIC):
+            raise BadGue("the offload option does not fit the header length")
+        context = VNET_MAGIC + datagram[HEADER + len(VNET_MAGIC):option].rstrip(b"\0")
+        return context, datagram[option:option + 10] + datagram[start:]
     return datagram[HEADER:start].rstrip(b"\0"), datagram[start:]

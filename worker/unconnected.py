@@ -23,6 +23,8 @@ from . import gue, metrics
 from .app import TunnelContext
 from .tunnels import _ids
 
+HEADER = 10  # a virtio-net header (ipferry.nsd.vnet)
+
 BATCH = 64
 READ_SIZE = 65535
 IDLE = 300.0  # a sender with no traffic and no flows for this long is forgotten
@@ -36,17 +38,19 @@ class GueTunnel:
 
     local = True
     steered = True  # the kernel delivered it to its flow's owner: never forwarded
-    vnet = False
 
     def __init__(self, onramp: str, origin: int, sock: socket.socket, peer: tuple,
-                 context: TunnelContext) -> None:
+                 context: TunnelContext, vnet: bool = False) -> None:
+        self.vnet = vnet  # the sender's datagrams carry the offload option (see gue)
         self.id = next(_ids)
         self.onramp = onramp
         self.origin = origin
         self.sock = sock
         self.peer = peer
         self.context = context
-        self.mtu = gue.MAX_DATAGRAM[6 if sock.family == socket.AF_INET6 else 4] - gue.HEADER
+        # The largest plain packet a reply datagram carries (superframes are kept smaller).
+        overhead = len(gue.vnet_reply_header(4)) + gue.VNET_OPTION if vnet else gue.HEADER
+        self.mtu = gue.MAX_DATAGRAM[6 if sock.family == socket.AF_INET6 else 4] - overhead
         self.packets_in = 0
         self.packets_out = 0
         self.last_seen = time.monotonic()
@@ -56,9 +60,14 @@ class GueTunnel:
     def tenant(self) -> str:
         return self.context.tenant
 
-    def send(self, packet: bytes | bytearray) -> None:
+    def send(self, data: bytes | bytearray) -> None:
         try:
-            self.sock.sendto(gue.reply_header(packet[0] >> 4) + packet, self.peer)
+            if self.vnet:  # data: a virtio-net header, then the packet
+                head = gue.vnet_reply_header(data[HEADER] >> 4)
+                self.sock.sendmsg([head, memoryview(data)[:HEADER], b"\0\0",
+                                   memoryview(data)[HEADER:]], [], 0, self.peer)
+            else:
+                self.sock.sendto(gue.reply_header(data[0] >> 4) + data, self.peer)
         except BlockingIOError:
             metrics.DROPS.labels("gue_send_full").inc()  # datagram semantics: TCP resends
         except OSError:
@@ -67,7 +76,8 @@ class GueTunnel:
             self.packets_out += 1
 
     def as_dict(self) -> dict:
-        return {"id": self.id, "onramp": self.onramp, "kind": "gue", "tenant": self.tenant,
+        return {"id": self.id, "onramp": self.onramp, "kind": "gue", "offload": self.vnet,
+                "tenant": self.tenant,
                 "peer": f"{self.peer[0]}:{self.peer[1]}", "context": self.context.extra,
                 "packets_in": self.packets_in, "packets_out": self.packets_out}
 
@@ -148,7 +158,8 @@ class GueOnramp:
         if isinstance(context, str):
             metrics.DROPS.labels(context).inc()
             return None
-        tunnel = GueTunnel(self.name, self.worker, self.sock, peer, context)
+        tunnel = GueTunnel(self.name, self.worker, self.sock, peer, context,
+                           vnet=raw.startswith(gue.VNET_MAGIC))
         self.tunnels[(peer, raw)] = tunnel
         metrics.GUE_TUNNELS.inc()
         self.log.debug("gue_tunnel_open", tunnel=tunnel.id, onramp=self.name,
@@ -158,7 +169,8 @@ class GueOnramp:
     def _decide(self, raw: bytes) -> TunnelContext | str | None:
         """The context of ``raw`` (cached), the drop reason, or None while an async hook runs."""
         try:
-            result = self.parse_context(raw)
+            # The offload option's mark is the transport's, not the application's.
+            result = self.parse_context(raw.removeprefix(gue.VNET_MAGIC))
         except Exception as exc:
             return self._remember(raw, exc)
         if inspect.isawaitable(result):

@@ -51,9 +51,10 @@ def connect(daemon, *cmd: str, tenant: str = "acme", context: str | None = None,
 
 def stream_client(daemon, mode: str, *args, port: int = STREAM_PORT, tenant: str = "acme",
                   address: str | None = None, timeout: float = 240, server: str = SERVER_ADDR,
-                  gue: str | None = None, mtu: int | None = None) -> dict:
+                  gue: str | None = None, mtu: int | None = None, options=()) -> dict:
     res = connect(daemon, "python3", STREAMS, mode, server, str(port), *map(str, args),
-                  tenant=tenant, address=address, timeout=timeout, gue=gue, mtu=mtu)
+                  tenant=tenant, address=address, timeout=timeout, gue=gue, mtu=mtu,
+                  options=options)
     assert res.returncode == 0, res.stderr.decode()[-2000:]
     return json.loads(res.stdout)
 

@@ -56,22 +56,27 @@ def test_hundred_concurrent_flows_each_handled_by_its_owner_alone(daemon_factory
                     10, "100 flow ends")
     assert {(e["src"], e["sport"]): e["worker"] for e in ends} == flows
     tunnels = d.get_json("/api/tunnels")
-    assert any(t.get("kind") == "gue" and t["tenant"] == "acme" for t in tunnels), tunnels
+    assert any(t.get("kind") == "gue" and t["tenant"] == "acme" and t["offload"]
+               for t in tunnels), tunnels
 
 
-def test_pmtu_shrinks_packets_that_do_not_fit_a_datagram(daemon_factory, streams, tmp_path):
+@pytest.mark.parametrize("offload", [True, False], ids=["offload", "plain"])
+def test_pmtu_shrinks_packets_that_do_not_fit_a_datagram(daemon_factory, streams, tmp_path,
+                                                         offload):
     """With a 65520 MTU inside connect, packets exceed what one GUE datagram carries: both
-    kernels learn the smaller path MTU from our ICMP and the transfer completes intact."""
+    kernels learn the smaller path MTU from our ICMP and the transfer completes intact (with
+    superframes and partial checksums in the offload option, or plain packets)."""
     from tests.e2e.streams import pattern
     d = daemon_factory("--workers", "1", config=gue_config(tmp_path))
+    options = [] if offload else ["--no-offload"]
     size = 20 << 20
     expected = hashlib.sha256()
     block = pattern(1 << 22)
     for _ in range(size // len(block)):
         expected.update(block)
-    down = stream_client(d, "get", size, gue=GUE, mtu=65520)
+    down = stream_client(d, "get", size, gue=GUE, mtu=65520, options=options)
     assert down["bytes"] == size and down["sha256"] == expected.hexdigest()
-    up = stream_client(d, "put", size, gue=GUE, mtu=65520)
+    up = stream_client(d, "put", size, gue=GUE, mtu=65520, options=options)
     assert up["server_sha256"] == expected.hexdigest()
     assert counter(d, "ipferry_drops_total", "reason")["too_big"] >= 1  # the kernel was told
 
