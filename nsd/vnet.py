@@ -94,3 +94,31 @@ def segment(packet: bytearray, header: bytes | memoryview) -> list[bytearray]:
             2, "big")
         segments.append(seg)
     return segments
+
+
+DATA_VALID = 0x02
+GSO_TCPV4, GSO_TCPV6, GSO_ECN = 0x01, 0x04, 0x80
+MIN_GSO_SIZE = 256  # no real MSS is smaller; a tiny one would make software GSO a stall
+
+
+def sanitize(header: bytes | memoryview, version: int, protocol: int, l4: int,
+             payload_offset: int, payload_length: int) -> bytes | None:
+    """The virtio-net header a tunnel sent with its packet, checked against the packet (as parsed:
+    IP ``version``, ``protocol``, TCP header at ``l4``) and rebuilt from what it may say; None
+    when it lies. Only what our own superframes carry passes: a partial TCP checksum at its
+    place, TCP GSO of the packet's IP version with a sane segment size."""
+    flags, gso_type, _, gso_size, start, offset = _GSO.unpack_from(header)
+    if flags & ~(NEEDS_CSUM | DATA_VALID) or gso_type & ~(GSO_ECN | 0x7F):
+        return None
+    gso = gso_type & 0x7F
+    if protocol != 6:  # a datagram's payload leaves by a socket: its checksum state is moot
+        return None if gso else PLAIN
+    if not flags & NEEDS_CSUM:
+        return None if gso else PLAIN  # (DATA_VALID is the kernel's to decide, not a client's)
+    if start != l4 or offset != 16:
+        return None
+    if not gso or payload_length <= gso_size:
+        return _GSO.pack(NEEDS_CSUM, 0, 0, 0, start, 16)  # one segment: just a partial checksum
+    if gso != (GSO_TCPV4 if version == 4 else GSO_TCPV6) or gso_size < MIN_GSO_SIZE:
+        return None
+    return _GSO.pack(NEEDS_CSUM, gso_type, payload_offset, gso_size, start, 16)

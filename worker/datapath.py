@@ -24,7 +24,7 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-from ipferry.nsd.vnet import PLAIN, is_gso, is_partial, segment
+from ipferry.nsd.vnet import PLAIN, is_gso, is_partial, sanitize, segment
 
 from . import metrics
 from .app import Application, Decision, FlowEnd, FlowStart, call_hook
@@ -173,7 +173,7 @@ class DataPath:
         """A datagram of ``tunnel``: the packet (after a virtio-net header on a vnet tunnel)."""
         if tunnel.local:
             PKT_IN.inc()
-            BYTES_IN.inc(len(data))
+            BYTES_IN.inc(len(data) - (HEADER if tunnel.vnet else 0))
         else:
             PKT_FROM_MESH.inc()
         if tunnel.vnet:
@@ -184,6 +184,15 @@ class DataPath:
         if isinstance(p, Drop):
             metrics.DROPS.labels(p.value).inc()
             return
+        if header is not None:
+            # The client's header steers the kernel and our software GSO: only the truth passes.
+            header = sanitize(header, p.version, p.protocol, p.ihl, p.payload_offset,
+                              p.payload_length)
+            if header is None:
+                metrics.DROPS.labels("bad_vnet_header").inc()
+                return
+            if len(packet) > p.total_length:
+                packet = packet[:p.total_length]
         if p.inner is None:
             key = FlowKey(tunnel.tenant, p.protocol, p.src, p.sport, p.dst, p.dport)
             entry = self.entries.get(key)
@@ -210,7 +219,7 @@ class DataPath:
         if entry is None:
             if not self._starts_flow(tunnel, p, packet):
                 return
-            entry = self.start_flow(tunnel, key, p, packet)
+            entry = self.start_flow(tunnel, key, p, packet, header)
             if entry is None:
                 return
         if entry.decision is None:
@@ -242,7 +251,8 @@ class DataPath:
             return False
         return True
 
-    def start_flow(self, tunnel: Tunnel, key: FlowKey, p: Parsed, packet: bytes) -> FlowEntry | None:
+    def start_flow(self, tunnel: Tunnel, key: FlowKey, p: Parsed, packet: bytes,
+                   header: bytes | None = None) -> FlowEntry | None:
         now = time.monotonic()
         flow = self.flows.start(key, None, now)
         if isinstance(flow, LimitReached):
@@ -264,7 +274,7 @@ class DataPath:
         except Exception as exc:
             return self._hook_failed(entry, p, packet, exc)
         if inspect.isawaitable(decision):
-            entry.pending.append((p, bytes(packet), None))
+            entry.pending.append((p, bytes(packet), header))
             self._loop.create_task(self._decide_later(entry, decision))
             return None
         return entry if self.apply_decision(entry, decision, p, packet) else None
@@ -542,7 +552,7 @@ class DataPath:
         """Send a datagram already in ``tunnel``'s framing (e.g. a reply from the mesh)."""
         if tunnel.local:
             PKT_OUT.inc()
-            BYTES_OUT.inc(len(data))
+            BYTES_OUT.inc(len(data) - (HEADER if tunnel.vnet else 0))
         else:
             PKT_TO_MESH.inc()  # back to the worker that holds the tunnel
         tunnel.send(data)

@@ -51,3 +51,41 @@ def test_tunnels_say_whether_they_carry_superframes(daemon_factory, tmp_path):
     finally:
         for t in runs:
             t.join(30)
+
+
+def test_forged_virtio_headers_are_dropped_and_honest_ones_answered(daemon_factory, streams,
+                                                                    tmp_path):
+    """A vnet tunnel's header steers the kernel and the worker's software GSO: one that lies
+    about the packet is dropped and counted, nothing else is touched."""
+    import socket
+    import struct
+
+    import dpkt
+
+    from ipferry.nsd import vnet
+    from tests.e2e.dataplane import drops
+
+    d = daemon_factory("--workers", "1", config=config(tmp_path))
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.settimeout(5)
+    s.connect(str(d.runtime_dir / "tunnel.sock"))
+    s.send(vnet.TUNNEL_MAGIC + b'{"tenant": "acme"}')
+
+    def syn(sport: int, payload: bytes = b"") -> bytes:
+        tcp = dpkt.tcp.TCP(sport=sport, dport=STREAM_PORT, flags=dpkt.tcp.TH_SYN, data=payload)
+        return bytes(dpkt.ip.IP(src=b"\x0a\x62\x09\x09", dst=bytes([198, 18, 0, 1]), p=6, ttl=64,
+                                data=tcp))
+
+    lies = [struct.pack("<BBHHHH", vnet.NEEDS_CSUM, vnet.GSO_TCPV4, 40, 1, 20, 16),
+            struct.pack("<BBHHHH", vnet.NEEDS_CSUM, 0, 0, 0, 22, 0),
+            struct.pack("<BBHHHH", vnet.NEEDS_CSUM, 0, 0, 0, 60000, 16)]
+    with s:
+        for i, lie in enumerate(lies):
+            s.send(lie + syn(41000 + i, bytes(3000)))
+        s.send(vnet.PLAIN + syn(42000))
+        reply = s.recv(65600)
+        header, packet = reply[:vnet.HEADER_SIZE], dpkt.ip.IP(reply[vnet.HEADER_SIZE:])
+        assert packet.data.dport == 42000 and packet.data.flags & dpkt.tcp.TH_SYN
+        assert len(header) == vnet.HEADER_SIZE
+    assert drops(d)["bad_vnet_header"] == len(lies)
+    assert d.ready()  # the worker took it all in its stride

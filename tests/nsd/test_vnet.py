@@ -82,3 +82,40 @@ def test_nat_on_a_partial_checksum_then_segmenting_gives_valid_packets(v6, paylo
                   else bytes(seg[12:20]) + b"\0\6" + (len(seg) - l4).to_bytes(2, "big"))
         assert bytes(seg[8:24] if v6 else seg[12:16]) == addr
         assert ones_sum(bytes(seg[l4:]), ones_sum(pseudo)) == 0xFFFF
+
+
+def hdr(flags=0, gso_type=0, hdr_len=0, gso_size=0, start=0, offset=0) -> bytes:
+    return struct.pack("<BBHHHH", flags, gso_type, hdr_len, gso_size, start, offset)
+
+
+# (version, protocol, l4, payload_offset, payload_length) of an IPv4 TCP packet with 3000 bytes
+TCP4 = (4, 6, 20, 40, 3000)
+
+
+def test_sanitize_keeps_what_our_own_superframes_say_and_rebuilds_it():
+    good = hdr(vnet.NEEDS_CSUM, vnet.GSO_TCPV4, 999, 1448, 20, 16)
+    assert vnet.sanitize(good, *TCP4) == hdr(vnet.NEEDS_CSUM, vnet.GSO_TCPV4, 40, 1448, 20, 16)
+    assert vnet.sanitize(hdr(vnet.NEEDS_CSUM, 0, 0, 0, 20, 16), *TCP4) == \
+        hdr(vnet.NEEDS_CSUM, 0, 0, 0, 20, 16)
+    assert vnet.sanitize(hdr(), *TCP4) == vnet.PLAIN
+    assert vnet.sanitize(hdr(vnet.DATA_VALID), *TCP4) == vnet.PLAIN  # not a client's to say
+    # GSO over a payload that fits one segment: just a partial checksum.
+    assert vnet.sanitize(hdr(vnet.NEEDS_CSUM, vnet.GSO_TCPV4, 40, 4000, 20, 16), *TCP4) == \
+        hdr(vnet.NEEDS_CSUM, 0, 0, 0, 20, 16)
+    # A UDP packet's partial checksum is moot (its payload leaves by a socket).
+    assert vnet.sanitize(hdr(vnet.NEEDS_CSUM, 0, 0, 0, 20, 6), 4, 17, 20, 28, 100) == vnet.PLAIN
+
+
+def test_sanitize_refuses_headers_that_lie():
+    lies = [
+        hdr(vnet.NEEDS_CSUM, vnet.GSO_TCPV4, 40, 1, 20, 16),  # 3000 segments of one byte
+        hdr(vnet.NEEDS_CSUM, vnet.GSO_TCPV4, 40, 1448, 22, 0),  # the sum would skip a port
+        hdr(vnet.NEEDS_CSUM, 0, 0, 0, 60000, 16),  # past the packet
+        hdr(vnet.NEEDS_CSUM, vnet.GSO_TCPV6, 40, 1448, 20, 16),  # TCPv6 GSO on IPv4
+        hdr(0, vnet.GSO_TCPV4, 40, 1448, 20, 16),  # GSO without a partial checksum
+        hdr(vnet.NEEDS_CSUM, 3, 40, 1448, 20, 16),  # UDP GSO on TCP
+        hdr(0x10),  # an unknown flag
+    ]
+    for lie in lies:
+        assert vnet.sanitize(lie, *TCP4) is None, lie.hex()
+    assert vnet.sanitize(hdr(vnet.NEEDS_CSUM, 3, 28, 100, 20, 6), 4, 17, 20, 28, 3000) is None
