@@ -89,9 +89,19 @@ def main(argv: list[str] | None = None) -> int:
             os._exit(127)
     # We stay as the namespace's keeper: the command's signals are passed on, and once it has
     # exited its orphaned sockets get the time to deliver what they still hold.
+    reaped = []
+
+    def pass_on(signum: int, _frame) -> None:
+        if not reaped:  # once CMD is reaped its pid may be someone else's
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass  # CMD has just exited: we only wait for its sockets now
+
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, lambda signum, _frame: os.kill(pid, signum))
+        signal.signal(sig, pass_on)
     _, status = os.waitpid(pid, 0)
+    reaped.append(True)
     wait_for_orphans()
     return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else \
         128 + os.WTERMSIG(status)
