@@ -100,11 +100,34 @@ class NatPool:
         self._released.append((ready_at, slot))
 
 
+_V4_ADDRS = slice(12, 20)
+_V6_ADDRS = slice(8, 40)
+
+
 def _partial_update(field: int, old: bytes, new: bytes) -> int:
     """A *partial* TCP checksum (offload: the field holds the pseudo-header's sum, not the
     complement of a total) after the pseudo-header's addresses changed from ``old`` to ``new``.
     The ports are not in it: whoever finishes the checksum sums the header as it is then."""
     return ~update(~field & 0xFFFF, old, new) & 0xFFFF
+
+
+def _rewrite_tcp(packet: bytearray, addrs: slice, l4: int, new_addrs: bytes, sport: int,
+                 dport: int, partial: bool) -> bytes:
+    """Addresses (at ``addrs``) and ports (at ``l4``) rewritten, the TCP checksum updated over
+    just the changed bytes (RFC 1624); returns the old addresses for an IP header checksum."""
+    old_addrs = bytes(packet[addrs])
+    old_ports = bytes(packet[l4:l4 + 4])
+    new_ports = _PORT.pack(sport) + _PORT.pack(dport)
+    off = l4 + 16
+    tcp_csum = (packet[off] << 8) | packet[off + 1]
+    if partial:
+        tcp_csum = _partial_update(tcp_csum, old_addrs, new_addrs)
+    else:
+        tcp_csum = update(tcp_csum, old_addrs + old_ports, new_addrs + new_ports)
+    packet[off:off + 2] = _PORT.pack(tcp_csum)
+    packet[addrs] = new_addrs
+    packet[l4:l4 + 4] = new_ports
+    return old_addrs
 
 
 def rewrite_ipv4_tcp(packet: bytearray, ihl: int, src: bytes, sport: int, dst: bytes,
@@ -115,22 +138,10 @@ def rewrite_ipv4_tcp(packet: bytearray, ihl: int, src: bytes, sport: int, dst: b
     pseudo-header) and the ports. Only the 12 changed bytes are summed, never the payload.
     ``partial``: the TCP checksum is an offloaded partial one (see :func:`_partial_update`).
     """
-    old_addrs = bytes(packet[12:20])
     new_addrs = src + dst
-    old_ports = bytes(packet[ihl:ihl + 4])
-    new_ports = _PORT.pack(sport) + _PORT.pack(dport)
-    ip_csum = (packet[10] << 8) | packet[11]
-    ip_csum = update(ip_csum, old_addrs, new_addrs)
+    old_addrs = _rewrite_tcp(packet, _V4_ADDRS, ihl, new_addrs, sport, dport, partial)
+    ip_csum = update((packet[10] << 8) | packet[11], old_addrs, new_addrs)
     packet[10:12] = _PORT.pack(ip_csum)
-    off = ihl + 16
-    tcp_csum = (packet[off] << 8) | packet[off + 1]
-    if partial:
-        tcp_csum = _partial_update(tcp_csum, old_addrs, new_addrs)
-    else:
-        tcp_csum = update(tcp_csum, old_addrs + old_ports, new_addrs + new_ports)
-    packet[off:off + 2] = _PORT.pack(tcp_csum)
-    packet[12:20] = new_addrs
-    packet[ihl:ihl + 4] = new_ports
 
 
 def rewrite_ipv6_tcp(packet: bytearray, l4: int, src: bytes, sport: int, dst: bytes,
@@ -140,19 +151,7 @@ def rewrite_ipv6_tcp(packet: bytearray, l4: int, src: bytes, sport: int, dst: by
     IPv6 has no header checksum; the TCP checksum covers the addresses through the pseudo-header
     and the ports: RFC 1624 over those 36 bytes, never the payload.
     """
-    old_addrs = bytes(packet[8:40])
-    new_addrs = src + dst
-    old_ports = bytes(packet[l4:l4 + 4])
-    new_ports = _PORT.pack(sport) + _PORT.pack(dport)
-    off = l4 + 16
-    tcp_csum = (packet[off] << 8) | packet[off + 1]
-    if partial:
-        tcp_csum = _partial_update(tcp_csum, old_addrs, new_addrs)
-    else:
-        tcp_csum = update(tcp_csum, old_addrs + old_ports, new_addrs + new_ports)
-    packet[off:off + 2] = _PORT.pack(tcp_csum)
-    packet[8:40] = new_addrs
-    packet[l4:l4 + 4] = new_ports
+    _rewrite_tcp(packet, _V6_ADDRS, l4, src + dst, sport, dport, partial)
 
 
 def rewrite_tcp(packet: bytearray, p: Parsed, src: bytes, sport: int, dst: bytes,
