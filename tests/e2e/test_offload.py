@@ -89,3 +89,59 @@ def test_forged_virtio_headers_are_dropped_and_honest_ones_answered(daemon_facto
         assert len(header) == vnet.HEADER_SIZE
     assert drops(d)["bad_vnet_header"] == len(lies)
     assert d.ready()  # the worker took it all in its stride
+
+
+def test_random_headers_and_packets_on_a_vnet_tunnel_disturb_nothing(daemon_factory, streams,
+                                                                     tmp_path):
+    """3,000 datagrams of random virtio-net headers in front of real and broken packets, from
+    a vnet tunnel, while a transfer runs through another one: the transfer is intact, every
+    datagram is handled or counted, and no exception reaches the workers' loops."""
+    import random
+    import socket
+    import struct
+
+    import dpkt
+
+    from ipferry.nsd import vnet
+    from tests.e2e.dataplane import drops, stream_client
+
+    d = daemon_factory("--workers", "2", config=config(tmp_path))
+    rng = random.Random(4321)
+
+    def datagram() -> bytes:
+        tcp = dpkt.tcp.TCP(sport=rng.randrange(1024, 65535), dport=STREAM_PORT,
+                           flags=rng.choice([dpkt.tcp.TH_SYN, dpkt.tcp.TH_ACK]),
+                           data=bytes(rng.randrange(0, 3000)))
+        packet = bytes(dpkt.ip.IP(src=b"\x0a\x62\x09\x0a", dst=bytes([198, 18, 0, 1]), p=6,
+                                  ttl=64, data=tcp))
+        if rng.random() < 0.3:
+            packet = packet[:rng.randrange(len(packet))]
+        header = struct.pack("<BBHHHH", rng.choice([0, 1, 2, 3, 0x40]),
+                             rng.choice([0, 1, 3, 4, 0x81, 0x7F]), rng.randrange(65536),
+                             rng.choice([0, 1, 100, 536, 1448, 65535]),
+                             rng.choice([0, 20, 22, 40, 65535]), rng.choice([0, 6, 16, 65535]))
+        # (never empty: an empty datagram is how SEQPACKET says the tunnel closed)
+        return header + packet if rng.random() < 0.95 else header[:rng.randrange(1, 10)]
+
+    result: dict = {}
+
+    def transfer():
+        try:
+            result.update(stream_client(d, "get", 20 << 20, timeout=90))
+        except AssertionError as exc:
+            result["error"] = str(exc)[-300:]
+
+    t = threading.Thread(target=transfer)
+    t.start()
+    noisy = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    noisy.connect(str(d.runtime_dir / "tunnel.sock"))
+    noisy.send(vnet.TUNNEL_MAGIC + b'{"tenant": "noise"}')
+    for _ in range(3000):
+        noisy.send(datagram())
+    t.join(120)
+    noisy.close()
+    assert result.get("bytes") == 20 << 20, (result, d.logs()[-3000:], drops(d))
+    assert result["sha256"] == expected_sha256(20 << 20)
+    assert drops(d).get("bad_vnet_header", 0) > 100
+    assert not [e for e in d.log_events() if e.get("event") == "loop_exception"]
+    assert [w["restarts"] for w in d.workers()] == [0, 0]
