@@ -73,9 +73,8 @@ class GueTunnel:
             raise ConnectError(f"cannot reach the GUE on-ramp at {host}:{port}: "
                                f"{exc.strerror}") from None
         self.headers = {4: gue.header(context, 4, offload), 6: gue.header(context, 6, offload)}
-        self.max_datagram = gue.MAX_DATAGRAM[6 if family == socket.AF_INET6 else 4]
         # The largest inner packet (superframes are kept below it: vnet.GSO_MAX_SIZE).
-        self.mtu = self.max_datagram - len(self.headers[4]) - (gue.VNET_OPTION if offload else 0)
+        self.mtu = gue.room(self.headers[4], offload, family == socket.AF_INET6)
         self.tun_fd: int | None = None
         self.shut = False
 
@@ -102,9 +101,9 @@ class GueTunnel:
 
     def _too_big(self, packet: bytes) -> None:
         from ipferry.worker.icmp import unreachable
-        from ipferry.worker.packet import parse
+        from ipferry.worker.packet import Drop, parse
         p = parse(packet)
-        if isinstance(p, str) or self.tun_fd is None:
+        if isinstance(p, Drop) or self.tun_fd is None:
             return
         answer = unreachable(packet, p, "too_big", mtu=self.mtu)
         if answer is not None:

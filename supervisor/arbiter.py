@@ -572,7 +572,8 @@ class Supervisor:
             # From the bound listeners, not a reloaded config: a worker restarted later must get
             # the lists its socket was opened with (on-ramp changes take a restart).
             "gue": {o.name: {"allow": [str(n) for n in o.config.allow],
-                             "tenants": list(o.config.tenants), "listen": o.config.listen}
+                             "tenants": list(o.config.tenants),
+                             "address": list(o.config.address())}
                     for o in self.onramps if o.config is not None},
             "audit": self.audit_settings.model_dump(mode="json"),
         }

@@ -53,12 +53,11 @@ def build_application(settings: dict):
                             default_action=settings["app"]["default_action"])
 
 
-def _endpoint(listen: str) -> tuple[bytes | None, int]:
+def _endpoint(host: str, port: int) -> tuple[bytes | None, int]:
     """A GUE on-ramp's (address, port) as flows see it; None for a wildcard address."""
     import ipaddress
-    host, _, port = listen.rpartition(":")
-    address = ipaddress.ip_address(host.strip("[]"))
-    return (None if address.is_unspecified else address.packed), int(port)
+    address = ipaddress.ip_address(host)
+    return (None if address.is_unspecified else address.packed), port
 
 
 class Worker:
@@ -192,7 +191,7 @@ class Worker:
                 if conf is None:  # never serve a GUE socket without its allow and tenant lists
                     self.log.error("gue_onramp_unconfigured", onramp=name)
                     continue
-                self.datapath.own_endpoints.add(_endpoint(conf["listen"]))
+                self.datapath.own_endpoints.add(_endpoint(*conf["address"]))
                 self.gue_onramps[name] = GueOnramp(
                     name, self.index, sock, self.log, allow=conf.get("allow", []),
                     tenants=conf.get("tenants", []),

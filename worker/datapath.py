@@ -24,6 +24,7 @@ import struct
 import time
 from dataclasses import dataclass, field
 
+from ipferry.nsd.vnet import HEADER_SIZE as HEADER
 from ipferry.nsd.vnet import PLAIN, is_gso, is_partial, sanitize, segment
 
 from . import metrics
@@ -70,7 +71,6 @@ def forbidden_destination(dst: bytes) -> bool:
 UPGRADE_PORT = 1  # nsd binds the upgrade listeners there (see ipferry.nsd.network)
 _LINGER_RST = struct.pack("ii", 1, 0)  # close() sends RST instead of FIN
 MAX_PENDING = 8  # packets held per flow while an async hook decides
-HEADER = 10  # a virtio-net header (ipferry.nsd.vnet)
 
 PKT_IN = metrics.PACKETS.labels("from_tunnel")
 PKT_OUT = metrics.PACKETS.labels("to_tunnel")

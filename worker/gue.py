@@ -26,11 +26,13 @@ The inner packet stays where Hlen says, so the kernel's steering is the same.
 
 from __future__ import annotations
 
+from ipferry.nsd.vnet import HEADER_SIZE as VNET_HEADER
+
 PROTO_IPV4 = 4
 PROTO_IPV6 = 41
 MAX_CONTEXT = 31 * 4
 VNET_MAGIC = b"\0vnet\0"
-VNET_OPTION = 12  # a virtio-net header and 2 bytes of padding, at the end of the private data
+VNET_OPTION = VNET_HEADER + 2  # a virtio-net header and padding, ending the private data
 MAX_VNET_CONTEXT = MAX_CONTEXT - len(VNET_MAGIC) - VNET_OPTION - 2
 HEADER = 4
 # The largest UDP payload over IPv4 (65535 - 20 - 8); over loopback IPv6 (MTU 65536) a little less.
@@ -59,6 +61,11 @@ def header(context: bytes, version: int, vnet: bool = False) -> bytes:
     padded = context + bytes(-len(context) % 4)
     words = (len(padded) + (VNET_OPTION if vnet else 0)) // 4
     return bytes([words, _PROTO_OF_VERSION[version], 0, 0]) + padded
+
+
+def room(header: bytes, vnet: bool, ipv6: bool) -> int:
+    """The largest inner packet one datagram carries behind ``header`` (and the offload option)."""
+    return MAX_DATAGRAM[6 if ipv6 else 4] - len(header) - (VNET_OPTION if vnet else 0)
 
 
 def vnet_reply_header(version: int) -> bytes:
@@ -97,5 +104,5 @@ def decapsulate(datagram: bytes) -> tuple[bytes, bytes]:
         if option < HEADER + len(VNET_MAGIC):
             raise BadGue("the offload option does not fit the header length")
         context = VNET_MAGIC + datagram[HEADER + len(VNET_MAGIC):option].rstrip(b"\0")
-        return context, datagram[option:option + 10] + datagram[start:]
+        return context, datagram[option:option + VNET_HEADER] + datagram[start:]
     return datagram[HEADER:start].rstrip(b"\0"), datagram[start:]

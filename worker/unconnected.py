@@ -19,11 +19,11 @@ import socket
 import time
 from collections.abc import Callable
 
+from ipferry.nsd.vnet import HEADER_SIZE as VNET_HEADER
+
 from . import gue, metrics
 from .app import TunnelContext
 from .tunnels import _ids
-
-HEADER = 10  # a virtio-net header (ipferry.nsd.vnet)
 
 BATCH = 64
 READ_SIZE = 65535
@@ -49,8 +49,8 @@ class GueTunnel:
         self.peer = peer
         self.context = context
         # The largest plain packet a reply datagram carries (superframes are kept smaller).
-        overhead = len(gue.vnet_reply_header(4)) + gue.VNET_OPTION if vnet else gue.HEADER
-        self.mtu = gue.MAX_DATAGRAM[6 if sock.family == socket.AF_INET6 else 4] - overhead
+        head = gue.vnet_reply_header(4) if vnet else gue.reply_header(4)
+        self.mtu = gue.room(head, vnet, sock.family == socket.AF_INET6)
         self.packets_in = 0
         self.packets_out = 0
         self.last_seen = time.monotonic()
@@ -63,9 +63,9 @@ class GueTunnel:
     def send(self, data: bytes | bytearray) -> None:
         try:
             if self.vnet:  # data: a virtio-net header, then the packet
-                head = gue.vnet_reply_header(data[HEADER] >> 4)
-                self.sock.sendmsg([head, memoryview(data)[:HEADER], b"\0\0",
-                                   memoryview(data)[HEADER:]], [], 0, self.peer)
+                head = gue.vnet_reply_header(data[VNET_HEADER] >> 4)
+                self.sock.sendmsg([head, memoryview(data)[:VNET_HEADER], b"\0\0",
+                                   memoryview(data)[VNET_HEADER:]], [], 0, self.peer)
             else:
                 self.sock.sendto(gue.reply_header(data[0] >> 4) + data, self.peer)
         except BlockingIOError:
