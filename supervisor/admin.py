@@ -1,8 +1,9 @@
 """The admin HTTP API (aiohttp), on loopback TCP and/or a unix socket.
 
-Reads are open to whoever can reach the listener. Mutating calls need the configured bearer token
-on TCP (401 without it, 403 when no token is configured); over the unix socket, whose file mode
-(0600) already limits who connects, they need nothing more.
+Reads (GET, HEAD, OPTIONS) are open to whoever can reach the listener. Every other request over
+TCP needs the configured bearer token, checked before routing (401 without it, 403 when no token
+is configured); over the unix socket, whose file mode (0600) already limits who connects, they
+need nothing more.
 """
 
 from __future__ import annotations
@@ -31,10 +32,14 @@ def _over_unix_socket(request: web.Request) -> bool:
     return sock is not None and sock.family == socket.AF_UNIX
 
 
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
 @web.middleware
 async def authorize_mutations(request: web.Request, handler):
-    if (request.method in ("GET", "HEAD") or _over_unix_socket(request)
-            or request.match_info.http_exception is not None):  # 404/405 need no token
+    # Before anything else, routing included: a caller without the token learns nothing, not
+    # even which paths or methods exist (every other method over TCP gets 401/403).
+    if request.method in READ_METHODS or _over_unix_socket(request):
         return await handler(request)
     token = request.app[SERVER].settings.bearer_token()
     if token is None:
