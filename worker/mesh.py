@@ -45,7 +45,7 @@ class MeshLink:
         self._loop.add_reader(sock.fileno(), self._read)
 
     def _read(self) -> None:
-        drain(self.sock, self._datagram, self.close)
+        drain(self.sock, self._datagram, self.close, empty_reason="mesh_bad_frame")
 
     def _datagram(self, data: bytes) -> None:
         if data[:1] == b"{":

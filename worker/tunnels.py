@@ -17,7 +17,7 @@ from ipferry.nsd.vnet import TUNNEL_MAGIC
 
 from . import metrics
 from .app import TunnelContext
-from .datagrams import READ_SIZE, DatagramQueue, drain
+from .datagrams import READ_SIZE, DatagramQueue, at_eof, drain
 
 BATCH = 64
 CONTEXT_TIMEOUT = 10.0  # a tunnel that sends no context in time is closed
@@ -122,11 +122,12 @@ class TunnelOnramp:
             self._loop.add_reader(tunnel.sock.fileno(), self._read_context, tunnel)
             return
         except OSError:
-            raw = b""
-        if not raw:
+            raw = None
+        if raw is None or not raw and at_eof(tunnel.sock):  # gone before its context
             self.starting -= 1
             tunnel.close()
             return
+        # An empty first datagram is an (empty) context: the application refuses it or not.
         if raw.startswith(TUNNEL_MAGIC):  # the client speaks offload framing; the rest is context
             tunnel.vnet = True
             raw = raw[len(TUNNEL_MAGIC):]
