@@ -60,11 +60,13 @@ class WorkerSlot:
     started_at: float | None = None
     planned_restart: bool = False
     equipped: bool = False  # holds its fds and mesh links (a replacement starts without)
+    audit_error: str | None = None  # its audit sink fails (the worker said so), else None
 
     def as_dict(self) -> dict:
         return {"index": self.index, "pid": self.child.pid if self.child else None,
                 "state": str(self.state), "restarts": self.restart_count,
-                "started_at": self.started_at, "tun": self.block.tun_name}
+                "started_at": self.started_at, "tun": self.block.tun_name,
+                "audit_error": self.audit_error}
 
 
 class Supervisor:
@@ -121,11 +123,23 @@ class Supervisor:
 
     def is_ready(self) -> bool:
         return (not self.stopping and self.nsd.state is State.READY
-                and all(w.state is State.READY for w in self.workers))
+                and all(w.state is State.READY for w in self.workers)
+                and not self.audit_failures())
+
+    def audit_failures(self) -> dict[int, str]:
+        """Workers whose audit sink fails now, with the error."""
+        return {w.index: w.audit_error for w in self.workers
+                if w.audit_error is not None and w.child is not None}
 
     def status_line(self) -> str:
         ready = sum(w.state is State.READY for w in self.workers)
-        return f"nsd {self.nsd.state}, {ready}/{len(self.workers)} workers ready"
+        line = f"nsd {self.nsd.state}, {ready}/{len(self.workers)} workers ready"
+        if failing := self.audit_failures():
+            error = next(iter(failing.values()))
+            line += (f"; audit sink {self.audit_settings.sink} failing on worker"
+                     f"{'s' if len(failing) > 1 else ''} {', '.join(map(str, sorted(failing)))}: "
+                     f"{error} (audit.on_error = {self.audit_settings.on_error})")
+        return line
 
     async def gather_worker_metrics(self, timeout: float = 1.0) -> None:
         # Capture the child now: by the time a request goes out, the slot may hold none.
@@ -133,11 +147,7 @@ class Supervisor:
                 if w.child and w.child.alive and w.state is State.READY]
 
         async def one(index: int, child: ChildProcess):
-            try:
-                reply = await child.channel.request("metrics", timeout=timeout)
-                return index, reply["families"]
-            except (fdpass.ChannelClosed, TimeoutError):
-                return index, None
+            return index, await self.collect(child, "metrics", "families", timeout)
 
         results = await asyncio.gather(*(one(i, c) for i, c in live))
         self.metrics.workers.snapshots = {i: fams for i, fams in results if fams is not None}
@@ -322,6 +332,7 @@ class Supervisor:
     def start_worker(self, slot: WorkerSlot, *, equip: bool = True) -> None:
         slot.state = State.STARTING
         slot.equipped = False
+        slot.audit_error = None  # a new process opens the sink afresh
         slot.child = ChildProcess(["ipferry.worker", "--index", str(slot.index), *self.log_args()],
                                   self.on_child_exit)
         slot.started_at = time.time()
@@ -387,6 +398,12 @@ class Supervisor:
                 self.log.info("worker_ready", worker=slot.index, pid=child.pid)
                 self.notifier.status(self.status_line())
                 self.events.put_nowait(("progress",))
+            elif msg.type == "audit" and slot is not None and slot.child is child:
+                error = msg.get("error")
+                slot.audit_error = str(error)[:200] if error is not None else None
+                self.log.warning("audit_sink_state", worker=slot.index,
+                                 sink=self.audit_settings.sink, error=slot.audit_error)
+                self.notifier.status(self.status_line())
 
     def on_child_exit(self, child: ChildProcess) -> None:
         self.events.put_nowait(("exit", child))
@@ -585,12 +602,39 @@ class Supervisor:
                 if w.child and w.child.alive and w.state is State.READY]
 
         async def one(index: int, child: ChildProcess):
-            try:
-                return index, await child.channel.request(request, body, timeout=timeout)
-            except (fdpass.ChannelClosed, TimeoutError):
-                return index, None
+            return index, await self.ask_worker(child, request, body, timeout)
 
         return dict(await asyncio.gather(*(one(i, c) for i, c in live)))
+
+    def live_workers(self) -> list[tuple[int, ChildProcess]]:
+        """The ready workers, in index order, with the process each has now."""
+        return [(w.index, w.child) for w in self.workers
+                if w.child and w.child.alive and w.state is State.READY]
+
+    async def ask_worker(self, child: ChildProcess, request: str, body: dict | None = None,
+                         timeout: float = 2.0) -> fdpass.Message | None:
+        """One request to one worker: its reply (maybe an ``error``), or None (gone, too slow)."""
+        try:
+            return await child.channel.request(request, body, timeout=timeout)
+        except (fdpass.ChannelClosed, fdpass.ProtocolError, TimeoutError):
+            return None
+
+    async def collect(self, child: ChildProcess, request: str, key: str,
+                      timeout: float = 2.0, max_parts: int = 10_000) -> list | None:
+        """A list a worker hands out in parts (tunnels, metrics: see ``worker/views.py``),
+        asked for one part at a time: no reply can outgrow a control message. None when the
+        worker failed to answer a part in ``timeout``."""
+        out: list = []
+        body: dict = {}
+        for _ in range(max_parts):
+            reply = await self.ask_worker(child, request, body, timeout)
+            if reply is None or reply.type != request:
+                return None
+            out += reply.get(key) or []
+            if reply.get("next") is None:
+                return out
+            body = {"snapshot": reply.get("snapshot"), "start": reply["next"]}
+        return None
 
     def apply_supervision(self, sup: configmod.Supervision) -> None:
         self.stop_timeout = sup.stop_timeout

@@ -26,8 +26,12 @@ from pydantic import (
 )
 
 from ipferry.nsd.addressing import capacity, worker_block
+from ipferry.worker.app import TENANT_PATTERN
 
 MAX_WORKERS = 128
+# The default application's tenant syntax (1-64 of A-Z a-z 0-9 . _ : @ -, starting alphanumeric):
+# a rule or an on-ramp naming another tenant could never match.
+Tenant = Annotated[str, Field(pattern=rf"^{TENANT_PATTERN}$")]
 
 
 class ConfigError(Exception):
@@ -79,7 +83,7 @@ class GueOnramp(_Strict):
     name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")] = "gue"
     listen: str = "127.0.0.1:6080"
     allow: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []  # source networks; [] = any
-    tenants: list[Annotated[str, Field(min_length=1)]] = []  # accepted tenants; [] = any
+    tenants: list[Tenant] = []  # accepted tenants; [] = any
     receive_buffer: Annotated[int, Field(ge=65536, le=1 << 30)] = 4 << 20
 
     @field_validator("listen")
@@ -250,7 +254,7 @@ class Rule(_Strict):
 
     action: Literal["allow", "deny"]
     name: str = ""
-    tenant: str | None = None
+    tenant: Tenant | None = None
     protocol: Literal["tcp", "udp", "icmp"] | None = None
     cidr: str | None = None
     ports: str | None = None  # "80" or "8000-8080"
@@ -300,9 +304,13 @@ class App(_Strict):
 
 
 class Audit(_Strict):
-    """Where flow start/end records go: ``stdout`` or a JSON-lines file."""
+    """Where flow start/end records go: ``stdout`` or a JSON-lines file; what flows do while
+    the sink fails (``continue``: fail open, the lost records counted; ``refuse``: fail closed,
+    new flows refused); how often refusals past a limit are summed up in one record."""
 
     sink: str = "stdout"
+    on_error: Literal["continue", "refuse"] = "continue"
+    refusals_interval: Annotated[float, Field(ge=1, le=3600)] = 10.0
 
 
 class Config(_Strict):

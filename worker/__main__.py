@@ -8,11 +8,18 @@ Protocol with the supervisor on the control channel:
   after nsd was replaced: the worker then swaps its TUN, listeners and nsd link, keeping the rest.
 - worker -> ``ready`` once equipped and nsd answered a ping on the worker's own link.
 - supervisor -> ``mesh_peer`` {peer}: fd ``mesh:<peer>``, a replaced worker's new link.
-- supervisor -> ``metrics`` -> worker replies with ``metrics`` {families}.
+- supervisor -> ``metrics`` {snapshot, start} -> worker replies with ``metrics`` {families,
+  snapshot, next}: a part of at most ``views.REPLY_BUDGET`` bytes; ``next`` (the ``start`` of the
+  next part, with the same ``snapshot``) until the last part, where it is null.
 - supervisor -> ``mesh_check`` -> worker pings each peer over the mesh, replies ``mesh`` {peers:
   {peer index: the index that answered, or null}}.
 - supervisor -> ``reconfigure`` {log_level, settings}: a reloaded config's live settings.
-- supervisor -> ``flows`` {tenant} -> ``flows`` {flows}; ``tunnels`` -> ``tunnels`` {tunnels}.
+- supervisor -> ``flows`` {tenant, op, ...}: ``op`` = ``count`` {after, epoch} -> {total,
+  after: flows after that cursor, epoch}; ``slice`` {start, limit} or ``after`` {after, epoch,
+  limit} -> {flows, epoch, cut}: at most ``limit`` rows (200) in flow start order, fewer when
+  ``cut`` (out of room: ask again from the last one). See ``views.FlowIndex``.
+- supervisor -> ``tunnels`` {snapshot, start} -> ``tunnels`` {tunnels, snapshot, next}, in parts
+  as ``metrics``.
 - supervisor -> ``stop``: drain and exit 0.
 """
 
@@ -29,7 +36,7 @@ from ipferry.nsd import fdpass
 from ipferry.supervisor import logs
 from ipferry.supervisor.lifecycle import become_child
 
-from . import metrics
+from . import metrics, views
 from .app import Rule, TunnelContext, call_hook, load_application
 from .audit import AuditLog
 from .datapath import PKT_FROM_MESH, PKT_TO_MESH, DataPath
@@ -79,6 +86,7 @@ class Worker:
         self.audit: AuditLog | None = None
         self.stopping = asyncio.Event()
         self.tasks: set[asyncio.Task] = set()
+        self.snapshots = views.Snapshots()  # tunnels and metrics, handed out in parts
 
     def spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
@@ -96,10 +104,14 @@ class Worker:
             try:
                 await handler(msg)
             except Exception:
-                # A failing request must not take the worker (and its flows) down with it.
+                # A failing request must not take the worker (and its flows) down with it, nor
+                # may its error reply: a send that fails (too large, the peer busy) is logged.
                 self.log.error("request_failed", type=msg.type, exc_info=True)
                 if msg.body.get("id") is not None:
-                    self.control.reply(msg, "error", {"error": f"{msg.type} failed"})
+                    try:
+                        self.control.reply(msg, "error", {"error": f"{msg.type} failed"})
+                    except (fdpass.ChannelClosed, fdpass.ProtocolError) as exc:
+                        self.log.warning("reply_failed", type=msg.type, error=str(exc))
             if self.stopping.is_set():
                 break
         await self.aclose()
@@ -153,7 +165,8 @@ class Worker:
         self.settings = settings
         self.app = build_application(settings)
         if self.audit is None:
-            self.audit = AuditLog(settings["audit"]["sink"], self.index)
+            self.audit = AuditLog(settings["audit"]["sink"], self.index, log=self.log,
+                                  on_state=self.audit_state)
 
     def start_datapath(self, block: dict) -> None:
         import ipaddress
@@ -175,7 +188,11 @@ class Worker:
                                      local={4: local4.packed, 6: local6.packed},
                                      connect_timeout=f["upstream_connect_timeout"],
                                      workers=self.settings["workers"], forward=self.forward,
-                                     mtu=self.settings.get("mtu", 65520))
+                                     mtu=self.settings.get("mtu", 65520),
+                                     audit_on_error=self.settings["audit"].get("on_error",
+                                                                               "continue"),
+                                     refusals_interval=self.settings["audit"].get(
+                                         "refusals_interval", 10.0))
             self.spawn(self.expire_flows())
         else:
             self.datapath.pools = pools  # a new namespace: nothing of the old one is in use
@@ -198,6 +215,15 @@ class Worker:
                     parse_context=lambda raw: self.app.parse_context(raw),
                     on_packet=self.datapath.on_tunnel_packet)
 
+    def audit_state(self, error: str | None) -> None:
+        """The audit sink failed (``error``) or works again (None): the supervisor's readiness
+        and status say so."""
+        metrics.AUDIT_DEGRADED.set(0 if error is None else 1)
+        try:
+            self.control.send("audit", {"error": error})
+        except fdpass.ChannelClosed:
+            pass  # the supervisor is gone; we are stopping anyway
+
     async def parse_context(self, raw: bytes) -> TunnelContext:
         context = await call_hook(self.app.parse_context, raw)
         if not isinstance(context, TunnelContext):
@@ -207,23 +233,38 @@ class Worker:
     async def expire_flows(self) -> None:
         while True:
             await asyncio.sleep(EXPIRE_INTERVAL)
-            self.datapath.expire()
+            self.datapath.expire()  # (and writes the refusals counted over the interval)
             if self.gue_onramps:
                 in_use = {e.tunnel.id for e in self.datapath.entries.values()}
                 for onramp in self.gue_onramps.values():
                     onramp.sweep(in_use)
 
     async def handle_flows(self, msg: fdpass.Message) -> None:
-        """The first ``upto`` flows in the admin API's order, and how many there are in all."""
-        flows = self.datapath.flow_list(msg.get("tenant")) if self.datapath else []
-        flows.sort(key=lambda f: (f["tenant"], f["src"], f["sport"]))
-        self.control.reply(msg, "flows", {"total": len(flows),
-                                          "flows": flows[:int(msg.get("upto", 100))]})
+        """Counts, or a page of flows in start order (see the module's docstring)."""
+        index = self.datapath.flow_index if self.datapath else views.FlowIndex()
+        tenant = msg.get("tenant")
+        tenant = tenant if isinstance(tenant, str) else None
+        after = int(msg.get("after") or 0)
+        if msg.get("epoch") != index.epoch:
+            after = 0  # a cursor of an earlier process of this worker: every flow is new
+        if msg.get("op") == "count":
+            body = {"total": len(index.flows(tenant)), "after": index.count_after(tenant, after),
+                    "epoch": index.epoch}
+        else:
+            limit = max(1, min(int(msg.get("limit") or views.MAX_PAGE), views.MAX_PAGE))
+            entries = (index.after(tenant, after) if msg.get("op") == "after"
+                       else index.at(tenant, max(0, int(msg.get("start") or 0))))
+            rows, _, cut = views.fit(map(self.datapath.flow_row, entries), limit=limit)
+            body = {"flows": rows, "epoch": index.epoch, "cut": cut and len(rows) < limit}
+        await self.control.reply_when_ready(msg, "flows", body)
 
     async def handle_tunnels(self, msg: fdpass.Message) -> None:
-        tunnels = [t.as_dict() for o in [*self.tunnel_onramps.values(), *self.gue_onramps.values()]
-                   for t in o.tunnels.values()]
-        self.control.reply(msg, "tunnels", {"tunnels": tunnels})
+        def take() -> list:
+            return [t for o in [*self.tunnel_onramps.values(), *self.gue_onramps.values()]
+                    for t in o.tunnels.values()]
+
+        part = self.snapshots.part(msg.body, take, views.tunnel_row)
+        await self.control.reply_when_ready(msg, "tunnels", {**part, "tunnels": part.pop("rows")})
 
     async def handle_mesh_peer(self, msg: fdpass.Message) -> None:
         peer = int(msg["peer"])
@@ -248,10 +289,16 @@ class Worker:
             self.datapath.reset_client(tunnel, packet)
             return
         if tunnel.id not in link.opened:
-            if not link.send_message("tunnel_open", {"tunnel": tunnel.id,
-                                                     "tenant": tunnel.tenant,
-                                                     "extra": tunnel.context.extra,
-                                                     "vnet": tunnel.vnet}):
+            opening = {"tunnel": tunnel.id, "tenant": tunnel.tenant,
+                       "extra": tunnel.context.extra, "vnet": tunnel.vnet}
+            try:
+                sent = link.send_message("tunnel_open", opening)
+            except (ValueError, RecursionError, fdpass.ProtocolError):
+                # An application's context that is no JSON (a loop, too deep, too large): the
+                # owner gets it made strict and bounded, rather than the packet being lost.
+                opening["extra"] = views.bounded_context(tunnel.context.extra)[0] or {}
+                sent = link.send_message("tunnel_open", opening)
+            if not sent:
                 metrics.DROPS.labels("owner_unreachable").inc()
                 return
             link.opened.add(tunnel.id)
@@ -322,7 +369,9 @@ class Worker:
         self.spawn(check())  # the control loop stays free while peers answer
 
     async def handle_metrics(self, msg: fdpass.Message) -> None:
-        self.control.reply(msg, "metrics", {"families": metrics.snapshot()})
+        part = self.snapshots.part(msg.body, lambda: views.metric_pieces(metrics.snapshot()),
+                                   lambda family: family)
+        await self.control.reply_when_ready(msg, "metrics", {**part, "families": part.pop("rows")})
 
     async def handle_reconfigure(self, msg: fdpass.Message) -> None:
         logs.set_level(msg["log_level"])
@@ -350,6 +399,8 @@ class Worker:
             if self.datapath.hook_tasks:  # the application hears of every flow's end
                 await asyncio.wait(self.datapath.hook_tasks, timeout=HOOK_DRAIN)
         if self.audit is not None:
+            if self.datapath is not None:
+                self.datapath.refusals.flush()
             self.audit.close()
         if self.tun:
             self.tun.close()

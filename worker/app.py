@@ -15,12 +15,62 @@ least ``tenant`` and decides by the config's rules.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import ipaddress
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+MAX_TENANT = 64
+# A tenant names flows in rules, audit records, logs and the admin API: a bounded, printable
+# token. The default application refuses any other (the config's rules are checked against it).
+TENANT_PATTERN = rf"[A-Za-z0-9][A-Za-z0-9._:@-]{{0,{MAX_TENANT - 1}}}"
+_TENANT = re.compile(TENANT_PATTERN)
+MAX_CONTEXT = 4096  # bytes of a context the default application reads
+MAX_CONTEXT_DEPTH = 16  # nesting of its objects and arrays
+
+
+def valid_tenant(tenant) -> bool:
+    return isinstance(tenant, str) and _TENANT.fullmatch(tenant) is not None
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key[:40]!r}")
+        out[key] = value
+    return out
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:40]} is out of range")
+    return value
+
+
+def _too_deep(value, limit: int) -> bool:
+    """Objects and arrays nested more than ``limit`` deep (iterative: any depth is safe)."""
+    stack = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            item = item.values()
+        elif not isinstance(item, list):
+            continue
+        if level > limit:
+            return True
+        stack.extend((child, level + 1) for child in item)
+    return False
 
 
 @dataclass(frozen=True)
@@ -112,23 +162,45 @@ class RulesApplication:
         self.default_action = default_action
 
     def parse_context(self, raw: bytes) -> TunnelContext:
+        """A strict JSON object (UTF-8, at most :data:`MAX_CONTEXT` bytes, no duplicate keys, no
+        ``NaN``/``Infinity``, nested at most :data:`MAX_CONTEXT_DEPTH` deep) with a ``tenant``
+        of the :data:`TENANT_PATTERN` syntax; the other keys are the context's ``extra``."""
+        if len(raw) > MAX_CONTEXT:
+            raise ValueError(f"the tunnel context is {len(raw)} bytes, over {MAX_CONTEXT}")
         try:
-            data = json.loads(raw)
-        except ValueError:
-            raise ValueError("the tunnel context is not JSON") from None
+            data = json.loads(bytes(raw).decode("utf-8"), object_pairs_hook=_unique_keys,
+                              parse_constant=_no_constant, parse_float=_finite_float)
+        except RecursionError:
+            raise ValueError("the tunnel context is nested too deeply") from None
+        except ValueError as exc:
+            raise ValueError(f"the tunnel context is not strict JSON: {str(exc)[:120]}") from None
         if not isinstance(data, dict):
             raise ValueError("the tunnel context is not a JSON object")
+        if _too_deep(data, MAX_CONTEXT_DEPTH):
+            raise ValueError(f"the tunnel context is nested over {MAX_CONTEXT_DEPTH} deep")
         tenant = data.get("tenant")
         if not isinstance(tenant, str) or not tenant:
             raise ValueError("the tunnel context has no tenant")
+        if not valid_tenant(tenant):
+            raise ValueError(f"the tenant {tenant[:80]!r} is not 1-{MAX_TENANT} characters of "
+                             "A-Z a-z 0-9 . _ : @ - starting with a letter or digit")
         return TunnelContext(tenant, {k: v for k, v in data.items() if k != "tenant"})
 
     def on_flow_start(self, flow: FlowStart) -> Decision:
-        for rule in self.rules:
+        for rule, decision in zip(self.rules, self._decisions, strict=True):
             if rule.matches(flow):
-                if rule.action == "deny":
-                    return Decision.drop(f"denied by rule {rule.name}")
-                return Decision.upgrade(rule.upstream, f"allowed by rule {rule.name}")
+                return decision
+        return self._default
+
+    @functools.cached_property
+    def _decisions(self) -> list[Decision]:
+        # Decisions are frozen values: one per rule, shared by its flows (memory per flow).
+        return [Decision.drop(f"denied by rule {rule.name}") if rule.action == "deny"
+                else Decision.upgrade(rule.upstream, f"allowed by rule {rule.name}")
+                for rule in self.rules]
+
+    @functools.cached_property
+    def _default(self) -> Decision:
         if self.default_action == "deny":
             return Decision.drop("denied by default")
         return Decision.upgrade(None, "allowed by default")

@@ -22,14 +22,14 @@ import inspect
 import socket
 import struct
 import time
-from dataclasses import dataclass, field
+from collections import deque
 
 from ipferry.nsd.vnet import HEADER_SIZE as HEADER
 from ipferry.nsd.vnet import PLAIN, is_gso, is_partial, sanitize, segment
 
 from . import metrics
 from .app import Application, Decision, FlowEnd, FlowStart, call_hook
-from .audit import AuditLog
+from .audit import AuditLog, Refusals
 from .datagram_flows import UNREACHABLE, DatagramUpstream, PingNotPermitted, open_upstream
 from .flows import CloseReason, Direction, Flow, FlowKey, FlowTable, LimitReached, TcpState
 from .icmp import echo_message, icmp_packet, udp_packet, unreachable
@@ -80,21 +80,51 @@ PKT_TO_MESH = metrics.PACKETS.labels("to_mesh")
 PKT_FROM_MESH = metrics.PACKETS.labels("from_mesh")
 
 
-@dataclass
-class FlowEntry:
-    flow: Flow
-    tunnel: Tunnel
-    start: FlowStart
-    decision: Decision | None = None  # None while the application decides
-    slot: NatSlot | None = None
-    pending: list[tuple[Parsed, bytes, bytes | None]] = field(default_factory=list)
-    upstream: DatagramUpstream | None = None  # UDP and ICMP echo flows
-    last: tuple[Parsed, bytes] | None = None  # datagram flows: the client's last packet
-    payload: list[int] = field(default_factory=lambda: [0, 0])  # new bytes, by direction
-    next_seq: list[int | None] = field(default_factory=lambda: [None, None])
-    stream: asyncio.Task | None = None
-    sockets: list[socket.socket] = field(default_factory=list)
-    ended: bool = False
+class FlowEntry(Flow):
+    """A flow as the data path holds it: the tracked flow plus its legs and resources, one
+    slotted object (the flow table's own record), so that a flow costs a few hundred bytes."""
+
+    __slots__ = ("tunnel", "slot", "pending", "upstream", "last", "payload_up", "payload_down",
+                 "next_seq_up", "next_seq_down", "stream", "sockets", "ended", "audited",
+                 "deadline", "seq")
+
+    def __init__(self, key: FlowKey, decision: object, started: float,
+                 tunnel: Tunnel | None = None) -> None:
+        super().__init__(key, decision, started)
+        self.tunnel = tunnel
+        self.slot: NatSlot | None = None
+        # Packets held while the application decides or the off-ramp connects; None after.
+        self.pending: list[tuple[bytes, bytes | None]] | None = []
+        self.upstream: DatagramUpstream | None = None  # UDP and ICMP echo flows
+        self.last: tuple[Parsed, bytes] | None = None  # datagram flows: the client's last packet
+        self.payload_up = self.payload_down = 0  # new bytes, by direction
+        self.next_seq_up: int | None = None
+        self.next_seq_down: int | None = None
+        self.stream: asyncio.Task | None = None
+        self.sockets: list[socket.socket] | tuple = ()
+        self.ended = False
+        self.audited = False  # its flow_start record was written: a flow_end follows
+        self.deadline = 0.0  # while the off-ramp connects: when it is given up
+        self.seq = 0
+
+    @property
+    def flow(self) -> FlowEntry:
+        return self
+
+    @property
+    def payload(self) -> list[int]:
+        return [self.payload_up, self.payload_down]
+
+    @property
+    def start(self) -> FlowStart:
+        """What the hooks see of the flow (built when asked: not kept per flow)."""
+        k = self.key
+        return FlowStart(k.tenant, PROTO_NAMES.get(k.protocol, str(k.protocol)), _addr(k.src),
+                         k.sport, _addr(k.dst), k.dport, self.tunnel.context)
+
+    @property
+    def connecting(self) -> bool:
+        return self.deadline > 0.0
 
 
 def _addr(b: bytes) -> str:
@@ -123,7 +153,8 @@ class DataPath:
     def __init__(self, *, index: int, app: Application, audit: AuditLog, log,
                  flows: FlowTable, pools: dict[int, NatPool], local: dict[int, bytes],
                  connect_timeout: float, workers: int = 1, forward=None,
-                 mtu: int = 65520) -> None:
+                 mtu: int = 65520, audit_on_error: str = "continue",
+                 refusals_interval: float = 10.0) -> None:
         self.index = index
         self.workers = workers
         self.forward = forward  # (owner, tunnel, packet): hands a packet to its flow's owner
@@ -135,7 +166,14 @@ class DataPath:
         self.local = local  # the upgrade listeners' addresses by IP version
         self.mtu = mtu  # the worker TUN's: larger client packets get "too big"
         self.connect_timeout = connect_timeout
-        self.entries: dict[FlowKey, FlowEntry] = {}
+        # The flow table's own dict: an entry *is* its flow's record (one object per flow).
+        self.entries: dict[FlowKey, FlowEntry] = flows.by_key  # type: ignore[assignment]
+        from .views import FlowIndex
+        self.flow_index = FlowIndex()  # live flows in start order: the admin API's pages
+        # Off-ramps connecting, in deadline order (one timeout for all: a FIFO is a heap).
+        self.connecting: deque[FlowEntry] = deque()
+        self.audit_on_error = audit_on_error  # "continue" (fail open) or "refuse" (fail closed)
+        self.refusals = Refusals(audit, refusals_interval)
         self.by_slot: dict[tuple[bytes, int], FlowEntry] = {}
         self.active: dict[str, int] = {}  # flows by protocol, for the gauge
         self.streams: set[asyncio.Task] = set()  # relays, some outliving their flow entry
@@ -216,17 +254,24 @@ class DataPath:
             # Same tenant and 4-tuple from another tunnel: never let it touch this flow.
             metrics.DROPS.labels("tunnel_mismatch").inc()
             return
+        if p.protocol == IPPROTO_TCP and p.total_length > self.mtu and not (
+                header and is_gso(header)):  # (a superframe is many segments)
+            self._too_big_for_tun(tunnel, p, packet)  # before any flow starts or waits
+            return
         if entry is None:
             if not self._starts_flow(tunnel, p, packet):
                 return
             entry = self.start_flow(tunnel, key, p, packet, header)
             if entry is None:
                 return
-        if entry.decision is None:
+        if entry.pending is not None:
+            # Held while the application decides or the off-ramp connects (connect before
+            # accept: the client's SYN reaches the kernel only once the off-ramp answered).
             if len(entry.pending) >= MAX_PENDING:
-                metrics.DROPS.labels("decision_pending").inc()  # the client will retransmit
+                metrics.DROPS.labels("decision_pending" if entry.decision is None
+                                     else "connect_pending").inc()  # the client retransmits
                 return
-            entry.pending.append((p, bytes(packet), header))
+            entry.pending.append((bytes(packet), header))
             return
         self.to_upstream(entry, p, packet, header)
 
@@ -253,46 +298,54 @@ class DataPath:
 
     def start_flow(self, tunnel: Tunnel, key: FlowKey, p: Parsed, packet: bytes,
                    header: bytes | None = None) -> FlowEntry | None:
+        """A new flow: ask the application. Returns the entry when the flow goes on (its packet
+        is then held in ``pending`` or sent on by the caller), None when it was refused."""
         now = time.monotonic()
-        flow = self.flows.start(key, None, now)
-        if isinstance(flow, LimitReached):
-            metrics.DROPS.labels(flow.value).inc()
-            self.audit.record("flow_start", decision="drop", reason=flow.value, upstream=None,
-                              tenant=key.tenant, protocol=PROTO_NAMES.get(key.protocol),
-                              src=_addr(key.src), sport=key.sport, dst=_addr(key.dst),
-                              dport=key.dport, tunnel=tunnel.id, tunnel_worker=tunnel.origin)
+        entry = self.flows.start(key, None, now,
+                                 lambda k, d, t: FlowEntry(k, d, t, tunnel))
+        if isinstance(entry, LimitReached):
+            metrics.DROPS.labels(entry.value).inc()
+            # Summed up per tenant and interval: a flood of refusals must not flood the disk.
+            self.refusals.add(key.tenant, entry.value)
             self.refuse(tunnel, p, packet, policy=False)
             return None
-        start = FlowStart(key.tenant, PROTO_NAMES.get(key.protocol, str(key.protocol)),
-                          _addr(key.src), key.sport, _addr(key.dst), key.dport, tunnel.context)
-        entry = FlowEntry(flow, tunnel, start)
         self.entries[key] = entry
-        metrics.FLOWS_STARTED.labels(start.protocol).inc()  # refused ones too: they end as well
-        self._active(start.protocol, +1)
+        self.flow_index.add(entry)
+        metrics.FLOWS_STARTED.labels(PROTO_NAMES.get(key.protocol, "other")).inc()
+        self._active(PROTO_NAMES.get(key.protocol, "other"), +1)
         try:
-            decision = self.app.on_flow_start(start)
+            decision = self.app.on_flow_start(entry.start)
         except Exception as exc:
             return self._hook_failed(entry, p, packet, exc)
         if inspect.isawaitable(decision):
-            entry.pending.append((p, bytes(packet), header))
-            self._loop.create_task(self._decide_later(entry, decision))
+            entry.pending.append((bytes(packet), header))
+            self._loop.create_task(self._decide_later(entry, decision, p, packet))
             return None
         return entry if self.apply_decision(entry, decision, p, packet) else None
 
-    async def _decide_later(self, entry: FlowEntry, pending) -> None:
-        first_p, first_packet, _ = entry.pending[0]
+    async def _decide_later(self, entry: FlowEntry, pending, p: Parsed, packet: bytes) -> None:
+        packet = bytes(packet)  # the first packet, kept to answer it if the flow is refused
         try:
             decision = await pending
         except Exception as exc:
-            self._hook_failed(entry, first_p, first_packet, exc)
+            if not entry.ended:
+                self._hook_failed(entry, p, packet, exc)
             return
         if entry.ended:
             return
-        if self.apply_decision(entry, decision, first_p, first_packet):
-            queued, entry.pending = entry.pending, []
-            for p, packet, header in queued:
-                if not entry.ended:
-                    self.to_upstream(entry, p, packet, header)
+        if self.apply_decision(entry, decision, p, packet) and entry.pending is not None \
+                and not entry.connecting:
+            self._release(entry)  # a datagram flow: what came meanwhile goes on now
+
+    def _release(self, entry: FlowEntry) -> None:
+        """Send on what was held while the flow was decided and its off-ramp connected."""
+        held, entry.pending = entry.pending or [], None
+        for packet, header in held:
+            if entry.ended:
+                return
+            p = parse(packet)
+            if isinstance(p, Parsed):
+                self.to_upstream(entry, p, packet, header)
 
     def _hook_failed(self, entry: FlowEntry, p: Parsed, packet: bytes, exc: Exception) -> None:
         self.log.warning("flow_hook_failed", error=repr(exc), **self._flow_fields(entry))
@@ -304,40 +357,60 @@ class DataPath:
 
     def apply_decision(self, entry: FlowEntry, decision: Decision, p: Parsed,
                        packet: bytes) -> bool:
-        """Memoise the decision; True when the flow goes on (upgraded), False when refused."""
+        """Memoise the decision; True when the flow goes on (upgraded), False when refused.
+
+        A TCP flow goes on held: its off-ramp connects first, and the client's SYN goes to the
+        kernel only when that succeeded (see :meth:`_offramp_connected`)."""
         if not isinstance(decision, Decision):
             return self._hook_failed(entry, p, packet, TypeError(f"not a Decision: {decision!r}"))
         entry.decision = decision
-        entry.flow.decision = decision
-        self.audit.record("flow_start", decision=decision.action, reason=decision.reason,
-                          upstream=_fmt(decision.upstream), **self._flow_fields(entry))
+        if decision.action == "upgrade" and p.protocol == IPPROTO_TCP:
+            # A limit first: a flow refused for want of a slot is summed up, not audited alone.
+            try:
+                entry.slot = self.pools[p.version].claim()
+            except SlotPoolExhausted:
+                return self._refuse_past_limit(entry, p, packet, "nat_exhausted")
+            self.by_slot[entry.slot] = entry
+            self._nat_gauge()
+        recorded = self.audit.record(
+            "flow_start", decision=decision.action, reason=decision.reason,
+            upstream=_fmt(decision.upstream), **self._flow_fields(entry))
+        entry.audited = True  # its flow_end is written (or counted lost) in any case
+        if not recorded and self.audit_on_error == "refuse" and decision.action == "upgrade":
+            # Fail closed: no flow goes without its record while the sink fails.
+            return self._refuse_past_limit(entry, p, packet, "audit_unavailable")
         if decision.action != "upgrade":
             metrics.DROPS.labels("denied").inc()
             self.refuse(entry.tunnel, p, packet, policy=True)
             self.end_flow(entry, CloseReason.EVICTED, close_reason="denied")
             return False
         if p.protocol != IPPROTO_TCP:
-            return self._open_datagram_upstream(entry, p, packet)
-        pool = self.pools[p.version]
-        try:
-            entry.slot = pool.claim()
-        except SlotPoolExhausted:
-            metrics.DROPS.labels("nat_exhausted").inc()
-            self.refuse(entry.tunnel, p, packet, policy=False)
-            self.end_flow(entry, CloseReason.EVICTED, close_reason="nat_exhausted")
-            return False
-        self.by_slot[(entry.slot.address, entry.slot.port)] = entry
-        self._nat_gauge()
-        return True
+            if not self._open_datagram_upstream(entry, p, packet):
+                return False
+            entry.pending = None if not entry.pending else entry.pending
+            return True
+        self._connect_offramp(entry, p, packet)
+        return not entry.ended
+
+    def _refuse_past_limit(self, entry: FlowEntry, p: Parsed, packet: bytes,
+                           reason: str) -> bool:
+        """Refuse a decided flow for want of a resource: counted, answered (a reset for TCP,
+        "administratively prohibited" for the rest), summed up in the audit, not per flow."""
+        metrics.DROPS.labels(reason).inc()
+        self.refusals.add(entry.key.tenant, reason)
+        entry.audited = False  # summed up in a flows_refused record, no flow_end of its own
+        self.refuse(entry.tunnel, p, packet, policy=p.protocol != IPPROTO_TCP)
+        self.end_flow(entry, CloseReason.EVICTED, close_reason=reason)
+        return False
 
     def _nat_gauge(self) -> None:
         metrics.NAT_SLOTS.set(sum(pool.in_use for pool in self.pools.values()))
 
     def _open_datagram_upstream(self, entry: FlowEntry, p: Parsed, packet: bytes) -> bool:
         kind = "udp" if p.protocol == IPPROTO_UDP else "icmp"
-        upstream = entry.decision.upstream or (entry.start.dst, entry.start.dport)
+        upstream = entry.decision.upstream or (_addr(entry.key.dst), entry.key.dport)
         if kind == "icmp" and (":" in upstream[0]) != (p.version == 6):
-            upstream = (entry.start.dst, 0)  # an echo cannot change IP version on the way
+            upstream = (_addr(entry.key.dst), 0)  # an echo cannot change IP version on the way
         try:
             sock = open_upstream(kind, upstream)
         except PingNotPermitted as exc:
@@ -388,7 +461,7 @@ class DataPath:
         # A datagram flow: the payload (UDP) or the whole ICMP message leaves by its socket.
         self.flows.observe(entry.flow, Direction.TO_SERVER, 0, p.total_length, time.monotonic())
         entry.last = (p, bytes(packet[:LAST_KEPT]))
-        entry.payload[0] += p.total_length - p.payload_offset
+        entry.payload_up += p.total_length - p.payload_offset
         start = p.payload_offset if p.protocol == IPPROTO_UDP else p.ihl
         entry.upstream.send(memoryview(packet)[start:p.total_length])
 
@@ -402,12 +475,12 @@ class DataPath:
                 metrics.DROPS.labels("reply_too_big").inc()  # more than IPv4 carries
                 return
             out = udp_packet(key.dst, key.dport, key.src, key.sport, data)
-            entry.payload[1] += len(data)
+            entry.payload_down += len(data)
         elif len(data) >= 8 and data[0] in ECHO_REPLY:
             # The kernel put its own identifier in; the client gets back the one it sent.
             seq = int.from_bytes(data[6:8], "big")
             out = icmp_packet(key.dst, key.src, echo_message(data[0], key.sport, seq, data[8:]))
-            entry.payload[1] += len(data) - 8
+            entry.payload_down += len(data) - 8
         else:
             metrics.DROPS.labels("upstream_unexpected").inc()
             return
@@ -423,11 +496,9 @@ class DataPath:
 
     def to_kernel(self, entry: FlowEntry, p: Parsed, packet: bytes,
                   header: bytes | None = None) -> None:
-        """Account a client packet, rewrite it to the upgrade listener, write it to the TUN."""
-        if p.total_length > self.mtu and not (header and is_gso(header)):
-            self._too_big_for_tun(entry.tunnel, p, packet)  # (a superframe is many segments)
-            return
-        if p.tcp_flags & TCP_RST and (p.seq - (entry.next_seq[0] or 0)) & 0xFFFFFFFF > 1:
+        """Account a client packet, rewrite it to the upgrade listener, write it to the TUN
+        (one larger than the TUN's MTU was answered before: see :meth:`on_tunnel_packet`)."""
+        if p.tcp_flags & TCP_RST and (p.seq - (entry.next_seq_up or 0)) & 0xFFFFFFFF > 1:
             # Not at the sequence we expect (RFC 5961; +1 if a FIN went first): the kernel may
             # answer with a challenge ACK, but a blind reset must not end the flow here.
             self._write_to_kernel(entry, p, packet, header)
@@ -567,6 +638,73 @@ class DataPath:
 
     # -- the upgraded stream -----------------------------------------------------------------
 
+    # -- the off-ramp: connect before accept ------------------------------------------------
+
+    def _connect_offramp(self, entry: FlowEntry, p: Parsed, packet: bytes) -> None:
+        """Start the off-ramp's connect (the original destination or the decision's upstream).
+
+        No task per flow: a non-blocking connect and a writer callback; the timeout is the
+        FIFO :attr:`connecting`, checked by :meth:`expire`, so a SYN flood towards a silent
+        upstream costs a socket and a few bytes per flow."""
+        upstream = entry.decision.upstream or (_addr(entry.key.dst), entry.key.dport)
+        family = socket.AF_INET6 if ":" in upstream[0] else socket.AF_INET
+        try:
+            up = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        except OSError as exc:  # EMFILE, ENOBUFS: a limit of ours, not the network's
+            self._offramp_failed(entry, "error", exc.errno or 0, p, packet)
+            return
+        if family == socket.AF_INET6:  # never reach IPv4 through a mapped address
+            up.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        entry.sockets = [up]
+        err = up.connect_ex(upstream)
+        if err in (errno.EINPROGRESS, 0):
+            entry.deadline = time.monotonic() + self.connect_timeout
+            self.connecting.append(entry)
+            self._loop.add_writer(up.fileno(), self._offramp_connected, entry)
+        else:
+            self._offramp_failed(entry, _failure(err), err, p, packet)
+
+    def _offramp_connected(self, entry: FlowEntry) -> None:
+        """The off-ramp's connect finished: let the client's SYN through, or answer it."""
+        up = entry.sockets[0]
+        self._loop.remove_writer(up.fileno())
+        entry.deadline = 0.0
+        err = up.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._offramp_failed(entry, _failure(err), err)
+            return
+        up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._release(entry)  # the SYN (and its retransmissions) to the kernel, which answers
+
+    def _offramp_failed(self, entry: FlowEntry, reason: str, err: int, p: Parsed | None = None,
+                        packet: bytes | None = None) -> None:
+        """The client gets what it would get end to end: a reset for a refused connect, the
+        matching ICMP unreachable for an unreachable one, nothing for a silent one."""
+        if entry.ended:
+            return
+        metrics.UPSTREAM_FAILURES.labels(reason).inc()
+        self.log.info("upstream_failed", reason=reason, error=errno.errorcode.get(err, err),
+                      **self._flow_fields(entry))
+        if p is None and entry.pending:
+            packet = entry.pending[0][0]
+            p = parse(packet)
+        if isinstance(p, Parsed):
+            if reason == "refused" or reason == "error":
+                self.refuse(entry.tunnel, p, packet, policy=False)  # a reset
+            elif reason == "unreachable":
+                self._answer_unreachable(entry.tunnel, p, packet, UNREACHABLE.get(err, "host"))
+        self.end_flow(entry, CloseReason.EVICTED, close_reason=f"upstream_{reason}")
+
+    def _connect_timeouts(self, now: float) -> None:
+        while self.connecting and self.connecting[0].deadline <= now:
+            entry = self.connecting.popleft()
+            if entry.connecting and not entry.ended:
+                self._loop.remove_writer(entry.sockets[0].fileno())
+                entry.deadline = 0.0
+                self._offramp_failed(entry, "timeout", errno.ETIMEDOUT)
+
+    # -- the upgraded stream -----------------------------------------------------------------
+
     def _accept_upgraded(self, listener: socket.socket) -> None:
         for _ in range(64):
             try:
@@ -577,50 +715,33 @@ class DataPath:
                 self.log.warning("upgrade_accept_failed", error=exc.strerror)
                 return
             entry = self.by_slot.get((socket.inet_pton(listener.family, peer[0]), peer[1]))
-            if entry is None or entry.ended:
+            if entry is None or entry.ended or len(entry.sockets) != 1 or entry.connecting:
                 metrics.DROPS.labels("upgrade_no_flow").inc()
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
                 conn.close()
                 continue
             conn.setblocking(False)
             entry.sockets.append(conn)
-            entry.stream = self._loop.create_task(self.offramp(entry, conn))
+            entry.stream = self._loop.create_task(self.splice(entry, conn, entry.sockets[0]))
             self.streams.add(entry.stream)
             entry.stream.add_done_callback(self.streams.discard)
             # Sockets close only once the stream task is done: a pump being cancelled still
             # unregisters its fds, which must not have been closed (and reused) under it.
             entry.stream.add_done_callback(lambda _task, entry=entry: self._close_sockets(entry))
 
-    async def offramp(self, entry: FlowEntry, conn: socket.socket) -> None:
-        """Connect the off-ramp (the original destination or the decision's upstream), splice."""
-        upstream = entry.decision.upstream or (entry.start.dst, entry.start.dport)
-        try:
-            family = socket.AF_INET6 if ":" in upstream[0] else socket.AF_INET
-            up = socket.socket(family, socket.SOCK_STREAM)
-            if family == socket.AF_INET6:  # never reach IPv4 through a mapped address
-                up.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            up.setblocking(False)
-            entry.sockets.append(up)
-            await asyncio.wait_for(self._loop.sock_connect(up, upstream), self.connect_timeout)
-        except (OSError, TimeoutError) as exc:
-            reason = "timeout" if isinstance(exc, TimeoutError) else (
-                "refused" if isinstance(exc, ConnectionRefusedError) else "error")
-            metrics.UPSTREAM_FAILURES.labels(reason).inc()
-            self.log.info("upstream_failed", upstream=_fmt(upstream), reason=reason,
-                          **self._flow_fields(entry))
-            # The client's peer is the namespace's kernel: a reset from it is the client's answer.
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
-            self._close_sockets(entry)
-            return
-        up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    async def splice(self, entry: FlowEntry, conn: socket.socket, up: socket.socket) -> None:
+        """Relay the upgraded stream and the (already connected) off-ramp."""
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         await relay(conn, up)
         self._close_sockets(entry)
 
     def _close_sockets(self, entry: FlowEntry) -> None:
+        if entry.connecting:
+            self._loop.remove_writer(entry.sockets[0].fileno())
+            entry.deadline = 0.0
         for sock in entry.sockets:
             sock.close()
-        entry.sockets.clear()
+        entry.sockets = ()
 
     # -- flow end ----------------------------------------------------------------------------
 
@@ -629,8 +750,10 @@ class DataPath:
         if entry.ended:
             return
         entry.ended = True
+        entry.pending = None
         self.flows.end(entry.flow, reason)
         self.entries.pop(entry.flow.key, None)
+        self.flow_index.discard(entry)
         if entry.slot is not None:
             self.by_slot.pop((entry.slot.address, entry.slot.port), None)
             self.pools[4 if len(entry.slot.address) == 4 else 6].release(entry.slot)
@@ -648,18 +771,22 @@ class DataPath:
         else:
             self._close_sockets(entry)
         if audit_start:
-            self.audit.record("flow_start", decision="drop", reason=entry.decision.reason,
-                              upstream=None, **self._flow_fields(entry))
+            entry.audited = True
+            self.audit.record(
+                "flow_start", decision="drop", reason=entry.decision.reason, upstream=None,
+                **self._flow_fields(entry))
         now = time.monotonic()
         flow = entry.flow
         why = close_reason or str(flow.close_reason or reason)
         decision = entry.decision or Decision.drop("undecided")
-        self.audit.record("flow_end", decision=decision.action, reason=decision.reason,
-                          close_reason=why, packets=list(flow.packets), bytes=list(flow.bytes),
-                          payload_bytes=list(entry.payload),
-                          duration=round(flow.duration(now), 6), **self._flow_fields(entry))
-        metrics.FLOWS_ENDED.labels(entry.start.protocol, why).inc()
-        self._active(entry.start.protocol, -1)
+        if entry.audited:  # a flow refused past a limit is in a flows_refused record instead
+            self.audit.record("flow_end", decision=decision.action, reason=decision.reason,
+                              close_reason=why, packets=flow.packets, bytes=flow.bytes,
+                              payload_bytes=entry.payload,
+                              duration=round(flow.duration(now), 6), **self._flow_fields(entry))
+        protocol = PROTO_NAMES.get(entry.key.protocol, "other")
+        metrics.FLOWS_ENDED.labels(protocol, why).inc()
+        self._active(protocol, -1)
         end = FlowEnd(entry.start, decision, tuple(flow.packets), tuple(flow.bytes),
                       tuple(entry.payload), flow.duration(now), why)
         task = self._loop.create_task(self._flow_end_hook(end))
@@ -677,15 +804,18 @@ class DataPath:
             self.log.warning("flow_end_hook_failed", error=repr(exc))
 
     def expire(self) -> None:
-        """End the flows idle past their state's timeout (the table has already let go)."""
-        for flow in self.flows.expire(time.monotonic()):
-            entry = self.entries.get(flow.key)
-            if entry is not None:
-                self.end_flow(entry, flow.close_reason or CloseReason.IDLE)
+        """Once a second: end the flows idle past their state's timeout (the table has already
+        let go), give up off-ramps connecting too long, write the refusals' summary when due."""
+        now = time.monotonic()
+        self._connect_timeouts(now)
+        for flow in self.flows.expire(now):
+            self.end_flow(flow, flow.close_reason or CloseReason.IDLE)  # type: ignore[arg-type]
+        if self.refusals.due(time.time()):
+            self.refusals.flush()
 
     def close_tunnel(self, tunnel: Tunnel) -> None:
         for entry in [e for e in self.entries.values() if e.tunnel is tunnel]:
-            if all(entry.flow.fin_seen):  # only the last ACK was missing: a clean close
+            if entry.fins == 3:  # only the last ACK was missing: a clean close
                 self.end_flow(entry, CloseReason.FIN)
             else:
                 self.end_flow(entry, CloseReason.EVICTED, close_reason="tunnel_closed")
@@ -693,20 +823,22 @@ class DataPath:
     # -- views -------------------------------------------------------------------------------
 
     def _flow_fields(self, entry: FlowEntry) -> dict:
-        s = entry.start
-        return {"tenant": s.tenant, "protocol": s.protocol, "src": s.src, "sport": s.sport,
-                "dst": s.dst, "dport": s.dport, "tunnel": entry.tunnel.id,
-                "tunnel_worker": entry.tunnel.origin}
+        k = entry.key
+        return {"tenant": k.tenant, "protocol": PROTO_NAMES.get(k.protocol, str(k.protocol)),
+                "src": _addr(k.src), "sport": k.sport, "dst": _addr(k.dst), "dport": k.dport,
+                "tunnel": entry.tunnel.id, "tunnel_worker": entry.tunnel.origin}
 
-    def flow_list(self, tenant: str | None = None) -> list[dict]:
-        now = time.monotonic()
-        return [{**self._flow_fields(e), "state": str(e.flow.state),
-                 "decision": e.decision.action if e.decision else None,
-                 "slot": str(e.slot) if e.slot else None, "packets": list(e.flow.packets),
-                 "payload_bytes": list(e.payload), "age": round(e.flow.duration(now), 3),
-                 "worker": self.index}
-                for e in self.entries.values() if tenant is None or e.start.tenant == tenant]
-
+    def flow_row(self, e: FlowEntry) -> dict:
+        """A flow as ``/api/flows`` shows it: bounded (a tenant is short, see views.tenant_text),
+        so that a page of 200 fits one control message."""
+        from .views import tenant_text
+        return {**self._flow_fields(e), "tenant": tenant_text(e.key.tenant),
+                "state": str(e.flow.state),
+                "decision": e.decision.action if e.decision else None,
+                "slot": str(e.slot) if e.slot else None, "packets": list(e.flow.packets),
+                "payload_bytes": list(e.payload),
+                "age": round(e.flow.duration(time.monotonic()), 3),
+                "worker": self.index, "seq": e.seq}
 
 def _count_payload(entry: FlowEntry, direction: int, p: Parsed) -> None:
     """Count the bytes by which this segment advances its direction's sequence space.
@@ -715,17 +847,33 @@ def _count_payload(entry: FlowEntry, direction: int, p: Parsed) -> None:
     payload bytes are what the application sent, however often TCP sent it.
     """
     if p.tcp_flags & TCP_SYN:
-        entry.next_seq[direction] = (p.seq + 1) & 0xFFFFFFFF
+        if direction:
+            entry.next_seq_down = (p.seq + 1) & 0xFFFFFFFF
+        else:
+            entry.next_seq_up = (p.seq + 1) & 0xFFFFFFFF
         return
-    expected = entry.next_seq[direction]
+    expected = entry.next_seq_down if direction else entry.next_seq_up
     n = p.payload_length
     if expected is None or not n:
         return
     end = (p.seq + n) & 0xFFFFFFFF
     new = (end - expected) & 0xFFFFFFFF
     if 0 < new <= n:
-        entry.payload[direction] += new
-        entry.next_seq[direction] = end
+        if direction:
+            entry.payload_down += new
+            entry.next_seq_down = end
+        else:
+            entry.payload_up += new
+            entry.next_seq_up = end
+
+
+def _failure(err: int) -> str:
+    """An off-ramp connect's errno as the ``reason`` of ipferry_upstream_failures_total."""
+    if err == errno.ECONNREFUSED:
+        return "refused"
+    if err == errno.ETIMEDOUT:  # the kernel gave up retrying its SYN: the upstream is silent
+        return "timeout"
+    return "unreachable" if err in UNREACHABLE else "error"
 
 
 def _fmt(hp: tuple[str, int] | None) -> str | None:

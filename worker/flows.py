@@ -10,8 +10,8 @@ Every state has an idle timeout like conntrack's. Ending a flow yields its accou
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from .packet import IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
 
@@ -85,18 +85,37 @@ class Timeouts:
                 TcpState.TIME_WAIT: self.time_wait, TcpState.CLOSED: 0.0}[state]
 
 
-@dataclass
 class Flow:
-    key: FlowKey
-    decision: object  # the application's memoised decision, opaque here
-    started: float
-    last_seen: float
-    state: TcpState | DatagramState = TcpState.SYN_SENT
-    packets: list[int] = field(default_factory=lambda: [0, 0])  # by Direction
-    bytes: list[int] = field(default_factory=lambda: [0, 0])
-    fin_seen: list[bool] = field(default_factory=lambda: [False, False])
-    last_fin: Direction | None = None  # the side whose FIN came second must get the last ACK
-    close_reason: CloseReason | None = None
+    """One tracked flow. Slotted, with counters as plain fields (not lists): a worker holds
+    100,000 of them, and every object per flow costs RSS (see bench/flowmem.py)."""
+
+    __slots__ = ("key", "decision", "started", "last_seen", "state", "packets_up",
+                 "packets_down", "bytes_up", "bytes_down", "fins", "last_fin", "close_reason")
+
+    def __init__(self, key: FlowKey, decision: object, started: float,
+                 last_seen: float | None = None) -> None:
+        self.key = key
+        self.decision = decision  # the application's memoised decision, opaque here
+        self.started = started
+        self.last_seen = started if last_seen is None else last_seen
+        self.state: TcpState | DatagramState = TcpState.SYN_SENT
+        self.packets_up = self.packets_down = 0  # by Direction: to the server, to the client
+        self.bytes_up = self.bytes_down = 0
+        self.fins = 0  # bit 1 << Direction: that side sent its FIN
+        self.last_fin: Direction | None = None  # whose FIN came second gets the last ACK
+        self.close_reason: CloseReason | None = None
+
+    @property
+    def packets(self) -> list[int]:
+        return [self.packets_up, self.packets_down]
+
+    @property
+    def bytes(self) -> list[int]:
+        return [self.bytes_up, self.bytes_down]
+
+    @property
+    def fin_seen(self) -> list[bool]:
+        return [bool(self.fins & 1), bool(self.fins & 2)]
 
     def duration(self, now: float) -> float:
         return max(0.0, now - self.started)
@@ -123,6 +142,11 @@ class FlowTable:
         self._flows: dict[FlowKey, Flow] = {}
         self._per_tenant: dict[str, int] = {}
 
+    @property
+    def by_key(self) -> dict[FlowKey, Flow]:
+        """The table itself (its owner may keep its own records in it: see ``factory``)."""
+        return self._flows
+
     def __len__(self) -> int:
         return len(self._flows)
 
@@ -135,12 +159,14 @@ class FlowTable:
     def tenant_count(self, tenant: str) -> int:
         return self._per_tenant.get(tenant, 0)
 
-    def start(self, key: FlowKey, decision: object, now: float) -> Flow | LimitReached:
+    def start(self, key: FlowKey, decision: object, now: float,
+              factory: Callable[[FlowKey, object, float], Flow] = Flow) -> Flow | LimitReached:
+        """Track a new flow (made by ``factory``: a subclass may carry its owner's fields)."""
         if len(self._flows) >= self.max_flows:
             return LimitReached.WORKER
         if self._per_tenant.get(key.tenant, 0) >= self.max_flows_per_tenant:
             return LimitReached.TENANT
-        flow = Flow(key, decision, now, now)
+        flow = factory(key, decision, now)
         if key.protocol != IPPROTO_TCP:
             n = self._datagram_per_tenant.get(key.tenant, 0)
             if n >= self.max_datagram_flows_per_tenant:
@@ -155,8 +181,12 @@ class FlowTable:
                 now: float) -> bool:
         """Account one packet and advance the state; True when the flow just ended (TCP only:
         datagram flows end by idle timeout)."""
-        flow.packets[direction] += 1
-        flow.bytes[direction] += length
+        if direction:
+            flow.packets_down += 1
+            flow.bytes_down += length
+        else:
+            flow.packets_up += 1
+            flow.bytes_up += length
         flow.last_seen = now
         if isinstance(flow.state, DatagramState):
             if direction is Direction.TO_CLIENT:
@@ -168,10 +198,10 @@ class FlowTable:
         if state is TcpState.SYN_SENT:
             if direction is Direction.TO_CLIENT and tcp_flags & TCP_SYN and tcp_flags & TCP_ACK:
                 flow.state = TcpState.ESTABLISHED
-        if tcp_flags & TCP_FIN and not flow.fin_seen[direction]:
-            flow.fin_seen[direction] = True
+        if tcp_flags & TCP_FIN and not flow.fins & (1 << direction):
+            flow.fins |= 1 << direction
             flow.last_fin = direction
-            flow.state = TcpState.CLOSING if all(flow.fin_seen) else TcpState.FIN_WAIT
+            flow.state = TcpState.CLOSING if flow.fins == 3 else TcpState.FIN_WAIT
         elif (flow.state is TcpState.CLOSING and direction is not flow.last_fin
               and tcp_flags & TCP_ACK and not tcp_flags & TCP_FIN):
             # The other side's ACK of the second FIN: done (an ACK of the first FIN that comes

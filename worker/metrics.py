@@ -78,6 +78,10 @@ GUE_TUNNELS = Gauge("ipferry_gue_tunnels_active", "GUE senders (address, port an
                     "recent traffic.", registry=registry)
 GUE_MISSTEERED = Counter("ipferry_gue_missteered", "GUE packets the kernel delivered to a worker "
                          "that does not own their flow (should stay 0).", registry=registry)
+AUDIT_ERRORS = Counter("ipferry_audit_errors", "Audit records that could not be written (each "
+                       "one lost).", registry=registry)
+AUDIT_DEGRADED = Gauge("ipferry_audit_degraded", "1 while the audit sink fails (the last write "
+                       "failed), else 0.", registry=registry)
 MESH_PEERS = Gauge("ipferry_mesh_peers", "Workers this worker has a live mesh link to.",
                    registry=registry)
 

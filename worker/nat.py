@@ -17,7 +17,7 @@ import struct
 import time
 from collections import deque
 from collections.abc import Container
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .checksum import update
 from .packet import Parsed
@@ -28,8 +28,10 @@ LAST_PORT = 65535
 IPV6_MAX_ADDRESSES = 4096  # flows spread over addresses: a PMTU learnt for one rarely hits another
 
 
-@dataclass(frozen=True, slots=True)
-class NatSlot:
+class NatSlot(NamedTuple):
+    """A tuple, so that it *is* the key a packet's (destination, port) finds its flow by: one
+    object per flow, not a slot and a key."""
+
     address: bytes  # 4 or 16 bytes
     port: int
 

@@ -56,15 +56,6 @@ def test_transfers_arrive_intact(daemon_factory, upstream, tmp_path, workers):
     assert res.stdout.split()[0].decode() == hashlib.sha256(blob).hexdigest()
 
 
-def test_upstream_refused_resets_the_client_fast(daemon_factory, upstream, tmp_path):
-    d = daemon_factory("--workers", "1", config=config(tmp_path))
-    res = connect(d, "curl", "-sS", "--max-time", "5", "-o", "/dev/null", "-w", "%{time_total}",
-                  f"http://{SERVER_ADDR}:8081/")
-    assert res.returncode != 0
-    assert b"reset" in res.stderr.lower() or b"refused" in res.stderr.lower(), res.stderr
-    assert float(res.stdout or 0) < 1.0
-
-
 def test_denied_destination_fails_fast_and_is_audited(daemon_factory, upstream, tmp_path):
     d = daemon_factory("--workers", "1", config=config(tmp_path, textwrap.dedent(f"""\
         [[rules]]
@@ -179,9 +170,15 @@ def test_rule_upstream_override_and_flow_limits(daemon_factory, streams, tmp_pat
     refused = sum(v for (n, labels), v in d.metrics().items() if n == "ipferry_drops_total"
                   and ("reason", "flow_limit_tenant") in labels)
     assert refused >= 1
-    audited = [r for r in audit_records(tmp_path / "audit.jsonl")
-               if r["audit"] == "flow_start" and r["reason"] == "flow_limit_tenant"]
-    assert len(audited) == refused and audited[0]["decision"] == "drop"
+    # Refusals past a limit are summed up (one record per tenant, reason and interval);
+    # stopping the daemon writes what was counted.
+    assert d.terminate() == 0
+    records = audit_records(tmp_path / "audit.jsonl")
+    assert not [r for r in records if r.get("reason") == "flow_limit_tenant"
+                and r["audit"] != "flows_refused"]
+    summed = [r for r in records if r["audit"] == "flows_refused"]
+    assert len(summed) >= 1 and {r["tenant"] for r in summed} == {"acme"}
+    assert sum(r["count"] for r in summed if r["reason"] == "flow_limit_tenant") == refused
 
 
 def test_flows_api_filters_and_pages(daemon_factory, streams, tmp_path):
@@ -204,34 +201,6 @@ def test_flows_api_filters_and_pages(daemon_factory, streams, tmp_path):
         for c in clients:
             c.kill()
             c.wait(10)
-
-
-def test_upstream_timeout_resets_the_client(daemon_factory, streams, tmp_path, netns):
-    # An upstream whose accept queue is full and that has no SYN cookies drops every further
-    # SYN: the off-ramp's connect can only time out.
-    subprocess.run(["ip", "netns", "exec", netns.name, "sysctl", "-qw",
-                    "net.ipv4.tcp_syncookies=0"], check=True)
-
-    def deaf_listener():
-        s = socket.socket()
-        s.bind((SERVER_ADDR, 9100))
-        s.listen(0)
-        filler = socket.socket()
-        filler.setblocking(False)
-        filler.connect_ex((SERVER_ADDR, 9100))
-        return s, filler
-
-    held = netns.run(deaf_listener)  # keep them open for the test's duration
-    d = daemon_factory("--workers", "1",
-                       config=config(tmp_path, "[flows]\nupstream_connect_timeout = 1\n"))
-    res = connect(d, "python3", STREAMS, "get", SERVER_ADDR, "9100", "10", timeout=60)
-    assert res.returncode != 0
-    assert b"ConnectionResetError" in res.stderr, res.stderr[-500:]
-    failures = sum(v for (n, labels), v in d.metrics().items()
-                   if n == "ipferry_upstream_failures_total" and ("reason", "timeout") in labels)
-    assert failures == 1
-    for s in held:
-        s.close()
 
 
 def test_server_fin_first_then_a_slow_reader_gets_every_byte(daemon_factory, streams, tmp_path):

@@ -17,8 +17,7 @@ def seg(seq: int, payload: bytes = b"", flags=dpkt.tcp.TH_ACK) -> bytes:
 
 
 def entry() -> FlowEntry:
-    flow = FlowTable().start(KEY, None, 0.0)
-    return FlowEntry(flow, tunnel=None, start=None)
+    return FlowTable().start(KEY, None, 0.0, FlowEntry)
 
 
 def test_retransmissions_and_old_segments_add_nothing():
