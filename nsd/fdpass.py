@@ -10,6 +10,7 @@ passed listeners), so a receiver asks for ``fds["tun"]``, never for "the second 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import socket
@@ -25,8 +26,18 @@ class ProtocolError(Exception):
     """The peer spoke something other than our protocol version or sent a broken message."""
 
 
+class MessageTooLarge(ProtocolError):
+    """A message larger than one datagram of the link carries (``EMSGSIZE``). Nothing was sent
+    and the channel is fine: the sender's bug, never the peer's death."""
+
+
 class ChannelClosed(EOFError):
     """The peer closed its end (it exited or was killed)."""
+
+
+class ChannelBusy(ChannelClosed):
+    """The peer is not reading: the socket buffer is full. Nothing was sent; the channel stays
+    open (:meth:`AsyncChannel.send_when_ready` waits for room instead)."""
 
 
 @dataclass
@@ -67,7 +78,7 @@ def encode(type_: str, body: Mapping | None, fd_names: list[str]) -> bytes:
     # default=str: an application's context may hold values JSON does not know; they cross as text.
     data = json.dumps(msg, separators=(",", ":"), default=str).encode()
     if len(data) > MAX_MESSAGE:
-        raise ProtocolError(f"message {type_!r} is {len(data)} bytes, over {MAX_MESSAGE}")
+        raise MessageTooLarge(f"message {type_!r} is {len(data)} bytes, over {MAX_MESSAGE}")
     return data
 
 
@@ -91,6 +102,11 @@ def decode(data: bytes, fds: list[int]) -> Message:
     return Message(type_, msg, dict(zip(names, fds, strict=True)))
 
 
+def _wake(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 def _close_all(fds: list[int]) -> None:
     for fd in fds:
         try:
@@ -104,10 +120,16 @@ def send(sock: socket.socket, type_: str, body: Mapping | None = None,
     """Send one message, blocking. ``fds`` maps logical names to fds (they stay open here)."""
     names = list(fds or {})
     data = encode(type_, body, names)
-    if names:
-        socket.send_fds(sock, [data], [fds[n] for n in names])
-    else:
-        sock.sendall(data)
+    try:
+        if names:
+            socket.send_fds(sock, [data], [fds[n] for n in names])
+        else:
+            sock.sendall(data)
+    except OSError as exc:
+        if exc.errno == errno.EMSGSIZE:  # over what the socket's buffer takes in one datagram
+            raise MessageTooLarge(f"message {type_!r} is {len(data)} bytes, more than the "
+                                  f"link takes at once") from None
+        raise
 
 
 def recv(sock: socket.socket) -> Message:
@@ -170,11 +192,41 @@ class AsyncChannel:
         try:
             send(self.sock, type_, body, fds)
         except BlockingIOError:
-            # Control messages are small and rare; a full socket buffer means the peer is stuck.
-            raise ChannelClosed(f"{self.name}: peer is not reading") from None
+            # Control messages are small and rare; a full socket buffer means the peer is stuck
+            # (or busy: send_when_ready waits for room).
+            raise ChannelBusy(f"{self.name}: peer is not reading") from None
         except OSError as exc:
             self._shutdown()
             raise ChannelClosed(f"{self.name}: {exc}") from None
+        # MessageTooLarge (a ProtocolError) goes up as it is: the channel is not closed by it.
+
+    async def send_when_ready(self, type_: str, body: Mapping | None = None,
+                              timeout: float = 5.0) -> None:
+        """Send, waiting up to ``timeout`` for room while the peer's queue is full (e.g. several
+        large replies in a row); then :class:`ChannelBusy`. Never blocks the loop."""
+        deadline = self._loop.time() + timeout
+        while True:
+            try:
+                return self.send(type_, body)
+            except ChannelBusy:
+                left = deadline - self._loop.time()
+                if left <= 0:
+                    raise
+            room = self._loop.create_future()
+            fd = self.sock.fileno()
+            self._loop.add_writer(fd, _wake, room)
+            try:
+                await asyncio.wait_for(room, left)
+            except TimeoutError:
+                pass
+            finally:
+                if not self.closed:
+                    self._loop.remove_writer(fd)
+
+    async def reply_when_ready(self, request: Message, type_: str, body: Mapping | None = None,
+                               timeout: float = 5.0) -> None:
+        await self.send_when_ready(type_, {**(body or {}), "reply_to": request.body.get("id")},
+                                   timeout)
 
     async def request(self, type_: str, body: Mapping | None = None,
                       fds: Mapping[str, int] | None = None, timeout: float = 5.0) -> Message:

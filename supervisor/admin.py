@@ -8,14 +8,20 @@ need nothing more.
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import binascii
 import hmac
 import os
+import re
 import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ipferry.worker.views import MAX_PAGE, strict_dumps
 
 from .config import Admin
 from .listeners import bind_unix
@@ -71,51 +77,152 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def workers(request: web.Request) -> web.Response:
     sup: Supervisor = request.app[SUPERVISOR]
-    return web.json_response([w.as_dict() for w in sup.workers])
+    return _json([w.as_dict() for w in sup.workers])
 
 
 async def mesh(request: web.Request) -> web.Response:
     """Each worker pings its peers over the mesh: which worker answered on each link."""
     sup: Supervisor = request.app[SUPERVISOR]
-    return web.json_response(await sup.mesh_report())
+    return _json(await sup.mesh_report())
+
+
+def _json(data, status: int = 200) -> web.Response:
+    # Strict JSON whatever an application put in a context: no NaN, no Infinity, no odd objects.
+    return web.json_response(data, status=status, dumps=strict_dumps)
+
+
+def encode_cursor(worker: int, epoch: str, seq: int) -> str:
+    return base64.urlsafe_b64encode(f"{worker}.{epoch}.{seq}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(text: str) -> tuple[int, str, int]:
+    """(worker, its process's epoch, the flow's sequence number); 400 for anything else."""
+    try:
+        if len(text) > 96:
+            raise ValueError
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode("ascii")
+        worker, epoch, seq = raw.split(".")
+        if not (worker.isdigit() and seq.isdigit() and re.fullmatch(r"[0-9a-f]{1,32}", epoch)):
+            raise ValueError
+        return int(worker), epoch, int(seq)
+    except (ValueError, binascii.Error):
+        raise web.HTTPBadRequest(text="after must be a cursor this API gave as next\n") from None
 
 
 async def flows(request: web.Request) -> web.Response:
-    """Live flows of every worker; ``?tenant=`` filters, ``?offset=&limit=`` pages."""
+    """Live flows of every worker, by worker then start order; ``?tenant=`` filters,
+    ``?offset=&limit=`` or ``?after=<cursor>&limit=`` pages.
+
+    The supervisor first asks every ready worker how many flows match (after the cursor, for
+    its worker), then asks only the workers the page falls in for slices of their ordered index.
+    A worker's answer is at most ``limit`` bounded rows that fit one control message (a part
+    cut short for room is asked for again from where it stopped), so no page can outgrow a
+    message and a page costs the same at any depth."""
     sup: Supervisor = request.app[SUPERVISOR]
+    query = request.query
     try:
-        offset = int(request.query.get("offset", 0))
-        # A page crosses the control channel in one message: keep it well under its size.
-        limit = min(int(request.query.get("limit", 100)), 200)
+        limit = min(int(query.get("limit", 100)), MAX_PAGE)
+        offset = int(query.get("offset", 0))
         if offset < 0 or limit < 1:
             raise ValueError
     except ValueError:
         raise web.HTTPBadRequest(text="offset must be an integer >= 0, limit one >= 1\n") from None
-    if offset > 100_000:
-        raise web.HTTPBadRequest(text="offset at most 100000; filter by tenant instead\n")
-    replies = await sup.ask_workers("flows", {"tenant": request.query.get("tenant"),
-                                              "upto": offset + limit})
-    replies = {i: r for i, r in replies.items() if r is not None and r.type == "flows"}
-    every = sorted((f for r in replies.values() for f in r["flows"]),
-                   key=lambda f: (f["worker"], f["tenant"], f["src"], f["sport"]))
-    return web.json_response({"total": sum(r["total"] for r in replies.values()),
-                              "offset": offset, "limit": limit,
-                              "flows": every[offset:offset + limit],
-                              "workers_missing": [w.index for w in sup.workers
-                                                  if not replies.get(w.index)]})
+    cursor = None
+    if "after" in query:
+        if "offset" in query:
+            raise web.HTTPBadRequest(text="page by offset or by after, not both\n")
+        cursor = decode_cursor(query["after"])
+    tenant = query.get("tenant")
+    live = sup.live_workers()
+
+    def count(index: int) -> dict:
+        body = {"op": "count", "tenant": tenant}
+        if cursor is not None and index == cursor[0]:
+            body.update(after=cursor[2], epoch=cursor[1])
+        return body
+
+    counts = await asyncio.gather(*(sup.ask_worker(child, "flows", count(i)) for i, child in live))
+    answered = [(i, child, r) for (i, child), r in zip(live, counts, strict=True)
+                if r is not None and r.type == "flows"]
+    missing = {w.index for w in sup.workers} - {i for i, _, _ in answered}
+    total = sum(int(r["total"]) for _, _, r in answered)
+    rows: list[dict] = []
+    epochs: dict[int, str] = {}
+    left = 0  # matching flows after the page (as counted)
+    if cursor is None:
+        skip = offset
+        for i, child, r in answered:
+            n = int(r["total"])
+            if skip >= n or len(rows) >= limit:
+                skip = max(0, skip - n)
+                continue
+            start, skip = skip, 0
+            while len(rows) < limit:
+                page = await sup.ask_worker(child, "flows", {"op": "slice", "tenant": tenant,
+                                                             "start": start,
+                                                             "limit": limit - len(rows)})
+                if page is None or page.type != "flows":
+                    missing.add(i)
+                    break
+                epochs[i] = page["epoch"]
+                rows += page["flows"]
+                start += len(page["flows"])
+                if not page.get("cut") or not page["flows"]:
+                    break
+        left = total - offset - len(rows)
+    else:
+        first, epoch, seq = cursor
+        stopped = False
+        for i, child, r in answered:
+            if i < first:
+                continue
+            after, epoch_i = (seq, epoch) if i == first else (0, None)
+            remaining = int(r["after"]) if i == first else int(r["total"])
+            left += remaining
+            while not stopped and len(rows) < limit and remaining > 0:
+                page = await sup.ask_worker(child, "flows", {
+                    "op": "after", "tenant": tenant, "after": after, "epoch": epoch_i,
+                    "limit": limit - len(rows)})
+                if page is None or page.type != "flows":
+                    # Stop here: going on to the next worker would move the cursor past this
+                    # one's flows. The next page starts from the last flow given.
+                    missing.add(i)
+                    stopped = True
+                    break
+                got = page["flows"]
+                epochs[i] = epoch_i = page["epoch"]
+                rows += got
+                remaining -= len(got)
+                if not got or not page.get("cut"):
+                    break
+                after = got[-1]["seq"]
+        left -= len(rows)
+        if stopped and not rows:
+            left = max(left, 1)
+    next_cursor = None
+    if rows and left > 0:
+        last = rows[-1]
+        next_cursor = encode_cursor(last["worker"], epochs[last["worker"]], last["seq"])
+    elif cursor is not None and left > 0:
+        next_cursor = query["after"]  # nothing could be read: try again from the same place
+    return _json({"total": total, "offset": None if cursor else offset,
+                  "after": query.get("after"), "limit": limit, "flows": rows,
+                  "next": next_cursor, "workers_missing": sorted(missing)})
 
 
 async def tunnels(request: web.Request) -> web.Response:
+    """Every ready worker's tunnels, collected in parts (each fits one control message)."""
     sup: Supervisor = request.app[SUPERVISOR]
-    replies = await sup.ask_workers("tunnels")
-    return web.json_response([{**t, "worker": i} for i, r in sorted(replies.items()) if r
-                              for t in r["tunnels"]])
+    live = sup.live_workers()
+    parts = await asyncio.gather(*(sup.collect(child, "tunnels", "tunnels") for _, child in live))
+    return _json([{**t, "worker": i} for (i, _), rows in zip(live, parts, strict=True) if rows
+                  for t in rows])
 
 
 async def status(request: web.Request) -> web.Response:
     sup: Supervisor = request.app[SUPERVISOR]
     nsd = sup.nsd
-    return web.json_response({
+    return _json({
         "ready": sup.is_ready(), "status": sup.status_line(), "pid": os.getpid(),
         "started_at": sup.started_at, "config": sup.config_path,
         "nsd": {"pid": nsd.child.pid if nsd.child else None, "state": str(nsd.state),
@@ -130,7 +237,7 @@ async def status(request: web.Request) -> web.Response:
 async def reload(request: web.Request) -> web.Response:
     sup: Supervisor = request.app[SUPERVISOR]
     ok, message = sup.reload()
-    return web.json_response({"reloaded": ok, "message": message}, status=200 if ok else 422)
+    return _json({"reloaded": ok, "message": message}, status=200 if ok else 422)
 
 
 async def restart_worker(request: web.Request) -> web.Response:
@@ -145,7 +252,7 @@ async def restart_worker(request: web.Request) -> web.Response:
     if slot is None:
         state = sup.workers[index].state
         raise web.HTTPConflict(text=f"worker {index} has no running process to restart ({state})\n")
-    return web.json_response(slot.as_dict(), status=202)
+    return _json(slot.as_dict(), status=202)
 
 
 class AdminServer:

@@ -75,3 +75,59 @@ def test_async_request_reply_and_eof():
         assert await client.inbox.get() is None
 
     asyncio.run(main())
+
+
+def test_a_message_too_large_is_refused_and_the_channel_lives_on():
+    async def main():
+        a, b = fdpass.channel_pair()
+        client = fdpass.AsyncChannel(a, "client")
+        server = fdpass.AsyncChannel(b, "server")
+        # Over our limit, or over what the kernel takes in one datagram (~208 KiB by default):
+        # either way MessageTooLarge, nothing sent, nothing closed.
+        for size in (300_000, 220_000):
+            with pytest.raises(fdpass.MessageTooLarge):
+                client.send("big", {"x": "y" * size})
+            assert not client.closed
+        client.send("small", {"n": 1})
+        msg = await asyncio.wait_for(server.inbox.get(), 2)
+        assert msg.type == "small" and msg["n"] == 1
+        assert not isinstance(fdpass.MessageTooLarge("x"), fdpass.ChannelClosed)
+        client.close()
+        server.close()
+
+    asyncio.run(main())
+
+
+def test_send_when_ready_waits_for_a_busy_peer():
+    async def main():
+        a, b = fdpass.channel_pair()
+        client = fdpass.AsyncChannel(a, "client")
+        b.setblocking(False)
+        chunk = {"x": "y" * 90_000}
+        sent = 0
+        with pytest.raises(fdpass.ChannelBusy):  # still a ChannelClosed for older callers
+            for _ in range(100):
+                client.send("part", chunk)
+                sent += 1
+        assert not client.closed and sent >= 1
+
+        async def drain_later():
+            await asyncio.sleep(0.2)
+            for _ in range(sent + 1):
+                while True:
+                    try:
+                        fdpass.recv(b)
+                        break
+                    except BlockingIOError:
+                        await asyncio.sleep(0.01)
+
+        reader = asyncio.create_task(drain_later())
+        await client.send_when_ready("part", chunk, timeout=5)  # waits for room, then sends
+        await reader
+        with pytest.raises(fdpass.ChannelBusy):  # nobody reads: given up after the timeout
+            for _ in range(100):
+                await client.send_when_ready("part", chunk, timeout=0.2)
+        client.close()
+        b.close()
+
+    asyncio.run(main())

@@ -89,3 +89,18 @@ def test_token_file_is_checked_at_start_not_by_the_schema(tmp_path):
     f.write_text("0123456789abcdef0123\n")
     cfg.admin.check_token_file()
     assert cfg.admin.bearer_token() == "0123456789abcdef0123"
+
+
+def test_rule_and_gue_tenants_follow_the_tenant_syntax():
+    lines = problems("""\
+        [[rules]]
+        action = "deny"
+        tenant = "ac me"
+        [[onramps]]
+        kind = "gue"
+        tenants = ["ok", "bad\\u0000"]
+        """)
+    assert any("rules[0].tenant = 'ac me'" in line for line in lines), lines
+    assert any("onramps[0].tenants[1]" in line for line in lines), lines
+    cfg = parse('[[rules]]\naction = "deny"\ntenant = "acme-2.eu:x@y"\n')
+    assert cfg.rules[0].tenant == "acme-2.eu:x@y"
