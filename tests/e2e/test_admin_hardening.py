@@ -7,6 +7,7 @@ import json
 import socket
 import textwrap
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import dpkt
 
@@ -180,6 +181,12 @@ def test_paging_through_40000_flows_hurts_no_worker(daemon_factory, tmp_path):
     rows = page_through(d, "&tenant=acme")
     assert {flow_id(r) for r in rows} == {f for f in expected if f[0] == "acme"}
 
+    # Many admin requests at once, large answers included: every one served, no worker hurt.
+    paths = ([f"/api/flows?limit=200&offset={o}" for o in range(0, PER_WORKER, 1000)]
+             + ["/api/tunnels", "/metrics", "/api/flows?limit=200&tenant=acme"] * 5)
+    with ThreadPoolExecutor(16) as pool:
+        statuses = list(pool.map(lambda path: d.request("GET", path)[0], paths))
+    assert statuses == [200] * len(paths)
     assert d.get_json("/api/flows?offset=100000")["flows"] == []
     for bad in ("after=xyz", "after=" + "A" * 200, "after=MC4wLjA&offset=3", "limit=0"):
         assert d.request("GET", f"/api/flows?{bad}")[0] == 400, bad
@@ -286,3 +293,24 @@ def test_odd_contexts_of_an_application_still_give_strict_json(daemon_factory, t
     small.close()
     big.close()
     assert [w["restarts"] for w in d.workers()] == [0, 0]
+
+
+def test_thousands_of_tunnels_with_contexts_are_listed_in_parts(daemon_factory, tmp_path):
+    d = daemon_factory("--workers", "1", config=config(tmp_path))
+    pid = d.workers()[0]["pid"]
+    n, pad = 9000, "c" * 2000  # ~18 MB of rows from one worker: ~190 parts
+    socks = []
+    try:
+        for i in range(n):
+            socks.append(open_tunnel(d, json.dumps({"tenant": f"t{i % 50}", "i": i,
+                                                    "pad": pad}).encode()))
+        rows = wait_for(lambda: (t := d.get_json("/api/tunnels")) and len(t) == n and t, 60,
+                        f"{n} tunnels listed", interval=1)
+        assert sorted(r["context"]["i"] for r in rows) == list(range(n))
+        assert all(r["context"]["pad"] == pad and r["worker"] == 0 for r in rows)
+        assert len({r["id"] for r in rows}) == n
+        assert d.request("GET", "/metrics")[0] == 200
+    finally:
+        for s in socks:
+            s.close()
+    assert [(w["pid"], w["restarts"]) for w in d.workers()] == [(pid, 0)]
