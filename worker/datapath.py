@@ -267,6 +267,12 @@ class DataPath:
         if entry.pending is not None:
             # Held while the application decides or the off-ramp connects (connect before
             # accept: the client's SYN reaches the kernel only once the off-ramp answered).
+            if p.protocol == IPPROTO_TCP and p.tcp_flags & TCP_RST:
+                # The client gave up (its tunnel alone can reach this flow): so do we, now.
+                self.flows.observe(entry, Direction.TO_SERVER, p.tcp_flags, p.total_length,
+                                   time.monotonic())
+                self.end_flow(entry, CloseReason.RST)
+                return
             if len(entry.pending) >= MAX_PENDING:
                 metrics.DROPS.labels("decision_pending" if entry.decision is None
                                      else "connect_pending").inc()  # the client retransmits

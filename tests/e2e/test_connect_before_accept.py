@@ -5,8 +5,11 @@ one answers ICMP, a silent one stays silent, and a port scan sees exactly the op
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import textwrap
+
+import dpkt
 
 from tests.e2e.dataplane import SERVER_ADDR, audit_records, config, connect, counter
 from tests.helpers import wait_for
@@ -79,14 +82,7 @@ def test_an_unreachable_upstream_answers_icmp(daemon_factory, upstream, tmp_path
 
 
 def test_a_silent_upstream_stays_silent(daemon_factory, tmp_path, netns):
-    # A veth whose far end has no address, and a permanent neighbour entry: SYNs leave and
-    # vanish (no ARP failure, no ICMP), as towards a host that drops everything.
-    for cmd in (["link", "add", "silent0", "type", "veth", "peer", "name", "silent1"],
-                ["addr", "add", "203.0.113.1/24", "dev", "silent0"],
-                ["link", "set", "silent0", "up"], ["link", "set", "silent1", "up"],
-                ["neigh", "add", "203.0.113.9", "lladdr", "02:00:00:00:00:09", "dev", "silent0",
-                 "nud", "permanent"]):
-        subprocess.run(["ip", "-n", netns.name, *cmd], check=True)
+    _silent_net(netns)
     d = daemon_factory("--workers", "1", config=config(tmp_path, textwrap.dedent("""\
         [flows]
         upstream_connect_timeout = 2
@@ -99,3 +95,40 @@ def test_a_silent_upstream_stays_silent(daemon_factory, tmp_path, netns):
     # Nothing was sent back to the client for that flow: no reset, no ICMP.
     assert sum(counter(d, "ipferry_icmp_errors_sent_total", "kind").values()) == 0
     assert ends[0]["packets"][1] == 0
+
+
+def _silent_net(netns) -> None:
+    # A veth whose far end has no address, and a permanent neighbour entry: SYNs leave and
+    # vanish (no ARP failure, no ICMP), as towards a host that drops everything.
+    for cmd in (["link", "add", "silent0", "type", "veth", "peer", "name", "silent1"],
+                ["addr", "add", "203.0.113.1/24", "dev", "silent0"],
+                ["link", "set", "silent0", "up"], ["link", "set", "silent1", "up"],
+                ["neigh", "add", "203.0.113.9", "lladdr", "02:00:00:00:00:09", "dev", "silent0",
+                 "nud", "permanent"]):
+        subprocess.run(["ip", "-n", netns.name, *cmd], check=True)
+
+
+def test_a_client_giving_up_while_the_off_ramp_connects_ends_the_flow(daemon_factory, tmp_path,
+                                                                     netns):
+    _silent_net(netns)
+    d = daemon_factory("--workers", "1", config=config(tmp_path))
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect(str(d.runtime_dir / "tunnel.sock"))
+    s.send(b'{"tenant": "acme"}')
+    src, dst = socket.inet_aton("10.9.0.2"), socket.inet_aton("203.0.113.9")
+
+    def segment(flags: int, seq: int) -> bytes:
+        return bytes(dpkt.ip.IP(src=src, dst=dst, p=6, ttl=64, data=dpkt.tcp.TCP(
+            sport=40000, dport=80, flags=flags, seq=seq)))
+
+    try:
+        s.send(segment(dpkt.tcp.TH_SYN, 1000))
+        s.send(segment(dpkt.tcp.TH_SYN, 1000))  # a retransmission: held too
+        wait_for(lambda: d.get_json("/api/flows")["total"] == 1, 5, "the held flow")
+        s.send(segment(dpkt.tcp.TH_RST, 1001))
+        [end] = wait_for(lambda: end_records(tmp_path), 5, "the flow to end at the client's RST")
+        assert end["close_reason"] == "rst" and end["packets"] == [1, 0], end
+        assert d.get_json("/api/flows")["total"] == 0
+        assert counter(d, "ipferry_upstream_failures_total", "reason") == {}
+    finally:
+        s.close()
