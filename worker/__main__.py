@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import resource
 import signal
 import socket
 import sys
@@ -48,6 +49,8 @@ from .tunnels import TunnelOnramp
 from .unconnected import GueOnramp
 
 EXPIRE_INTERVAL = 1.0
+FDS_PER_FLOW = 6  # a relayed TCP flow: the upgraded and the off-ramp socket, two splice pipes
+FD_RESERVE = 256  # listeners, TUN, control and mesh links, tunnels
 HOOK_DRAIN = 2.0  # at stop, how long on_flow_end calls may still take
 
 
@@ -176,7 +179,7 @@ class Worker:
         pools = {4: NatPool(ipaddress.IPv4Network(block["ipv4"]), {local4}),
                  6: NatPool(ipaddress.IPv6Network(block["ipv6"]), {local6})}
         if self.datapath is None:
-            flows = FlowTable(max_flows=f["max_per_worker"],
+            flows = FlowTable(max_flows=self.flow_budget(f["max_per_worker"]),
                               max_flows_per_tenant=f["max_per_tenant"],
                               max_datagram_flows_per_tenant=f["max_datagram_per_tenant"],
                               timeouts=Timeouts(f["tcp_syn_sent"], f["tcp_established"],
@@ -214,6 +217,19 @@ class Worker:
                     tenants=conf.get("tenants", []),
                     parse_context=lambda raw: self.app.parse_context(raw),
                     on_packet=self.datapath.on_tunnel_packet)
+
+    def flow_budget(self, configured: int) -> int:
+        """``flows.max_per_worker``, or fewer if the fd limit could not hold them: a relayed TCP
+        flow holds :data:`FDS_PER_FLOW` fds, and a worker out of fds fails every flow alike."""
+        fds = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        budget = max(1, (fds - FD_RESERVE) // FDS_PER_FLOW)
+        if configured <= budget:
+            return configured
+        self.log.warning("flow_limit_capped", max_per_worker=configured, capped_to=budget,
+                         fd_limit=fds, fix=f"raise the fd limit (LimitNOFILE=) to at least "
+                                           f"{configured * FDS_PER_FLOW + FD_RESERVE}, or lower "
+                                           "flows.max_per_worker")
+        return budget
 
     def audit_state(self, error: str | None) -> None:
         """The audit sink failed (``error``) or works again (None): the supervisor's readiness

@@ -28,11 +28,11 @@ from ipferry.nsd.vnet import HEADER_SIZE as HEADER
 from ipferry.nsd.vnet import PLAIN, is_gso, is_partial, sanitize, segment
 
 from . import metrics
-from .app import Application, Decision, FlowEnd, FlowStart, call_hook
+from .app import Application, Decision, FlowEnd, FlowStart, RulesApplication
 from .audit import AuditLog, Refusals
 from .datagram_flows import UNREACHABLE, DatagramUpstream, PingNotPermitted, open_upstream
 from .flows import CloseReason, Direction, Flow, FlowKey, FlowTable, LimitReached, TcpState
-from .icmp import echo_message, icmp_packet, udp_packet, unreachable
+from .icmp import echo_message, icmp_packet, tcp_packet, udp_packet, unreachable
 from .nat import NatPool, NatSlot, SlotPoolExhausted, rewrite_tcp
 from .packet import (
     IPPROTO_ICMP,
@@ -132,21 +132,13 @@ def _addr(b: bytes) -> str:
 
 
 def reset_for(p: Parsed, packet: bytes) -> bytes:
-    """The RST a TCP stack would answer ``packet`` with (slow path: dpkt builds it)."""
-    import dpkt  # only here: a worker that never resets anything never pays for the import
-    tcp = dpkt.tcp.TCP(bytes(packet[p.ihl:p.ihl + 20]))
-    seg_len = p.payload_length + (1 if p.tcp_flags & TCP_SYN else 0)
+    """The RST a TCP stack would answer ``packet`` with (RFC 793 "Reset Generation")."""
     if p.tcp_flags & TCP_ACK:
-        rst = dpkt.tcp.TCP(sport=p.dport, dport=p.sport, seq=tcp.ack, flags=dpkt.tcp.TH_RST)
-    else:
-        rst = dpkt.tcp.TCP(sport=p.dport, dport=p.sport, seq=0, ack=(tcp.seq + seg_len) & 0xFFFFFFFF,
-                           flags=dpkt.tcp.TH_RST | dpkt.tcp.TH_ACK)
-    if p.version == 6:
-        ip6 = dpkt.ip6.IP6(src=p.dst, dst=p.src, nxt=IPPROTO_TCP, hlim=64, data=rst, plen=20)
-        return bytes(ip6)
-    ip = dpkt.ip.IP(src=p.dst, dst=p.src, p=dpkt.ip.IP_PROTO_TCP, ttl=64, data=rst)
-    ip.len = 40
-    return bytes(ip)
+        ack_at = p.ihl + 8
+        return tcp_packet(p.dst, p.dport, p.src, p.sport, int.from_bytes(
+            packet[ack_at:ack_at + 4], "big"), 0, TCP_RST)
+    seg_len = p.payload_length + (1 if p.tcp_flags & TCP_SYN else 0)
+    return tcp_packet(p.dst, p.dport, p.src, p.sport, 0, p.seq + seg_len, TCP_RST | TCP_ACK)
 
 
 class DataPath:
@@ -182,6 +174,7 @@ class DataPath:
         self._loop = asyncio.get_running_loop()
         self._listeners: list[socket.socket] = []
         self._ping_logged = -PING_LOG_INTERVAL
+        self._error_logged = -PING_LOG_INTERVAL
         # The daemon's own UDP endpoints (GUE on-ramps): a flow there could speak for any tenant.
         self.own_endpoints: set[tuple[bytes | None, int]] = set()  # None: any address
 
@@ -208,7 +201,23 @@ class DataPath:
     # -- from the tunnel ---------------------------------------------------------------------
 
     def on_tunnel_packet(self, tunnel: Tunnel, data: bytes) -> None:
-        """A datagram of ``tunnel``: the packet (after a virtio-net header on a vnet tunnel)."""
+        """A datagram of ``tunnel``: the packet (after a virtio-net header on a vnet tunnel).
+
+        Nothing a packet does may raise out of here (the rest of the read batch would be lost):
+        a fault of ours is dropped, counted (``internal_error``) and logged."""
+        try:
+            self._on_tunnel_packet(tunnel, data)
+        except Exception:
+            self._internal_error("tunnel_packet")
+
+    def _internal_error(self, where: str) -> None:
+        metrics.DROPS.labels("internal_error").inc()
+        now = time.monotonic()
+        if now - self._error_logged >= PING_LOG_INTERVAL:
+            self._error_logged = now
+            self.log.error("internal_error", where=where, exc_info=True)
+
+    def _on_tunnel_packet(self, tunnel: Tunnel, data: bytes) -> None:
         if tunnel.local:
             PKT_IN.inc()
             BYTES_IN.inc(len(data) - (HEADER if tunnel.vnet else 0))
@@ -575,6 +584,12 @@ class DataPath:
     # -- from the kernel ---------------------------------------------------------------------
 
     def on_tun_packet(self, data: bytes) -> None:
+        try:
+            self._on_tun_packet(data)
+        except Exception:
+            self._internal_error("tun_packet")
+
+    def _on_tun_packet(self, data: bytes) -> None:
         if self.tun is not None and self.tun.vnet:
             header, packet = data[:HEADER], memoryview(data)[HEADER:]
         else:
@@ -672,6 +687,13 @@ class DataPath:
 
     def _offramp_connected(self, entry: FlowEntry) -> None:
         """The off-ramp's connect finished: let the client's SYN through, or answer it."""
+        try:
+            self._on_offramp_connected(entry)
+        except Exception:
+            self._internal_error("offramp_connected")
+            self.end_flow(entry, CloseReason.EVICTED, close_reason="internal_error")
+
+    def _on_offramp_connected(self, entry: FlowEntry) -> None:
         up = entry.sockets[0]
         self._loop.remove_writer(up.fileno())
         entry.deadline = 0.0
@@ -694,12 +716,15 @@ class DataPath:
         if p is None and entry.pending:
             packet = entry.pending[0][0]
             p = parse(packet)
-        if isinstance(p, Parsed):
-            if reason == "refused" or reason == "error":
-                self.refuse(entry.tunnel, p, packet, policy=False)  # a reset
-            elif reason == "unreachable":
-                self._answer_unreachable(entry.tunnel, p, packet, UNREACHABLE.get(err, "host"))
-        self.end_flow(entry, CloseReason.EVICTED, close_reason=f"upstream_{reason}")
+        try:
+            if isinstance(p, Parsed):
+                if reason == "refused" or reason == "error":
+                    self.refuse(entry.tunnel, p, packet, policy=False)  # a reset
+                elif reason == "unreachable":
+                    self._answer_unreachable(entry.tunnel, p, packet,
+                                             UNREACHABLE.get(err, "host"))
+        finally:  # whatever happened to the answer, the flow must not stay half-made
+            self.end_flow(entry, CloseReason.EVICTED, close_reason=f"upstream_{reason}")
 
     def _connect_timeouts(self, now: float) -> None:
         while self.connecting and self.connecting[0].deadline <= now:
@@ -793,19 +818,28 @@ class DataPath:
         protocol = PROTO_NAMES.get(entry.key.protocol, "other")
         metrics.FLOWS_ENDED.labels(protocol, why).inc()
         self._active(protocol, -1)
+        hook = self.app.on_flow_end
+        if getattr(hook, "__func__", None) is RulesApplication.on_flow_end:
+            return  # the default application does nothing with it: build nothing
         end = FlowEnd(entry.start, decision, tuple(flow.packets), tuple(flow.bytes),
                       tuple(entry.payload), flow.duration(now), why)
-        task = self._loop.create_task(self._flow_end_hook(end))
-        self.hook_tasks.add(task)
-        task.add_done_callback(self.hook_tasks.discard)
+        try:
+            result = hook(end)
+        except Exception as exc:
+            self.log.warning("flow_end_hook_failed", error=repr(exc))
+            return
+        if inspect.isawaitable(result):  # a task only for an async hook (a mass end of
+            task = self._loop.create_task(self._flow_end_hook(result))  # flows is many)
+            self.hook_tasks.add(task)
+            task.add_done_callback(self.hook_tasks.discard)
 
     def _active(self, protocol: str, delta: int) -> None:
         self.active[protocol] = n = self.active.get(protocol, 0) + delta
         metrics.FLOWS_ACTIVE.labels(protocol).set(n)
 
-    async def _flow_end_hook(self, end: FlowEnd) -> None:
+    async def _flow_end_hook(self, pending) -> None:
         try:
-            await call_hook(self.app.on_flow_end, end)
+            await pending
         except Exception as exc:
             self.log.warning("flow_end_hook_failed", error=repr(exc))
 

@@ -14,11 +14,12 @@ from __future__ import annotations
 import struct
 
 from .checksum import checksum, ones_sum
-from .packet import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_UDP, Parsed
+from .packet import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Parsed
 
 _IPV4 = struct.Struct("!BBHHHBBH4s4s")
 _IPV6 = struct.Struct("!IHBB16s16s")
 _UDP = struct.Struct("!HHHH")
+_TCP = struct.Struct("!HHIIBBHHH")
 _ICMP = struct.Struct("!BBHHH")
 _DF = 0x4000
 
@@ -55,6 +56,16 @@ def udp_packet(src: bytes, sport: int, dst: bytes, dport: int, payload: bytes,
     # 0 means "no checksum" in UDP (forbidden in IPv6): a computed 0 is sent as 0xFFFF.
     csum = checksum(datagram, _pseudo_header_sum(src, dst, IPPROTO_UDP, length)) or 0xFFFF
     return ip_packet(src, dst, IPPROTO_UDP, datagram[:6] + csum.to_bytes(2, "big") + datagram[8:],
+                     ttl)
+
+
+def tcp_packet(src: bytes, sport: int, dst: bytes, dport: int, seq: int, ack: int, flags: int,
+               ttl: int = 64) -> bytes:
+    """An IP packet carrying a bare TCP header (a reset, say), all checksums computed. Pure
+    struct: it must work when the worker is out of fds (no import, no file to open)."""
+    segment = _TCP.pack(sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, 5 << 4, flags, 0, 0, 0)
+    csum = checksum(segment, _pseudo_header_sum(src, dst, IPPROTO_TCP, len(segment)))
+    return ip_packet(src, dst, IPPROTO_TCP, segment[:16] + csum.to_bytes(2, "big") + segment[18:],
                      ttl)
 
 

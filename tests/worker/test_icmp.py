@@ -135,3 +135,26 @@ def test_unreachable_source_and_refusals():
     echo = icmp_packet(C6, S6, echo_message(128, 7, 1, b"ping"))
     answer = parse(unreachable(echo, parse(echo), "admin"))
     assert answer.icmp_type == 1 and answer.inner.icmp_type == 128 and answer.inner.sport == 7
+
+
+
+@given(UNICAST_ADDRS, PORT, PORT, st.integers(0, 2**32 - 1), st.booleans(),
+       st.binary(max_size=40))
+def test_reset_for_answers_like_a_tcp_stack(addrs, sport, dport, seq, with_ack, payload):
+    """Checked against dpkt: checksums right, RFC 793's sequence and acknowledgment numbers."""
+    from ipferry.worker.datapath import reset_for
+    src, dst = addrs
+    flags = dpkt.tcp.TH_ACK if with_ack else dpkt.tcp.TH_SYN
+    packet = tcp(src, dst, sport, dport, flags=flags, payload=payload, seq=seq)
+    rst = reset_for(parse(packet), packet)
+    assert l4_checksum_ok(rst, 40 if len(src) == 16 else 20, dpkt.ip.IP_PROTO_TCP)
+    ip = dpkt.ip6.IP6(rst) if len(src) == 16 else dpkt.ip.IP(rst)
+    if len(src) == 4:
+        assert ip.len == 40 and dpkt.ip.IP(rst).sum == ip.sum
+    seg = ip.data
+    assert (ip.src, ip.dst, seg.sport, seg.dport) == (dst, src, dport, sport)
+    if with_ack:
+        assert seg.flags == dpkt.tcp.TH_RST and seg.seq == 678  # the segment's ACK number
+    else:
+        assert seg.flags == dpkt.tcp.TH_RST | dpkt.tcp.TH_ACK and seg.seq == 0
+        assert seg.ack == (seq + len(payload) + 1) & 0xFFFFFFFF
