@@ -235,7 +235,8 @@ class Logging(_Strict):
 class Flows(_Strict):
     """Flow tracking limits and idle timeouts (seconds, per state, like conntrack's)."""
 
-    max_per_worker: Annotated[int, Field(ge=1)] = 100_000
+    # None: 100,000, or fewer if the worker's fd limit cannot hold them (see the worker).
+    max_per_worker: Annotated[int, Field(ge=1)] | None = None
     max_per_tenant: Annotated[int, Field(ge=1)] = 10_000
     # UDP and ICMP flows each hold a connected socket, so a local port of the host.
     max_datagram_per_tenant: Annotated[int, Field(ge=1)] = 1_000

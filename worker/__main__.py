@@ -49,6 +49,7 @@ from .tunnels import TunnelOnramp
 from .unconnected import GueOnramp
 
 EXPIRE_INTERVAL = 1.0
+DEFAULT_MAX_FLOWS = 100_000
 FDS_PER_FLOW = 6  # a relayed TCP flow: the upgraded and the off-ramp socket, two splice pipes
 FD_RESERVE = 256  # listeners, TUN, control and mesh links, tunnels
 HOOK_DRAIN = 2.0  # at stop, how long on_flow_end calls may still take
@@ -218,18 +219,25 @@ class Worker:
                     parse_context=lambda raw: self.app.parse_context(raw),
                     on_packet=self.datapath.on_tunnel_packet)
 
-    def flow_budget(self, configured: int) -> int:
-        """``flows.max_per_worker``, or fewer if the fd limit could not hold them: a relayed TCP
-        flow holds :data:`FDS_PER_FLOW` fds, and a worker out of fds fails every flow alike."""
+    def flow_budget(self, configured: int | None) -> int:
+        """``flows.max_per_worker``; by default :data:`DEFAULT_MAX_FLOWS` or fewer if the fd
+        limit could not hold them (a relayed TCP flow holds :data:`FDS_PER_FLOW` fds, and a
+        worker out of fds fails every flow alike). A configured value is the operator's: kept,
+        with a warning when the fd limit is short of it."""
         fds = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         budget = max(1, (fds - FD_RESERVE) // FDS_PER_FLOW)
-        if configured <= budget:
-            return configured
-        self.log.warning("flow_limit_capped", max_per_worker=configured, capped_to=budget,
-                         fd_limit=fds, fix=f"raise the fd limit (LimitNOFILE=) to at least "
-                                           f"{configured * FDS_PER_FLOW + FD_RESERVE}, or lower "
-                                           "flows.max_per_worker")
-        return budget
+        wanted = DEFAULT_MAX_FLOWS if configured is None else configured
+        if wanted <= budget:
+            return wanted
+        fix = (f"raise the fd limit (LimitNOFILE=) to at least "
+               f"{wanted * FDS_PER_FLOW + FD_RESERVE}, or set flows.max_per_worker lower")
+        if configured is None:
+            self.log.warning("flow_limit_capped", max_per_worker=wanted, capped_to=budget,
+                             fd_limit=fds, fix=fix)
+            return budget
+        self.log.warning("flow_limit_over_fd_limit", max_per_worker=configured, fd_limit=fds,
+                         relayed_flows_possible=budget, fix=fix)
+        return configured
 
     def audit_state(self, error: str | None) -> None:
         """The audit sink failed (``error``) or works again (None): the supervisor's readiness

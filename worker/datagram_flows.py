@@ -61,6 +61,7 @@ class DatagramUpstream:
         self.sock = sock
         self.on_reply = on_reply
         self.on_error = on_error
+        self.last: tuple | None = None  # (Parsed, bytes): the client's last packet, for ICMP errors
         self.closed = False
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(sock.fileno(), self._read)

@@ -30,6 +30,7 @@ from ipferry.nsd.vnet import PLAIN, is_gso, is_partial, sanitize, segment
 from . import metrics
 from .app import Application, Decision, FlowEnd, FlowStart, RulesApplication
 from .audit import AuditLog, Refusals
+from .connector import Connector
 from .datagram_flows import UNREACHABLE, DatagramUpstream, PingNotPermitted, open_upstream
 from .flows import CloseReason, Direction, Flow, FlowKey, FlowTable, LimitReached, TcpState
 from .icmp import echo_message, icmp_packet, tcp_packet, udp_packet, unreachable
@@ -70,7 +71,8 @@ def forbidden_destination(dst: bytes) -> bool:
     return dst[:10] == bytes(10) and (dst[10:12] in (b"\xff\xff", b"\0\0"))
 UPGRADE_PORT = 1  # nsd binds the upgrade listeners there (see ipferry.nsd.network)
 _LINGER_RST = struct.pack("ii", 1, 0)  # close() sends RST instead of FIN
-MAX_PENDING = 8  # packets held per flow while an async hook decides
+MAX_PENDING = 8  # packets held per flow while an async hook decides or the off-ramp connects
+MAX_INTERNED = 4096  # destination addresses shared between flows (never cleared: bounded)
 
 PKT_IN = metrics.PACKETS.labels("from_tunnel")
 PKT_OUT = metrics.PACKETS.labels("to_tunnel")
@@ -84,7 +86,7 @@ class FlowEntry(Flow):
     """A flow as the data path holds it: the tracked flow plus its legs and resources, one
     slotted object (the flow table's own record), so that a flow costs a few hundred bytes."""
 
-    __slots__ = ("tunnel", "slot", "pending", "upstream", "last", "payload_up", "payload_down",
+    __slots__ = ("tunnel", "slot", "pending", "upstream", "payload_up", "payload_down",
                  "next_seq_up", "next_seq_down", "stream", "sockets", "ended", "audited",
                  "deadline", "seq")
 
@@ -94,14 +96,15 @@ class FlowEntry(Flow):
         self.tunnel = tunnel
         self.slot: NatSlot | None = None
         # Packets held while the application decides or the off-ramp connects; None after.
-        self.pending: list[tuple[bytes, bytes | None]] | None = []
+        # A tuple (a few held at most: smaller than a list); a plain packet is held as its
+        # bytes, one with a virtio-net header as a pair.
+        self.pending: tuple[bytes | tuple[bytes, bytes], ...] | None = ()
         self.upstream: DatagramUpstream | None = None  # UDP and ICMP echo flows
-        self.last: tuple[Parsed, bytes] | None = None  # datagram flows: the client's last packet
         self.payload_up = self.payload_down = 0  # new bytes, by direction
         self.next_seq_up: int | None = None
         self.next_seq_down: int | None = None
         self.stream: asyncio.Task | None = None
-        self.sockets: list[socket.socket] | tuple = ()
+        self.sockets: tuple[socket.socket, ...] = ()  # the off-ramp's, then the upgraded one
         self.ended = False
         self.audited = False  # its flow_start record was written: a flow_end follows
         self.deadline = 0.0  # while the off-ramp connects: when it is given up
@@ -164,6 +167,7 @@ class DataPath:
         self.flow_index = FlowIndex()  # live flows in start order: the admin API's pages
         # Off-ramps connecting, in deadline order (one timeout for all: a FIFO is a heap).
         self.connecting: deque[FlowEntry] = deque()
+        self.connector: Connector[FlowEntry] = Connector(self._offramp_connected)
         self.audit_on_error = audit_on_error  # "continue" (fail open) or "refuse" (fail closed)
         self.refusals = Refusals(audit, refusals_interval)
         self.by_slot: dict[tuple[bytes, int], FlowEntry] = {}
@@ -175,6 +179,7 @@ class DataPath:
         self._listeners: list[socket.socket] = []
         self._ping_logged = -PING_LOG_INTERVAL
         self._error_logged = -PING_LOG_INTERVAL
+        self._destinations: dict[bytes, bytes] = {}  # flows' destination addresses, shared
         # The daemon's own UDP endpoints (GUE on-ramps): a flow there could speak for any tenant.
         self.own_endpoints: set[tuple[bytes | None, int]] = set()  # None: any address
 
@@ -286,7 +291,7 @@ class DataPath:
                 metrics.DROPS.labels("decision_pending" if entry.decision is None
                                      else "connect_pending").inc()  # the client retransmits
                 return
-            entry.pending.append((bytes(packet), header))
+            entry.pending += (bytes(packet) if header is None else (bytes(packet), header),)
             return
         self.to_upstream(entry, p, packet, header)
 
@@ -316,6 +321,9 @@ class DataPath:
         """A new flow: ask the application. Returns the entry when the flow goes on (its packet
         is then held in ``pending`` or sent on by the caller), None when it was refused."""
         now = time.monotonic()
+        if len(self._destinations) < MAX_INTERNED:  # many flows, few destinations: one copy
+            key = FlowKey(key.tenant, key.protocol, key.src, key.sport,
+                          self._destinations.setdefault(key.dst, key.dst), key.dport)
         entry = self.flows.start(key, None, now,
                                  lambda k, d, t: FlowEntry(k, d, t, tunnel))
         if isinstance(entry, LimitReached):
@@ -333,7 +341,7 @@ class DataPath:
         except Exception as exc:
             return self._hook_failed(entry, p, packet, exc)
         if inspect.isawaitable(decision):
-            entry.pending.append((bytes(packet), header))
+            entry.pending += (bytes(packet) if header is None else (bytes(packet), header),)
             self._loop.create_task(self._decide_later(entry, decision, p, packet))
             return None
         return entry if self.apply_decision(entry, decision, p, packet) else None
@@ -354,8 +362,9 @@ class DataPath:
 
     def _release(self, entry: FlowEntry) -> None:
         """Send on what was held while the flow was decided and its off-ramp connected."""
-        held, entry.pending = entry.pending or [], None
-        for packet, header in held:
+        held, entry.pending = entry.pending or (), None
+        for item in held:
+            packet, header = (item, None) if isinstance(item, bytes) else item
             if entry.ended:
                 return
             p = parse(packet)
@@ -475,7 +484,7 @@ class DataPath:
             return
         # A datagram flow: the payload (UDP) or the whole ICMP message leaves by its socket.
         self.flows.observe(entry.flow, Direction.TO_SERVER, 0, p.total_length, time.monotonic())
-        entry.last = (p, bytes(packet[:LAST_KEPT]))
+        entry.upstream.last = (p, bytes(packet[:LAST_KEPT]))
         entry.payload_up += p.total_length - p.payload_offset
         start = p.payload_offset if p.protocol == IPPROTO_UDP else p.ihl
         entry.upstream.send(memoryview(packet)[start:p.total_length])
@@ -504,9 +513,9 @@ class DataPath:
 
     def on_upstream_error(self, entry: FlowEntry, kind: str) -> None:
         """The off-ramp's kernel reported an ICMP error: the client gets the matching one."""
-        if entry.ended or entry.last is None:
+        if entry.ended or entry.upstream is None or entry.upstream.last is None:
             return
-        p, packet = entry.last
+        p, packet = entry.upstream.last
         self._answer_unreachable(entry.tunnel, p, packet, kind, mtu=self.mtu)
 
     def to_kernel(self, entry: FlowEntry, p: Parsed, packet: bytes,
@@ -664,9 +673,9 @@ class DataPath:
     def _connect_offramp(self, entry: FlowEntry, p: Parsed, packet: bytes) -> None:
         """Start the off-ramp's connect (the original destination or the decision's upstream).
 
-        No task per flow: a non-blocking connect and a writer callback; the timeout is the
-        FIFO :attr:`connecting`, checked by :meth:`expire`, so a SYN flood towards a silent
-        upstream costs a socket and a few bytes per flow."""
+        No task per flow: a non-blocking connect watched by :attr:`connector` (one epoll set);
+        the timeout is the FIFO :attr:`connecting`, checked by :meth:`expire`, so a SYN flood
+        towards a silent upstream costs a socket and a few bytes per flow."""
         upstream = entry.decision.upstream or (_addr(entry.key.dst), entry.key.dport)
         family = socket.AF_INET6 if ":" in upstream[0] else socket.AF_INET
         try:
@@ -676,12 +685,12 @@ class DataPath:
             return
         if family == socket.AF_INET6:  # never reach IPv4 through a mapped address
             up.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        entry.sockets = [up]
+        entry.sockets = (up,)
         err = up.connect_ex(upstream)
         if err in (errno.EINPROGRESS, 0):
             entry.deadline = time.monotonic() + self.connect_timeout
             self.connecting.append(entry)
-            self._loop.add_writer(up.fileno(), self._offramp_connected, entry)
+            self.connector.watch(up.fileno(), entry)
         else:
             self._offramp_failed(entry, _failure(err), err, p, packet)
 
@@ -695,7 +704,6 @@ class DataPath:
 
     def _on_offramp_connected(self, entry: FlowEntry) -> None:
         up = entry.sockets[0]
-        self._loop.remove_writer(up.fileno())
         entry.deadline = 0.0
         err = up.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
@@ -714,7 +722,8 @@ class DataPath:
         self.log.info("upstream_failed", reason=reason, error=errno.errorcode.get(err, err),
                       **self._flow_fields(entry))
         if p is None and entry.pending:
-            packet = entry.pending[0][0]
+            first = entry.pending[0]
+            packet = first if isinstance(first, bytes) else first[0]
             p = parse(packet)
         try:
             if isinstance(p, Parsed):
@@ -730,7 +739,7 @@ class DataPath:
         while self.connecting and self.connecting[0].deadline <= now:
             entry = self.connecting.popleft()
             if entry.connecting and not entry.ended:
-                self._loop.remove_writer(entry.sockets[0].fileno())
+                self.connector.forget(entry.sockets[0].fileno())
                 entry.deadline = 0.0
                 self._offramp_failed(entry, "timeout", errno.ETIMEDOUT)
 
@@ -752,7 +761,7 @@ class DataPath:
                 conn.close()
                 continue
             conn.setblocking(False)
-            entry.sockets.append(conn)
+            entry.sockets = (entry.sockets[0], conn)
             entry.stream = self._loop.create_task(self.splice(entry, conn, entry.sockets[0]))
             self.streams.add(entry.stream)
             entry.stream.add_done_callback(self.streams.discard)
@@ -768,7 +777,7 @@ class DataPath:
 
     def _close_sockets(self, entry: FlowEntry) -> None:
         if entry.connecting:
-            self._loop.remove_writer(entry.sockets[0].fileno())
+            self.connector.forget(entry.sockets[0].fileno())
             entry.deadline = 0.0
         for sock in entry.sockets:
             sock.close()

@@ -22,7 +22,7 @@ def test_the_fd_limit_caps_the_flows_a_worker_takes(daemon_factory, streams, tmp
     d = daemon_factory("--workers", "1", config=config(tmp_path),
                        sh_prefix=f"ulimit -n {FD_LIMIT};")
     [capped] = [e for e in d.log_events() if e.get("event") == "flow_limit_capped"]
-    assert capped["capped_to"] == BUDGET and capped["max_per_worker"] == 100_000
+    assert capped["capped_to"] == BUDGET and capped["max_per_worker"] == 100_000  # the default
     assert "LimitNOFILE" in capped["fix"]
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     s.connect(str(d.runtime_dir / "tunnel.sock"))

@@ -19,7 +19,7 @@ MAX_BYTES_PER_FLOW = 4096
 def test_flowmem_2000_flows(tmp_path):
     out = tmp_path / "flowmem.json"
     res = subprocess.run([sys.executable, str(FLOWMEM), "--flows", str(FLOWS), "--warmup", "100",
-                          "--idle", "1", "--after", "1", "--nofile", "10000",
+                          "--idle", "1", "--after", "1", "--nofile", "20000",
                           "--out", str(out)], capture_output=True, text=True, timeout=80)
     assert res.returncode == 0, res.stderr[-3000:]
     r = json.loads(out.read_text())["results"][0]
