@@ -50,6 +50,7 @@ from .unconnected import GueOnramp
 
 EXPIRE_INTERVAL = 1.0
 DEFAULT_MAX_FLOWS = 100_000
+TRIM_AFTER = 5_000  # flows gone since the high-water mark before memory is handed back
 FDS_PER_FLOW = 6  # a relayed TCP flow: the upgraded and the off-ramp socket, two splice pipes
 FD_RESERVE = 256  # listeners, TUN, control and mesh links, tunnels
 HOOK_DRAIN = 2.0  # at stop, how long on_flow_end calls may still take
@@ -69,6 +70,17 @@ def _endpoint(host: str, port: int) -> tuple[bytes | None, int]:
     import ipaddress
     address = ipaddress.ip_address(host)
     return (None if address.is_unspecified else address.packed), port
+
+
+def release_memory() -> None:
+    """Collect cycles, then return free heap pages to the system (glibc's malloc_trim)."""
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 class Worker:
@@ -255,9 +267,17 @@ class Worker:
         return context
 
     async def expire_flows(self) -> None:
+        peak = 0  # flows at the last high-water mark
         while True:
             await asyncio.sleep(EXPIRE_INTERVAL)
             self.datapath.expire()  # (and writes the refusals counted over the interval)
+            flows = len(self.datapath.entries)
+            peak = max(peak, flows)
+            if peak - flows >= TRIM_AFTER and flows < peak // 2:
+                # Most of a flood's flows are gone: hand the freed heap back to the system
+                # (glibc keeps it otherwise; the flow tables' large blocks live there).
+                release_memory()
+                peak = flows
             if self.gue_onramps:
                 in_use = {e.tunnel.id for e in self.datapath.entries.values()}
                 for onramp in self.gue_onramps.values():
