@@ -23,17 +23,18 @@ A sampler reads VmRSS and the open fds of the supervisor, nsd and every worker f
 another incarnation of the same slot). At the end the load stops, flows drain, and the fds of
 the idle daemon are compared with those it had idle at the start.
 
-Growth is measured per incarnation after warm-up (``--warmup`` seconds into the run, and as
-long into a restarted worker's life): for RSS the median of the last fifth of its samples minus
-the median of the first fifth; for open fds, which follow the flows of the moment (a TCP flow
-holds two sockets, a UDP flow one), the same with the floor (minimum) of each fifth. The exact
-fd leak check is idle against idle: the fds of each process with no flow and no tunnel, before
-the load and after it drained. The run fails (exit 1) on RSS growth above ``--max-rss-growth``
-MiB, fd growth above ``--max-fd-growth`` under load or above ``--max-idle-fd-growth`` idle, any
-corrupted transfer or echo, a cut stream away from any kill, an ``/api/*`` answer that is not
-strict JSON, restarts other than those it made, or a daemon not ready at the end. It prints a
-table and writes the whole record (every sample) as JSON with ``--json``. Everything it starts
-is stopped and its namespace deleted on any exit (SIGTERM and ^C included).
+Growth is measured per incarnation after warm-up (``--warmup`` seconds into the run, and
+``--restart-warmup`` seconds into a restarted worker's life): for RSS the median of the last
+fifth of its samples minus the median of the first fifth; for open fds, which follow the flows
+of the moment (a TCP flow holds two sockets, a UDP flow one), the same with the floor (minimum)
+of each fifth. The exact fd leak check is idle against idle: the fds of each process with no
+flow and no tunnel, before the load and after it drained. The run fails (exit 1) on RSS growth
+above ``--max-rss-growth`` MiB, fd growth above ``--max-fd-growth`` under load or above
+``--max-idle-fd-growth`` idle, any corrupted transfer or echo, a cut stream away from any kill,
+an ``/api/*`` answer that is not strict JSON, restarts other than those it made, or a daemon
+not ready at the end. It prints a table and writes the whole record (every sample) as JSON with
+``--json``. Everything it starts is stopped and its namespace deleted on any exit (SIGTERM and
+^C included).
 
 The clients run inside ``ipferry connect`` as ``python bench/soak.py --client tcp|udp ...``
 (standard library only).
@@ -85,7 +86,7 @@ class _Tally:
         self.kind = kind
         self.counts: dict[str, int] = {}
         self.bytes = 0
-        self.cuts: list[float] = []  # wall-clock times of cut streams / lost datagrams
+        self.cuts: list[tuple[float, str]] = []  # (wall-clock time, what) of cut streams
         self.corrupt: list[str] = []
         self.lock = threading.Lock()
 
@@ -94,9 +95,7 @@ class _Tally:
             self.counts[outcome] = self.counts.get(outcome, 0) + 1
             self.bytes += n
             if outcome in ("cut", "lost"):
-                self.cuts.append(round(time.time(), 3))
-                if what and len(self.corrupt) < 40:
-                    self.corrupt.append(f"cut at {time.time():.3f}: {what}")
+                self.cuts.append((round(time.time(), 3), what))
             elif outcome == "corrupted" and len(self.corrupt) < 20:
                 self.corrupt.append(what)
 
@@ -111,8 +110,10 @@ def _tcp_one(rng: random.Random, tally: _Tally, addr: str) -> None:
     put = rng.random() < 0.3
     got = 0
     started = time.time()
+    where = "connecting"
     try:
         with socket.create_connection((addr, STREAM_PORT), timeout=CLIENT_TIMEOUT) as s:
+            where = f"connected from port {s.getsockname()[1]} at {time.time():.3f}"
             if put:
                 s.sendall(f"PUT {n}\n".encode())
                 sent = 0
@@ -138,8 +139,8 @@ def _tcp_one(rng: random.Random, tally: _Tally, addr: str) -> None:
         else:  # a clean end with other bytes: the one thing that must never happen
             tally.add("corrupted", got, f"GET {n}: {got} bytes, sha256 {h.hexdigest()}")
     except (OSError, TimeoutError) as exc:
-        tally.add("cut", 0, f"{'PUT' if put else 'GET'} {n} after {got} bytes, started "
-                            f"{started:.3f}: {type(exc).__name__} {exc}")
+        tally.add("cut", 0, f"{'PUT' if put else 'GET'} {n} to {addr} after {got} bytes, "
+                            f"started {started:.3f}, {where}: {type(exc).__name__} {exc}")
 
 
 def _udp_one(rng: random.Random, tally: _Tally, addr: str) -> None:
@@ -208,8 +209,7 @@ class Soak:
         self.kills: list[dict] = []
         self.tallies: dict[str, dict] = {"tcp": {}, "udp": {}}
         self.bytes = {"tcp": 0, "udp": 0}
-        self.cuts: list[float] = []
-        self.cut_info: list[str] = []
+        self.cuts: list[tuple[float, str]] = []  # (wall-clock time, what) of cut TCP streams
         self.sessions: dict[str, int] = {}
         self.tunnels: dict[str, int] = {}
         self.admin: dict[str, int] = {}
@@ -414,13 +414,9 @@ listen = "{GUE}"
                 for k, v in r["counts"].items():
                     self.tallies[kind][k] = self.tallies[kind].get(k, 0) + v
                 self.bytes[kind] += r["bytes"]
-                self.cuts += [c for c in r["cuts"] if kind == "tcp"]
+                self.cuts += [(t, f"{how}: {what}") for t, what in r["cuts"] if kind == "tcp"]
             for what in r["corrupt"]:
-                if what.startswith("cut at"):
-                    with self.lock:
-                        self.cut_info.append(f"{kind} ({how}) {what}")
-                else:
-                    self.problem(f"{kind} ({how}): corrupted: {what}")
+                self.problem(f"{kind} ({how}): corrupted: {what}")
 
     def raw_tunnels(self) -> None:
         """Open and close connected tunnels, a few forbidden probes each (answered "prohibited")."""
@@ -662,7 +658,7 @@ listen = "{GUE}"
         for (name, pid), recs in sorted(incarnations.items(), key=lambda kv: (kv[0][0],
                                                                               kv[1][0]["t"])):
             born = recs[0]["t"]
-            settle = args.warmup if born < 1 else born + args.warmup
+            settle = args.warmup if born < 1 else born + args.restart_warmup
             window = [r for r in recs if r["t"] >= settle and r["t"] <= loaded_end]
             row = {"process": name, "pid": pid, "from": born, "to": recs[-1]["t"],
                    "samples": len(window), "rss_max_mib": round(max(r["rss"] for r in recs) / 1024,
@@ -696,18 +692,19 @@ listen = "{GUE}"
         # A cut stream is expected from a worker kill (its flows and tunnels go), nowhere else.
         windows = [(k["wall"] - 1, k["wall"] + (k["back_after"] or 30) + CLIENT_TIMEOUT + 5)
                    for k in self.kills]
-        stray = [c for c in self.cuts if not any(a <= c <= b for a, b in windows)]
+        stray = [c for c in self.cuts if not any(a <= c[0] <= b for a, b in windows)]
+        t0_wall = time.time() - (time.monotonic() - self.t0)
+        stray_info = [f"{t - t0_wall:.1f} s: {what}" for t, what in stray[:20]]
         if stray:
-            t0_wall = time.time() - (time.monotonic() - self.t0)
-            self.problem(f"{len(stray)} TCP streams cut away from any worker kill (at "
-                         f"{', '.join(f'{c - t0_wall:.1f}' for c in stray[:10])} s)")
+            self.problem(f"{len(stray)} TCP streams cut away from any worker kill: "
+                         + "; ".join(stray_info[:5]))
         if not self.tallies["tcp"].get("ok") or not self.tallies["udp"].get("ok"):
             self.problem(f"no traffic went through: {self.tallies}")
         return {"duration": args.duration, "workers": args.workers, "seed": args.seed,
                 "warmup": args.warmup, "table": table, "idle_fds": idle,
                 "tcp": {**self.tallies["tcp"], "bytes": self.bytes["tcp"]},
                 "udp": {**self.tallies["udp"], "bytes": self.bytes["udp"]},
-                "cuts": len(self.cuts), "stray_cuts": len(stray), "cut_info": self.cut_info[:40],
+                "cuts": len(self.cuts), "stray_cuts": len(stray), "stray_cut_info": stray_info,
                 "sessions": self.sessions,
                 "tunnels": self.tunnels, "admin": self.admin, "kills": self.kills,
                 "problems": self.problems, "notes": self.notes[:50],
@@ -757,6 +754,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--warmup", type=float, default=None,
                     help="seconds before growth counts (default: a third of the run, at most 120)")
+    ap.add_argument("--restart-warmup", type=float, default=None,
+                    help="the same for a restarted worker, from its start (default: the "
+                         "warm-up, at most 30 s)")
     ap.add_argument("--sample-every", type=float, default=1.0)
     ap.add_argument("--progress-every", type=float, default=10.0)
     ap.add_argument("--kill-every", type=float, default=60.0, help="0: never")
@@ -781,6 +781,8 @@ def main(argv: list[str] | None = None) -> int:
         return client(args.client, args.seconds, args.threads)
     if args.warmup is None:
         args.warmup = min(120.0, args.duration / 3)
+    if args.restart_warmup is None:
+        args.restart_warmup = min(30.0, args.warmup)
     if args.duration <= args.warmup or args.workers < 1:
         ap.error("--duration must exceed --warmup, --workers be positive")
     sys.path.insert(0, str(REPO))
