@@ -58,6 +58,8 @@ METRICS: list[Metric] = [
            fmt="{:.0f}"),
     Metric("lat_p99", "TCP request/response latency p99, 64 B", "µs", False,
            fmt="{:.0f}"),
+    Metric("setup_p50", "TCP connection set-up (connect()) p50, one at a time", "µs", False,
+           fmt="{:.0f}"),
     Metric("udp_kpps", "UDP 64 B datagrams received, upload", "kpps", True,
            fmt="{:.1f}"),
     Metric("udp_loss", "UDP loss, same runs", "%", False, fmt="{:.1f}", ratios=False),
@@ -71,7 +73,7 @@ METRIC = {m.id: m for m in METRICS}
 GROUPS = {
     "tcp": [bulk_id(d, s) for d, s in BULK] + [f"cpu_{bulk_id(d, s)}" for d, s in BULK],
     "connrate": ["conn_rate", "cpu_conn"],
-    "latency": ["lat_p50", "lat_p99"],
+    "latency": ["lat_p50", "lat_p99", "setup_p50"],
     "udp": ["udp_kpps", "udp_loss"],
 }
 
@@ -138,7 +140,7 @@ def latency(client: Client, opts: Options) -> dict[str, float]:
                                str(RR_PORT), "--round-trips", str(opts.round_trips),
                                "--size", str(opts.size)),
                     timeout=max(60, opts.round_trips / 50))
-    return {"lat_p50": out["p50_us"], "lat_p99": out["p99_us"]}
+    return {"lat_p50": out["p50_us"], "lat_p99": out["p99_us"], "setup_p50": out["setup_p50_us"]}
 
 
 def udp(client: Client, opts: Options) -> dict[str, float]:
