@@ -47,6 +47,10 @@ def drain(sock: socket.socket, on_datagram: Callable[[bytes], None],
             data = sock.recv(READ_SIZE)
         except BlockingIOError:
             return
+        except ConnectionResetError:
+            # The peer closed with our packets unread in its queue: Linux reports that once,
+            # *before* what the peer sent us first. Those are still ours: read on, to the EOF.
+            continue
         except OSError:
             on_eof()
             return

@@ -87,7 +87,7 @@ class FlowEntry(Flow):
     slotted object (the flow table's own record), so that a flow costs a few hundred bytes."""
 
     __slots__ = ("tunnel", "slot", "pending", "upstream", "payload_up", "payload_down",
-                 "next_seq_up", "next_seq_down", "stream", "sockets", "ended", "audited",
+                 "next_seq_up", "next_seq_down", "stream", "offramp", "conn", "ended", "audited",
                  "deadline", "seq")
 
     def __init__(self, key: FlowKey, decision: object, started: float,
@@ -104,7 +104,8 @@ class FlowEntry(Flow):
         self.next_seq_up: int | None = None
         self.next_seq_down: int | None = None
         self.stream: asyncio.Task | None = None
-        self.sockets: tuple[socket.socket, ...] = ()  # the off-ramp's, then the upgraded one
+        self.offramp: socket.socket | None = None  # the TCP off-ramp's socket
+        self.conn: socket.socket | None = None  # the upgraded connection, once accepted
         self.ended = False
         self.audited = False  # its flow_start record was written: a flow_end follows
         self.deadline = 0.0  # while the off-ramp connects: when it is given up
@@ -179,7 +180,9 @@ class DataPath:
         self._listeners: list[socket.socket] = []
         self._ping_logged = -PING_LOG_INTERVAL
         self._error_logged = -PING_LOG_INTERVAL
-        self._destinations: dict[bytes, bytes] = {}  # flows' destination addresses, shared
+        # Flows' destination addresses and ports, one object each for all flows (an int past 256
+        # is an object of its own per flow otherwise).
+        self._destinations: dict[bytes | int, bytes | int] = {}
         # The daemon's own UDP endpoints (GUE on-ramps): a flow there could speak for any tenant.
         self.own_endpoints: set[tuple[bytes | None, int]] = set()  # None: any address
 
@@ -323,7 +326,8 @@ class DataPath:
         now = time.monotonic()
         if len(self._destinations) < MAX_INTERNED:  # many flows, few destinations: one copy
             key = FlowKey(key.tenant, key.protocol, key.src, key.sport,
-                          self._destinations.setdefault(key.dst, key.dst), key.dport)
+                          self._destinations.setdefault(key.dst, key.dst),
+                          self._destinations.setdefault(key.dport, key.dport))
         entry = self.flows.start(key, None, now,
                                  lambda k, d, t: FlowEntry(k, d, t, tunnel))
         if isinstance(entry, LimitReached):
@@ -685,7 +689,7 @@ class DataPath:
             return
         if family == socket.AF_INET6:  # never reach IPv4 through a mapped address
             up.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        entry.sockets = (up,)
+        entry.offramp = up
         err = up.connect_ex(upstream)
         if err in (errno.EINPROGRESS, 0):
             entry.deadline = time.monotonic() + self.connect_timeout
@@ -703,7 +707,7 @@ class DataPath:
             self.end_flow(entry, CloseReason.EVICTED, close_reason="internal_error")
 
     def _on_offramp_connected(self, entry: FlowEntry) -> None:
-        up = entry.sockets[0]
+        up = entry.offramp
         entry.deadline = 0.0
         err = up.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
@@ -739,7 +743,7 @@ class DataPath:
         while self.connecting and self.connecting[0].deadline <= now:
             entry = self.connecting.popleft()
             if entry.connecting and not entry.ended:
-                self.connector.forget(entry.sockets[0].fileno())
+                self.connector.forget(entry.offramp.fileno())
                 entry.deadline = 0.0
                 self._offramp_failed(entry, "timeout", errno.ETIMEDOUT)
 
@@ -755,14 +759,15 @@ class DataPath:
                 self.log.warning("upgrade_accept_failed", error=exc.strerror)
                 return
             entry = self.by_slot.get((socket.inet_pton(listener.family, peer[0]), peer[1]))
-            if entry is None or entry.ended or len(entry.sockets) != 1 or entry.connecting:
+            if (entry is None or entry.ended or entry.offramp is None or entry.conn is not None
+                    or entry.connecting):
                 metrics.DROPS.labels("upgrade_no_flow").inc()
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
                 conn.close()
                 continue
             conn.setblocking(False)
-            entry.sockets = (entry.sockets[0], conn)
-            entry.stream = self._loop.create_task(self.splice(entry, conn, entry.sockets[0]))
+            entry.conn = conn
+            entry.stream = self._loop.create_task(self.splice(entry, conn, entry.offramp))
             self.streams.add(entry.stream)
             entry.stream.add_done_callback(self.streams.discard)
             # Sockets close only once the stream task is done: a pump being cancelled still
@@ -777,11 +782,14 @@ class DataPath:
 
     def _close_sockets(self, entry: FlowEntry) -> None:
         if entry.connecting:
-            self.connector.forget(entry.sockets[0].fileno())
+            self.connector.forget(entry.offramp.fileno())
             entry.deadline = 0.0
-        for sock in entry.sockets:
-            sock.close()
-        entry.sockets = ()
+        if entry.offramp is not None:
+            entry.offramp.close()
+            entry.offramp = None
+        if entry.conn is not None:
+            entry.conn.close()
+            entry.conn = None
 
     # -- flow end ----------------------------------------------------------------------------
 
@@ -806,7 +814,8 @@ class DataPath:
                 # read: the relay finishes on its own (its done-callback closes the sockets).
                 pass
             else:
-                abort(*entry.sockets)  # cut short: both ends see a reset, never a clean FIN
+                # Cut short: both ends see a reset, never a clean FIN.
+                abort(*(sock for sock in (entry.conn, entry.offramp) if sock is not None))
                 entry.stream.cancel()
         else:
             self._close_sockets(entry)

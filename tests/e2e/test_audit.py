@@ -159,8 +159,9 @@ def test_a_disk_filling_up_with_refuse(daemon_factory, streams, tmp_path):
         subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
-def _syn_flood(d, count: int) -> None:
-    """``count`` SYNs from distinct source ports, over one raw tunnel of tenant acme."""
+def _syn_flood(d, count: int) -> socket.socket:
+    """``count`` SYNs from distinct source ports, over one raw tunnel of tenant acme, left open
+    (closing it would end its flows; the caller closes it)."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     s.connect(str(d.runtime_dir / "tunnel.sock"))
     s.send(b'{"tenant": "acme"}')
@@ -181,8 +182,18 @@ def _syn_flood(d, count: int) -> None:
                         s.recv(65536)  # the resets coming back: keep our receive side moving
                     except BlockingIOError:
                         pass
-    finally:
+    except BaseException:
         s.close()
+        raise
+    return s
+
+
+def _read_all(s: socket.socket) -> None:
+    try:
+        while s.recv(65536):
+            pass
+    except BlockingIOError:
+        pass
 
 
 def test_a_syn_flood_past_the_limit_is_summed_up_in_the_audit(daemon_factory, streams,
@@ -193,9 +204,12 @@ def test_a_syn_flood_past_the_limit_is_summed_up_in_the_audit(daemon_factory, st
         max_per_tenant = 50
         """)))
     flood = 20_000
-    _syn_flood(d, flood)
-    wait_for(lambda: counter(d, "ipferry_drops_total", "reason").get("flow_limit_tenant", 0)
-             >= flood - 50, 60, "the flood to be refused")
+    tunnel = _syn_flood(d, flood)
+    try:
+        wait_for(lambda: _read_all(tunnel) or counter(d, "ipferry_drops_total", "reason").get(
+            "flow_limit_tenant", 0) >= flood - 50, 60, "the flood to be refused")
+    finally:
+        tunnel.close()
     refused = counter(d, "ipferry_drops_total", "reason")["flow_limit_tenant"]
     assert d.terminate() == 0  # writes the refusals counted so far
     records = audit_records(sink)

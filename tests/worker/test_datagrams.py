@@ -171,15 +171,17 @@ def test_a_flood_of_empty_datagrams_yields_to_the_loop():
     b.close()
 
 
-def test_reset_is_the_end():
-    """The peer closed with our data unread: the kernel reports ECONNRESET first."""
+def test_a_reset_loses_nothing_the_peer_sent():
+    """The peer closed with our data unread: the kernel reports ECONNRESET once, *before* the
+    records the peer had sent; those are read all the same, then the end."""
     a, b = pair()
     r = Reader(b)
     b.send(b"never read")
-    a.send(b"x")
+    for i in range(10):
+        a.send(b"packet %d" % i)
     a.close()
     r.drain()
-    assert r.eof == 1
+    assert r.data == [b"packet %d" % i for i in range(10)] and r.eof == 1
     b.close()
 
 
