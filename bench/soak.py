@@ -17,6 +17,10 @@ servers of tests/e2e, it runs at once, for ``--duration`` seconds:
   ``/api/tunnels``, ``/api/status`` (every ``/api/*`` answer must be strict JSON);
 - **kills**: every ``--kill-every`` seconds a worker is restarted, alternately by ``POST
   /api/workers/N/restart`` on the admin unix socket and by SIGKILL, alternately worker 0 and 1.
+  A connected session whose tunnel went with it must end (``ipferry connect`` ends its
+  command); one that runs on 3 s after its tunnel left ``/api/tunnels`` is ended here and
+  counted in ``sessions`` as ``connect missed the close of its tunnel`` (a race in
+  nsd/connect.py, not the daemon's), not judged.
 
 A sampler reads VmRSS and the open fds of the supervisor, nsd and every worker from /proc every
 ``--sample-every`` seconds, tracking them by role and index (a restarted worker is a new pid,
@@ -211,6 +215,7 @@ class Soak:
         self.bytes = {"tcp": 0, "udp": 0}
         self.cuts: list[tuple[float, str]] = []  # (wall-clock time, what) of cut TCP streams
         self.sessions: dict[str, int] = {}
+        self.live: dict[str, dict] = {}  # connected sessions running: sid -> proc, since, missing
         self.tunnels: dict[str, int] = {}
         self.admin: dict[str, int] = {}
         self.idle: dict[str, dict] = {}
@@ -389,10 +394,15 @@ listen = "{GUE}"
                 where.append("--no-offload")
             enter = ["nsenter", f"--net={self.ns.path}"] if how == "gue" else []
             seconds = min(self.args.session_seconds, left - 2)
-            cmd = [*enter, *NO_CAPS, IPFERRY, "connect", *where, "--tenant", TENANT, "--",
+            sid = f"{slot}-{n}"
+            cmd = [*enter, *NO_CAPS, IPFERRY, "connect", *where, "--tenant", TENANT,
+                   "--context", json.dumps({"session": sid}), "--",
                    sys.executable, str(Path(__file__).resolve()), "--client", kind,
                    "--seconds", f"{seconds:.1f}", "--threads", "3" if kind == "tcp" else "2"]
             proc = self.popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            if how != "gue":
+                with self.lock:
+                    self.live[sid] = {"proc": proc, "since": time.monotonic(), "missing": 0}
             try:
                 out, err = proc.communicate(timeout=seconds + 90)
             except subprocess.TimeoutExpired:
@@ -401,6 +411,7 @@ listen = "{GUE}"
                 self.problem(f"{slot}: a {seconds:.0f} s session did not end in time")
             with self.lock:
                 self.procs.remove(proc)
+                self.live.pop(sid, None)
             self.count(self.sessions, f"{kind} {how} exit {proc.returncode}")
             lines = [x for x in out.decode(errors="replace").splitlines() if x.startswith("{")]
             if not lines:
@@ -417,6 +428,37 @@ listen = "{GUE}"
                 self.cuts += [(t, f"{how}: {what}") for t, what in r["cuts"] if kind == "tcp"]
             for what in r["corrupt"]:
                 self.problem(f"{kind} ({how}): corrupted: {what}")
+
+    def watch_sessions(self) -> None:
+        """Connected sessions whose tunnel the daemon closed (a killed or restarted worker held
+        it) must end: ``ipferry connect`` ends its command. When its tunnel has been gone for 3 s
+        and it still runs, it missed the close (nsd/connect.py: a send that fails first makes
+        the EOF look like our own stop), and its command would run on with a dead network and
+        time out: counted and noted, and the session ended here."""
+        while not self.stop.wait(1.0):
+            try:
+                status, body = self.scrape("/api/tunnels")
+                listed = {(t.get("context") or {}).get("session") for t in json.loads(body)}
+            except (OSError, ValueError):
+                continue
+            if status != 200:
+                continue
+            now = time.monotonic()
+            with self.lock:
+                live = list(self.live.items())
+            for sid, rec in live:
+                if sid in listed or now - rec["since"] < 5 or rec["proc"].poll() is not None:
+                    rec["missing"] = 0
+                    continue
+                rec["missing"] += 1
+                if rec["missing"] == 3:
+                    self.count(self.sessions, "connect missed the close of its tunnel")
+                    self.notes.append(f"session {sid}: its tunnel was closed by the daemon, "
+                                      f"ipferry connect went on (ended here)")
+                    try:
+                        os.killpg(rec["proc"].pid, signal.SIGTERM)
+                    except ProcessLookupError:
+                        pass
 
     def raw_tunnels(self) -> None:
         """Open and close connected tunnels, a few forbidden probes each (answered "prohibited")."""
@@ -590,7 +632,7 @@ listen = "{GUE}"
         self.idle["start"] = self.idle_fds()
         status0 = self.daemon.status()
         jobs = [("sampler", self.sampler, ()), ("tunnels", self.raw_tunnels, ()),
-                ("admin", self.admin_loop, ())]
+                ("admin", self.admin_loop, ()), ("watch", self.watch_sessions, ())]
         jobs += [(f"tcp-{i}", self.session, (f"tcp-{i}", "tcp")) for i in range(args.tcp_sessions)]
         jobs += [(f"udp-{i}", self.session, (f"udp-{i}", "udp")) for i in range(args.udp_sessions)]
         if args.kill_every > 0:
