@@ -113,6 +113,8 @@ def test_paging_through_40000_flows_hurts_no_worker(daemon_factory, tmp_path):
         [app]
         class = "holdapp:App"
         [flows]
+        # Set: the default would be what the fd limit holds for relayed flows (these hold none).
+        max_per_worker = 50000
         max_per_tenant = 50000
         tcp_syn_sent = 600
         """)), env={"PYTHONPATH": str(tmp_path)})
