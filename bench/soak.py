@@ -301,6 +301,8 @@ listen = "{GUE}"
         with self.lock:
             procs = list(self.procs)
         for proc in procs:
+            if proc.poll() is None:
+                self.kill_tree(proc)
             for sig in (signal.SIGTERM, signal.SIGKILL):
                 try:
                     os.killpg(proc.pid, sig)
@@ -406,9 +408,16 @@ listen = "{GUE}"
             try:
                 out, err = proc.communicate(timeout=seconds + 90)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                out, err = proc.communicate()
-                self.problem(f"{slot}: a {seconds:.0f} s session did not end in time")
+                self.kill_tree(proc)
+                try:
+                    out, err = proc.communicate(timeout=10)
+                except subprocess.TimeoutExpired:
+                    out, err = b"", b""
+                ended_here = self.live.get(sid, {}).get("ended_here")
+                (self.notes.append if ended_here else self.problem)(
+                    f"{slot}: a {seconds:.0f} s session did not end in time"
+                    + (" (after it was ended for missing its tunnel's close)" if ended_here
+                       else ""))
             with self.lock:
                 self.procs.remove(proc)
                 self.live.pop(sid, None)
@@ -455,10 +464,32 @@ listen = "{GUE}"
                     self.count(self.sessions, "connect missed the close of its tunnel")
                     self.notes.append(f"session {sid}: its tunnel was closed by the daemon, "
                                       f"ipferry connect went on (ended here)")
+                    rec["ended_here"] = True
                     try:
-                        os.killpg(rec["proc"].pid, signal.SIGTERM)
+                        os.killpg(rec["proc"].pid, signal.SIGTERM)  # the client says its tally
                     except ProcessLookupError:
                         pass
+                elif rec["missing"] == 8:
+                    self.kill_tree(rec["proc"])  # whatever did not go with SIGTERM
+
+    def kill_tree(self, proc: subprocess.Popen) -> None:
+        """SIGKILL a process, its process group and every descendant (ipferry connect's
+        sandbox and command live in namespaces and groups of their own)."""
+        from tests.helpers import proc_children
+        todo, tree = [proc.pid], []
+        while todo:
+            kids = proc_children(todo.pop())
+            tree += kids
+            todo += kids
+        for pid in [proc.pid, *tree]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
     def raw_tunnels(self) -> None:
         """Open and close connected tunnels, a few forbidden probes each (answered "prohibited")."""
