@@ -11,14 +11,20 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import hmac
+import logging
 import os
 import re
 import socket
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import structlog
 from aiohttp import web
+from aiohttp.http import HttpVersion11
+from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ipferry.worker.views import MAX_PAGE, strict_dumps
@@ -28,6 +34,10 @@ from .listeners import bind_unix
 
 if TYPE_CHECKING:
     from .arbiter import Supervisor
+
+MAX_CONNECTIONS = 256  # admin connections at once per listener kind; more are closed at once
+IDLE_TIMEOUT = 15.0  # seconds a connection may stay without a complete request (slowloris)
+ERROR_LOG_INTERVAL = 10.0  # seconds between two admin_request_failed log lines
 
 SUPERVISOR = web.AppKey("supervisor", object)
 SERVER = web.AppKey("server", object)
@@ -39,6 +49,79 @@ def _over_unix_socket(request: web.Request) -> bool:
 
 
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+@web.middleware
+async def contain_errors(request: web.Request, handler):
+    """A handler that raises gets a 500 and one structured log line (at most every 10 s), never
+    aiohttp's raw traceback in the JSON log."""
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except Exception:
+        server = request.app[SERVER]
+        now = time.monotonic()
+        if now - server.error_logged >= ERROR_LOG_INTERVAL:
+            server.error_logged = now
+            structlog.get_logger().error("admin_request_failed", method=request.method,
+                                         path=request.path[:200], exc_info=True)
+        return web.Response(status=500, text="internal error (logged)\n")
+
+
+async def expect_continue(request: web.Request) -> None:
+    """``Expect: 100-continue`` only; any other value is refused without echoing it (aiohttp's
+    own handler fails with a 500 on a value that is not UTF-8)."""
+    if request.version == HttpVersion11:
+        expect = request.headers.get("Expect", "")
+        if expect.lower() == "100-continue":
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0
+        else:
+            raise web.HTTPExpectationFailed(text="only Expect: 100-continue is understood\n")
+
+
+class _Refused(asyncio.Protocol):
+    """A connection over :data:`MAX_CONNECTIONS`: closed at once."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.abort()
+
+
+class _CountedHandler(RequestHandler):
+    """aiohttp's connection handler that tells its :class:`CappedServer` when it is gone."""
+
+    __slots__ = ("_gate",)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        try:
+            super().connection_lost(exc)
+        finally:
+            self._gate.live -= 1
+
+
+class CappedServer:
+    """aiohttp's server (a protocol factory) with a cap on the live connections of one kind of
+    listener (TCP, or the unix socket): held-open connections must not exhaust the supervisor's
+    fds (it restarts children with fds of its own), and a flood over TCP must not lock the
+    operator out of the unix socket. Counted when made, not when registered: the loop accepts
+    a burst before any of them is registered."""
+
+    def __init__(self, inner: web.Server, cap: int) -> None:
+        self._inner = inner
+        self.cap = cap
+        self.live = 0
+        self.refused = 0
+
+    def __call__(self) -> asyncio.BaseProtocol:
+        if self.live >= self.cap:
+            self.refused += 1
+            return _Refused()
+        # As aiohttp's Server.__call__ makes its handlers (its loop and keyword arguments).
+        handler = _CountedHandler(self._inner, loop=self._inner._loop, **self._inner._kwargs)
+        handler._gate = self
+        self.live += 1
+        return handler
 
 
 @web.middleware
@@ -263,30 +346,44 @@ class AdminServer:
         self.settings = settings
         self.listen = listen_override if listen_override is not None else settings.listen
         self.unix_path: Path | None = settings.unix_socket_path()
-        self.app = web.Application(middlewares=[authorize_mutations])
+        self.app = web.Application(middlewares=[contain_errors, authorize_mutations])
         self.app[SUPERVISOR] = supervisor
         self.app[SERVER] = self
-        self.app.router.add_get("/healthz", healthz)
-        self.app.router.add_get("/readyz", readyz)
-        self.app.router.add_get("/metrics", metrics)
-        self.app.router.add_get("/api/status", status)
-        self.app.router.add_get("/api/workers", workers)
-        self.app.router.add_get("/api/mesh", mesh)
-        self.app.router.add_get("/api/flows", flows)
-        self.app.router.add_get("/api/tunnels", tunnels)
-        self.app.router.add_post("/api/reload", reload)
-        self.app.router.add_post("/api/workers/{index}/restart", restart_worker)
-        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        self.error_logged = -ERROR_LOG_INTERVAL
+        get = functools.partial(self.app.router.add_get, expect_handler=expect_continue)
+        post = functools.partial(self.app.router.add_post, expect_handler=expect_continue)
+        get("/healthz", healthz)
+        get("/readyz", readyz)
+        get("/metrics", metrics)
+        get("/api/status", status)
+        get("/api/workers", workers)
+        get("/api/mesh", mesh)
+        get("/api/flows", flows)
+        get("/api/tunnels", tunnels)
+        post("/api/reload", reload)
+        post("/api/workers/{index}/restart", restart_worker)
+        # keepalive_timeout also closes a connection that never completes its first request.
+        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
+                                    keepalive_timeout=IDLE_TIMEOUT)
+        # aiohttp logs a raw traceback for every malformed request: noise an unauthenticated
+        # client could pour into the JSON log. Its 400 answer is all that request needs.
+        logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
         self._unix_inode: int | None = None
 
     async def start(self) -> None:
         await self.runner.setup()
+        server = self.runner.server
+        # A site takes its protocol factory from the runner when it starts: put a cap of its
+        # own kind in between, for each.
+        self.runner._server = CappedServer(server, MAX_CONNECTIONS)
         if self.listen:
             host, _, port = self.listen.rpartition(":")
             await web.TCPSite(self.runner, host.strip("[]"), int(port), reuse_address=True).start()
         if self.unix_path is not None:
             sock, self._unix_inode = bind_unix(self.unix_path, socket.SOCK_STREAM, 0o600, 128)
+            self.runner._server = CappedServer(server, MAX_CONNECTIONS)
             await web.SockSite(self.runner, sock).start()
+        self.runner._server = server  # shutdown and cleanup speak to aiohttp's own
 
     def addresses(self) -> list[str]:
         out = [f"http://{self.listen}"] if self.listen else []
