@@ -171,6 +171,18 @@ class _Activity:
         self.closed_by_daemon = False
 
 
+# How a connected tunnel fails once the daemon has closed its end (a worker restarted or stopped):
+# on send (its receive queue is gone) or on recv (it went with our packets unread), before or
+# instead of a plain EOF. Whichever pump meets it first records the daemon's close.
+DAEMON_CLOSED = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN)
+
+
+def _daemon_closed(stop: threading.Event, activity: _Activity) -> None:
+    # Not when we stop: then we shut the tunnel ourselves, after setting ``stop``.
+    if not stop.is_set():
+        activity.closed_by_daemon = True
+
+
 def _pump_tun_to_tunnel(tun_fd: int, tunnel: socket.socket, stop: threading.Event,
                         activity: _Activity) -> None:
     while not stop.is_set():
@@ -186,6 +198,8 @@ def _pump_tun_to_tunnel(tun_fd: int, tunnel: socket.socket, stop: threading.Even
                 continue  # larger than the tunnel takes: dropped, as a router would
             if exc.errno == errno.ENOBUFS:
                 continue  # a full socket queue on a datagram path: lost, TCP resends it
+            if exc.errno in DAEMON_CLOSED:
+                _daemon_closed(stop, activity)
             break
     stop.set()
 
@@ -195,10 +209,12 @@ def _pump_tunnel_to_tun(tun_fd: int, tunnel: socket.socket, stop: threading.Even
     while not stop.is_set():
         try:
             packet = tunnel.recv(READ_SIZE)
-        except OSError:
+        except OSError as exc:
+            if exc.errno in DAEMON_CLOSED:
+                _daemon_closed(stop, activity)
             break
         if not packet:
-            activity.closed_by_daemon = not stop.is_set()  # the daemon closed the tunnel
+            _daemon_closed(stop, activity)  # EOF: the daemon closed the tunnel
             break
         try:
             os.write(tun_fd, packet)
