@@ -489,9 +489,15 @@ class DataPath:
         # A datagram flow: the payload (UDP) or the whole ICMP message leaves by its socket.
         self.flows.observe(entry.flow, Direction.TO_SERVER, 0, p.total_length, time.monotonic())
         entry.upstream.last = (p, bytes(packet[:LAST_KEPT]))
-        entry.payload_up += p.total_length - p.payload_offset
-        start = p.payload_offset if p.protocol == IPPROTO_UDP else p.ihl
-        entry.upstream.send(memoryview(packet)[start:p.total_length])
+        if p.protocol == IPPROTO_UDP:
+            # The UDP length says where the datagram ends (the parser checked it fits): bytes
+            # after it are padding of the IP packet, not payload, as a kernel would see it.
+            start, end = p.payload_offset, p.ihl + int.from_bytes(packet[p.ihl + 4:p.ihl + 6],
+                                                                  "big")
+        else:
+            start, end = p.ihl, p.total_length
+        entry.payload_up += end - p.payload_offset
+        entry.upstream.send(memoryview(packet)[start:end])
 
     def on_upstream_reply(self, entry: FlowEntry, data: bytes) -> None:
         """A datagram from the off-ramp: wrap it back into IP towards the flow's tunnel."""
@@ -730,12 +736,14 @@ class DataPath:
             packet = first if isinstance(first, bytes) else first[0]
             p = parse(packet)
         try:
-            if isinstance(p, Parsed):
+            if isinstance(p, Parsed) and reason != "timeout":
                 if reason == "refused" or reason == "error":
                     self.refuse(entry.tunnel, p, packet, policy=False)  # a reset
-                elif reason == "unreachable":
+                else:
                     self._answer_unreachable(entry.tunnel, p, packet,
                                              UNREACHABLE.get(err, "host"))
+                if entry.pending:
+                    entry.pending = entry.pending[1:]  # the first was answered: not dropped
         finally:  # whatever happened to the answer, the flow must not stay half-made
             self.end_flow(entry, CloseReason.EVICTED, close_reason=f"upstream_{reason}")
 
@@ -798,6 +806,8 @@ class DataPath:
         if entry.ended:
             return
         entry.ended = True
+        if entry.pending:  # held (deciding, connecting) and never sent on: counted, not lost
+            metrics.DROPS.labels("held_at_end").inc(len(entry.pending))
         entry.pending = None
         self.flows.end(entry.flow, reason)
         self.entries.pop(entry.flow.key, None)

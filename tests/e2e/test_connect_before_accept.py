@@ -132,3 +132,30 @@ def test_a_client_giving_up_while_the_off_ramp_connects_ends_the_flow(daemon_fac
         assert counter(d, "ipferry_upstream_failures_total", "reason") == {}
     finally:
         s.close()
+
+
+def test_packets_held_for_a_refused_off_ramp_are_counted(daemon_factory, upstream, tmp_path):
+    d = daemon_factory("--workers", "1", config=config(tmp_path))
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect(str(d.runtime_dir / "tunnel.sock"))
+    s.send(b'{"tenant": "acme"}')
+    src, dst = socket.inet_aton("10.98.1.1"), socket.inet_aton(SERVER_ADDR)
+
+    def segment(flags: int, seq: int, data: bytes = b"") -> bytes:
+        return bytes(dpkt.ip.IP(src=src, dst=dst, p=6, ttl=64, data=dpkt.tcp.TCP(
+            sport=40000, dport=9, flags=flags, seq=seq, data=data)))
+
+    try:
+        # Back to back, before the refused connect is known: all five are held.
+        for packet in [segment(dpkt.tcp.TH_SYN, 1000)] * 3 + \
+                [segment(dpkt.tcp.TH_ACK | dpkt.tcp.TH_PUSH, 1001, b"hello")] * 2:
+            s.send(packet)
+        s.settimeout(5)
+        answer = dpkt.ip.IP(s.recv(65535)).data
+        assert answer.flags & dpkt.tcp.TH_RST  # the first SYN got the refusal
+        [end] = wait_for(lambda: end_records(tmp_path), 5, "the flow_end record")
+        assert end["close_reason"] == "upstream_refused"
+        # The other four were never sent on: counted, not silently gone.
+        assert counter(d, "ipferry_drops_total", "reason").get("held_at_end") == 4
+    finally:
+        s.close()

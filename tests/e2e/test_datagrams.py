@@ -286,3 +286,19 @@ def test_the_daemons_own_host_is_out_of_reach(daemon_factory, tmp_path):
             assert (icmp6.type, icmp6.code) == (1, 1), dst
     assert drops(d)["forbidden_destination"] == 6
     assert not audit_records(tmp_path / "audit.jsonl")
+
+
+def test_ip_padding_after_a_udp_datagram_is_not_payload(daemon_factory, udp_servers, tmp_path):
+    d = daemon_factory("--workers", "1", config=config(tmp_path))
+    with raw_tunnel(d) as s:
+        udp = dpkt.udp.UDP(sport=40003, dport=UDP_ECHO_PORT, data=b"hello")
+        udp.ulen = 8 + 5
+        datagram = bytearray(bytes(udp))
+        datagram += b"PADDING!!!"  # in the IP packet, past the UDP length: not the datagram's
+        ip = dpkt.ip.IP(src=CLIENT, dst=SERVER, p=17, ttl=64, data=bytes(datagram))
+        s.send(bytes(ip))
+        reply = _recv_from(s, 17, UDP_ECHO_PORT)
+        assert reply.data.data == b"hello"  # what a kernel would have delivered
+    assert d.terminate() == 0
+    [end] = [r for r in audit_records(tmp_path / "audit.jsonl") if r["audit"] == "flow_end"]
+    assert end["payload_bytes"] == [5, 5]
