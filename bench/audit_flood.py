@@ -22,41 +22,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import dpkt  # noqa: E402
 
 from tests import helpers  # noqa: E402  (the same real-kernel harness as the tests)
+from tests.e2e.dataplane import read_all, syn_flood  # noqa: E402
 from tests.helpers import Daemon, NetNs  # noqa: E402
 
 SERVER = "198.18.0.1"
 PORT = 9000
-
-
-def flood(tunnel_path: Path, count: int) -> socket.socket:
-    """Send the SYNs; the tunnel stays open (its flows with it) until the caller closes it."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    s.connect(str(tunnel_path))
-    s.send(b'{"tenant": "bench"}')
-    s.setblocking(False)
-    dst = socket.inet_aton(SERVER)
-    try:
-        for i in range(count):
-            src = bytes([10, 9, (i >> 16) & 0xFF, 2 + (i >> 14 & 3)])
-            syn = bytes(dpkt.ip.IP(src=src, dst=dst, p=6, ttl=64, data=dpkt.tcp.TCP(
-                sport=1024 + i % 60000, dport=PORT, flags=dpkt.tcp.TH_SYN, seq=i)))
-            while True:
-                try:
-                    s.send(syn)
-                    break
-                except BlockingIOError:
-                    try:
-                        while s.recv(65536):  # the resets coming back
-                            pass
-                    except BlockingIOError:
-                        time.sleep(0.0005)
-    except BaseException:
-        s.close()
-        raise
-    return s
 
 
 def drops(d: Daemon) -> dict[str, float]:
@@ -86,14 +58,10 @@ def measure(syns: int, limit: int) -> dict:
             d.start("--workers", "1")
             helpers.wait_for(d.ready, 30, "the daemon")
             t0 = time.monotonic()
-            tunnel = flood(run / "tunnel.sock", syns)
+            tunnel = syn_flood(run / "tunnel.sock", syns, tenant="bench", dport=PORT)
 
             def refused_all() -> bool:
-                try:
-                    while tunnel.recv(65536):  # the resets: keep the daemon's queue moving
-                        pass
-                except BlockingIOError:
-                    pass
+                read_all(tunnel)  # the resets: keep the daemon's queue moving
                 return drops(d).get("flow_limit_tenant", 0) >= syns - limit
 
             helpers.wait_for(refused_all, 300, "every SYN past the limit to be refused",

@@ -83,3 +83,42 @@ def config(tmp_path, extra: str = "") -> str:
         [audit]
         sink = "{tmp_path / 'audit.jsonl'}"
         """) + extra
+
+
+def syn_flood(tunnel_path, count: int, tenant: str = "acme", dport: int = STREAM_PORT):
+    """``count`` SYNs to SERVER_ADDR:``dport`` from distinct sources, over one raw tunnel that
+    is left open (closing it ends its flows): the caller closes it, and may :func:`read_all` the
+    answers meanwhile."""
+    import time
+
+    import dpkt
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect(str(tunnel_path))
+    s.send(json.dumps({"tenant": tenant}).encode())
+    s.setblocking(False)
+    dst = socket.inet_aton(SERVER_ADDR)
+    try:
+        for i in range(count):
+            src = bytes([10, 9, (i >> 16) & 0xFF, 2 + (i >> 14 & 3)])
+            syn = bytes(dpkt.ip.IP(src=src, dst=dst, p=6, ttl=64, data=dpkt.tcp.TCP(
+                sport=1024 + i % 60000, dport=dport, flags=dpkt.tcp.TH_SYN, seq=i)))
+            while True:
+                try:
+                    s.send(syn)
+                    break
+                except BlockingIOError:
+                    read_all(s)  # the resets coming back: keep our receive side moving
+                    time.sleep(0.0005)
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+def read_all(s: socket.socket) -> None:
+    """Read (and forget) what waits on a non-blocking tunnel socket."""
+    try:
+        while s.recv(65536):
+            pass
+    except BlockingIOError:
+        pass

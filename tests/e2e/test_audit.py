@@ -8,13 +8,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import textwrap
 
-import dpkt
-
-from tests.e2e.dataplane import SERVER_ADDR, STREAM_PORT, audit_records, connect, counter, stream_client
+from tests.e2e.dataplane import (
+    SERVER_ADDR,
+    STREAM_PORT,
+    audit_records,
+    connect,
+    counter,
+    read_all,
+    stream_client,
+    syn_flood,
+)
 from tests.e2e.streams import pattern
 from tests.helpers import wait_for
 
@@ -159,43 +165,6 @@ def test_a_disk_filling_up_with_refuse(daemon_factory, streams, tmp_path):
         subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
-def _syn_flood(d, count: int) -> socket.socket:
-    """``count`` SYNs from distinct source ports, over one raw tunnel of tenant acme, left open
-    (closing it would end its flows; the caller closes it)."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    s.connect(str(d.runtime_dir / "tunnel.sock"))
-    s.send(b'{"tenant": "acme"}')
-    s.setblocking(False)
-    dst = socket.inet_aton(SERVER_ADDR)
-    try:
-        for i in range(count):
-            src = bytes([10, 9, (i >> 16) & 0xFF, 2 + (i >> 14 & 3)])
-            syn = dpkt.ip.IP(src=src, dst=dst, p=6, ttl=64,
-                             data=dpkt.tcp.TCP(sport=1024 + i % 60000, dport=STREAM_PORT,
-                                               flags=dpkt.tcp.TH_SYN, seq=i))
-            while True:
-                try:
-                    s.send(bytes(syn))
-                    break
-                except BlockingIOError:
-                    try:
-                        s.recv(65536)  # the resets coming back: keep our receive side moving
-                    except BlockingIOError:
-                        pass
-    except BaseException:
-        s.close()
-        raise
-    return s
-
-
-def _read_all(s: socket.socket) -> None:
-    try:
-        while s.recv(65536):
-            pass
-    except BlockingIOError:
-        pass
-
-
 def test_a_syn_flood_past_the_limit_is_summed_up_in_the_audit(daemon_factory, streams,
                                                               tmp_path):
     sink = tmp_path / "audit.jsonl"
@@ -204,9 +173,9 @@ def test_a_syn_flood_past_the_limit_is_summed_up_in_the_audit(daemon_factory, st
         max_per_tenant = 50
         """)))
     flood = 20_000
-    tunnel = _syn_flood(d, flood)
+    tunnel = syn_flood(d.runtime_dir / "tunnel.sock", flood)
     try:
-        wait_for(lambda: _read_all(tunnel) or counter(d, "ipferry_drops_total", "reason").get(
+        wait_for(lambda: read_all(tunnel) or counter(d, "ipferry_drops_total", "reason").get(
             "flow_limit_tenant", 0) >= flood - 50, 60, "the flood to be refused")
     finally:
         tunnel.close()
