@@ -237,6 +237,8 @@ class Supervisor:
             await self.start_nsd()
         except (HostError, fdpass.ProtocolError, fdpass.ChannelClosed) as exc:
             raise StartupError(str(exc)) from None
+        except OSError as exc:
+            raise StartupError(f"cannot start nsd: {exc}") from None
         for slot in self.workers:
             self.spawn(self.equip(slot, with_mesh=True))
         deadline = self.config.supervision.start_timeout
@@ -333,8 +335,19 @@ class Supervisor:
         slot.state = State.STARTING
         slot.equipped = False
         slot.audit_error = None  # a new process opens the sink afresh
-        slot.child = ChildProcess(["ipferry.worker", "--index", str(slot.index), *self.log_args()],
-                                  self.on_child_exit)
+        try:
+            slot.child = ChildProcess(["ipferry.worker", "--index", str(slot.index),
+                                       *self.log_args()], self.on_child_exit)
+        except OSError as exc:
+            # E.g. EMFILE: our fds are exhausted for now. A failed start, counted as a death.
+            slot.child = None
+            delay = slot.restarts.record_death()
+            self.log.error("worker_start_failed", worker=slot.index, error=str(exc),
+                           errno=exc.errno, restart_in=delay)
+            if delay is None:
+                return self.crash_loop(f"worker {slot.index}", slot)
+            self.schedule_respawn(slot, delay)
+            return
         slot.started_at = time.time()
         if equip:
             self.spawn(self.equip(slot, with_mesh=True))
@@ -344,6 +357,8 @@ class Supervisor:
         """Send a worker its fds: on-ramps, TUN, upgrade listeners, a fresh nsd link (and mesh)."""
         child = slot.child
         nsd = self.nsd.child
+        if child is None:
+            return  # its start failed: a respawn is scheduled, and equips it
         if nsd is None or self.nsd.state is not State.READY:
             return  # nsd is down; every worker is re-equipped when it is back
         try:
@@ -360,16 +375,17 @@ class Supervisor:
         fds.update(slot.equipment)
         fds["nsd"] = nsd_fd
         peers: list[tuple[WorkerSlot, object]] = []
-        if with_mesh:
-            # A link to every worker equipped before this one; those equipped later link to us
-            # themselves. No await from here to the sends: each pair is made exactly once.
-            for other in self.workers:
-                if other is slot or not (other.equipped and other.child and other.child.alive):
-                    continue
-                ours, theirs = fdpass.channel_pair()
-                fds[f"mesh:{other.index}"] = ours.fileno()
-                peers.append((other, ours, theirs))
         try:
+            if with_mesh:
+                # A link to every worker equipped before this one; those equipped later link to
+                # us themselves. No await from here to the sends: each pair is made exactly once.
+                for other in self.workers:
+                    if other is slot or not (other.equipped and other.child
+                                             and other.child.alive):
+                        continue
+                    ours, theirs = fdpass.channel_pair()
+                    fds[f"mesh:{other.index}"] = ours.fileno()
+                    peers.append((other, ours, theirs))
             if child.alive:
                 child.channel.send("equip", {"block": slot.block.as_dict(),
                                              "onramps": [o.name for o in self.onramps],
@@ -383,6 +399,10 @@ class Supervisor:
                         pass  # that peer is dying; its replacement gets a new link
         except fdpass.ChannelClosed:
             child.signal(signal.SIGKILL)  # a worker that cannot take its fds is restarted
+        except OSError as exc:
+            # E.g. EMFILE making its mesh links: it would never be whole. Restarted with backoff.
+            self.log.error("equip_failed", worker=slot.index, error=str(exc), errno=exc.errno)
+            child.signal(signal.SIGKILL)
         finally:
             os.close(nsd_fd)
             for _, ours, theirs in peers:
@@ -442,6 +462,9 @@ class Supervisor:
                              status=child.returncode, restart_in=delay)
             if delay is None:
                 return self.crash_loop(f"worker {slot.index}", slot)
+        self.schedule_respawn(slot, delay)
+
+    def schedule_respawn(self, slot: WorkerSlot, delay: float) -> None:
         slot.state = State.BACKOFF
         self.notifier.status(self.status_line())
         asyncio.get_running_loop().call_later(delay, self.events.put_nowait, ("respawn", slot))
@@ -458,9 +481,13 @@ class Supervisor:
     async def nsd_died(self, child: ChildProcess) -> None:
         slot = self.nsd
         slot.child = None
-        slot.state = State.BACKOFF
         delay = slot.restarts.record_death()
         self.log.warning("nsd_died", pid=child.pid, status=child.returncode, restart_in=delay)
+        self.nsd_backoff(delay)
+
+    def nsd_backoff(self, delay: float | None) -> None:
+        slot = self.nsd
+        slot.state = State.BACKOFF
         if delay is None:
             return self.crash_loop("nsd", slot)
         self.notifier.status(self.status_line())
@@ -478,6 +505,13 @@ class Supervisor:
         except (HostError, fdpass.ProtocolError, fdpass.ChannelClosed) as exc:
             self.log.error("nsd_restart_failed", error=str(exc))
             return  # its exit event schedules the next try (and counts toward the crash loop)
+        except OSError as exc:
+            # Not spawned at all (e.g. EMFILE): no exit event comes, so count and retry here.
+            self.nsd.child = None
+            delay = self.nsd.restarts.record_death()
+            self.log.error("nsd_start_failed", error=str(exc), errno=exc.errno, restart_in=delay)
+            self.nsd_backoff(delay)
+            return
         finally:
             self.rebuild = None
         if self.stopping:

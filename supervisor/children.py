@@ -33,19 +33,34 @@ class ChildProcess:
     """One running child process and its control channel."""
 
     def __init__(self, argv: list[str], on_exit: Callable[[ChildProcess], None]) -> None:
+        # Any step may fail with an OSError (EMFILE when the supervisor's fds run out, EAGAIN
+        # from fork, ...): then nothing is left behind, no fd and no process, and it propagates
+        # for the caller to count as a failed start.
+        self._loop = asyncio.get_running_loop()
         ours, theirs = fdpass.channel_pair()
-        fd = theirs.fileno()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", *argv, "--control-fd", str(fd), "--parent-pid", str(os.getpid())],
-            pass_fds=[fd], stdin=subprocess.DEVNULL, close_fds=True)
-        theirs.close()
-        self.pid = self.proc.pid
+        self.proc: subprocess.Popen | None = None
+        self._pidfd = -1
+        try:
+            with theirs:
+                fd = theirs.fileno()
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", *argv, "--control-fd", str(fd),
+                     "--parent-pid", str(os.getpid())],
+                    pass_fds=[fd], stdin=subprocess.DEVNULL, close_fds=True)
+            self.pid = self.proc.pid
+            self._pidfd = os.pidfd_open(self.pid)
+            self._loop.add_reader(self._pidfd, self._reap)
+        except BaseException:
+            ours.close()
+            if self._pidfd >= 0:
+                os.close(self._pidfd)
+            if self.proc is not None:
+                self.proc.kill()
+                self.proc.wait()  # just started: it dies at once
+            raise
         self.channel = fdpass.AsyncChannel(ours, f"{argv[0]}[{self.pid}]")
         self.returncode: int | None = None
         self._on_exit = on_exit
-        self._loop = asyncio.get_running_loop()
-        self._pidfd = os.pidfd_open(self.pid)
-        self._loop.add_reader(self._pidfd, self._reap)
         self.exited = asyncio.Event()
 
     def _reap(self) -> None:
