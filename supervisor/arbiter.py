@@ -33,6 +33,8 @@ from .listeners import Listener, ListenerError, open_onramps
 from .metrics import ProcessInfo, SupervisorMetrics
 from .notify import Notifier
 
+LOOP_ERROR_INTERVAL = 10.0  # seconds between two loop_exception lines of one message
+
 
 class StartupError(Exception):
     """The daemon cannot start; ``str()`` is the one line to print."""
@@ -106,6 +108,7 @@ class Supervisor:
         self.admin = None
         self.nsd_reconfigure: dict | None = None  # the live settings after a reload
         self.tasks: set[asyncio.Task] = set()
+        self._loop_errors: dict[str, tuple[float, int]] = {}  # message: (last logged, since)
 
     def _restarts(self) -> Restarts:
         s = self.config.supervision
@@ -199,7 +202,18 @@ class Supervisor:
         return self.exit_code
 
     def _loop_exception(self, loop, context: dict) -> None:
-        self.log.error("loop_exception", message=context.get("message"),
+        # Rate-limited per message: a listener out of fds reports every failed accept (asyncio
+        # retries them), thousands a second, which must not become a log flood.
+        message = str(context.get("message"))[:200]
+        now = time.monotonic()
+        last, suppressed = self._loop_errors.get(message, (-LOOP_ERROR_INTERVAL, 0))
+        if now - last < LOOP_ERROR_INTERVAL:
+            self._loop_errors[message] = (last, suppressed + 1)
+            return
+        if len(self._loop_errors) > 100:
+            self._loop_errors.clear()
+        self._loop_errors[message] = (now, 0)
+        self.log.error("loop_exception", message=message, suppressed_since_last=suppressed,
                        exc_info=context.get("exception"))
 
     def spawn(self, coro) -> asyncio.Task:
