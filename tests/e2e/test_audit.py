@@ -11,6 +11,8 @@ import os
 import subprocess
 import textwrap
 
+import pytest
+
 from tests.e2e.dataplane import (
     SERVER_ADDR,
     STREAM_PORT,
@@ -74,10 +76,17 @@ def test_dev_full_with_refuse_refuses_new_flows(daemon_factory, streams):
     assert d.get_json("/api/flows")["total"] == 0
 
 
-def _mount_tmpfs(path, size: str) -> None:
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs for the audit sink, unmounted (lazily: the daemon may hold it) after."""
+    path = tmp_path / "disk"
     path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0755", "tmpfs", str(path)],
                    check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def _fill(path) -> None:
@@ -104,65 +113,55 @@ def _lines_valid(sink) -> tuple[int, int]:
     return good, bad
 
 
-def test_a_disk_filling_up_mid_run_and_freed_again(daemon_factory, streams, tmp_path):
-    disk = tmp_path / "disk"
-    _mount_tmpfs(disk, "256k")
-    try:
-        sink = disk / "audit.jsonl"
-        d = daemon_factory("--workers", "1", config=audit_config(sink, "continue"))
-        get_intact(d, 1 * MB)
-        wait_for(lambda: _lines_valid(sink)[0] >= 2, 5, "the first records")
-        _fill(disk)
-        get_intact(d, 20 * MB)  # while full: intact, records lost and counted
-        # Enough flows to outgrow the page the file already had (tmpfs allocates by pages).
-        assert stream_client(d, "many", 20, 1000, 10)["ok"] == 20
-        assert counter(d, "ipferry_audit_errors_total", "")[""] >= 2
-        assert readyz(d)[0] == 503
-        (disk / "filler").unlink()
-        get_intact(d, 1 * MB)  # the sink works again: records are written, readiness is back
-        wait_for(lambda: readyz(d)[0] == 200, 5, "/readyz 200 again")
-        assert d.status()["audit"]["degraded"] is False
-        good, bad = _lines_valid(sink)
-        assert good >= 4 and bad <= 1  # at most the one line the full disk cut short
-        assert any(e.get("event") == "audit_recovered" for e in d.log_events())
-        d.terminate()
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
+def test_a_disk_filling_up_mid_run_and_freed_again(daemon_factory, streams, small_disk):
+    disk, sink = small_disk, small_disk / "audit.jsonl"
+    d = daemon_factory("--workers", "1", config=audit_config(sink, "continue"))
+    get_intact(d, 1 * MB)
+    wait_for(lambda: _lines_valid(sink)[0] >= 2, 5, "the first records")
+    _fill(disk)
+    get_intact(d, 20 * MB)  # while full: intact, records lost and counted
+    # Enough flows to outgrow the page the file already had (tmpfs allocates by pages).
+    assert stream_client(d, "many", 20, 1000, 10)["ok"] == 20
+    assert counter(d, "ipferry_audit_errors_total", "")[""] >= 2
+    assert readyz(d)[0] == 503
+    (disk / "filler").unlink()
+    get_intact(d, 1 * MB)  # the sink works again: records are written, readiness is back
+    wait_for(lambda: readyz(d)[0] == 200, 5, "/readyz 200 again")
+    assert d.status()["audit"]["degraded"] is False
+    good, bad = _lines_valid(sink)
+    assert good >= 4 and bad <= 1  # at most the one line the full disk cut short
+    assert any(e.get("event") == "audit_recovered" for e in d.log_events())
+    d.terminate()
 
 
-def test_a_disk_filling_up_with_refuse(daemon_factory, streams, tmp_path):
-    disk = tmp_path / "disk"
-    _mount_tmpfs(disk, "256k")
-    try:
-        sink = disk / "audit.jsonl"
-        d = daemon_factory("--workers", "1", config=audit_config(sink, "refuse"))
-        get_intact(d, 1 * MB)
-        _fill(disk)
-        # The file's last page still takes a few records: connect until the disk says no.
-        res = connect(d, "python3", "-c", textwrap.dedent(f"""\
-            import socket
-            out = []
-            for _ in range(40):
-                try:
-                    socket.create_connection(('{SERVER_ADDR}', {STREAM_PORT}), timeout=5).close()
-                    out.append("ok")
-                except ConnectionRefusedError:
-                    out.append("refused")
-            print(" ".join(out))
-            """))
-        outcomes = res.stdout.decode().split()
-        assert len(outcomes) == 40 and "refused" in outcomes, res
-        first = outcomes.index("refused")
-        assert set(outcomes[first:]) == {"refused"}  # refused from then on, every one
-        refused = counter(d, "ipferry_drops_total", "reason").get("audit_unavailable")
-        assert refused == 40 - first
-        assert readyz(d)[0] == 503
-        (disk / "filler").unlink()
-        get_intact(d, 1 * MB)  # the first record that goes through ends the refusals
-        assert readyz(d)[0] == 200
-        d.terminate()
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
+def test_a_disk_filling_up_with_refuse(daemon_factory, streams, small_disk):
+    disk, sink = small_disk, small_disk / "audit.jsonl"
+    d = daemon_factory("--workers", "1", config=audit_config(sink, "refuse"))
+    get_intact(d, 1 * MB)
+    _fill(disk)
+    # The file's last page still takes a few records: connect until the disk says no.
+    res = connect(d, "python3", "-c", textwrap.dedent(f"""\
+        import socket
+        out = []
+        for _ in range(40):
+            try:
+                socket.create_connection(('{SERVER_ADDR}', {STREAM_PORT}), timeout=5).close()
+                out.append("ok")
+            except ConnectionRefusedError:
+                out.append("refused")
+        print(" ".join(out))
+        """))
+    outcomes = res.stdout.decode().split()
+    assert len(outcomes) == 40 and "refused" in outcomes, res
+    first = outcomes.index("refused")
+    assert set(outcomes[first:]) == {"refused"}  # refused from then on, every one
+    refused = counter(d, "ipferry_drops_total", "reason").get("audit_unavailable")
+    assert refused == 40 - first
+    assert readyz(d)[0] == 503
+    (disk / "filler").unlink()
+    get_intact(d, 1 * MB)  # the first record that goes through ends the refusals
+    assert readyz(d)[0] == 200
+    d.terminate()
 
 
 def test_a_syn_flood_past_the_limit_is_summed_up_in_the_audit(daemon_factory, streams,
