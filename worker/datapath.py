@@ -112,10 +112,6 @@ class FlowEntry(Flow):
         self.seq = 0
 
     @property
-    def flow(self) -> FlowEntry:
-        return self
-
-    @property
     def payload(self) -> list[int]:
         return [self.payload_up, self.payload_down]
 
@@ -336,10 +332,10 @@ class DataPath:
             self.refusals.add(key.tenant, entry.value)
             self.refuse(tunnel, p, packet, policy=False)
             return None
-        self.entries[key] = entry
-        self.flow_index.add(entry)
-        metrics.FLOWS_STARTED.labels(PROTO_NAMES.get(key.protocol, "other")).inc()
-        self._active(PROTO_NAMES.get(key.protocol, "other"), +1)
+        self.flow_index.add(entry)  # (the table holds it already: self.entries is its dict)
+        protocol = PROTO_NAMES.get(key.protocol, "other")
+        metrics.FLOWS_STARTED.labels(protocol).inc()
+        self._active(protocol, +1)
         try:
             decision = self.app.on_flow_start(entry.start)
         except Exception as exc:
@@ -415,7 +411,8 @@ class DataPath:
         if p.protocol != IPPROTO_TCP:
             if not self._open_datagram_upstream(entry, p, packet):
                 return False
-            entry.pending = None if not entry.pending else entry.pending
+            if not entry.pending:
+                entry.pending = None  # nothing came while it was decided: straight on
             return True
         self._connect_offramp(entry, p, packet)
         return not entry.ended
@@ -487,7 +484,7 @@ class DataPath:
             self.to_kernel(entry, p, packet, header)
             return
         # A datagram flow: the payload (UDP) or the whole ICMP message leaves by its socket.
-        self.flows.observe(entry.flow, Direction.TO_SERVER, 0, p.total_length, time.monotonic())
+        self.flows.observe(entry, Direction.TO_SERVER, 0, p.total_length, time.monotonic())
         entry.upstream.last = (p, bytes(packet[:LAST_KEPT]))
         if p.protocol == IPPROTO_UDP:
             # The UDP length says where the datagram ends (the parser checked it fits): bytes
@@ -503,7 +500,7 @@ class DataPath:
         """A datagram from the off-ramp: wrap it back into IP towards the flow's tunnel."""
         if entry.ended:
             return
-        key = entry.flow.key
+        key = entry.key
         if key.protocol == IPPROTO_UDP:
             if len(data) > MAX_UDP_PAYLOAD[4 if len(key.src) == 4 else 6]:
                 metrics.DROPS.labels("reply_too_big").inc()  # more than IPv4 carries
@@ -518,7 +515,7 @@ class DataPath:
         else:
             metrics.DROPS.labels("upstream_unexpected").inc()
             return
-        self.flows.observe(entry.flow, Direction.TO_CLIENT, 0, len(out), time.monotonic())
+        self.flows.observe(entry, Direction.TO_CLIENT, 0, len(out), time.monotonic())
         self.send_to_tunnel(entry.tunnel, out)
 
     def on_upstream_error(self, entry: FlowEntry, kind: str) -> None:
@@ -537,7 +534,7 @@ class DataPath:
             # answer with a challenge ACK, but a blind reset must not end the flow here.
             self._write_to_kernel(entry, p, packet, header)
             return
-        ended = self.flows.observe(entry.flow, Direction.TO_SERVER, p.tcp_flags, p.total_length,
+        ended = self.flows.observe(entry, Direction.TO_SERVER, p.tcp_flags, p.total_length,
                                    time.monotonic())
         _count_payload(entry, 0, p)
         self._write_to_kernel(entry, p, packet, header)
@@ -580,7 +577,7 @@ class DataPath:
             metrics.DROPS.labels("icmp_error_no_flow").inc()
             return
         metrics.ICMP_RECEIVED.labels(PROTO_NAMES[key.protocol]).inc()
-        self.flows.observe(entry.flow, Direction.TO_SERVER, 0, p.total_length, time.monotonic())
+        self.flows.observe(entry, Direction.TO_SERVER, 0, p.total_length, time.monotonic())
         if entry.slot is not None and self.tun is not None:
             self.tun.write(self._error_for_kernel(entry, p, packet))
         elif (key.protocol == IPPROTO_UDP and p.icmp_type == DEST_UNREACHABLE[p.protocol]
@@ -629,8 +626,8 @@ class DataPath:
             if answer is not None and self.tun is not None:
                 self.tun.write(answer)
             return
-        key = entry.flow.key
-        ended = self.flows.observe(entry.flow, Direction.TO_CLIENT, p.tcp_flags, p.total_length,
+        key = entry.key
+        ended = self.flows.observe(entry, Direction.TO_CLIENT, p.tcp_flags, p.total_length,
                                    time.monotonic())
         _count_payload(entry, 1, p)
         buf = bytearray(packet)
@@ -671,7 +668,7 @@ class DataPath:
     def _after_packet(self, entry: FlowEntry, ended: bool) -> None:
         if ended:
             self.end_flow(entry, CloseReason.RST)
-        elif entry.flow.state is TcpState.TIME_WAIT:
+        elif entry.state is TcpState.TIME_WAIT:
             # Both FINs acknowledged: the flow is over. Its slot waits out TIME_WAIT in the pool's
             # quarantine, so late retransmissions cannot meet a new flow on the same 4-tuple.
             self.end_flow(entry, CloseReason.FIN)
@@ -809,8 +806,7 @@ class DataPath:
         if entry.pending:  # held (deciding, connecting) and never sent on: counted, not lost
             metrics.DROPS.labels("held_at_end").inc(len(entry.pending))
         entry.pending = None
-        self.flows.end(entry.flow, reason)
-        self.entries.pop(entry.flow.key, None)
+        self.flows.end(entry, reason)  # (the table's dict is self.entries)
         self.flow_index.discard(entry)
         if entry.slot is not None:
             self.by_slot.pop((entry.slot.address, entry.slot.port), None)
@@ -835,7 +831,7 @@ class DataPath:
                 "flow_start", decision="drop", reason=entry.decision.reason, upstream=None,
                 **self._flow_fields(entry))
         now = time.monotonic()
-        flow = entry.flow
+        flow = entry
         why = close_reason or str(flow.close_reason or reason)
         decision = entry.decision or Decision.drop("undecided")
         if entry.audited:  # a flow refused past a limit is in a flows_refused record instead
@@ -901,11 +897,11 @@ class DataPath:
         so that a page of 200 fits one control message."""
         from .views import tenant_text
         return {**self._flow_fields(e), "tenant": tenant_text(e.key.tenant),
-                "state": str(e.flow.state),
+                "state": str(e.state),
                 "decision": e.decision.action if e.decision else None,
-                "slot": str(e.slot) if e.slot else None, "packets": list(e.flow.packets),
+                "slot": str(e.slot) if e.slot else None, "packets": list(e.packets),
                 "payload_bytes": list(e.payload),
-                "age": round(e.flow.duration(time.monotonic()), 3),
+                "age": round(e.duration(time.monotonic()), 3),
                 "worker": self.index, "seq": e.seq}
 
 def _count_payload(entry: FlowEntry, direction: int, p: Parsed) -> None:
