@@ -28,11 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import dpkt  # noqa: E402
 import structlog  # noqa: E402
 
+from ipferry.wire.nat import NatPool  # noqa: E402
 from ipferry.worker.app import RulesApplication, TunnelContext  # noqa: E402
 from ipferry.worker.audit import AuditLog  # noqa: E402
 from ipferry.worker.datapath import DataPath  # noqa: E402
 from ipferry.worker.flows import FlowTable  # noqa: E402
-from ipferry.worker.nat import NatPool  # noqa: E402
 
 
 class QuietTunnel:

@@ -16,15 +16,15 @@ on which the worker may ``ping`` too; downgrade ``connect`` requests come later)
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import ipaddress
 import os
-import signal
 import socket
 import sys
 
-from . import fdpass
+from ipferry.runtime import child, fdpass
+from ipferry.runtime.logs import set_level
+
 from .addressing import WorkerBlock
 from .namespace import HostError, enter_user_and_net_namespace, namespace_ids, write_sysctls
 
@@ -111,7 +111,6 @@ class NamespaceHelper:
         task.add_done_callback(self.tasks.discard)
 
     def handle_reconfigure(self, channel: fdpass.AsyncChannel, msg: fdpass.Message) -> None:
-        from ipferry.supervisor.logs import set_level
         set_level(msg["log_level"])
 
     async def serve_worker(self, worker: int, channel: fdpass.AsyncChannel) -> None:
@@ -123,20 +122,7 @@ class NamespaceHelper:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ipferry-nsd", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--control-fd", type=int, required=True)
-    parser.add_argument("--parent-pid", type=int, required=True)
-    parser.add_argument("--log-format", default="json")
-    parser.add_argument("--log-level", default="info")
-    args = parser.parse_args(argv)
-
-    from ipferry.supervisor.lifecycle import become_child
-    from ipferry.supervisor.logs import configure
-
-    become_child("ipferry: nsd", args.parent_pid)
-    log = configure("nsd", fmt=args.log_format, level=args.log_level)
-    control = socket.socket(fileno=args.control_fd)
+    _, control, log = child.start("nsd", argv, __doc__)
     try:
         handshake(control, log)
     except (fdpass.ChannelClosed, ConnectionError):
@@ -145,17 +131,15 @@ def main(argv: list[str] | None = None) -> int:
 
     async def run() -> None:
         loop = asyncio.get_running_loop()
-        # SIGTERM: stop serving; the namespace goes when the last fd into it closes. SIGINT
-        # (^C reaches the whole process group) is the supervisor's to act on, in order.
+        # SIGTERM: stop serving; the namespace goes when the last fd into it closes.
         stop = asyncio.Event()
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-        loop.add_signal_handler(signal.SIGINT, lambda: None)
+        child.stop_on_sigterm(stop.set)
         helper = NamespaceHelper(control, log)
         serve = loop.create_task(helper.serve())
         await asyncio.wait([serve, loop.create_task(stop.wait())],
                            return_when=asyncio.FIRST_COMPLETED)
 
-    asyncio.run(run())
+    child.run(run)
     return 0
 
 

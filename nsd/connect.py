@@ -5,7 +5,7 @@ routes (IPv4 and IPv6) are a TUN device; this process pumps the TUN's packets in
 the tunnel's packets back into the TUN. The tunnel is either connected (a SOCK_SEQPACKET
 connection to the daemon: the context first, then one raw packet per datagram) or, with
 ``--gue HOST:PORT``, unconnected: UDP datagrams with the context in each GUE header (see
-:mod:`ipferry.worker.gue`). It exits with the command's status.
+:mod:`ipferry.wire.gue`). It exits with the command's status.
 """
 
 from __future__ import annotations
@@ -23,7 +23,12 @@ import threading
 import time
 from pathlib import Path
 
-from . import fdpass, vnet
+from ipferry.runtime import fdpass
+from ipferry.runtime.paths import default_runtime_dir
+from ipferry.wire import gue as gue_wire  # (``gue`` is run()'s argument: HOST:PORT)
+from ipferry.wire import vnet
+from ipferry.wire.icmp import unreachable
+from ipferry.wire.packet import Drop, parse
 
 READ_SIZE = 65536 + 16  # a packet at the largest MTU, and a virtio-net header
 LINGER_IDLE = 0.1  # after the namespace's keeper exits, wait for this much quiet on the TUN ...
@@ -36,7 +41,6 @@ class ConnectError(Exception):
 
 def default_tunnel_path() -> Path:
     # The same rule as the daemon's default config (RUNTIME_DIRECTORY, XDG_RUNTIME_DIR, /run).
-    from ipferry.supervisor.config import default_runtime_dir
     path = default_runtime_dir() / "tunnel.sock"
     system = Path("/run/ipferry/tunnel.sock")
     return path if path.exists() or not system.exists() else system
@@ -61,8 +65,6 @@ class GueTunnel:
     """
 
     def __init__(self, host: str, port: int, context: bytes, offload: bool = False) -> None:
-        from ipferry.worker import gue
-        self._gue = gue
         self.offload = offload  # TUN reads and writes carry a virtio-net header: so do datagrams
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -72,9 +74,9 @@ class GueTunnel:
             self.sock.close()
             raise ConnectError(f"cannot reach the GUE on-ramp at {host}:{port}: "
                                f"{exc.strerror}") from None
-        self.headers = {4: gue.header(context, 4, offload), 6: gue.header(context, 6, offload)}
+        self.headers = {4: gue_wire.header(context, 4, offload), 6: gue_wire.header(context, 6, offload)}
         # The largest inner packet (superframes are kept below it: vnet.GSO_MAX_SIZE).
-        self.mtu = gue.room(self.headers[4], offload, family == socket.AF_INET6)
+        self.mtu = gue_wire.room(self.headers[4], offload, family == socket.AF_INET6)
         self.tun_fd: int | None = None
         self.shut = False
 
@@ -100,8 +102,6 @@ class GueTunnel:
             # queue) is a lost datagram, as on any UDP path: the command's TCP resends it.
 
     def _too_big(self, packet: bytes) -> None:
-        from ipferry.worker.icmp import unreachable
-        from ipferry.worker.packet import Drop, parse
         p = parse(packet)
         if isinstance(p, Drop) or self.tun_fd is None:
             return
@@ -118,10 +118,10 @@ class GueTunnel:
             if self.shut:
                 return b""  # we shut down: done
             try:
-                context, data = self._gue.decapsulate(datagram)
-            except self._gue.BadGue:
+                context, data = gue_wire.decapsulate(datagram)
+            except gue_wire.BadGue:
                 continue
-            if context.startswith(self._gue.VNET_MAGIC) == self.offload:
+            if context.startswith(gue_wire.VNET_MAGIC) == self.offload:
                 return data  # (a reply in the other framing would be garbage to the TUN)
 
     def shutdown(self, how: int) -> None:

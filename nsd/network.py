@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 from pyroute2 import IPRoute
 
-from . import vnet
+from ipferry.wire import vnet
+
 from .addressing import WorkerBlock
 from .tun import open_tun
 

@@ -19,7 +19,9 @@ import socket
 import sys
 import time
 
-from . import fdpass, vnet
+from ipferry.runtime import fdpass
+from ipferry.wire import vnet
+
 from .namespace import HostError, enter_user_and_net_namespace, write_sysctls
 from .tun import open_tun
 

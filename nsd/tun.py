@@ -16,15 +16,19 @@ from .namespace import HostError
 TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
+# Offload (see :mod:`ipferry.wire.vnet`): virtio-net headers, TSO and partial checksums.
+IFF_VNET_HDR = 0x4000
+TUNSETOFFLOAD = 0x400454D0
+TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6 = 0x01, 0x02, 0x04
+OFFLOADS = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
 TUN_PATH = "/dev/net/tun"
 
 
 def open_tun(name: str, offload: bool = False) -> tuple[int, str]:
     """Create (or attach to) TUN device ``name``; returns (non-blocking fd, the kernel's name).
 
-    ``offload``: virtio-net headers with TSO and partial checksums (see :mod:`.vnet`).
+    ``offload``: virtio-net headers with TSO and partial checksums (see :mod:`ipferry.wire.vnet`).
     """
-    from . import vnet
     try:
         fd = os.open(TUN_PATH, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -35,11 +39,11 @@ def open_tun(name: str, offload: bool = False) -> tuple[int, str]:
         raise HostError(f"cannot open {TUN_PATH}: permission denied (mode {mode})",
                         f"chmod 0666 {TUN_PATH}, the distribution default") from None
     try:
-        flags = IFF_TUN | IFF_NO_PI | (vnet.IFF_VNET_HDR if offload else 0)
+        flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if offload else 0)
         ifr = struct.pack("16sH22x", name.encode(), flags)
         ifr = fcntl.ioctl(fd, TUNSETIFF, ifr)
         if offload:
-            fcntl.ioctl(fd, vnet.TUNSETOFFLOAD, vnet.OFFLOADS)
+            fcntl.ioctl(fd, TUNSETOFFLOAD, OFFLOADS)
     except OSError as exc:
         os.close(fd)
         if exc.errno == errno.EPERM:

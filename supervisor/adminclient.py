@@ -8,7 +8,7 @@ import socket
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .config import default_runtime_dir
+from ipferry.runtime.paths import default_runtime_dir
 
 
 class AdminClientError(Exception):

@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from ipferry.nsd import fdpass
 from ipferry.nsd.addressing import WorkerBlock
 from ipferry.nsd.namespace import HostError
+from ipferry.runtime import fdpass, logs
 
 from . import config as configmod
-from . import logs
+from .admin import AdminServer
 from .children import ChildProcess, Restarts, State
 from .listeners import Listener, ListenerError, open_onramps
 from .metrics import ProcessInfo, SupervisorMetrics
@@ -229,8 +229,6 @@ class Supervisor:
                            exc_info=task.exception())
 
     async def start(self) -> None:
-        from .admin import AdminServer
-
         t0 = time.monotonic()
         try:
             self.onramps = open_onramps(self.config.onramps, self.worker_count)

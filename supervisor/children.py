@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ipferry.nsd import fdpass
+from ipferry.runtime import fdpass
 
 
 class State(enum.StrEnum):

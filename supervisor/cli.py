@@ -117,9 +117,12 @@ def cmd_check_config(args) -> int:
 
 
 def cmd_run(args) -> int:
+    # Lazy for start-up time: only `ipferry run` needs the supervisor (aiohttp, the workers'
+    # modules) and structlog; connect, check-config and the admin commands start without them.
+    from ipferry.runtime.lifecycle import raise_fd_limit, set_title
+    from ipferry.runtime.logs import configure
+
     from .arbiter import StartupError, Supervisor
-    from .lifecycle import raise_fd_limit, set_title
-    from .logs import configure
 
     log_overrides = {k: v for k, v in (("format", args.log_format), ("level", args.log_level))
                      if v}
@@ -162,6 +165,7 @@ def cmd_connect(args) -> int:
     import json
     from pathlib import Path
 
+    # Lazy for start-up time: the other commands need none of the connect client.
     from ipferry.nsd.connect import ConnectError, random_address, random_address6, run
 
     command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
@@ -193,7 +197,7 @@ def cmd_connect(args) -> int:
 
 
 def cmd_admin(args) -> int:
-    from .adminclient import AdminClientError, call
+    from .adminclient import AdminClientError, call  # lazy for start-up time: only these commands
 
     try:
         if args.command == "status":

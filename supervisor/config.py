@@ -26,7 +26,8 @@ from pydantic import (
 )
 
 from ipferry.nsd.addressing import capacity, worker_block
-from ipferry.worker.app import TENANT_PATTERN
+from ipferry.runtime.paths import default_runtime_dir
+from ipferry.worker.app import TENANT_PATTERN, import_application
 
 MAX_WORKERS = 128
 # The default application's tenant syntax (1-64 of A-Z a-z 0-9 . _ : @ -, starting alphanumeric):
@@ -40,15 +41,6 @@ class ConfigError(Exception):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def default_runtime_dir() -> Path:
-    """$RUNTIME_DIRECTORY (systemd), else $XDG_RUNTIME_DIR/ipferry, else /run/ipferry."""
-    if rd := os.environ.get("RUNTIME_DIRECTORY"):
-        return Path(rd.split(":")[0])
-    if xdg := os.environ.get("XDG_RUNTIME_DIR"):
-        return Path(xdg) / "ipferry"
-    return Path("/run/ipferry")
 
 
 def _host_port(value: str) -> tuple[str, int]:
@@ -191,7 +183,7 @@ class Admin(_Strict):
 
 class Namespace(_Strict):
     mtu: Annotated[int, Field(ge=1280, le=65520)] = 65520
-    # TSO superframes and partial checksums on the worker TUNs (see ipferry.nsd.vnet).
+    # TSO superframes and partial checksums on the worker TUNs (see ipferry.wire.vnet).
     offload: bool = True
     tun_prefix: Annotated[str, Field(pattern=r"^[a-z][a-z0-9]{0,9}$")] = "ipf"
     ipv4_pool: ipaddress.IPv4Network = ipaddress.IPv4Network("100.64.0.0/10")
@@ -343,7 +335,6 @@ class Config(_Strict):
         the token file, the application class, the audit sink."""
         self.admin.check_token_file()
         if self.app.cls:
-            from ipferry.worker.app import import_application
             try:
                 import_application(self.app.cls)
             except Exception as exc:  # whatever importing the application's module raised

@@ -9,16 +9,21 @@ datagrams queued on it) and the group's order never changes.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import socket
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ipferry.wire.steering import Insn, program
 
 from .config import GueOnramp, TunnelOnramp
 
 SD_LISTEN_FDS_START = 3
+SO_ATTACH_REUSEPORT_CBPF = 51  # asm-generic/socket.h; the socket module does not name it
 
 
 class ListenerError(Exception):
@@ -118,10 +123,48 @@ def bind_unix(path: Path, type_: int, mode: int, backlog: int) -> tuple[socket.s
     return sock, os.stat(path).st_ino
 
 
+# -- steering a GUE on-ramp's group (the program: ipferry.wire.steering) -----------------
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8),
+                ("k", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def attach(sock: socket.socket, workers: int) -> None:
+    """Steer the reuseport group ``sock`` belongs to; one program serves the whole group.
+
+    Bind first (with SO_REUSEPORT); any member will do, the last one attached wins::
+
+        socks = []
+        for _ in range(workers):  # in worker order: the index is the bind order
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            s.bind(("0.0.0.0", 6080))
+            socks.append(s)
+        attach(socks[0], workers)
+    """
+    attach_program(sock, program(workers))
+
+
+def attach_program(sock: socket.socket, insns: Sequence[Insn]) -> None:
+    """Give the reuseport group of ``sock`` any cBPF program (its return value = socket index)."""
+    filters = (_SockFilter * len(insns))(*(_SockFilter(*insn) for insn in insns))
+    fprog = _SockFprog(len(insns), filters)  # `filters` stays referenced until setsockopt returns
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, bytes(fprog))
+    except OSError as exc:
+        # EINVAL is either cause: the kernel's checker says no more than that.
+        raise OSError(exc.errno, f"the kernel refused the reuseport steering program ({len(insns)} "
+                      f"instructions): {exc.strerror}; it needs a socket bound with SO_REUSEPORT, "
+                      "Linux >= 4.5 and a program its checker accepts") from exc
+
+
 def bind_gue_group(onramp: GueOnramp, workers: int) -> Listener:
     """One UDP socket per worker in a SO_REUSEPORT group steered by the flow-hash program."""
-    from ipferry.worker.steering import attach
-
     host, port = onramp.address()
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     if port:

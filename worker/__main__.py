@@ -25,17 +25,14 @@ Protocol with the supervisor on the control channel:
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import resource
-import signal
 import socket
 import sys
 
-from ipferry.nsd import fdpass
-from ipferry.supervisor import logs
-from ipferry.supervisor.lifecycle import become_child
+from ipferry.runtime import child, fdpass, logs
+from ipferry.wire.nat import NatPool
 
 from . import metrics, views
 from .app import Rule, TunnelContext, call_hook, load_application
@@ -43,7 +40,6 @@ from .audit import AuditLog
 from .datapath import PKT_FROM_MESH, PKT_TO_MESH, DataPath
 from .flows import CloseReason, FlowTable, Timeouts
 from .mesh import PACKET, REPLY, MeshLink, RemoteTunnel
-from .nat import NatPool
 from .tun import TunDevice
 from .tunnels import TunnelOnramp
 from .unconnected import GueOnramp
@@ -455,35 +451,18 @@ class Worker:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ipferry-worker", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--index", type=int, required=True)
-    parser.add_argument("--control-fd", type=int, required=True)
-    parser.add_argument("--parent-pid", type=int, required=True)
-    parser.add_argument("--log-format", default="json")
-    parser.add_argument("--log-level", default="info")
-    args = parser.parse_args(argv)
-
-    become_child(f"ipferry: worker {args.index}", args.parent_pid)
-    log = logs.configure("worker", args.index, fmt=args.log_format, level=args.log_level)
+    args, control, log = child.start("worker", argv, __doc__, indexed=True)
 
     async def run() -> None:
         loop = asyncio.get_running_loop()
-        worker = Worker(args.index, socket.socket(fileno=args.control_fd), log)
-        # The supervisor stops us with a message. SIGINT (^C reaches the whole process group) is
-        # left to it, so drains stay ordered; SIGTERM alone (e.g. systemd's KillMode) stops us.
-        loop.add_signal_handler(signal.SIGINT, lambda: None)
+        worker = Worker(args.index, control, log)
+        # The supervisor stops us with a message, so drains stay ordered; SIGTERM stops us too.
+        child.stop_on_sigterm(worker.request_stop)
         loop.set_exception_handler(lambda _loop, ctx: log.error(
             "loop_exception", message=ctx.get("message"), exc_info=ctx.get("exception")))
-        loop.add_signal_handler(signal.SIGTERM, worker.request_stop)
         await worker.run()
 
-    try:
-        import uvloop
-    except ImportError:  # only the loop is optional; an application's ImportError is not ours
-        asyncio.run(run())
-    else:
-        uvloop.run(run())
+    child.run(run, prefer_uvloop=True)
     return 0
 
 

@@ -24,18 +24,9 @@ import struct
 import time
 from collections import deque
 
-from ipferry.nsd.vnet import HEADER_SIZE as HEADER
-from ipferry.nsd.vnet import PLAIN, is_gso, is_partial, sanitize, segment
-
-from . import metrics
-from .app import Application, Decision, FlowEnd, FlowStart, RulesApplication
-from .audit import AuditLog, Refusals
-from .connector import Connector
-from .datagram_flows import UNREACHABLE, DatagramUpstream, PingNotPermitted, open_upstream
-from .flows import CloseReason, Direction, Flow, FlowKey, FlowTable, LimitReached, TcpState
-from .icmp import echo_message, icmp_packet, tcp_packet, udp_packet, unreachable
-from .nat import NatPool, NatSlot, SlotPoolExhausted, rewrite_tcp
-from .packet import (
+from ipferry.wire.icmp import echo_message, icmp_packet, tcp_packet, udp_packet, unreachable
+from ipferry.wire.nat import NatPool, NatSlot, SlotPoolExhausted, rewrite_tcp
+from ipferry.wire.packet import (
     IPPROTO_ICMP,
     IPPROTO_ICMPV6,
     IPPROTO_TCP,
@@ -47,8 +38,17 @@ from .packet import (
     Parsed,
     parse,
 )
+from ipferry.wire.sharding import owner
+from ipferry.wire.vnet import HEADER_SIZE as HEADER
+from ipferry.wire.vnet import PLAIN, is_gso, is_partial, sanitize, segment
+
+from . import metrics
+from .app import Application, Decision, FlowEnd, FlowStart, RulesApplication
+from .audit import AuditLog, Refusals
+from .connector import Connector
+from .datagram_flows import UNREACHABLE, DatagramUpstream, PingNotPermitted, open_upstream
+from .flows import CloseReason, Direction, Flow, FlowKey, FlowTable, LimitReached, TcpState
 from .relay import abort, relay
-from .sharding import owner
 from .tun import TunDevice
 from .tunnels import Tunnel
 

@@ -13,7 +13,7 @@ import enum
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from .packet import IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
+from ipferry.wire.packet import IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,7 @@
 """The worker mesh: packets of flows owned by another worker cross to it, replies come back.
 
 One SOCK_SEQPACKET link per pair of workers (made by the supervisor). Two kinds of datagram share
-it, in order: control messages (the JSON of :mod:`ipferry.nsd.fdpass`, starting with ``{``) and
+it, in order: control messages (the JSON of :mod:`ipferry.runtime.fdpass`, starting with ``{``) and
 binary frames, a kind byte and a tunnel id before a raw packet:
 
 - ``P`` + tunnel id + packet: from the origin's tunnel to the flow's owner;
@@ -17,7 +17,7 @@ import asyncio
 import struct
 from collections.abc import Callable
 
-from ipferry.nsd import fdpass
+from ipferry.runtime import fdpass
 
 from . import metrics
 from .app import TunnelContext

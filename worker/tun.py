@@ -6,8 +6,8 @@ import asyncio
 import os
 from collections.abc import Callable
 
-from ipferry.nsd.vnet import HEADER_SIZE as HEADER
-from ipferry.nsd.vnet import PLAIN
+from ipferry.wire.vnet import HEADER_SIZE as HEADER
+from ipferry.wire.vnet import PLAIN
 
 from . import metrics
 
@@ -19,7 +19,7 @@ class TunDevice:
     """A TUN fd registered with the loop; ``on_packet`` gets every packet the kernel sends.
 
     With ``vnet`` (offload on), what is read and written is a virtio-net header then the packet
-    (see :mod:`ipferry.nsd.vnet`): ``on_packet`` gets both as one buffer.
+    (see :mod:`ipferry.wire.vnet`): ``on_packet`` gets both as one buffer.
     """
 
     def __init__(self, fd: int, on_packet: Callable[[bytes], None] | None = None,

@@ -13,7 +13,7 @@ import itertools
 import socket
 from collections.abc import Awaitable, Callable
 
-from ipferry.nsd.vnet import TUNNEL_MAGIC
+from ipferry.wire.vnet import TUNNEL_MAGIC
 
 from . import metrics
 from .app import TunnelContext
@@ -30,7 +30,7 @@ class Tunnel:
     local = True  # accepted by this worker (a RemoteTunnel is another worker's)
     steered = False  # packets arrive at whichever worker accepted it: foreign flows cross the mesh
     mtu = 65535  # the largest packet it carries
-    vnet = False  # its datagrams carry a virtio-net header before the packet (ipferry.nsd.vnet)
+    vnet = False  # its datagrams carry a virtio-net header before the packet (ipferry.wire.vnet)
 
     def __init__(self, sock: socket.socket, onramp: str, origin: int = 0) -> None:
         self.id = next(_ids)

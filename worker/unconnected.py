@@ -1,7 +1,7 @@
 """The unconnected IP tunnel on-ramp: GUE datagrams on a UDP socket shared by all workers.
 
 Each worker reads its own socket of the port's SO_REUSEPORT group, to which the kernel's steering
-program (:mod:`ipferry.worker.steering`) delivers only the flows this worker owns: GUE packets
+program (:mod:`ipferry.wire.steering`) delivers only the flows this worker owns: GUE packets
 never cross the mesh. A sender (address, port) with one context is a :class:`GueTunnel`: replies
 go back to it GUE-encapsulated. It is forgotten once idle and no flow refers to it.
 
@@ -19,9 +19,10 @@ import socket
 import time
 from collections.abc import Callable
 
-from ipferry.nsd.vnet import HEADER_SIZE as VNET_HEADER
+from ipferry.wire import gue
+from ipferry.wire.vnet import HEADER_SIZE as VNET_HEADER
 
-from . import gue, metrics
+from . import metrics
 from .app import TunnelContext
 from .tunnels import _ids
 

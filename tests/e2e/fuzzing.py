@@ -44,10 +44,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ipferry.nsd import vnet
 from ipferry.nsd.namespace import CLONE_NEWNET, setns
-from ipferry.worker import gue
-from ipferry.worker.packet import Drop, parse
+from ipferry.wire import gue, vnet
+from ipferry.wire.packet import Drop, parse
 
 # -- where things are --------------------------------------------------------------------------
 

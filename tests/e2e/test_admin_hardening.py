@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import dpkt
 
-from ipferry.worker.sharding import owner
+from ipferry.wire.sharding import owner
 from tests.e2e.dataplane import SERVER_ADDR, config
 from tests.e2e.test_tunnels import open_tunnel
 from tests.helpers import wait_for

@@ -196,7 +196,7 @@ def test_too_big_for_the_path_gets_fragmentation_needed(daemon_factory, tmp_path
 
 
 def _icmp4(src: bytes, dst: bytes, type_: int, code: int, rest: bytes, embedded: bytes) -> bytes:
-    from ipferry.worker.checksum import checksum
+    from ipferry.wire.checksum import checksum
     message = bytearray(bytes([type_, code, 0, 0]) + rest + embedded)
     message[2:4] = checksum(bytes(message)).to_bytes(2, "big")
     return bytes(dpkt.ip.IP(src=src, dst=dst, p=1, ttl=64, data=bytes(message)))

@@ -14,7 +14,7 @@ import textwrap
 
 import pytest
 
-from ipferry.worker.sharding import owner
+from ipferry.wire.sharding import owner
 from tests.e2e.dataplane import (
     SERVER_ADDR,
     STREAM_PORT,

@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from ipferry.worker import gue
+from ipferry.wire import gue
 from tests.e2e.dataplane import SERVER_ADDR, audit_records, config, connect, counter, drops, stream_client
 from tests.helpers import wait_for
 

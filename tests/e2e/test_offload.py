@@ -62,7 +62,7 @@ def test_forged_virtio_headers_are_dropped_and_honest_ones_answered(daemon_facto
 
     import dpkt
 
-    from ipferry.nsd import vnet
+    from ipferry.wire import vnet
     from tests.e2e.dataplane import drops
 
     d = daemon_factory("--workers", "1", config=config(tmp_path))
@@ -102,7 +102,7 @@ def test_random_headers_and_packets_on_a_vnet_tunnel_disturb_nothing(daemon_fact
 
     import dpkt
 
-    from ipferry.nsd import vnet
+    from ipferry.wire import vnet
     from tests.e2e.dataplane import drops, stream_client
 
     d = daemon_factory("--workers", "2", config=config(tmp_path))

@@ -11,7 +11,7 @@ import threading
 import dpkt
 import pytest
 
-from ipferry.nsd import vnet
+from ipferry.wire import vnet
 from tests.helpers import IPFERRY, NO_CAPS
 
 UDP_ECHO_CLIENT = textwrap.dedent("""\

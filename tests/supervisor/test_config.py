@@ -2,7 +2,7 @@ import textwrap
 
 import pytest
 
-from ipferry.supervisor.config import Config, ConfigError, default_runtime_dir, parse
+from ipferry.supervisor.config import Config, ConfigError, parse
 
 
 def problems(text: str) -> list[str]:
@@ -19,14 +19,6 @@ def test_default_is_useful(monkeypatch):
     assert cfg.admin.unix_socket_path().as_posix() == "/run/x/admin.sock"
     assert cfg.namespace.mtu == 65520
     assert cfg.worker_count() >= 1
-
-
-def test_runtime_dir_fallbacks(monkeypatch):
-    monkeypatch.delenv("RUNTIME_DIRECTORY", raising=False)
-    monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1000")
-    assert default_runtime_dir().as_posix() == "/run/user/1000/ipferry"
-    monkeypatch.delenv("XDG_RUNTIME_DIR")
-    assert default_runtime_dir().as_posix() == "/run/ipferry"
 
 
 def test_errors_name_line_key_value_reason():

@@ -2,9 +2,9 @@
 
 import dpkt
 
+from ipferry.wire.packet import TCP_ACK, TCP_FIN, parse
 from ipferry.worker.datapath import FlowEntry, _count_payload
 from ipferry.worker.flows import Direction, FlowKey, FlowTable, TcpState
-from ipferry.worker.packet import TCP_ACK, TCP_FIN, parse
 
 KEY = FlowKey("t", 6, b"\x0a\0\0\x02", 40000, b"\xc6\x12\0\x01", 80)
 

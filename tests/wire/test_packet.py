@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ipferry.worker import packet as packet_module
-from ipferry.worker.packet import TCP_ACK, TCP_SYN, Drop, Parsed, parse
-from tests.worker.packets import (
+from ipferry.wire import packet as packet_module
+from ipferry.wire.packet import TCP_ACK, TCP_SYN, Drop, Parsed, parse
+from tests.wire.packets import (
     ADDR4,
     ADDRS,
     PADN6,

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ipferry.worker import gue
+from ipferry.wire import gue
 
 IPV4 = bytes.fromhex("4500001c000000004011000001020304050607080000000000080000")
 IPV6 = bytes.fromhex("6000000000081140") + bytes(32) + bytes(8)

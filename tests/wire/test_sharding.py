@@ -3,7 +3,7 @@ from collections import Counter
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ipferry.worker.sharding import flow_hash, owner
+from ipferry.wire.sharding import flow_hash, owner
 
 V4 = st.binary(min_size=4, max_size=4)
 V6 = st.binary(min_size=16, max_size=16)

@@ -6,7 +6,8 @@ not own their flow and cross the mesh. Instead the group runs the classic-BPF pr
 it reads the *inner* packet's headers and returns ``flow_hash(...) % workers``, the owner that
 ``sharding.owner`` names, as the index of the socket that gets the datagram.
 
-What the kernel does (checked over loopback by tests/worker/test_steering.py):
+What the kernel does (checked over loopback by tests/wire/test_steering.py; the supervisor
+attaches the program, :func:`ipferry.supervisor.listeners.attach`):
 
 - The program sees the UDP payload: offset 0 is the GUE header, ``len`` is the payload length.
 - Socket index = the order in which the sockets joined the group, i.e. bind order. Closing a
@@ -33,8 +34,6 @@ walk is unrolled and the L3/L4 block is emitted twice)::
 
 from __future__ import annotations
 
-import ctypes
-import socket
 import struct
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
@@ -55,7 +54,6 @@ BPF_MAXINSNS = 4096
 BPF_MEMWORDS = 16
 MAX_JUMP = 255  # jt and jf are 8-bit offsets; only BPF_JA (32-bit k) goes further
 
-SO_ATTACH_REUSEPORT_CBPF = 51  # asm-generic/socket.h; the socket module does not name it
 FALLBACK = M32  # any index >= the number of sockets: the kernel picks by its own hash
 
 Insn = tuple[int, int, int, int]  # (code, jt, jf, k), as struct sock_filter
@@ -254,44 +252,6 @@ def program(workers: int) -> list[Insn]:
     emit.l3l4("embedded", errors=False)
     emit.mix(workers)
     return assemble(emit.lines)
-
-
-class _SockFilter(ctypes.Structure):
-    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8),
-                ("k", ctypes.c_uint32)]
-
-
-class _SockFprog(ctypes.Structure):
-    _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_SockFilter))]
-
-
-def attach(sock: socket.socket, workers: int) -> None:
-    """Steer the reuseport group ``sock`` belongs to; one program serves the whole group.
-
-    Bind first (with SO_REUSEPORT); any member will do, the last one attached wins::
-
-        socks = []
-        for _ in range(workers):  # in worker order: the index is the bind order
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            s.bind(("0.0.0.0", 6080))
-            socks.append(s)
-        attach(socks[0], workers)
-    """
-    attach_program(sock, program(workers))
-
-
-def attach_program(sock: socket.socket, insns: Sequence[Insn]) -> None:
-    """Give the reuseport group of ``sock`` any cBPF program (its return value = socket index)."""
-    filters = (_SockFilter * len(insns))(*(_SockFilter(*insn) for insn in insns))
-    fprog = _SockFprog(len(insns), filters)  # `filters` stays referenced until setsockopt returns
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, bytes(fprog))
-    except OSError as exc:
-        # EINVAL is either cause: the kernel's checker says no more than that.
-        raise OSError(exc.errno, f"the kernel refused the reuseport steering program ({len(insns)} "
-                      f"instructions): {exc.strerror}; it needs a socket bound with SO_REUSEPORT, "
-                      "Linux >= 4.5 and a program its checker accepts") from exc
 
 
 # -- the same rules in Python: the reference --------------------------------------------------

@@ -17,8 +17,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ipferry.worker.sharding import flow_hash
-from ipferry.worker.steering import (
+from ipferry.supervisor.listeners import attach, attach_program
+from ipferry.wire.sharding import flow_hash
+from ipferry.wire.steering import (
     BPF_A,
     BPF_ABS,
     BPF_ALU,
@@ -34,8 +35,6 @@ from ipferry.worker.steering import (
     BPF_W,
     HashFields,
     assemble,
-    attach,
-    attach_program,
     goto,
     jump,
     program,

@@ -17,7 +17,7 @@ packet's version. The private data is the same context a connected tunnel sends 
 default application wants UTF-8 JSON with a ``tenant``), padded with zero bytes to a word: at
 most 31 words, 124 bytes. Replies carry no context (Hlen = 0).
 
-Offload (as on connected tunnels, see :mod:`ipferry.nsd.vnet`): private data that starts with the
+Offload (as on connected tunnels, see :mod:`ipferry.wire.vnet`): private data that starts with the
 6 bytes ``\0vnet\0`` is ``\0vnet\0`` + context, zero-padded to a word, then the packet's 10-byte
 virtio-net header and 2 zero bytes; the inner packet may then be a TCP superframe with a partial
 checksum. Replies to such a sender carry ``\0vnet\0\0\0`` and a header the same way (Hlen = 5).
@@ -26,7 +26,7 @@ The inner packet stays where Hlen says, so the kernel's steering is the same.
 
 from __future__ import annotations
 
-from ipferry.nsd.vnet import HEADER_SIZE as VNET_HEADER
+from .vnet import HEADER_SIZE as VNET_HEADER
 
 PROTO_IPV4 = 4
 PROTO_IPV6 = 41

@@ -3,7 +3,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ipferry.worker.checksum import checksum, ones_sum, update
+from ipferry.wire.checksum import checksum, ones_sum, update
 
 
 def reference_sum(data: bytes) -> int:

@@ -6,8 +6,10 @@ import dpkt
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ipferry.nsd import vnet
-from ipferry.worker.checksum import ones_sum
+from ipferry.wire import vnet
+from ipferry.wire.checksum import ones_sum
+from ipferry.wire.nat import rewrite_tcp
+from ipferry.wire.packet import parse
 
 SRC4, DST4 = b"\x0a\0\0\x01", b"\xc6\x12\0\x01"
 SRC6, DST6 = b"\xfd\x98" + bytes(13) + b"\x01", b"\xfd\x18" + bytes(13) + b"\x01"
@@ -70,8 +72,6 @@ def test_a_plain_partial_packet_is_completed_alone():
        st.binary(min_size=16, max_size=16), st.integers(1, 65535))
 def test_nat_on_a_partial_checksum_then_segmenting_gives_valid_packets(v6, payload, a4, a6,
                                                                        port):
-    from ipferry.worker.nat import rewrite_tcp
-    from ipferry.worker.packet import parse
     packet, l4 = superframe(v6, payload, dpkt.tcp.TH_ACK)
     p = parse(bytes(packet))
     addr = a6 if v6 else a4

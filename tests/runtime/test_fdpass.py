@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from ipferry.nsd import fdpass
+from ipferry.runtime import fdpass
 
 
 def test_named_fds_cross_and_refer_to_the_same_file(tmp_path):

@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ipferry.worker import icmp as icmp_module
-from ipferry.worker.icmp import echo_message, icmp_packet, udp_packet, unreachable
-from ipferry.worker.packet import Parsed, parse
-from tests.worker.packets import PORT, UNICAST_ADDRS, icmp, l4_checksum_ok, pseudo_header, tcp, udp
+from ipferry.wire import icmp as icmp_module
+from ipferry.wire.icmp import echo_message, icmp_packet, udp_packet, unreachable
+from ipferry.wire.packet import Parsed, parse
+from tests.wire.packets import PORT, UNICAST_ADDRS, icmp, l4_checksum_ok, pseudo_header, tcp, udp
 
 C4, S4 = b"\x0a\0\0\x01", b"\xc6\x12\0\x01"
 C6, S6 = bytes.fromhex("fd00" + "00" * 13 + "01"), bytes.fromhex("20010db8" + "00" * 11 + "01")
@@ -136,25 +136,3 @@ def test_unreachable_source_and_refusals():
     answer = parse(unreachable(echo, parse(echo), "admin"))
     assert answer.icmp_type == 1 and answer.inner.icmp_type == 128 and answer.inner.sport == 7
 
-
-
-@given(UNICAST_ADDRS, PORT, PORT, st.integers(0, 2**32 - 1), st.booleans(),
-       st.binary(max_size=40))
-def test_reset_for_answers_like_a_tcp_stack(addrs, sport, dport, seq, with_ack, payload):
-    """Checked against dpkt: checksums right, RFC 793's sequence and acknowledgment numbers."""
-    from ipferry.worker.datapath import reset_for
-    src, dst = addrs
-    flags = dpkt.tcp.TH_ACK if with_ack else dpkt.tcp.TH_SYN
-    packet = tcp(src, dst, sport, dport, flags=flags, payload=payload, seq=seq)
-    rst = reset_for(parse(packet), packet)
-    assert l4_checksum_ok(rst, 40 if len(src) == 16 else 20, dpkt.ip.IP_PROTO_TCP)
-    ip = dpkt.ip6.IP6(rst) if len(src) == 16 else dpkt.ip.IP(rst)
-    if len(src) == 4:
-        assert ip.len == 40 and dpkt.ip.IP(rst).sum == ip.sum
-    seg = ip.data
-    assert (ip.src, ip.dst, seg.sport, seg.dport) == (dst, src, dport, sport)
-    if with_ack:
-        assert seg.flags == dpkt.tcp.TH_RST and seg.seq == 678  # the segment's ACK number
-    else:
-        assert seg.flags == dpkt.tcp.TH_RST | dpkt.tcp.TH_ACK and seg.seq == 0
-        assert seg.ack == (seq + len(payload) + 1) & 0xFFFFFFFF

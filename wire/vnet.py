@@ -15,16 +15,12 @@ from __future__ import annotations
 
 import struct
 
-from ipferry.worker.checksum import checksum, ones_sum
+from .checksum import checksum, ones_sum
 
 HEADER_SIZE = 10
 PLAIN = bytes(HEADER_SIZE)  # no GSO, checksum complete: the kernel verifies it
 NEEDS_CSUM = 0x01
 GSO_NONE = 0x00
-IFF_VNET_HDR = 0x4000
-TUNSETOFFLOAD = 0x400454D0
-TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6 = 0x01, 0x02, 0x04
-OFFLOADS = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
 # Superframes stay below what one GUE datagram carries and what the worker TUN's MTU allows.
 GSO_MAX_SIZE = 65000
 TUNNEL_MAGIC = b"\0vnet\0"

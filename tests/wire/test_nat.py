@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ipferry.worker import nat
-from ipferry.worker.nat import (
+from ipferry.wire import nat
+from ipferry.wire.nat import (
     IPV6_MAX_ADDRESSES,
     NatPool,
     NatSlot,
@@ -18,8 +18,8 @@ from ipferry.worker.nat import (
     rewrite_ipv6_tcp,
     rewrite_tcp,
 )
-from ipferry.worker.packet import parse
-from tests.worker.packets import ADDR6, PADN6, UNICAST4, l4_checksum_ok, tcp, with_ipv6_ext
+from ipferry.wire.packet import parse
+from tests.wire.packets import ADDR6, PADN6, UNICAST4, l4_checksum_ok, tcp, with_ipv6_ext
 
 ADDR = st.binary(min_size=4, max_size=4)
 PORT = st.integers(0, 65535)
