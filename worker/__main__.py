@@ -31,6 +31,7 @@ import resource
 import socket
 import sys
 
+from ipferry.engine.flows import FlowTable, Timeouts
 from ipferry.runtime import child, fdpass, logs
 from ipferry.wire.nat import NatPool
 
@@ -38,7 +39,6 @@ from . import metrics, views
 from .app import Rule, TunnelContext, call_hook, load_application
 from .audit import AuditLog
 from .datapath import PKT_FROM_MESH, PKT_TO_MESH, DataPath
-from .flows import CloseReason, FlowTable, Timeouts
 from .mesh import PACKET, REPLY, MeshLink, RemoteTunnel
 from .tun import TunDevice
 from .tunnels import TunnelOnramp
@@ -434,13 +434,9 @@ class Worker:
         for onramp in [*self.tunnel_onramps.values(), *self.gue_onramps.values()]:
             onramp.stop()
         if self.datapath is not None:
-            for entry in list(self.datapath.entries.values()):
-                self.datapath.end_flow(entry, CloseReason.EVICTED, close_reason="shutdown")
-            if self.datapath.hook_tasks:  # the application hears of every flow's end
-                await asyncio.wait(self.datapath.hook_tasks, timeout=HOOK_DRAIN)
+            # The application hears of every flow's end; its hooks get HOOK_DRAIN to finish.
+            await self.datapath.shutdown(HOOK_DRAIN)
         if self.audit is not None:
-            if self.datapath is not None:
-                self.datapath.refusals.flush()
             self.audit.close()
         if self.tun:
             self.tun.close()

@@ -25,6 +25,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ipferry.engine.decisions import Decision, FlowEnd, FlowStart, TunnelContext
+
 MAX_TENANT = 64
 # A tenant names flows in rules, audit records, logs and the admin API: a bounded, printable
 # token. The default application refuses any other (the config's rules are checked against it).
@@ -32,6 +34,9 @@ TENANT_PATTERN = rf"[A-Za-z0-9][A-Za-z0-9._:@-]{{0,{MAX_TENANT - 1}}}"
 _TENANT = re.compile(TENANT_PATTERN)
 MAX_CONTEXT = 4096  # bytes of a context the default application reads
 MAX_CONTEXT_DEPTH = 16  # nesting of its objects and arrays
+
+__all__ = ["Application", "Decision", "FlowEnd", "FlowStart", "Rule", "RulesApplication",
+           "TunnelContext", "load_application"]
 
 
 def valid_tenant(tenant) -> bool:
@@ -71,52 +76,6 @@ def _too_deep(value, limit: int) -> bool:
             return True
         stack.extend((child, level + 1) for child in item)
     return False
-
-
-@dataclass(frozen=True)
-class TunnelContext:
-    tenant: str
-    extra: dict = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class FlowStart:
-    tenant: str
-    protocol: str  # "tcp", "udp", ...
-    src: str
-    sport: int
-    dst: str
-    dport: int
-    context: TunnelContext
-
-
-@dataclass(frozen=True)
-class Decision:
-    """``upgrade``: terminate in the kernel and off-ramp to ``upstream`` (None: the original
-    destination). ``drop``: refuse, with ``reason`` (the rule that said so)."""
-
-    action: str  # "upgrade" | "drop"
-    upstream: tuple[str, int] | None = None
-    reason: str = ""
-
-    @classmethod
-    def upgrade(cls, upstream: tuple[str, int] | None = None, reason: str = "") -> Decision:
-        return cls("upgrade", upstream, reason)
-
-    @classmethod
-    def drop(cls, reason: str) -> Decision:
-        return cls("drop", None, reason)
-
-
-@dataclass(frozen=True)
-class FlowEnd:
-    start: FlowStart
-    decision: Decision
-    packets: tuple[int, int]  # (to server, to client)
-    bytes: tuple[int, int]
-    payload_bytes: tuple[int, int]
-    duration: float
-    close_reason: str
 
 
 class Application(Protocol):

@@ -12,18 +12,16 @@ handed to ``on_error`` as the kind of ICMP destination unreachable the client mu
 from __future__ import annotations
 
 import asyncio
-import errno
 import socket
 from collections.abc import Callable
+
+from ipferry.engine.core import UNREACHABLE
 
 from . import metrics
 
 READ_BATCH = 64
 READ_SIZE = 65535
 
-# errno on a connected datagram socket -> the unreachable the client gets (see icmp.unreachable)
-UNREACHABLE = {errno.ECONNREFUSED: "port", errno.EHOSTUNREACH: "host", errno.ENETUNREACH: "net",
-               errno.EACCES: "admin", errno.EPERM: "admin"}
 
 
 class PingNotPermitted(OSError):
@@ -61,7 +59,6 @@ class DatagramUpstream:
         self.sock = sock
         self.on_reply = on_reply
         self.on_error = on_error
-        self.last: tuple | None = None  # (Parsed, bytes): the client's last packet, for ICMP errors
         self.closed = False
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(sock.fileno(), self._read)

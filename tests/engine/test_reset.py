@@ -4,8 +4,8 @@ import dpkt
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ipferry.engine.core import reset_for
 from ipferry.wire.packet import parse
-from ipferry.worker.datapath import reset_for
 from tests.wire.packets import PORT, UNICAST_ADDRS, l4_checksum_ok, tcp
 
 

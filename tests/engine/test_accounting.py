@@ -2,9 +2,9 @@
 
 import dpkt
 
+from ipferry.engine.core import count_payload
+from ipferry.engine.flows import Direction, Flow, FlowKey, FlowTable, TcpState
 from ipferry.wire.packet import TCP_ACK, TCP_FIN, parse
-from ipferry.worker.datapath import FlowEntry, _count_payload
-from ipferry.worker.flows import Direction, FlowKey, FlowTable, TcpState
 
 KEY = FlowKey("t", 6, b"\x0a\0\0\x02", 40000, b"\xc6\x12\0\x01", 80)
 
@@ -16,18 +16,18 @@ def seg(seq: int, payload: bytes = b"", flags=dpkt.tcp.TH_ACK) -> bytes:
     return bytes(ip)
 
 
-def entry() -> FlowEntry:
-    return FlowTable().start(KEY, None, 0.0, FlowEntry)
+def entry() -> Flow:
+    return FlowTable().start(KEY, None, 0.0)
 
 
 def test_retransmissions_and_old_segments_add_nothing():
     e = entry()
-    _count_payload(e, 0, parse(seg(0xFFFFFFF0, flags=dpkt.tcp.TH_SYN)))  # seq wraps soon
+    count_payload(e, 0, parse(seg(0xFFFFFFF0, flags=dpkt.tcp.TH_SYN)))  # seq wraps soon
     base = 0xFFFFFFF1
     for seq, data in [(base, b"a" * 10), (base + 10, b"b" * 20), (base, b"a" * 10),  # dup
                       (base + 10, b"b" * 25),  # overlaps, 5 new
                       (base + 100, b"c" * 5)]:  # a hole: not counted until it is filled
-        _count_payload(e, 0, parse(seg(seq & 0xFFFFFFFF, data)))
+        count_payload(e, 0, parse(seg(seq & 0xFFFFFFFF, data)))
     assert e.payload[0] == 35
 
 

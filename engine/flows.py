@@ -5,15 +5,30 @@ side (the side whose packet started it; an ICMP echo flow uses its identifier as
 and 0 as the destination port). TCP follows the handshake, FIN in each direction and RST; UDP and
 ICMP flows are *unreplied* until the first reply, then *replied*, and end only on idle timeouts.
 Every state has an idle timeout like conntrack's. Ending a flow yields its accounting once.
+
+One record per flow (:class:`Flow`): its tracking, its two legs (:mod:`ipferry.engine.legs`) and
+what the engine needs while it is made (held packets, the NAT slot, the off-ramp's deadline), in
+one slotted object the table holds: a worker holds 100,000 of them.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ipferry.wire.packet import IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
+
+if TYPE_CHECKING:
+    from ipferry.wire.nat import NatSlot
+
+    from .decisions import Decision
+    from .legs import ServerLeg, TunnelLeg
+
+# A packet held while its flow is decided or its off-ramp connects: its bytes, or the bytes and
+# the virtio-net header it came with.
+Held = bytes | tuple[bytes, bytes]
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,24 +101,46 @@ class Timeouts:
 
 
 class Flow:
-    """One tracked flow. Slotted, with counters as plain fields (not lists): a worker holds
-    100,000 of them, and every object per flow costs RSS (see bench/flowmem.py)."""
+    """One flow: tracking, legs and the engine's state. Slotted, with counters as plain fields
+    (not lists): every object per flow costs RSS (see bench/flowmem.py)."""
 
     __slots__ = ("key", "decision", "started", "last_seen", "state", "packets_up",
-                 "packets_down", "bytes_up", "bytes_down", "fins", "last_fin", "close_reason")
+                 "packets_down", "bytes_up", "bytes_down", "fins", "last_fin", "close_reason",
+                 "client", "server", "slot", "stream", "pending", "payload_up", "payload_down",
+                 "next_seq_up", "next_seq_down", "ended", "audited", "deadline", "seq")
 
-    def __init__(self, key: FlowKey, decision: object, started: float,
-                 last_seen: float | None = None) -> None:
+    def __init__(self, key: FlowKey, decision: Decision | None, started: float,
+                 client: TunnelLeg | None = None) -> None:
         self.key = key
-        self.decision = decision  # the application's memoised decision, opaque here
+        self.decision = decision  # the application's, memoised (None: not decided yet)
         self.started = started
-        self.last_seen = started if last_seen is None else last_seen
+        self.last_seen = started
         self.state: TcpState | DatagramState = TcpState.SYN_SENT
         self.packets_up = self.packets_down = 0  # by Direction: to the server, to the client
         self.bytes_up = self.bytes_down = 0
         self.fins = 0  # bit 1 << Direction: that side sent its FIN
         self.last_fin: Direction | None = None  # whose FIN came second gets the last ACK
         self.close_reason: CloseReason | None = None
+        # The legs: the client's (a tunnel) and the off-ramp (None until decided).
+        self.client: TunnelLeg = client  # type: ignore[assignment]  # (None: a bare table's)
+        self.server: ServerLeg | None = None
+        self.slot: NatSlot | None = None  # an upgraded TCP flow's address in the namespace
+        self.stream: object = None  # the driver's: the upgraded stream and its handler
+        # Packets held while the application decides or the off-ramp connects; None after.
+        # A tuple (a few at most: smaller than a list).
+        self.pending: tuple[Held, ...] | None = ()
+        self.payload_up = self.payload_down = 0  # new bytes, by direction
+        self.next_seq_up: int | None = None
+        self.next_seq_down: int | None = None
+        self.ended = False
+        self.audited = False  # its flow_start record was written: a flow_end follows
+        self.deadline = 0.0  # while the off-ramp connects: when it is given up
+        self.seq = 0  # its place in start order (the admin API's pages)
+
+    @property
+    def tunnel(self) -> TunnelLeg:
+        """The client leg, a tunnel (every flow's today)."""
+        return self.client
 
     @property
     def packets(self) -> list[int]:
@@ -114,8 +151,16 @@ class Flow:
         return [self.bytes_up, self.bytes_down]
 
     @property
+    def payload(self) -> list[int]:
+        return [self.payload_up, self.payload_down]
+
+    @property
     def fin_seen(self) -> list[bool]:
         return [bool(self.fins & 1), bool(self.fins & 2)]
+
+    @property
+    def connecting(self) -> bool:
+        return self.deadline > 0.0
 
     def duration(self, now: float) -> float:
         return max(0.0, now - self.started)
@@ -144,7 +189,7 @@ class FlowTable:
 
     @property
     def by_key(self) -> dict[FlowKey, Flow]:
-        """The table itself (its owner may keep its own records in it: see ``factory``)."""
+        """The table itself: every flow by its key (read it; change it through start and end)."""
         return self._flows
 
     def __len__(self) -> int:
@@ -159,14 +204,14 @@ class FlowTable:
     def tenant_count(self, tenant: str) -> int:
         return self._per_tenant.get(tenant, 0)
 
-    def start(self, key: FlowKey, decision: object, now: float,
-              factory: Callable[[FlowKey, object, float], Flow] = Flow) -> Flow | LimitReached:
-        """Track a new flow (made by ``factory``: a subclass may carry its owner's fields)."""
+    def start(self, key: FlowKey, decision: Decision | None, now: float,
+              client: TunnelLeg | None = None) -> Flow | LimitReached:
+        """Track a new flow from ``client`` (or say which limit refuses it)."""
         if len(self._flows) >= self.max_flows:
             return LimitReached.WORKER
         if self._per_tenant.get(key.tenant, 0) >= self.max_flows_per_tenant:
             return LimitReached.TENANT
-        flow = factory(key, decision, now)
+        flow = Flow(key, decision, now, client)
         if key.protocol != IPPROTO_TCP:
             n = self._datagram_per_tenant.get(key.tenant, 0)
             if n >= self.max_datagram_flows_per_tenant:
@@ -205,7 +250,8 @@ class FlowTable:
         elif (flow.state is TcpState.CLOSING and direction is not flow.last_fin
               and tcp_flags & TCP_ACK and not tcp_flags & TCP_FIN):
             # The other side's ACK of the second FIN: done (an ACK of the first FIN that comes
-            # late is not it). Kept briefly so late retransmissions match.
+            # late is not it). The engine ends the flow here; its NAT slot waits out the
+            # kernel's TIME_WAIT in the pool's quarantine, not in this table.
             flow.state = TcpState.TIME_WAIT
             flow.close_reason = CloseReason.FIN
         return False

@@ -3,8 +3,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ipferry.wire.packet import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
-from ipferry.worker.flows import (
+from ipferry.engine.flows import (
     CloseReason,
     Direction,
     FlowKey,
@@ -13,6 +12,7 @@ from ipferry.worker.flows import (
     TcpState,
     Timeouts,
 )
+from ipferry.wire.packet import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
 
 KEY = FlowKey("acme", 6, b"\x0a\0\0\x02", 40000, b"\xc6\x12\0\x01", 80)
 C, S = Direction.TO_SERVER, Direction.TO_CLIENT

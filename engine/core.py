@@ -1,0 +1,741 @@
+"""The flow engine, sans I/O: events in, actions out.
+
+Every input is a method that takes the time (``now``, monotonic seconds) and returns the
+:mod:`actions <ipferry.engine.actions>` for the driver, in order. Nothing here opens a socket,
+reads a clock, counts a metric or awaits: the same inputs give the same actions, so each
+behaviour is a unit test of a few lines (tests/engine/).
+
+A flow has two legs (:mod:`ipferry.engine.legs`). Today's shapes:
+
+- TCP from a tunnel, *upgraded*: the client leg is the tunnel; its packets are rewritten (source
+  = the flow's NAT slot, destination = the worker's upgrade listener) into the namespace's kernel
+  by the worker's TUN, so the kernel terminates TCP; the server leg is a kernel stream, the
+  off-ramp's connection, made *before* the client's SYN reaches the kernel (connect before
+  accept). The stream handler relays the accepted stream and the off-ramp.
+- UDP and ICMP echo from a tunnel: the server leg is a datagram socket; its replies are wrapped
+  back into IP towards the tunnel.
+
+Refused flows get what a firewall would answer: ICMP "administratively prohibited" for policy,
+a TCP reset when a limit is hit; a packet too big for the path gets "fragmentation needed" /
+"packet too big" so PMTU discovery works, on either side.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+from collections import deque
+
+from ipferry.wire.icmp import echo_message, icmp_packet, tcp_packet, udp_packet, unreachable
+from ipferry.wire.nat import NatPool, NatSlot, SlotPoolExhausted, rewrite_tcp
+from ipferry.wire.packet import (
+    IPPROTO_ICMP,
+    IPPROTO_ICMPV6,
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    TCP_ACK,
+    TCP_RST,
+    TCP_SYN,
+    Drop,
+    Parsed,
+    parse,
+)
+from ipferry.wire.sharding import owner
+from ipferry.wire.vnet import HEADER_SIZE as HEADER
+from ipferry.wire.vnet import is_gso, is_partial, sanitize
+
+from .actions import (
+    Action,
+    Audit,
+    AuditFlowStart,
+    ConnectOfframp,
+    Count,
+    DecideFlow,
+    FlowEnded,
+    FlowStarted,
+    Forward,
+    Log,
+    OpenDatagram,
+    RefusedPastLimit,
+    SendDatagram,
+    SendToTunnel,
+    WriteTun,
+)
+from .decisions import Decision, FlowStart
+from .flows import CloseReason, Direction, Flow, FlowKey, FlowTable, LimitReached, TcpState
+from .legs import DatagramLeg, StreamLeg, TunnelLeg
+
+# ICMPv6 is "icmp" to rules and metrics: one word for ping, whichever IP version.
+PROTO_NAMES = {IPPROTO_TCP: "tcp", IPPROTO_UDP: "udp", IPPROTO_ICMP: "icmp", IPPROTO_ICMPV6: "icmp"}
+ECHO_REQUEST = {IPPROTO_ICMP: 8, IPPROTO_ICMPV6: 128}
+ECHO_REPLY = {0, 129}
+DEST_UNREACHABLE = {IPPROTO_ICMP: 3, IPPROTO_ICMPV6: 1}
+LAST_KEPT = 1280  # of a datagram flow's last client packet: all an ICMP error embeds
+MAX_UDP_PAYLOAD = {4: 65535 - 28, 6: 65535 - 8}
+UPGRADE_PORT = 1  # nsd binds the upgrade listeners there (see ipferry.nsd.network)
+MAX_PENDING = 8  # packets held per flow while an async hook decides or the off-ramp connects
+MAX_INTERNED = 4096  # destination addresses shared between flows (never cleared: bounded)
+# An off-ramp socket's errno -> the ICMP unreachable the client gets (see wire.icmp.unreachable)
+UNREACHABLE = {errno.ECONNREFUSED: "port", errno.EHOSTUNREACH: "host", errno.ENETUNREACH: "net",
+               errno.EACCES: "admin", errno.EPERM: "admin"}
+
+
+def forbidden_destination(dst: bytes) -> bool:
+    """Destinations no tunnel may reach whatever the rules say: the daemon's own host
+    (loopback: its admin API and on-ramps), "this host" (0.0.0.0/8, ::) and IPv6 spellings of
+    IPv4 addresses (::ffff:a.b.c.d, ::a.b.c.d), which would slip past IPv4 rules."""
+    if len(dst) == 4:
+        return dst[0] in (0, 127)
+    return dst[:10] == bytes(10) and (dst[10:12] in (b"\xff\xff", b"\0\0"))
+
+
+def addr(b: bytes) -> str:
+    return socket.inet_ntop(socket.AF_INET6 if len(b) == 16 else socket.AF_INET, b)
+
+
+def failure(err: int) -> str:
+    """An off-ramp connect's errno as the ``reason`` of ipferry_upstream_failures_total."""
+    if err == errno.ECONNREFUSED:
+        return "refused"
+    if err == errno.ETIMEDOUT:  # the kernel gave up retrying its SYN: the upstream is silent
+        return "timeout"
+    return "unreachable" if err in UNREACHABLE else "error"
+
+
+def reset_for(p: Parsed, packet: bytes | memoryview) -> bytes:
+    """The RST a TCP stack would answer ``packet`` with (RFC 793 "Reset Generation")."""
+    if p.tcp_flags & TCP_ACK:
+        ack_at = p.ihl + 8
+        return tcp_packet(p.dst, p.dport, p.src, p.sport, int.from_bytes(
+            packet[ack_at:ack_at + 4], "big"), 0, TCP_RST)
+    seg_len = p.payload_length + (1 if p.tcp_flags & TCP_SYN else 0)
+    return tcp_packet(p.dst, p.dport, p.src, p.sport, 0, p.seq + seg_len, TCP_RST | TCP_ACK)
+
+
+def flow_start(flow: Flow) -> FlowStart:
+    """What the hooks see of a flow (built when asked: not kept per flow)."""
+    k = flow.key
+    return FlowStart(k.tenant, PROTO_NAMES.get(k.protocol, str(k.protocol)), addr(k.src),
+                     k.sport, addr(k.dst), k.dport, flow.client.context)
+
+
+def flow_fields(flow: Flow) -> dict:
+    """A flow's identity as audit records and logs name it."""
+    k, tunnel = flow.key, flow.client
+    return {"tenant": k.tenant, "protocol": PROTO_NAMES.get(k.protocol, str(k.protocol)),
+            "src": addr(k.src), "sport": k.sport, "dst": addr(k.dst), "dport": k.dport,
+            "tunnel": tunnel.id, "tunnel_worker": tunnel.origin}
+
+
+def _fmt(hp: tuple[str, int] | None) -> str | None:
+    return f"{hp[0]}:{hp[1]}" if hp else None
+
+
+class FlowEngine:
+    """One worker's flows: the decisions about packets, none of the I/O.
+
+    ``pools`` are the NAT slots by IP version, ``local`` the upgrade listeners' addresses, ``mtu``
+    the worker TUN's (larger client packets are answered "too big"). With ``workers`` > 1 a
+    flow this worker does not own (by :func:`ipferry.wire.sharding.owner`) is forwarded."""
+
+    def __init__(self, *, flows: FlowTable, pools: dict[int, NatPool], local: dict[int, bytes],
+                 connect_timeout: float, index: int = 0, workers: int = 1, mtu: int = 65520,
+                 fail_closed: bool = False) -> None:
+        self.flows = flows
+        self.pools = pools
+        self.local = local
+        self.connect_timeout = connect_timeout
+        self.index = index
+        self.workers = workers
+        self.mtu = mtu
+        self.fail_closed = fail_closed  # audit.on_error = "refuse": no record, no flow
+        self.by_key: dict[FlowKey, Flow] = flows.by_key  # (the table's own dict)
+        self.by_slot: dict[tuple[bytes, int], Flow] = {}  # upgraded flows by their NAT slot
+        # Off-ramps connecting, in deadline order (one timeout for all: a FIFO is a heap).
+        self.connecting: deque[Flow] = deque()
+        self.tun_vnet = False  # the TUN's packets carry a virtio-net header
+        # The daemon's own UDP endpoints (GUE on-ramps): a flow there could speak for any tenant.
+        self.own_endpoints: set[tuple[bytes | None, int]] = set()  # None: any address
+        # Flows' destination addresses and ports, one object each for all flows (an int past 256
+        # is an object of its own per flow otherwise).
+        self._destinations: dict[bytes | int, bytes | int] = {}
+
+    # -- a packet from a tunnel ----------------------------------------------------------------
+
+    def tunnel_packet(self, tunnel: TunnelLeg, data: bytes, now: float) -> list[Action]:
+        """A datagram of ``tunnel``: the packet (after a virtio-net header on a vnet tunnel)."""
+        out: list[Action] = []
+        if tunnel.vnet:
+            header: bytes | None = data[:HEADER]
+            packet: bytes | memoryview = memoryview(data)[HEADER:]
+        else:
+            header, packet = None, data
+        p = parse(packet)
+        if isinstance(p, Drop):
+            out.append(Count("drop", p.value))
+            return out
+        if header is not None:
+            # The client's header steers the kernel and our software GSO: only the truth passes.
+            header = sanitize(header, p.version, p.protocol, p.ihl, p.payload_offset,
+                              p.payload_length)
+            if header is None:
+                out.append(Count("drop", "bad_vnet_header"))
+                return out
+            if len(packet) > p.total_length:
+                packet = packet[:p.total_length]
+        key = None
+        if p.inner is None:
+            key = FlowKey(tunnel.tenant, p.protocol, p.src, p.sport, p.dst, p.dport)
+            flow = self.by_key.get(key)
+        else:
+            flow = None  # an ICMP error: its flow is the embedded packet's
+        if flow is None and self.workers > 1 and tunnel.local:
+            # Only flows we own are here: hash only for the others (and new ones).
+            h = p.inner or p
+            o = owner(h.protocol, h.src, h.sport, h.dst, h.dport, self.workers)
+            if o != self.index:
+                if not tunnel.steered:
+                    out.append(Forward(o, tunnel, data))
+                    return out
+                # The kernel's steering program disagrees with us: serve it where it landed
+                # (every packet of the flow lands here alike), but count it: it should not be.
+                out.append(Count("gue_missteered"))
+        if key is None:
+            self._tunnel_icmp_error(tunnel, p, packet, now, out)
+            return out
+        if flow is not None and flow.client is not tunnel:
+            # Same tenant and 4-tuple from another tunnel: never let it touch this flow.
+            out.append(Count("drop", "tunnel_mismatch"))
+            return out
+        if p.protocol == IPPROTO_TCP and p.total_length > self.mtu and not (
+                header and is_gso(header)):  # (a superframe is many segments)
+            self._too_big_for_tun(tunnel, p, packet, out)  # before any flow starts or waits
+            return out
+        if flow is None:
+            if self._starts_flow(tunnel, p, packet, out):
+                self._start(tunnel, key, p, packet, header, now, out)
+            return out
+        if flow.pending is not None:
+            self._hold(flow, p, packet, header, now, out)
+            return out
+        self._to_server(flow, p, packet, header, now, out)
+        return out
+
+    def _hold(self, flow: Flow, p: Parsed, packet: bytes | memoryview, header: bytes | None,
+              now: float, out: list[Action]) -> None:
+        """Held while the application decides or the off-ramp connects (connect before
+        accept: the client's SYN reaches the kernel only once the off-ramp answered)."""
+        assert flow.pending is not None
+        if p.protocol == IPPROTO_TCP and p.tcp_flags & TCP_RST:
+            # The client gave up (its tunnel alone can reach this flow): so do we, now.
+            self.flows.observe(flow, Direction.TO_SERVER, p.tcp_flags, p.total_length, now)
+            self._end(flow, CloseReason.RST, now, out)
+            return
+        if len(flow.pending) >= MAX_PENDING:
+            out.append(Count("drop", "decision_pending" if flow.decision is None
+                             else "connect_pending"))  # the client retransmits
+            return
+        flow.pending += (bytes(packet) if header is None else (bytes(packet), header),)
+
+    def _starts_flow(self, tunnel: TunnelLeg, p: Parsed, packet: bytes | memoryview,
+                     out: list[Action]) -> bool:
+        """May this packet of no known flow start one? (Counted and answered when not.)"""
+        if forbidden_destination(p.dst) or (p.protocol == IPPROTO_UDP and (
+                (p.dst, p.dport) in self.own_endpoints or (None, p.dport) in self.own_endpoints)):
+            out.append(Count("drop", "forbidden_destination"))
+            self._unreachable(tunnel, p, packet, "admin", out)
+            return False
+        if p.protocol == IPPROTO_TCP:
+            if p.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN:
+                return True
+            # Not the start of a flow we know (e.g. ours died with a worker): reset it so the
+            # client fails fast instead of retransmitting into the void.
+            out.append(Count("drop", "no_flow"))
+            if not p.tcp_flags & TCP_RST:
+                out.append(SendToTunnel(tunnel, reset_for(p, packet)))
+            return False
+        if p.protocol != IPPROTO_UDP and p.icmp_type != ECHO_REQUEST[p.protocol]:
+            out.append(Count("drop", "icmp_unsolicited"))  # an echo reply nobody asked for
+            return False
+        return True
+
+    def _start(self, tunnel: TunnelLeg, key: FlowKey, p: Parsed, packet: bytes | memoryview,
+               header: bytes | None, now: float, out: list[Action]) -> None:
+        """A new flow: track it, hold its packet, ask the application."""
+        if len(self._destinations) < MAX_INTERNED:  # many flows, few destinations: one copy
+            key = FlowKey(key.tenant, key.protocol, key.src, key.sport,
+                          self._destinations.setdefault(key.dst, key.dst),  # type: ignore[arg-type]
+                          self._destinations.setdefault(key.dport, key.dport))  # type: ignore[arg-type]
+        flow = self.flows.start(key, None, now, tunnel)
+        if isinstance(flow, LimitReached):
+            out.append(Count("drop", flow.value))
+            # Summed up per tenant and interval: a flood of refusals must not flood the disk.
+            out.append(RefusedPastLimit(key.tenant, flow.value))
+            self._refuse(tunnel, p, packet, policy=False, out=out)
+            return
+        flow.pending = (bytes(packet) if header is None else (bytes(packet), header),)
+        out.append(FlowStarted(flow))
+        out.append(DecideFlow(flow))
+
+    # -- the application's answer --------------------------------------------------------------
+
+    def decided(self, flow: Flow, decision: object, now: float) -> list[Action]:
+        """The application's decision about ``flow`` (memoised). A flow that goes on claims
+        what it needs (a NAT slot first: a flow refused for want of one is summed up, not
+        audited alone), then its ``flow_start`` record is written."""
+        out: list[Action] = []
+        if flow.ended:
+            return out
+        if not isinstance(decision, Decision):
+            return self.hook_failed(flow, repr(TypeError(f"not a Decision: {decision!r}")), now)
+        flow.decision = decision
+        if decision.action == "upgrade" and flow.key.protocol == IPPROTO_TCP:
+            pool = self.pools[4 if len(flow.key.src) == 4 else 6]
+            try:
+                flow.slot = pool.claim(now)
+            except SlotPoolExhausted:
+                self._refuse_past_limit(flow, "nat_exhausted", now, out)
+                return out
+            self.by_slot[flow.slot] = flow
+        flow.audited = True  # its flow_end is written (or counted lost) in any case
+        out.append(AuditFlowStart(flow, {
+            "decision": decision.action, "reason": decision.reason,
+            "upstream": _fmt(decision.upstream), **flow_fields(flow)}))
+        return out
+
+    def hook_failed(self, flow: Flow, error: str, now: float) -> list[Action]:
+        """``on_flow_start`` raised (or answered no Decision): the flow is dropped."""
+        out: list[Action] = []
+        if flow.ended:
+            return out
+        out.append(Count("drop", "hook_error"))
+        flow.decision = Decision.drop(f"hook error: {error}")
+        self._refuse_first(flow, policy=False, out=out)
+        self._end(flow, CloseReason.EVICTED, now, out, audit_start=True)
+        return out
+
+    def audit_written(self, flow: Flow, ok: bool, now: float) -> list[Action]:
+        """The flow's ``flow_start`` record was written (``ok``) or not: the flow goes on."""
+        out: list[Action] = []
+        if flow.ended:
+            return out
+        decision = flow.decision
+        assert isinstance(decision, Decision)
+        if not ok and self.fail_closed and decision.action == "upgrade":
+            # Fail closed: no flow goes without its record while the sink fails.
+            self._refuse_past_limit(flow, "audit_unavailable", now, out)
+            return out
+        if decision.action != "upgrade":
+            out.append(Count("drop", "denied"))
+            self._refuse_first(flow, policy=True, out=out)
+            self._end(flow, CloseReason.EVICTED, now, out, close_reason="denied")
+            return out
+        key = flow.key
+        upstream = decision.upstream or (addr(key.dst), key.dport)
+        if key.protocol == IPPROTO_TCP:
+            flow.server = StreamLeg(upstream)
+            flow.deadline = now + self.connect_timeout
+            self.connecting.append(flow)
+            out.append(ConnectOfframp(flow))
+            return out
+        protocol = "udp" if key.protocol == IPPROTO_UDP else "icmp"
+        if protocol == "icmp" and (":" in upstream[0]) != (len(key.src) == 16):
+            upstream = (addr(key.dst), 0)  # an echo cannot change IP version on the way
+        flow.server = DatagramLeg(upstream, protocol)
+        out.append(OpenDatagram(flow))
+        return out
+
+    def _refuse_past_limit(self, flow: Flow, reason: str, now: float, out: list[Action]) -> None:
+        """Refuse a decided flow for want of a resource: counted, answered (a reset for TCP,
+        "administratively prohibited" for the rest), summed up in the audit, not per flow."""
+        out.append(Count("drop", reason))
+        out.append(RefusedPastLimit(flow.key.tenant, reason))
+        flow.audited = False  # summed up in a flows_refused record, no flow_end of its own
+        self._refuse_first(flow, policy=flow.key.protocol != IPPROTO_TCP, out=out)
+        self._end(flow, CloseReason.EVICTED, now, out, close_reason=reason)
+
+    def _first_held(self, flow: Flow) -> tuple[Parsed, bytes] | None:
+        """The flow's first packet (held until the flow went on), to answer it."""
+        if not flow.pending:
+            return None
+        first = flow.pending[0]
+        packet = first if isinstance(first, bytes) else first[0]
+        p = parse(packet)
+        return (p, packet) if isinstance(p, Parsed) else None
+
+    def _refuse_first(self, flow: Flow, *, policy: bool, out: list[Action]) -> None:
+        """Answer a refused flow's first packet (then it is answered, not dropped at the end)."""
+        held = self._first_held(flow)
+        if held is not None:
+            self._refuse(flow.client, *held, policy=policy, out=out)
+            assert flow.pending is not None
+            flow.pending = flow.pending[1:]
+
+    def _refuse(self, tunnel: TunnelLeg, p: Parsed, packet: bytes | memoryview, *, policy: bool,
+                out: list[Action]) -> None:
+        """ICMP "administratively prohibited" for policy (as a firewall's reject does), a TCP
+        reset for a limit; datagrams over a limit get nothing."""
+        if policy:
+            self._unreachable(tunnel, p, packet, "admin", out)
+        elif p.protocol == IPPROTO_TCP and not p.tcp_flags & TCP_RST:
+            out.append(SendToTunnel(tunnel, reset_for(p, packet)))
+
+    def _unreachable(self, tunnel: TunnelLeg, p: Parsed, packet: bytes | memoryview, kind: str,
+                     out: list[Action], mtu: int = 0) -> None:
+        answer = unreachable(packet, p, kind, mtu=mtu)
+        if answer is not None:
+            out.append(Count("icmp_sent", kind))
+            out.append(SendToTunnel(tunnel, answer))
+
+    # -- the server leg ------------------------------------------------------------------------
+
+    def offramp_connected(self, flow: Flow, now: float) -> list[Action]:
+        """The off-ramp's stream is connected: let the client's SYN (and what else was held)
+        through to the kernel, which answers it."""
+        out: list[Action] = []
+        flow.deadline = 0.0
+        if flow.ended:
+            return out
+        assert isinstance(flow.server, StreamLeg)
+        flow.server.connected = True
+        self._release(flow, now, out)
+        return out
+
+    def offramp_failed(self, flow: Flow, reason: str, err: int, now: float) -> list[Action]:
+        """The client gets what it would get end to end: a reset for a refused connect, the
+        matching ICMP unreachable for an unreachable one, nothing for a silent one."""
+        out: list[Action] = []
+        flow.deadline = 0.0
+        if flow.ended:
+            return out
+        out.append(Count("upstream_failure", reason))
+        out.append(Log("info", "upstream_failed", {
+            "reason": reason, "error": errno.errorcode.get(err, err), **flow_fields(flow)}))
+        held = self._first_held(flow)
+        if held is not None and reason != "timeout":
+            if reason in ("refused", "error"):
+                self._refuse(flow.client, *held, policy=False, out=out)  # a reset
+            else:
+                self._unreachable(flow.client, *held, UNREACHABLE.get(err, "host"), out)
+            assert flow.pending is not None
+            flow.pending = flow.pending[1:]  # the first was answered: not dropped
+        self._end(flow, CloseReason.EVICTED, now, out, close_reason=f"upstream_{reason}")
+        return out
+
+    def datagram_opened(self, flow: Flow, now: float) -> list[Action]:
+        """The datagram leg is open: what was held goes out of it."""
+        out: list[Action] = []
+        if not flow.ended:
+            self._release(flow, now, out)
+        return out
+
+    def datagram_failed(self, flow: Flow, reason: str, kind: str, now: float) -> list[Action]:
+        """The datagram leg could not be opened: ``reason`` "unreachable" (answered with the
+        ICMP ``kind``), or a limit of ours ("icmp_not_permitted", "local_ports_exhausted")."""
+        out: list[Action] = []
+        if flow.ended:
+            return out
+        if reason == "unreachable":
+            out.append(Count("upstream_failure", "unreachable"))
+            held = self._first_held(flow)
+            if held is not None:
+                self._unreachable(flow.client, *held, kind, out)
+                assert flow.pending is not None
+                flow.pending = flow.pending[1:]
+            self._end(flow, CloseReason.EVICTED, now, out, close_reason="upstream_unreachable")
+            return out
+        out.append(Count("drop", reason))
+        self._end(flow, CloseReason.EVICTED, now, out, close_reason=reason)
+        return out
+
+    def _release(self, flow: Flow, now: float, out: list[Action]) -> None:
+        """Send on what was held while the flow was decided and its off-ramp connected."""
+        held, flow.pending = flow.pending or (), None
+        for item in held:
+            packet, header = (item, None) if isinstance(item, bytes) else item
+            if flow.ended:
+                return
+            p = parse(packet)
+            if isinstance(p, Parsed):
+                self._to_server(flow, p, packet, header, now, out)
+
+    def _to_server(self, flow: Flow, p: Parsed, packet: bytes | memoryview,
+                   header: bytes | None, now: float, out: list[Action]) -> None:
+        server = flow.server
+        if not isinstance(server, DatagramLeg):
+            self._to_kernel(flow, p, packet, header, now, out)
+            return
+        # A datagram flow: the payload (UDP) or the whole ICMP message leaves by its socket.
+        self.flows.observe(flow, Direction.TO_SERVER, 0, p.total_length, now)
+        server.last = (p, bytes(packet[:LAST_KEPT]))
+        if p.protocol == IPPROTO_UDP:
+            # The UDP length says where the datagram ends (the parser checked it fits): bytes
+            # after it are padding of the IP packet, not payload, as a kernel would see it.
+            start = p.payload_offset
+            end = p.ihl + int.from_bytes(packet[p.ihl + 4:p.ihl + 6], "big")
+        else:
+            start, end = p.ihl, p.total_length
+        flow.payload_up += end - p.payload_offset
+        out.append(SendDatagram(flow, memoryview(packet)[start:end]))
+
+    def upstream_reply(self, flow: Flow, data: bytes, now: float) -> list[Action]:
+        """A datagram from the off-ramp: wrap it back into IP towards the flow's tunnel."""
+        out: list[Action] = []
+        if flow.ended:
+            return out
+        key = flow.key
+        if key.protocol == IPPROTO_UDP:
+            if len(data) > MAX_UDP_PAYLOAD[4 if len(key.src) == 4 else 6]:
+                out.append(Count("drop", "reply_too_big"))  # more than IPv4 carries
+                return out
+            packet = udp_packet(key.dst, key.dport, key.src, key.sport, data)
+            flow.payload_down += len(data)
+        elif len(data) >= 8 and data[0] in ECHO_REPLY:
+            # The kernel put its own identifier in; the client gets back the one it sent.
+            seq = int.from_bytes(data[6:8], "big")
+            packet = icmp_packet(key.dst, key.src, echo_message(data[0], key.sport, seq, data[8:]))
+            flow.payload_down += len(data) - 8
+        else:
+            out.append(Count("drop", "upstream_unexpected"))
+            return out
+        self.flows.observe(flow, Direction.TO_CLIENT, 0, len(packet), now)
+        out.append(SendToTunnel(flow.client, packet))
+        return out
+
+    def upstream_error(self, flow: Flow, kind: str, now: float) -> list[Action]:
+        """The off-ramp's kernel reported an ICMP error: the client gets the matching one."""
+        out: list[Action] = []
+        server = flow.server
+        if flow.ended or not isinstance(server, DatagramLeg) or server.last is None:
+            return out
+        p, packet = server.last
+        self._unreachable(flow.client, p, packet, kind, out, mtu=self.mtu)
+        return out
+
+    # -- the upgrade: client packets into the kernel -------------------------------------------
+
+    def _to_kernel(self, flow: Flow, p: Parsed, packet: bytes | memoryview, header: bytes | None,
+                   now: float, out: list[Action]) -> None:
+        """Account a client packet, rewrite it to the upgrade listener, write it to the TUN
+        (one larger than the TUN's MTU was answered before: see :meth:`tunnel_packet`)."""
+        if p.tcp_flags & TCP_RST and (p.seq - (flow.next_seq_up or 0)) & 0xFFFFFFFF > 1:
+            # Not at the sequence we expect (RFC 5961; +1 if a FIN went first): the kernel may
+            # answer with a challenge ACK, but a blind reset must not end the flow here.
+            self._write_to_kernel(flow, p, packet, header, out)
+            return
+        ended = self.flows.observe(flow, Direction.TO_SERVER, p.tcp_flags, p.total_length, now)
+        count_payload(flow, 0, p)
+        self._write_to_kernel(flow, p, packet, header, out)
+        self._after_packet(flow, ended, now, out)
+
+    def _too_big_for_tun(self, tunnel: TunnelLeg, p: Parsed, packet: bytes | memoryview,
+                         out: list[Action]) -> None:
+        out.append(Count("drop", "too_big"))
+        if p.version == 6 or packet[6] & 0x40:  # IPv4 without DF: we don't fragment; dropped
+            self._unreachable(tunnel, p, packet, "too_big", out, mtu=self.mtu)
+
+    def _write_to_kernel(self, flow: Flow, p: Parsed, packet: bytes | memoryview,
+                         header: bytes | None, out: list[Action]) -> None:
+        buf = bytearray(packet)
+        slot = flow.slot
+        assert slot is not None
+        rewrite_tcp(buf, p, slot.address, slot.port, self.local[p.version], UPGRADE_PORT,
+                    partial=header is not None and is_partial(header))
+        out.append(WriteTun(buf, header))
+
+    def _tunnel_icmp_error(self, tunnel: TunnelLeg, p: Parsed, packet: bytes | memoryview,
+                           now: float, out: list[Action]) -> None:
+        """An ICMP error from the client's side about one of our packets: match it to its flow.
+
+        A TCP flow's error goes on to the namespace's kernel, translated to the slot (so a
+        smaller MTU on the client's path reaches the kernel's PMTU cache); a UDP flow whose
+        client says "unreachable" ends, since its replies have nowhere to go.
+        """
+        q = p.inner
+        assert q is not None
+        if q.protocol in ECHO_REQUEST:
+            key = FlowKey(tunnel.tenant, q.protocol, q.dst, q.sport, q.src, 0)
+        else:  # the embedded packet went to the client: its source is the flow's destination
+            key = FlowKey(tunnel.tenant, q.protocol, q.dst, q.dport, q.src, q.sport)
+        flow = self.by_key.get(key)
+        if flow is None or flow.client is not tunnel or flow.decision is None:
+            out.append(Count("drop", "icmp_error_no_flow"))
+            return
+        out.append(Count("icmp_received", PROTO_NAMES[key.protocol]))
+        self.flows.observe(flow, Direction.TO_SERVER, 0, p.total_length, now)
+        if flow.slot is not None:
+            out.append(WriteTun(self._error_for_kernel(flow.slot, p, packet)))
+        elif (key.protocol == IPPROTO_UDP and p.icmp_type == DEST_UNREACHABLE[p.protocol]
+              and not (p.version == 4 and p.icmp_code == 4)):  # "frag needed" is no goodbye
+            self._end(flow, CloseReason.EVICTED, now, out, close_reason="client_unreachable")
+
+    def _error_for_kernel(self, slot: NatSlot, p: Parsed, packet: bytes | memoryview) -> bytes:
+        """The client's ICMP error as if about the kernel's own packet (local:1 -> the slot)."""
+        q = p.inner
+        assert q is not None
+        message = bytearray(packet[p.ihl:p.total_length])
+        inner = 8  # the embedded packet's offset in the message
+        local = self.local[p.version]
+        src_at, dst_at = (8, 24) if p.version == 6 else (12, 16)
+        message[inner + src_at:inner + src_at + len(local)] = local
+        message[inner + dst_at:inner + dst_at + len(slot.address)] = slot.address
+        ports = inner + q.ihl
+        message[ports:ports + 4] = struct.pack("!HH", UPGRADE_PORT, slot.port)
+        return icmp_packet(slot.address, local, message)
+
+    # -- the upgrade: the kernel's packets back into the tunnel --------------------------------
+
+    def tun_packet(self, data: bytes, now: float) -> list[Action]:
+        """A packet the namespace's kernel sent (to a NAT slot): back into its flow's tunnel."""
+        out: list[Action] = []
+        if self.tun_vnet:
+            header: bytes | None = data[:HEADER]
+            packet: bytes | memoryview = memoryview(data)[HEADER:]
+        else:
+            header, packet = None, data
+        p = parse(packet)
+        if isinstance(p, Drop):
+            out.append(Count("drop", f"kernel_{p.value}"))
+            return out
+        flow = self.by_slot.get((p.dst, p.dport)) if p.protocol == IPPROTO_TCP else None
+        if flow is None:
+            out.append(Count("drop", "kernel_no_flow"))
+            return out
+        tunnel = flow.client
+        if p.total_length > tunnel.mtu and not (header and is_gso(header)):
+            # More than the flow's tunnel carries: tell the kernel, as a router on its path
+            # would (the ICMP comes "from" the slot, about the kernel's own packet).
+            out.append(Count("drop", "too_big"))
+            answer = unreachable(packet, p, "too_big", mtu=tunnel.mtu)
+            if answer is not None:
+                out.append(WriteTun(answer))
+            return out
+        key = flow.key
+        ended = self.flows.observe(flow, Direction.TO_CLIENT, p.tcp_flags, p.total_length, now)
+        count_payload(flow, 1, p)
+        buf = bytearray(packet)
+        rewrite_tcp(buf, p, key.dst, key.dport, key.src, key.sport,
+                    partial=header is not None and is_partial(header))
+        out.append(SendToTunnel(tunnel, buf, header))
+        self._after_packet(flow, ended, now, out)
+        return out
+
+    def _after_packet(self, flow: Flow, ended: bool, now: float, out: list[Action]) -> None:
+        if ended:
+            self._end(flow, CloseReason.RST, now, out)
+        elif flow.state is TcpState.TIME_WAIT:
+            # Both FINs acknowledged: the flow is over. Its slot waits out TIME_WAIT in the pool's
+            # quarantine, so late retransmissions cannot meet a new flow on the same 4-tuple.
+            self._end(flow, CloseReason.FIN, now, out)
+
+    def stream_for(self, address: bytes, port: int) -> Flow | None:
+        """The flow whose upgraded stream the kernel accepted from ``address``:``port`` (its NAT
+        slot), if it waits for one: decided, its off-ramp connected, no stream yet."""
+        flow = self.by_slot.get((address, port))
+        if (flow is None or flow.ended or flow.stream is not None
+                or not isinstance(flow.server, StreamLeg) or not flow.server.connected):
+            return None
+        return flow
+
+    def reset(self, tunnel: TunnelLeg, data: bytes) -> list[Action]:
+        """Answer a tunnel datagram with a TCP reset (unless it is not TCP or a reset itself)."""
+        out: list[Action] = []
+        packet = memoryview(data)[HEADER:] if tunnel.vnet else data
+        p = parse(packet)
+        if isinstance(p, Parsed) and p.protocol == IPPROTO_TCP and not p.tcp_flags & TCP_RST:
+            out.append(SendToTunnel(tunnel, reset_for(p, packet)))
+        return out
+
+    # -- time and the ends of things -----------------------------------------------------------
+
+    def timer(self, now: float) -> list[Action]:
+        """Once a second: give up off-ramps connecting too long, end the flows idle past their
+        state's timeout (the table has already let go of them)."""
+        out: list[Action] = []
+        while self.connecting and self.connecting[0].deadline <= now:
+            flow = self.connecting.popleft()
+            if flow.connecting and not flow.ended:
+                out.extend(self.offramp_failed(flow, "timeout", errno.ETIMEDOUT, now))
+        for flow in self.flows.expire(now):
+            self._end(flow, flow.close_reason or CloseReason.IDLE, now, out)
+        return out
+
+    def close_tunnel(self, tunnel: TunnelLeg, now: float) -> list[Action]:
+        """A tunnel closed: its flows end (cleanly if only the last ACK was missing)."""
+        out: list[Action] = []
+        for flow in [f for f in self.by_key.values() if f.client is tunnel]:
+            if flow.fins == 3:
+                self._end(flow, CloseReason.FIN, now, out)
+            else:
+                self._end(flow, CloseReason.EVICTED, now, out, close_reason="tunnel_closed")
+        return out
+
+    def end_all(self, close_reason: str, now: float) -> list[Action]:
+        """Every flow ends (the namespace is lost, the worker stops)."""
+        out: list[Action] = []
+        for flow in list(self.by_key.values()):
+            self._end(flow, CloseReason.EVICTED, now, out, close_reason=close_reason)
+        return out
+
+    def end(self, flow: Flow, close_reason: str, now: float) -> list[Action]:
+        """End one flow (the driver's reason: its stream handler failed, say)."""
+        out: list[Action] = []
+        self._end(flow, CloseReason.EVICTED, now, out, close_reason=close_reason)
+        return out
+
+    def _end(self, flow: Flow, reason: CloseReason, now: float, out: list[Action], *,
+             audit_start: bool = False, close_reason: str | None = None) -> None:
+        if flow.ended:
+            return
+        flow.ended = True
+        flow.deadline = 0.0
+        if flow.pending:  # held (deciding, connecting) and never sent on: counted, not lost
+            out.append(Count("drop", "held_at_end", len(flow.pending)))
+        flow.pending = None
+        self.flows.end(flow, reason)
+        if flow.slot is not None:
+            self.by_slot.pop(flow.slot, None)
+            self.pools[4 if len(flow.slot.address) == 4 else 6].release(flow.slot, now)
+        fields = flow_fields(flow)
+        decision = flow.decision if isinstance(flow.decision, Decision) \
+            else Decision.drop("undecided")
+        if audit_start:
+            flow.audited = True
+            out.append(Audit("flow_start", {"decision": "drop", "reason": decision.reason,
+                                            "upstream": None, **fields}))
+        why = close_reason or str(flow.close_reason or reason)
+        if flow.audited:  # a flow refused past a limit is in a flows_refused record instead
+            out.append(Audit("flow_end", {
+                "decision": decision.action, "reason": decision.reason, "close_reason": why,
+                "packets": flow.packets, "bytes": flow.bytes, "payload_bytes": flow.payload,
+                "duration": round(flow.duration(now), 6), **fields}))
+        # Both FINs crossed: a stream still relaying may finish what the kernel holds.
+        out.append(FlowEnded(flow, why, reason is CloseReason.FIN and close_reason is None))
+
+
+def count_payload(flow: Flow, direction: int, p: Parsed) -> None:
+    """Count the bytes by which this segment advances its direction's sequence space.
+
+    Retransmissions (a tail loss probe the peer already had, say) add nothing, so the audit's
+    payload bytes are what the application sent, however often TCP sent it.
+    """
+    if p.tcp_flags & TCP_SYN:
+        if direction:
+            flow.next_seq_down = (p.seq + 1) & 0xFFFFFFFF
+        else:
+            flow.next_seq_up = (p.seq + 1) & 0xFFFFFFFF
+        return
+    expected = flow.next_seq_down if direction else flow.next_seq_up
+    n = p.payload_length
+    if expected is None or not n:
+        return
+    end = (p.seq + n) & 0xFFFFFFFF
+    new = (end - expected) & 0xFFFFFFFF
+    if 0 < new <= n:
+        if direction:
+            flow.payload_down += new
+            flow.next_seq_down = end
+        else:
+            flow.payload_up += new
+            flow.next_seq_up = end
