@@ -28,11 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import dpkt  # noqa: E402
 import structlog  # noqa: E402
 
+from ipferry.engine.actions import ConnectOfframp  # noqa: E402
+from ipferry.engine.flows import FlowTable  # noqa: E402
 from ipferry.wire.nat import NatPool  # noqa: E402
 from ipferry.worker.app import RulesApplication, TunnelContext  # noqa: E402
 from ipferry.worker.audit import AuditLog  # noqa: E402
 from ipferry.worker.datapath import DataPath  # noqa: E402
-from ipferry.worker.flows import FlowTable  # noqa: E402
 
 
 class QuietTunnel:
@@ -79,7 +80,7 @@ async def measure(n: int) -> dict:
     dp = DataPath(index=0, app=RulesApplication(), audit=audit, log=structlog.get_logger(),
                   flows=flows, pools=pools, local={4: bytes(4), 6: bytes(16)},
                   connect_timeout=300)
-    dp._connect_offramp = lambda entry, p, packet: None  # held, as while the connect runs
+    dp._carry[ConnectOfframp] = lambda action: None  # held, as while the connect runs
     tunnel = QuietTunnel()
     gc.collect()
     before = rss()
@@ -88,8 +89,7 @@ async def measure(n: int) -> dict:
     gc.collect()
     loaded = rss()
     assert len(dp.entries) == n and len(dp.flow_index) == n, (len(dp.entries), n)
-    for entry in list(dp.entries.values()):
-        dp.end_flow(entry, "evicted")
+    dp.carry(dp.engine.end_all("evicted", 0.0))
     audit.close()
     return {"flows": n, "rss_before": before, "rss_loaded": loaded,
             "bytes_per_flow": round((loaded - before) / n, 1)}

@@ -160,6 +160,16 @@ class FlowEngine:
         # Flows' destination addresses and ports, one object each for all flows (an int past 256
         # is an object of its own per flow otherwise).
         self._destinations: dict[bytes | int, bytes | int] = {}
+        self._upstreams: dict[tuple[bytes, int], tuple[str, int]] = {}
+
+    def _destination(self, key: FlowKey) -> tuple[str, int]:
+        """The flow's own destination as an off-ramp address: one tuple for all its flows."""
+        found = self._upstreams.get((key.dst, key.dport))
+        if found is None:
+            found = (addr(key.dst), key.dport)
+            if len(self._upstreams) < MAX_INTERNED:
+                self._upstreams[(key.dst, key.dport)] = found
+        return found
 
     # -- a packet from a tunnel ----------------------------------------------------------------
 
@@ -332,7 +342,7 @@ class FlowEngine:
             self._end(flow, CloseReason.EVICTED, now, out, close_reason="denied")
             return out
         key = flow.key
-        upstream = decision.upstream or (addr(key.dst), key.dport)
+        upstream = decision.upstream or self._destination(key)
         if key.protocol == IPPROTO_TCP:
             flow.server = StreamLeg(upstream)
             flow.deadline = now + self.connect_timeout
