@@ -8,10 +8,10 @@ run: setup
 	.venv/bin/ipferry run
 
 test: setup
-	.venv/bin/ruff check . && .venv/bin/python -m pytest
+	.venv/bin/ruff check . && .venv/bin/lint-imports && .venv/bin/python -m pytest
 
 lint: setup
-	.venv/bin/ruff check .
+	.venv/bin/ruff check . && .venv/bin/lint-imports
 
 clean:
 	rm -rf .venv build *.egg-info .pytest_cache .hypothesis .ruff_cache
