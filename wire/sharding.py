@@ -2,8 +2,8 @@
 
 owner(flow) = symmetric_hash(flow) mod N. Symmetric: both directions of a flow (source and
 destination swapped) hash alike, so replies find the same owner. The hash is 32-bit arithmetic
-with only xor, shift and multiply, so that a classic-BPF program on the GUE socket (a later
-issue) can compute the very same value in the kernel. The tenant is left out on purpose: the
+with only xor, shift and multiply, so that the classic-BPF program on the GUE socket
+(:mod:`ipferry.wire.steering`) computes the very same value in the kernel. The tenant is left out on purpose: the
 kernel can steer by headers alone, and one tenant's flows still spread over all workers.
 """
 
