@@ -311,7 +311,7 @@ async def status(request: web.Request) -> web.Response:
         "nsd": {"pid": nsd.child.pid if nsd.child else None, "state": str(nsd.state),
                 "restarts": nsd.restart_count, "started_at": nsd.started_at, **nsd.namespaces},
         "workers": [w.as_dict() for w in sup.workers],
-        "audit": {"sink": sup.audit_settings.sink, "on_error": sup.audit_settings.on_error,
+        "audit": {"sink": sup.config.audit.sink, "on_error": sup.config.audit.on_error,
                   "degraded": bool(sup.audit_failures()),
                   "failing": {str(i): e for i, e in sup.audit_failures().items()}},
         "onramps": [{"name": o.name, "kind": o.kind, "path": str(o.path) if o.path else None,

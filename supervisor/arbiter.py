@@ -25,6 +25,7 @@ import structlog
 from ipferry.nsd.addressing import WorkerBlock
 from ipferry.nsd.namespace import HostError
 from ipferry.runtime import fdpass, logs
+from ipferry.runtime.settings import WorkerSettings
 
 from . import config as configmod
 from .admin import AdminServer
@@ -75,14 +76,10 @@ class Supervisor:
     def __init__(self, config: configmod.Config, config_path: str | None, *,
                  workers: int | None = None, admin_listen: str | None = None,
                  log_overrides: dict | None = None) -> None:
+        # The config the daemon runs: a reload changes its live keys only (see config.Reload),
+        # so that a worker restarted after a reload runs like its siblings.
         self.config = config
         self.log_overrides = log_overrides or {}  # --log-level/--log-format outlive reloads
-        # What the namespace and log format were built with; a reload cannot change them.
-        self.namespace = config.namespace
-        self.log_format = config.logging.format
-        # Fixed too, so that a worker restarted after a reload runs like its siblings.
-        self.flows_settings = config.flows
-        self.audit_settings = config.audit
         self.config_path = config_path
         self.workers_override = workers
         self.admin_listen_override = admin_listen
@@ -139,9 +136,10 @@ class Supervisor:
         line = f"nsd {self.nsd.state}, {ready}/{len(self.workers)} workers ready"
         if failing := self.audit_failures():
             error = next(iter(failing.values()))
-            line += (f"; audit sink {self.audit_settings.sink} failing on worker"
+            audit = self.config.audit
+            line += (f"; audit sink {audit.sink} failing on worker"
                      f"{'s' if len(failing) > 1 else ''} {', '.join(map(str, sorted(failing)))}: "
-                     f"{error} (audit.on_error = {self.audit_settings.on_error})")
+                     f"{error} (audit.on_error = {audit.on_error})")
         return line
 
     async def gather_worker_metrics(self, timeout: float = 1.0) -> None:
@@ -303,7 +301,7 @@ class Supervisor:
         new: dict[int, dict[str, int]] = {}  # worker index -> its fds, ours once taken
         try:
             await expect("hello")
-            ns = self.namespace
+            ns = self.config.namespace
             child.channel.send("setup", {"blocks": [w.block.as_dict() for w in self.workers],
                                          "mtu": ns.mtu, "offload": ns.offload,
                                          "sysctls": ns.sysctls})
@@ -339,7 +337,7 @@ class Supervisor:
         self.spawn(self.watch_child(child, None))
 
     def log_args(self) -> list[str]:
-        return ["--log-format", self.log_format, "--log-level", self.config.logging.level]
+        return ["--log-format", self.config.logging.format, "--log-level", self.config.logging.level]
 
     # -- workers ---------------------------------------------------------------------------------
 
@@ -401,7 +399,7 @@ class Supervisor:
             if child.alive:
                 child.channel.send("equip", {"block": slot.block.as_dict(),
                                              "onramps": [o.name for o in self.onramps],
-                                             "settings": self.worker_settings()}, fds)
+                                             "settings": self.worker_settings().dump()}, fds)
                 slot.equipped = True
                 for other, _, theirs in peers:
                     try:
@@ -434,7 +432,7 @@ class Supervisor:
                 error = msg.get("error")
                 slot.audit_error = str(error)[:200] if error is not None else None
                 self.log.warning("audit_sink_state", worker=slot.index,
-                                 sink=self.audit_settings.sink, error=slot.audit_error)
+                                 sink=self.config.audit.sink, error=slot.audit_error)
                 self.notifier.status(self.status_line())
 
     def on_child_exit(self, child: ChildProcess) -> None:
@@ -585,25 +583,15 @@ class Supervisor:
             if self.started:
                 self.notifier.ready(self.status_line())
             return False, str(exc)
-        old = self.config
-        needs_restart = [key for key in ("workers", "onramps")
-                         if getattr(old, key) != getattr(new, key)]
-        if new.namespace != self.namespace:
-            needs_restart.append("namespace")
-        if new.logging.format != self.log_format:
-            needs_restart.append("logging.format")
-        if old.admin.listen != new.admin.listen or old.admin.unix_socket != new.admin.unix_socket:
-            needs_restart.append("admin listeners")
-        needs_restart += [key for key, running in (("flows", self.flows_settings),
-                                                   ("audit", self.audit_settings))
-                          if getattr(new, key) != running]
+        # Compared with what runs, not with the file read last: a change undone is no change.
+        new, needs_restart = self.config.reloaded(new)
         self.config = new
         self.apply_supervision(new.supervision)
         logs.set_level(new.logging.level)
         if self.admin:
             self.admin.settings = new.admin
         self.nsd_reconfigure = {"log_level": new.logging.level}
-        settings = {**self.nsd_reconfigure, "settings": self.worker_settings()}
+        settings = {**self.nsd_reconfigure, "settings": self.worker_settings().dump()}
         for child in [w.child for w in self.workers] + [self.nsd.child]:
             if child and child.alive:
                 try:
@@ -620,26 +608,10 @@ class Supervisor:
             msg += f"; changes to {', '.join(needs_restart)} take effect at the next restart"
         return True, msg
 
-    def worker_settings(self) -> dict:
-        """What workers need of the config: the application, its rules, flow limits, audit."""
-        c = self.config
-        return {
-            "workers": self.worker_count,
-            "app": c.app.model_dump(mode="json", by_alias=True),
-            "rules": [{**r.model_dump(mode="json"), "port_range": r.port_range(),
-                       "upstream": configmod._host_port(r.upstream) if r.upstream else None}
-                      for r in c.rules],
-            "flows": self.flows_settings.model_dump(mode="json"),
-            "mtu": self.namespace.mtu,
-            "offload": self.namespace.offload,
-            # From the bound listeners, not a reloaded config: a worker restarted later must get
-            # the lists its socket was opened with (on-ramp changes take a restart).
-            "gue": {o.name: {"allow": [str(n) for n in o.config.allow],
-                             "tenants": list(o.config.tenants),
-                             "address": list(o.config.address())}
-                    for o in self.onramps if o.config is not None},
-            "audit": self.audit_settings.model_dump(mode="json"),
-        }
+    def worker_settings(self) -> WorkerSettings:
+        """What workers are given of the running config (on-ramps as bound: they change only
+        at a restart)."""
+        return self.config.worker_settings(self.worker_count)
 
     async def ask_workers(self, request: str, body: dict | None = None,
                           timeout: float = 2.0) -> dict[int, fdpass.Message | None]:

@@ -3,16 +3,25 @@
 A refused config names the key, the value, the reason and, where the file has it, the line::
 
     ipferry.toml:7: admin.listen = '0.0.0.0:9180': admin must listen on loopback (...)
+
+Every key declares, next to it, what a reload does with it (:class:`Reload`: ``LIVE`` or kept
+until a restart); :meth:`Config.reloaded` and the table in docs/configuration.md are worked out
+from those declarations (``python -m ipferry.supervisor.config --reload-table``). The sections only
+the workers use (``[flows]``, ``[audit]``, ``[app]``) are those of ``ipferry.runtime.settings``.
 """
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import os
 import re
+import sys
 import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -27,6 +36,7 @@ from pydantic import (
 
 from ipferry.nsd.addressing import capacity, worker_block
 from ipferry.runtime.paths import default_runtime_dir
+from ipferry.runtime.settings import App, Audit, Flows, GueSettings, RuleSettings, WorkerSettings
 from ipferry.worker.app import TENANT_PATTERN, import_application
 
 MAX_WORKERS = 128
@@ -41,6 +51,46 @@ class ConfigError(Exception):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# -- what a reload does with each key -----------------------------------------------------------
+
+@dataclass(frozen=True)
+class Reload:
+    """A key's reload behaviour, declared next to it as ``Annotated[type, LIVE]`` (or another
+    instance): ``live``, the running daemon takes the reloaded value; ``restart``, it keeps the
+    value it runs with until it is restarted, and a reload that changes the key names it in its
+    reply. A key of a table type may declare it for the whole table, else each of its keys does.
+    ``note`` is what docs/configuration.md says of it; keys with the same declaration share a row.
+    """
+
+    when: Literal["live", "restart"]
+    note: str
+
+
+KEPT = Reload("restart", "Keep their running values until the next restart, in workers started "
+              "after the reload too (a GUE on-ramp's `allow` and `tenants` are those it was bound "
+              "with; a rebuilt nsd uses the namespace, `offload` included, the daemon started "
+              "with). A reload that changes one names it in its reply: `reloaded; changes to "
+              "namespace, flows take effect at the next restart`.")
+FIXED_FOR_WORKERS = Reload(
+    "restart", "Fixed at daemon start: the supervisor gives every worker, running or started "
+    "after the reload (crash restart, `ipferry restart-worker`), the limits, timeouts, connect "
+    "timeout and audit sink the daemon started with, so all workers run alike. A reload that "
+    "changes them names `flows` / `audit` in its reply; they apply at the next daemon restart. "
+    "(A new `audit.sink` is still opened once, to check it.)")
+LIVE_TOKEN = Reload("live", "The next mutating request is checked against the new setting.")
+LIVE_LOG_LEVEL = Reload("live", "The supervisor, nsd and every worker (and children started "
+                        "later). A `--log-level` given on the command line still wins.")
+LIVE_SUPERVISION = Reload("live", "Backoff, crash-loop limit and window, and `stop_timeout` "
+                          "apply to the next death or stop; `start_timeout` to the next nsd "
+                          "rebuild.")
+LIVE_APPLICATION = Reload(
+    "live", "Every running worker builds a new application object from the new settings (a new "
+    "instance of `class`, or the rules application with the new rules and `default_action`; a "
+    "module already imported is not re-imported). It decides flows and parses tunnel contexts "
+    "from then on, and receives `on_flow_end` for flows ending after the reload. Flows already "
+    "decided keep their decision; open tunnels keep their context.")
 
 
 def _host_port(value: str) -> tuple[str, int]:
@@ -125,10 +175,10 @@ Onramp = Annotated[Annotated[TunnelOnramp, Tag("tunnel")] | Annotated[GueOnramp,
 
 
 class Admin(_Strict):
-    listen: str | None = "127.0.0.1:9180"
-    unix_socket: Path | None = None  # default: <runtime dir>/admin.sock; "" disables it
-    token: Annotated[str, Field(min_length=16)] | None = None
-    token_file: Path | None = None
+    listen: Annotated[str | None, KEPT] = "127.0.0.1:9180"
+    unix_socket: Annotated[Path | None, KEPT] = None  # default: <runtime dir>/admin.sock; "" off
+    token: Annotated[Annotated[str, Field(min_length=16)] | None, LIVE_TOKEN] = None
+    token_file: Annotated[Path | None, LIVE_TOKEN] = None
 
     @field_validator("listen")
     @classmethod
@@ -220,26 +270,10 @@ class Supervision(_Strict):
 
 
 class Logging(_Strict):
-    format: Literal["json", "console"] = "json"
-    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Annotated[Literal["json", "console"], KEPT] = "json"
+    level: Annotated[Literal["debug", "info", "warning", "error"], LIVE_LOG_LEVEL] = "info"
 
 
-class Flows(_Strict):
-    """Flow tracking limits and idle timeouts (seconds, per state, like conntrack's)."""
-
-    # None: 100,000, or fewer if the worker's fd limit cannot hold them (see the worker).
-    max_per_worker: Annotated[int, Field(ge=1)] | None = None
-    max_per_tenant: Annotated[int, Field(ge=1)] = 10_000
-    # UDP and ICMP flows each hold a connected socket, so a local port of the host.
-    max_datagram_per_tenant: Annotated[int, Field(ge=1)] = 1_000
-    tcp_syn_sent: Annotated[float, Field(gt=0)] = 120.0
-    tcp_established: Annotated[float, Field(gt=0)] = 7200.0
-    tcp_fin_wait: Annotated[float, Field(gt=0)] = 120.0
-    tcp_closing: Annotated[float, Field(gt=0)] = 60.0
-    udp_unreplied: Annotated[float, Field(gt=0)] = 30.0  # no reply yet (a lone DNS query)
-    udp_replied: Annotated[float, Field(gt=0)] = 120.0
-    icmp: Annotated[float, Field(gt=0)] = 30.0
-    upstream_connect_timeout: Annotated[float, Field(gt=0, le=300)] = 10.0
 
 
 class Rule(_Strict):
@@ -288,37 +322,31 @@ class Rule(_Strict):
         lo, _, hi = self.ports.partition("-")
         return int(lo), int(hi or lo)
 
+    def for_workers(self, position: int) -> RuleSettings:
+        return RuleSettings(action=self.action, name=self.name or str(position),
+                            tenant=self.tenant, protocol=self.protocol, cidr=self.cidr,
+                            ports=self.port_range(),
+                            upstream=_host_port(self.upstream) if self.upstream else None)
 
-class App(_Strict):
-    """The application hooks: a ``module:Class`` (default: rules from this file)."""
-
-    cls: Annotated[str | None, Field(alias="class", pattern=r"^[\w.]+:\w+$")] = None
-    default_action: Literal["allow", "deny"] = "allow"
 
 
-class Audit(_Strict):
-    """Where flow start/end records go: ``stdout`` or a JSON-lines file; what flows do while
-    the sink fails (``continue``: fail open, the lost records counted; ``refuse``: fail closed,
-    new flows refused); how often refusals past a limit are summed up in one record."""
 
-    sink: str = "stdout"
-    on_error: Literal["continue", "refuse"] = "continue"
-    refusals_interval: Annotated[float, Field(ge=1, le=3600)] = 10.0
 
 
 class Config(_Strict):
     # At most 128: a worker's equip message carries a mesh fd per peer (SCM_MAX_FD is 253).
-    workers: Annotated[int, Field(ge=1, le=MAX_WORKERS)] | None = None  # default: the CPUs
-    onramps: Annotated[list[Onramp], Field(max_length=32)] = Field(
+    workers: Annotated[Annotated[int, Field(ge=1, le=MAX_WORKERS)] | None,
+                       KEPT] = None  # default: the CPUs
+    onramps: Annotated[list[Onramp], Field(max_length=32), KEPT] = Field(
         default_factory=lambda: [TunnelOnramp()])
     admin: Admin = Admin()
-    namespace: Namespace = Namespace()
-    supervision: Supervision = Supervision()
+    namespace: Annotated[Namespace, KEPT] = Namespace()
+    supervision: Annotated[Supervision, LIVE_SUPERVISION] = Supervision()
     logging: Logging = Logging()
-    flows: Flows = Flows()
-    app: App = App()
-    rules: list[Rule] = []
-    audit: Audit = Audit()
+    flows: Annotated[Flows, FIXED_FOR_WORKERS] = Flows()
+    app: Annotated[App, LIVE_APPLICATION] = App()
+    rules: Annotated[list[Rule], LIVE_APPLICATION] = []
+    audit: Annotated[Audit, FIXED_FOR_WORKERS] = Audit()
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
@@ -347,6 +375,29 @@ class Config(_Strict):
                 raise ConfigError(f"audit.sink = {self.audit.sink!r}: cannot open for append "
                                   f"({exc.strerror})") from None
 
+    def worker_settings(self, workers: int) -> WorkerSettings:
+        """What the workers are given of this config (``workers``: how many the daemon runs)."""
+        return WorkerSettings(
+            workers=workers, mtu=self.namespace.mtu, offload=self.namespace.offload,
+            flows=self.flows, audit=self.audit, app=self.app,
+            rules=[r.for_workers(i) for i, r in enumerate(self.rules)],
+            gue={o.name: GueSettings(allow=[str(n) for n in o.allow], tenants=list(o.tenants),
+                                     address=o.address())
+                 for o in self.onramps if isinstance(o, GueOnramp)})
+
+    def reloaded(self, new: Config) -> tuple[Config, list[str]]:
+        """The config a running daemon has after reloading ``new`` (this one is what it runs
+        with): ``new``'s value of every live key, this one's of the others; and the keys that
+        differ between the two and so wait for a restart."""
+        update: dict[tuple[str, ...], Any] = {}
+        needs_restart = []
+        for path, rule in reload_rules():
+            if rule.when == "live":
+                update[path] = _get(new, path)
+            elif _get(self, path) != _get(new, path):
+                needs_restart.append(".".join(path))
+        return _replace(self, update), needs_restart
+
     def worker_count(self, override: int | None = None) -> int:
         n = override or self.workers or os.cpu_count() or 1
         if n > MAX_WORKERS:
@@ -355,6 +406,79 @@ class Config(_Strict):
             raise ConfigError(f"workers = {n}: the namespace pools hold blocks for "
                               f"{self.namespace.max_workers()} workers")
         return n
+
+
+def reload_rules(model: type[BaseModel] = Config,
+                 prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Reload]]:
+    """Every key's (path, reload declaration), in the order of the schema."""
+    for name, field in model.model_fields.items():
+        path = (*prefix, name)
+        rule = next((m for m in field.metadata if isinstance(m, Reload)), None)
+        if rule is not None:
+            yield path, rule
+        elif isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            yield from reload_rules(field.annotation, path)
+        else:
+            raise TypeError(f"config key {'.'.join(path)} declares no reload behaviour")
+
+
+def _get(config: BaseModel, path: tuple[str, ...]) -> Any:
+    for name in path:
+        config = getattr(config, name)
+    return config
+
+
+def _replace(config: BaseModel, update: dict[tuple[str, ...], Any]) -> Any:
+    """``config`` with the values at the given paths replaced (the models are frozen)."""
+    top: dict[str, Any] = {}
+    nested: dict[str, dict[tuple[str, ...], Any]] = {}
+    for path, value in update.items():
+        if len(path) == 1:
+            top[path[0]] = value
+        else:
+            nested.setdefault(path[0], {})[path[1:]] = value
+    for name, inner in nested.items():
+        top[name] = _replace(getattr(config, name), inner)
+    return config.model_copy(update=top)
+
+
+def _key_label(path: tuple[str, ...]) -> str:
+    model: Any = Config
+    for name in path[:-1]:
+        model = model.model_fields[name].annotation
+    annotation = model.model_fields[path[-1]].annotation
+    dotted = ".".join(path)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return f"`[{dotted}]`"
+    if getattr(annotation, "__origin__", None) is list and path in (("onramps",), ("rules",)):
+        return f"`[[{dotted}]]`"
+    return f"`{dotted}`"
+
+
+def reload_table() -> str:
+    """The table of docs/configuration.md's Reload section, from the keys' declarations."""
+    rows: dict[Reload, list[str]] = {}
+    for path, rule in reload_rules():
+        rows.setdefault(rule, []).append(_key_label(path))
+    lines = ["| key | on reload | what happens |", "| --- | --- | --- |"]
+    for rule, keys in rows.items():
+        when = "live" if rule.when == "live" else "at restart"
+        lines.append(f"| {', '.join(keys)} | {when} | {rule.note} |")
+    return "\n".join(lines) + "\n"
+
+
+TABLE_START = "<!-- reload-table: generated by `python -m ipferry.supervisor.config --reload-table`"
+TABLE_END = "<!-- end of reload-table -->"
+
+
+def with_reload_table(doc: str) -> str:
+    """``doc`` (docs/configuration.md) with its reload table replaced by the generated one."""
+    head, start, rest = doc.partition(TABLE_START)
+    marker, _, rest = rest.partition("\n")
+    _, end, tail = rest.partition(TABLE_END)
+    if not start or not end:
+        raise ValueError(f"no reload table between {TABLE_START!r} and {TABLE_END!r}")
+    return f"{head}{start}{marker}\n{reload_table()}{end}{tail}"
 
 
 def _find_line(text: str, loc: tuple) -> int | None:
@@ -432,3 +556,23 @@ def load(path: str | os.PathLike | None) -> Config:
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read: {exc.strerror}") from None
     return parse(text, str(p))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ipferry.supervisor.config",
+                                     description="The config schema's generated documentation.")
+    parser.add_argument("--reload-table", action="store_true", required=True,
+                        help="print the table of what a reload does with each key")
+    parser.add_argument("--write", metavar="FILE",
+                        help="replace the table in FILE (docs/configuration.md) instead")
+    args = parser.parse_args(argv)
+    if args.write:
+        path = Path(args.write)
+        path.write_text(with_reload_table(path.read_text()))
+    else:
+        sys.stdout.write(reload_table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -33,6 +33,7 @@ import sys
 
 from ipferry.engine.flows import FlowTable, Timeouts
 from ipferry.runtime import child, fdpass, logs
+from ipferry.runtime.settings import WorkerSettings
 from ipferry.wire.nat import NatPool
 
 from . import metrics, views
@@ -52,13 +53,11 @@ FD_RESERVE = 256  # listeners, TUN, control and mesh links, tunnels
 HOOK_DRAIN = 2.0  # at stop, how long on_flow_end calls may still take
 
 
-def build_application(settings: dict):
-    rules = [Rule(r["action"], r.get("tenant"), r.get("cidr"),
-                  tuple(r["port_range"]) if r.get("port_range") else None, r.get("protocol"),
-                  tuple(r["upstream"]) if r.get("upstream") else None, r.get("name") or str(i))
-             for i, r in enumerate(settings["rules"])]
-    return load_application(settings["app"].get("class"), rules=rules,
-                            default_action=settings["app"]["default_action"])
+def build_application(settings: WorkerSettings):
+    rules = [Rule(r.action, r.tenant, r.cidr, r.ports, r.protocol, r.upstream, r.name)
+             for r in settings.rules]
+    return load_application(settings.app.cls, rules=rules,
+                            default_action=settings.app.default_action)
 
 
 def _endpoint(host: str, port: int) -> tuple[bytes | None, int]:
@@ -131,7 +130,7 @@ class Worker:
     async def handle_equip(self, msg: fdpass.Message) -> None:
         first = self.tun is None
         if first:
-            self.configure(msg["settings"])
+            self.configure(WorkerSettings.model_validate(msg["settings"]))
         for name in [n for n in msg.fds if n.startswith("onramp:")]:
             fd = msg.take_fd(name)
             if name[7:] in self.onramps:
@@ -148,7 +147,7 @@ class Worker:
             self.datapath.detach()
         if self.tun is not None:
             self.tun.close()
-        self.tun = TunDevice(msg.take_fd("tun"), vnet=self.settings.get("offload", False))
+        self.tun = TunDevice(msg.take_fd("tun"), vnet=self.settings.offload)
         for name in ("upgrade4", "upgrade6"):
             if old := self.upgrade.pop(name, None):
                 old.close()
@@ -173,38 +172,36 @@ class Worker:
                       onramps=sorted(self.onramps), mesh=sorted(self.mesh), nsd_pid=pong["pid"])
         self.control.send("ready", {"pid": os.getpid()})
 
-    def configure(self, settings: dict) -> None:
+    def configure(self, settings: WorkerSettings) -> None:
         self.settings = settings
         self.app = build_application(settings)
         if self.audit is None:
-            self.audit = AuditLog(settings["audit"]["sink"], self.index, log=self.log,
+            self.audit = AuditLog(settings.audit.sink, self.index, log=self.log,
                                   on_state=self.audit_state)
 
     def start_datapath(self, block: dict) -> None:
         import ipaddress
-        f = self.settings["flows"]
+        f = self.settings.flows
         local4 = ipaddress.IPv4Address(block["ipv4_local"])
         local6 = ipaddress.IPv6Address(block["ipv6_local"])
         pools = {4: NatPool(ipaddress.IPv4Network(block["ipv4"]), {local4}),
                  6: NatPool(ipaddress.IPv6Network(block["ipv6"]), {local6})}
         if self.datapath is None:
-            flows = FlowTable(max_flows=self.flow_budget(f["max_per_worker"]),
-                              max_flows_per_tenant=f["max_per_tenant"],
-                              max_datagram_flows_per_tenant=f["max_datagram_per_tenant"],
-                              timeouts=Timeouts(f["tcp_syn_sent"], f["tcp_established"],
-                                                f["tcp_fin_wait"], f["tcp_closing"],
-                                                udp_unreplied=f["udp_unreplied"],
-                                                udp_replied=f["udp_replied"], icmp=f["icmp"]))
+            flows = FlowTable(max_flows=self.flow_budget(f.max_per_worker),
+                              max_flows_per_tenant=f.max_per_tenant,
+                              max_datagram_flows_per_tenant=f.max_datagram_per_tenant,
+                              timeouts=Timeouts(f.tcp_syn_sent, f.tcp_established,
+                                                f.tcp_fin_wait, f.tcp_closing,
+                                                udp_unreplied=f.udp_unreplied,
+                                                udp_replied=f.udp_replied, icmp=f.icmp))
             self.datapath = DataPath(index=self.index, app=self.app, audit=self.audit,
                                      log=self.log, flows=flows, pools=pools,
                                      local={4: local4.packed, 6: local6.packed},
-                                     connect_timeout=f["upstream_connect_timeout"],
-                                     workers=self.settings["workers"], forward=self.forward,
-                                     mtu=self.settings.get("mtu", 65520),
-                                     audit_on_error=self.settings["audit"].get("on_error",
-                                                                               "continue"),
-                                     refusals_interval=self.settings["audit"].get(
-                                         "refusals_interval", 10.0))
+                                     connect_timeout=f.upstream_connect_timeout,
+                                     workers=self.settings.workers, forward=self.forward,
+                                     mtu=self.settings.mtu,
+                                     audit_on_error=self.settings.audit.on_error,
+                                     refusals_interval=self.settings.audit.refusals_interval)
             self.spawn(self.expire_flows())
         else:
             self.datapath.pools = pools  # a new namespace: nothing of the old one is in use
@@ -216,14 +213,14 @@ class Worker:
                     self.tunnel_closed)
         for name, sock in self.gue_socks.items():
             if name not in self.gue_onramps:
-                conf = self.settings.get("gue", {}).get(name)
+                conf = self.settings.gue.get(name)
                 if conf is None:  # never serve a GUE socket without its allow and tenant lists
                     self.log.error("gue_onramp_unconfigured", onramp=name)
                     continue
-                self.datapath.own_endpoints.add(_endpoint(*conf["address"]))
+                self.datapath.own_endpoints.add(_endpoint(*conf.address))
                 self.gue_onramps[name] = GueOnramp(
-                    name, self.index, sock, self.log, allow=conf.get("allow", []),
-                    tenants=conf.get("tenants", []),
+                    name, self.index, sock, self.log, allow=conf.allow,
+                    tenants=conf.tenants,
                     parse_context=lambda raw: self.app.parse_context(raw),
                     on_packet=self.datapath.on_tunnel_packet)
 
@@ -416,7 +413,7 @@ class Worker:
     async def handle_reconfigure(self, msg: fdpass.Message) -> None:
         logs.set_level(msg["log_level"])
         if "settings" in msg.body and self.datapath is not None:
-            self.settings = msg["settings"]
+            self.settings = WorkerSettings.model_validate(msg["settings"])
             self.app = self.datapath.app = build_application(self.settings)
             for onramp in self.gue_onramps.values():
                 onramp.reset_contexts()
