@@ -31,3 +31,24 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/pip install -q -e '.[test]' 2> >(grep -v 'is ignored: it is neither' >&2)
     touch "$stamp"
 fi
+
+# mypy runs no import hook, so it cannot see the editable install's finder that maps ipferry.wire
+# to wire/ (pyproject.toml's package-dir); it reads the same mapping as symlinks in
+# .venv/mypy-path/ipferry ([tool.mypy] mypy_path). Only a missing or wrong link is (re)made.
+.venv/bin/python - <<'EOF'
+import os
+import tomllib
+from pathlib import Path
+
+package_dir = tomllib.loads(Path("pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+for package, folder in package_dir.items():
+    link = Path(".venv/mypy-path", *package.split("."))
+    target = os.path.relpath(folder, link.parent)
+    if link.is_symlink() and os.readlink(link) == target:
+        continue
+    link.parent.mkdir(parents=True, exist_ok=True)
+    tmp = link.with_name(f".{link.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target, target_is_directory=True)
+    tmp.replace(link)
+EOF

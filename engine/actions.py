@@ -18,7 +18,7 @@ NamedTuples: cheap to make (one per packet on the hot path) and readable in a te
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from .flows import Flow
@@ -66,14 +66,14 @@ class AuditFlowStart(NamedTuple):
     """Write the flow's ``flow_start`` record, then say whether it was written."""
 
     flow: Flow
-    fields: dict
+    fields: dict[str, Any]
 
 
 class Audit(NamedTuple):
     """Write an audit record (``flow_end``; a ``flow_start`` for a flow that never got far)."""
 
     event: str
-    fields: dict
+    fields: dict[str, Any]
 
 
 class ConnectOfframp(NamedTuple):
@@ -132,7 +132,7 @@ class RefusedPastLimit(NamedTuple):
 class Log(NamedTuple):
     level: str
     event: str
-    fields: dict
+    fields: dict[str, Any]
 
 
 Action = (SendToTunnel | RelayToTunnel | WriteTun | Forward | DecideFlow | AuditFlowStart | Audit

@@ -26,6 +26,7 @@ import errno
 import socket
 import struct
 from collections import deque
+from typing import Any
 
 from ipferry.wire.icmp import echo_message, icmp_packet, tcp_packet, udp_packet, unreachable
 from ipferry.wire.nat import NatPool, NatSlot, SlotPoolExhausted, rewrite_tcp
@@ -120,7 +121,7 @@ def flow_start(flow: Flow) -> FlowStart:
                      k.sport, addr(k.dst), k.dport, flow.client.context)
 
 
-def flow_fields(flow: Flow) -> dict:
+def flow_fields(flow: Flow) -> dict[str, Any]:
     """A flow's identity as audit records and logs name it."""
     k, tunnel = flow.key, flow.client
     return {"tenant": k.tenant, "protocol": PROTO_NAMES.get(k.protocol, str(k.protocol)),

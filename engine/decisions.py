@@ -6,12 +6,13 @@ Frozen dataclasses (a decision is shared by every flow its rule decides: memory 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
 class TunnelContext:
     tenant: str
-    extra: dict = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ Rewriting an address or a port must not cost a pass over the payload: RFC 1624's
 from __future__ import annotations
 
 
-def ones_sum(data: bytes | memoryview, start: int = 0) -> int:
+def ones_sum(data: bytes | bytearray | memoryview, start: int = 0) -> int:
     """The 16-bit one's-complement sum of ``data`` (odd length: padded with a zero byte).
 
     Since 2**16 == 1 (mod 0xFFFF), a buffer read as one big-endian integer is congruent to the sum
@@ -22,7 +22,7 @@ def ones_sum(data: bytes | memoryview, start: int = 0) -> int:
     return r or 0xFFFF  # a non-zero sum congruent to 0 is 0xFFFF (negative zero) in one's complement
 
 
-def checksum(data: bytes | memoryview, start: int = 0) -> int:
+def checksum(data: bytes | bytearray | memoryview, start: int = 0) -> int:
     """The Internet checksum of ``data`` (``start``: a pseudo-header's ``ones_sum``)."""
     return ~ones_sum(data, start) & 0xFFFF
 

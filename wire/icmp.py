@@ -88,7 +88,7 @@ def echo_message(type_: int, ident: int, seq: int, data: bytes) -> bytes:
     return _ICMP.pack(type_, 0, 0, ident, seq) + data
 
 
-def unreachable(packet: bytes | bytearray, p: Parsed, reason: str, *, mtu: int = 0,
+def unreachable(packet: bytes | bytearray | memoryview, p: Parsed, reason: str, *, mtu: int = 0,
                 src: bytes | None = None) -> bytes | None:
     """The ICMP error a router would send back to the source of ``packet`` (``p``: its parse).
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from .sharding import _MIX, M32  # the program must do flow_hash's arithmetic, constant for constant
 
@@ -123,6 +123,8 @@ def assemble(lines: Iterable[Line]) -> list[Insn]:
             raise ValueError(f"instruction {pc} (code {code:#x}) is not a jump but has jt/jf")
         if isinstance(k, str) or not 0 <= k <= M32:
             raise ValueError(f"instruction {pc}: k={k!r} is not a 32-bit constant")
+        if isinstance(jt, str) or isinstance(jf, str):  # a label where BPF_JA ignores jt/jf
+            raise ValueError(f"instruction {pc}: jt={jt!r}, jf={jf!r}: only conditional jumps take labels")
         out.append((code, jt, jf, k))
     return out
 
@@ -135,10 +137,11 @@ LEN, IP, L4, ADDR, PROTO, PORTS, TMP = range(7)
 _TCP, _UDP, _ICMP, _ICMPV6 = 6, 17, 1, 58
 _EXTENSION_HEADERS = (0, 43, 60)  # hop-by-hop, routing, destination options
 _MAX_EXTENSION_HEADERS = 4
-_ICMP_ECHO = (8, 0)
-_ICMP_ERRORS = (3, 11, 12)  # unreachable, time exceeded, parameter problem
-_ICMPV6_ECHO = (128, 129)
-_ICMPV6_ERRORS = (1, 2, 3, 4)  # unreachable, packet too big, time exceeded, parameter problem
+_ICMP_ECHO: tuple[int, ...] = (8, 0)
+_ICMP_ERRORS: tuple[int, ...] = (3, 11, 12)  # unreachable, time exceeded, parameter problem
+_ICMPV6_ECHO: tuple[int, ...] = (128, 129)
+# unreachable, packet too big, time exceeded, parameter problem
+_ICMPV6_ERRORS: tuple[int, ...] = (1, 2, 3, 4)
 
 
 class _Emitter:
@@ -280,7 +283,7 @@ _TYPE = struct.Struct("!B")
 _IDENTIFIER = struct.Struct("!4xH")
 
 
-def _read(layout: struct.Struct, data: bytes | bytearray | memoryview, offset: int) -> tuple:
+def _read(layout: struct.Struct, data: bytes | bytearray | memoryview, offset: int) -> tuple[Any, ...]:
     if offset + layout.size > len(data):
         raise _Short
     return layout.unpack_from(data, offset)
