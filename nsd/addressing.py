@@ -46,8 +46,8 @@ def worker_block(index: int, *, ipv4_pool: IPv4Net, ipv4_prefix: int, ipv6_pool:
                  ipv6_prefix: int, tun_prefix: str = "ipf") -> WorkerBlock:
     if not 0 <= index < min(capacity(ipv4_pool, ipv4_prefix), capacity(ipv6_pool, ipv6_prefix)):
         raise ValueError(f"worker {index} has no block in {ipv4_pool}/{ipv6_pool}")
-    v4 = ipaddress.ip_network(
+    v4 = ipaddress.IPv4Network(
         (int(ipv4_pool.network_address) + (index << (32 - ipv4_prefix)), ipv4_prefix))
-    v6 = ipaddress.ip_network(
+    v6 = ipaddress.IPv6Network(
         (int(ipv6_pool.network_address) + (index << (128 - ipv6_prefix)), ipv6_prefix))
     return WorkerBlock(index, f"{tun_prefix}{index}", v4, v6)

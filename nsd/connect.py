@@ -183,7 +183,7 @@ def _daemon_closed(stop: threading.Event, activity: _Activity) -> None:
         activity.closed_by_daemon = True
 
 
-def _pump_tun_to_tunnel(tun_fd: int, tunnel: socket.socket, stop: threading.Event,
+def _pump_tun_to_tunnel(tun_fd: int, tunnel: GueTunnel | socket.socket, stop: threading.Event,
                         activity: _Activity) -> None:
     while not stop.is_set():
         try:
@@ -204,7 +204,7 @@ def _pump_tun_to_tunnel(tun_fd: int, tunnel: socket.socket, stop: threading.Even
     stop.set()
 
 
-def _pump_tunnel_to_tun(tun_fd: int, tunnel: socket.socket, stop: threading.Event,
+def _pump_tunnel_to_tun(tun_fd: int, tunnel: GueTunnel | socket.socket, stop: threading.Event,
                         activity: _Activity) -> None:
     while not stop.is_set():
         try:
@@ -233,6 +233,7 @@ def run(command: list[str], *, tunnel_path: Path | None, context: dict, mtu: int
     ``mtu`` None: 65520 on a connected tunnel, the largest packet a GUE datagram carries on GUE.
     ``offload``: TSO superframes with partial checksums through the tunnel (virtio-net headers).
     """
+    tunnel: GueTunnel | socket.socket
     if gue is not None:
         tunnel = open_gue(gue, context, offload)
         mtu = mtu or tunnel.mtu

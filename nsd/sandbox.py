@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             os._exit(127)
     # We stay as the namespace's keeper: the command's signals are passed on, and once it has
     # exited its orphaned sockets get the time to deliver what they still hold.
-    reaped = []
+    reaped: list[bool] = []
 
     def pass_on(signum: int, _frame) -> None:
         if not reaped:  # once CMD is reaped its pid may be someone else's

@@ -121,7 +121,7 @@ def send(sock: socket.socket, type_: str, body: Mapping | None = None,
     names = list(fds or {})
     data = encode(type_, body, names)
     try:
-        if names:
+        if fds:
             socket.send_fds(sock, [data], [fds[n] for n in names])
         else:
             sock.sendall(data)

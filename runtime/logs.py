@@ -30,7 +30,7 @@ def configure(role: str, worker: int | None = None, *, fmt: str = "json",
         cache_logger_on_first_use=False,
     )
     structlog.contextvars.clear_contextvars()
-    bound = {"role": role}
+    bound: dict[str, object] = {"role": role}
     if worker is not None:
         bound["worker"] = worker
     structlog.contextvars.bind_contextvars(**bound)
