@@ -228,7 +228,9 @@ def cmd_admin(args) -> int:
 
 
 def _where(onramp) -> str:
-    return f"udp {onramp.listen} (GUE)" if onramp.kind == "gue" else str(onramp.socket_path())
+    from .listeners import listener_class  # lazy for start-up time, as the commands' imports
+
+    return listener_class(onramp.kind).where(onramp)
 
 
 def format_status(body: dict) -> str:

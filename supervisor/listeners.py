@@ -5,6 +5,10 @@ SO_REUSEPORT group of UDP sockets, one per worker, bound in worker order: the gr
 program returns a worker index, which is the socket's place in the group. The supervisor holds
 every socket for the daemon's life, so a restarted worker gets its predecessor's socket (and the
 datagrams queued on it) and the group's order never changes.
+
+Each kind of the config's on-ramps is a :class:`Listener` subclass registered under the config's
+``kind`` (as the workers register their on-ramp classes, :mod:`ipferry.worker.onramps`); a worker
+gets each on-ramp's fd named ``onramp:<kind>:<name>`` (:mod:`ipferry.runtime.fdnames`).
 """
 
 from __future__ import annotations
@@ -14,10 +18,12 @@ import errno
 import os
 import socket
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar, TypeVar
 
+from ipferry.runtime import fdnames
 from ipferry.wire.steering import Insn, program
 
 from .config import GueOnramp, TunnelOnramp
@@ -30,28 +36,59 @@ class ListenerError(Exception):
     """A listener that cannot be had; ``str()`` names the path, the cause and the fix."""
 
 
+_KINDS: dict[str, type[Listener]] = {}
+_L = TypeVar("_L", bound="type[Listener]")
+
+
+def register(kind: str) -> Callable[[_L], _L]:
+    """Class decorator: the listener class of the config's on-ramp ``kind``."""
+    def add(cls: _L) -> _L:
+        cls.kind = kind
+        _KINDS[kind] = cls
+        return cls
+    return add
+
+
+def listener_class(kind: str) -> type[Listener]:
+    try:
+        return _KINDS[kind]
+    except KeyError:
+        raise ListenerError(f"on-ramp kind {kind!r}: not one of {', '.join(sorted(_KINDS))}") from None
+
+
 @dataclass
 class Listener:
+    """A bound on-ramp, held for the daemon's life; one subclass per config ``kind``."""
+
+    kind: ClassVar[str]
     name: str
     sock: socket.socket
-    path: Path | None  # a unix socket file we created and must remove
+    path: Path | None = None  # a unix socket file we created and must remove
     inode: int | None = None
     from_systemd: bool = False
-    kind: str = "tunnel"
-    group: list[socket.socket] = field(default_factory=list)  # GUE: worker i's socket at i
-    address: str | None = None  # GUE: HOST:PORT
-    config: GueOnramp | None = None  # GUE: as bound (a reload changes it only at a restart)
+    address: str | None = None  # where it listens, for the status (a path says it otherwise)
+
+    @classmethod
+    def open(cls, onramp, workers: int, passed: dict[str, socket.socket]) -> Listener:
+        """Bind the on-ramp ``onramp`` (its config) for ``workers`` workers, or take its socket
+        from ``passed`` (systemd's, by name) if the kind can."""
+        raise NotImplementedError
+
+    @staticmethod
+    def where(onramp) -> str:
+        """Where the on-ramp ``onramp`` (its config) listens, for people."""
+        raise NotImplementedError
+
+    def fd_for(self, worker: int) -> int:
+        """The fd worker ``worker`` gets of this on-ramp: by default the one shared socket."""
+        return self.sock.fileno()
 
     def fds_for(self, worker: int) -> dict[str, int]:
-        """The fds worker ``worker`` gets of this on-ramp."""
-        if self.kind == "gue":
-            return {f"gue:{self.name}": self.group[worker].fileno()}
-        return {f"onramp:{self.name}": self.sock.fileno()}
+        """The fds worker ``worker`` gets of this on-ramp, by name."""
+        return {fdnames.onramp(self.kind, self.name): self.fd_for(worker)}
 
     def close(self) -> None:
         self.sock.close()
-        for sock in self.group:
-            sock.close()
         if self.path is None or self.from_systemd:
             return
         try:  # only remove the file if it is still ours (a successor may have bound it)
@@ -163,7 +200,51 @@ def attach_program(sock: socket.socket, insns: Sequence[Insn]) -> None:
                       "Linux >= 4.5 and a program its checker accepts") from exc
 
 
-def bind_gue_group(onramp: GueOnramp, workers: int) -> Listener:
+@register("tunnel")
+@dataclass
+class SeqpacketListener(Listener):
+    """A connected tunnel on-ramp: one SOCK_SEQPACKET listener every worker accepts on."""
+
+    @classmethod
+    def open(cls, onramp: TunnelOnramp, workers: int,
+             passed: dict[str, socket.socket]) -> SeqpacketListener:
+        if onramp.name in passed:
+            return cls(onramp.name, passed.pop(onramp.name), from_systemd=True)
+        path = onramp.socket_path()
+        sock, inode = bind_unix(path, socket.SOCK_SEQPACKET, onramp.mode, onramp.backlog)
+        return cls(onramp.name, sock, path, inode)
+
+    @staticmethod
+    def where(onramp: TunnelOnramp) -> str:
+        return str(onramp.socket_path())
+
+
+@register("gue")
+@dataclass
+class GueListener(Listener):
+    """A GUE on-ramp: a steered SO_REUSEPORT group of UDP sockets, worker i's socket at i."""
+
+    group: list[socket.socket] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, onramp: GueOnramp, workers: int,
+             passed: dict[str, socket.socket]) -> GueListener:
+        return bind_gue_group(onramp, workers)
+
+    @staticmethod
+    def where(onramp: GueOnramp) -> str:
+        return f"udp {onramp.listen} (GUE)"
+
+    def fd_for(self, worker: int) -> int:
+        return self.group[worker].fileno()
+
+    def close(self) -> None:
+        super().close()
+        for sock in self.group:
+            sock.close()
+
+
+def bind_gue_group(onramp: GueOnramp, workers: int) -> GueListener:
     """One UDP socket per worker in a SO_REUSEPORT group steered by the flow-hash program."""
     host, port = onramp.address()
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -195,8 +276,7 @@ def bind_gue_group(onramp: GueOnramp, workers: int) -> Listener:
         raise ListenerError(f"GUE on-ramp {onramp.name} at {onramp.listen}: cannot bind "
                             f"({exc.strerror or exc}); is another process using the port?") from None
     where = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
-    return Listener(onramp.name, group[0].dup(), None, kind="gue", group=group, address=where,
-                    config=onramp)
+    return GueListener(onramp.name, group[0].dup(), address=where, group=group)
 
 
 def open_onramps(onramps: list[TunnelOnramp | GueOnramp], workers: int = 1) -> list[Listener]:
@@ -204,15 +284,7 @@ def open_onramps(onramps: list[TunnelOnramp | GueOnramp], workers: int = 1) -> l
     out: list[Listener] = []
     try:
         for onramp in onramps:
-            if isinstance(onramp, GueOnramp):
-                out.append(bind_gue_group(onramp, workers))
-                continue
-            if onramp.name in passed:
-                out.append(Listener(onramp.name, passed.pop(onramp.name), None, from_systemd=True))
-                continue
-            path = onramp.socket_path()
-            sock, inode = bind_unix(path, socket.SOCK_SEQPACKET, onramp.mode, onramp.backlog)
-            out.append(Listener(onramp.name, sock, path, inode))
+            out.append(listener_class(onramp.kind).open(onramp, workers, passed))
     except BaseException:
         for listener in out:
             listener.close()

@@ -2,10 +2,11 @@
 
 Protocol with the supervisor on the control channel:
 
-- supervisor -> ``equip`` {onramps, block, settings}: fds ``onramp:<name>`` (connected tunnel
-  listeners), ``gue:<name>`` (this worker's socket of each GUE on-ramp's group), ``tun``,
-  ``upgrade4``, ``upgrade6``, ``nsd`` and ``mesh:<peer>`` for every other live worker. Sent again
-  after nsd was replaced: the worker then swaps its TUN, listeners and nsd link, keeping the rest.
+- supervisor -> ``equip`` {onramps, block, settings}: fds ``onramp:<kind>:<name>`` (each on-ramp's:
+  a connected tunnel listener, this worker's socket of a GUE on-ramp's group; see
+  :mod:`ipferry.worker.onramps`), ``tun``, ``upgrade4``, ``upgrade6``, ``nsd`` and
+  ``mesh:<peer>`` for every other live worker. Sent again after nsd was replaced: the worker
+  then swaps its TUN, listeners and nsd link, keeping the rest.
 - worker -> ``ready`` once equipped and nsd answered a ping on the worker's own link.
 - supervisor -> ``mesh_peer`` {peer}: fd ``mesh:<peer>``, a replaced worker's new link.
 - supervisor -> ``metrics`` {snapshot, start} -> worker replies with ``metrics`` {families,
@@ -26,13 +27,14 @@ Protocol with the supervisor on the control channel:
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import resource
 import socket
 import sys
 
 from ipferry.engine.flows import FlowTable, Timeouts
-from ipferry.runtime import child, fdpass, logs
+from ipferry.runtime import child, fdnames, fdpass, logs
 from ipferry.runtime.settings import WorkerSettings
 from ipferry.wire.nat import NatPool
 
@@ -41,9 +43,8 @@ from .app import Rule, TunnelContext, call_hook, load_application
 from .audit import AuditLog
 from .datapath import PKT_FROM_MESH, PKT_TO_MESH, DataPath
 from .mesh import PACKET, REPLY, MeshLink, RemoteTunnel
+from .onramps import Onramp, OnrampClass, OnrampRefused, OnrampUnusable, Wiring, resolve
 from .tun import TunDevice
-from .tunnels import TunnelOnramp
-from .unconnected import GueOnramp
 
 EXPIRE_INTERVAL = 1.0
 DEFAULT_MAX_FLOWS = 100_000
@@ -58,13 +59,6 @@ def build_application(settings: WorkerSettings):
              for r in settings.rules]
     return load_application(settings.app.cls, rules=rules,
                             default_action=settings.app.default_action)
-
-
-def _endpoint(host: str, port: int) -> tuple[bytes | None, int]:
-    """A GUE on-ramp's (address, port) as flows see it; None for a wildcard address."""
-    import ipaddress
-    address = ipaddress.ip_address(host)
-    return (None if address.is_unspecified else address.packed), port
 
 
 def release_memory() -> None:
@@ -83,16 +77,14 @@ class Worker:
         self.index = index
         self.log = log
         self.control = fdpass.AsyncChannel(control, "supervisor")
-        self.onramps: dict[str, socket.socket] = {}
+        self.onramp_socks: dict[str, tuple[OnrampClass, socket.socket]] = {}  # by on-ramp name
+        self.onramps: dict[str, Onramp] = {}  # those served (made once the data path is)
         self.tun: TunDevice | None = None
         self.upgrade: dict[str, socket.socket] = {}
         self.nsd: fdpass.AsyncChannel | None = None
         self.mesh: dict[int, MeshLink] = {}
         self.remote_tunnels: dict[tuple[int, int], RemoteTunnel] = {}  # (origin, id)
         self.datapath: DataPath | None = None
-        self.tunnel_onramps: dict[str, TunnelOnramp] = {}
-        self.gue_socks: dict[str, socket.socket] = {}
-        self.gue_onramps: dict[str, GueOnramp] = {}
         self.app = None
         self.audit: AuditLog | None = None
         self.stopping = asyncio.Event()
@@ -131,18 +123,8 @@ class Worker:
         first = self.tun is None
         if first:
             self.configure(WorkerSettings.model_validate(msg["settings"]))
-        for name in [n for n in msg.fds if n.startswith("onramp:")]:
-            fd = msg.take_fd(name)
-            if name[7:] in self.onramps:
-                os.close(fd)  # a re-equip repeats the on-ramps we already hold
-            else:
-                self.onramps[name[7:]] = socket.socket(fileno=fd)
-        for name in [n for n in msg.fds if n.startswith("gue:")]:
-            fd = msg.take_fd(name)
-            if name[4:] in self.gue_socks:
-                os.close(fd)
-            else:
-                self.gue_socks[name[4:]] = socket.socket(fileno=fd)
+        for fdname in [n for n in msg.fds if fdnames.is_onramp(n)]:
+            self.take_onramp(fdname, msg.take_fd(fdname))
         if self.datapath is not None:
             self.datapath.detach()
         if self.tun is not None:
@@ -153,6 +135,7 @@ class Worker:
                 old.close()
             self.upgrade[name] = socket.socket(fileno=msg.take_fd(name))
         self.start_datapath(msg["block"])
+        self.start_onramps()
         if self.nsd is not None:
             self.nsd.close()
         self.nsd = fdpass.AsyncChannel(socket.socket(fileno=msg.take_fd("nsd")), "nsd")
@@ -206,23 +189,38 @@ class Worker:
         else:
             self.datapath.pools = pools  # a new namespace: nothing of the old one is in use
         self.datapath.attach(self.tun, self.upgrade["upgrade4"], self.upgrade["upgrade6"])
-        for name, sock in self.onramps.items():
-            if name not in self.tunnel_onramps:
-                self.tunnel_onramps[name] = TunnelOnramp(
-                    name, self.index, sock, self.log, self.parse_context, self.datapath.on_tunnel_packet,
-                    self.tunnel_closed)
-        for name, sock in self.gue_socks.items():
-            if name not in self.gue_onramps:
-                conf = self.settings.gue.get(name)
-                if conf is None:  # never serve a GUE socket without its allow and tenant lists
-                    self.log.error("gue_onramp_unconfigured", onramp=name)
-                    continue
-                self.datapath.own_endpoints.add(_endpoint(*conf.address))
-                self.gue_onramps[name] = GueOnramp(
-                    name, self.index, sock, self.log, allow=conf.allow,
-                    tenants=conf.tenants,
-                    parse_context=lambda raw: self.app.parse_context(raw),
-                    on_packet=self.datapath.on_tunnel_packet)
+
+    def take_onramp(self, fdname: str, fd: int) -> None:
+        """Hold the fd of an on-ramp (``onramp:<kind>:<name>``) for the class of its kind; one
+        of a kind or name this worker cannot take is logged and closed."""
+        try:
+            name, cls = resolve(fdname)
+        except OnrampRefused as exc:
+            self.log.error("onramp_refused", fd=fdname, error=str(exc))
+            os.close(fd)
+            return
+        if name in self.onramp_socks:
+            os.close(fd)  # a re-equip repeats the on-ramps we already hold
+            return
+        self.onramp_socks[name] = (cls, socket.socket(fileno=fd))
+
+    def start_onramps(self) -> None:
+        """Serve every on-ramp held and not served yet (the data path takes their packets)."""
+        wiring = Wiring(worker=self.index, log=self.log, settings=self.settings,
+                        parse_context=self.parse_context,
+                        app_parse_context=lambda raw: self.app.parse_context(raw),
+                        on_packet=self.datapath.on_tunnel_packet, on_close=self.tunnel_closed)
+        for name, (cls, sock) in self.onramp_socks.items():
+            if name in self.onramps:
+                continue
+            try:
+                onramp = cls(name, sock, wiring)
+            except OnrampUnusable as exc:
+                self.log.error("onramp_unusable", onramp=name, error=str(exc))
+                continue
+            self.datapath.own_endpoints.update(onramp.endpoints)
+            self.onramps[name] = onramp
+            onramp.start()
 
     def flow_budget(self, configured: int | None) -> int:
         """``flows.max_per_worker``; by default :data:`DEFAULT_MAX_FLOWS` or fewer if the fd
@@ -271,10 +269,10 @@ class Worker:
                 # (glibc keeps it otherwise; the flow tables' large blocks live there).
                 release_memory()
                 peak = flows
-            if self.gue_onramps:
-                in_use = {e.tunnel.id for e in self.datapath.entries.values()}
-                for onramp in self.gue_onramps.values():
-                    onramp.sweep(in_use)
+            # The tunnels flows use: worked out once a sweep, and only if an on-ramp asks.
+            in_use = functools.cache(lambda: {e.tunnel.id for e in self.datapath.entries.values()})
+            for onramp in self.onramps.values():
+                onramp.sweep(in_use)
 
     async def handle_flows(self, msg: fdpass.Message) -> None:
         """Counts, or a page of flows in start order (see the module's docstring)."""
@@ -297,8 +295,7 @@ class Worker:
 
     async def handle_tunnels(self, msg: fdpass.Message) -> None:
         def take() -> list:
-            return [t for o in [*self.tunnel_onramps.values(), *self.gue_onramps.values()]
-                    for t in o.tunnels.values()]
+            return [t for o in self.onramps.values() for t in o.tunnels()]
 
         part = self.snapshots.part(msg.body, take, views.tunnel_row)
         await self.control.reply_when_ready(msg, "tunnels", {**part, "tunnels": part.pop("rows")})
@@ -359,7 +356,7 @@ class Worker:
         elif msg.type == "tunnel_closed":
             remote = self.remote_tunnels.pop((link.peer, msg["tunnel"]), None)
             if remote is not None:
-                remote.closed = True
+                remote.close()
                 self.datapath.close_tunnel(remote)
 
     def on_mesh_frame(self, link: MeshLink, kind: bytes, tunnel_id: int, packet: bytes) -> None:
@@ -371,8 +368,8 @@ class Worker:
             self.datapath.on_tunnel_packet(remote, packet)
         elif kind == REPLY:
             PKT_FROM_MESH.inc()
-            tunnel = next((o.tunnels.get(tunnel_id) for o in self.tunnel_onramps.values()
-                           if tunnel_id in o.tunnels), None)
+            tunnel = next((t for o in self.onramps.values()
+                           if (t := o.find(tunnel_id)) is not None), None)
             if tunnel is None:
                 metrics.DROPS.labels("mesh_unknown_tunnel").inc()
                 return
@@ -387,7 +384,7 @@ class Worker:
         # The peer is gone: the flows we owned for its tunnels go with it.
         for key in [k for k in self.remote_tunnels if k[0] == link.peer]:
             remote = self.remote_tunnels.pop(key)
-            remote.closed = True
+            remote.close()
             if self.datapath is not None:
                 self.datapath.close_tunnel(remote)
 
@@ -415,7 +412,7 @@ class Worker:
         if "settings" in msg.body and self.datapath is not None:
             self.settings = WorkerSettings.model_validate(msg["settings"])
             self.app = self.datapath.app = build_application(self.settings)
-            for onramp in self.gue_onramps.values():
+            for onramp in self.onramps.values():
                 onramp.reset_contexts()
         self.log.info("reconfigured", log_level=msg["log_level"])
 
@@ -428,8 +425,8 @@ class Worker:
         self.control.inbox.put_nowait(None)  # wake run() even when no message is due
 
     async def aclose(self) -> None:
-        for onramp in [*self.tunnel_onramps.values(), *self.gue_onramps.values()]:
-            onramp.stop()
+        # Each cancels its own tasks (context hooks) and waits a bounded time for them.
+        await asyncio.gather(*(onramp.stop() for onramp in self.onramps.values()))
         if self.datapath is not None:
             # The application hears of every flow's end; its hooks get HOOK_DRAIN to finish.
             await self.datapath.shutdown(HOOK_DRAIN)
@@ -437,7 +434,7 @@ class Worker:
             self.audit.close()
         if self.tun:
             self.tun.close()
-        for sock in [*self.onramps.values(), *self.gue_socks.values(), *self.upgrade.values()]:
+        for sock in [*(s for _, s in self.onramp_socks.values()), *self.upgrade.values()]:
             sock.close()
         for link in [*self.mesh.values(), *([self.nsd] if self.nsd else [])]:
             link.close()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import struct
 from collections.abc import Callable
+from typing import Any
 
 from ipferry.runtime import fdpass
 
@@ -100,7 +101,8 @@ class MeshLink:
 
 
 class RemoteTunnel:
-    """Another worker's tunnel as seen by the owner of some of its flows."""
+    """Another worker's tunnel as seen by the owner of some of its flows (a
+    :class:`ipferry.worker.tunnels.Tunnel`)."""
 
     local = False
     steered = False
@@ -122,3 +124,10 @@ class RemoteTunnel:
     def send(self, packet: bytes | bytearray) -> None:
         if not self.closed:
             self.link.send_frame(REPLY, self.id, packet)
+
+    def close(self) -> None:
+        self.closed = True  # the link is shared with the origin's other tunnels: it stays
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "origin": self.origin, "kind": "remote", "offload": self.vnet,
+                "tenant": self.tenant, "context": self.context.extra}

@@ -1,9 +1,10 @@
 """The unconnected IP tunnel on-ramp: GUE datagrams on a UDP socket shared by all workers.
 
-Each worker reads its own socket of the port's SO_REUSEPORT group, to which the kernel's steering
-program (:mod:`ipferry.wire.steering`) delivers only the flows this worker owns: GUE packets
-never cross the mesh. A sender (address, port) with one context is a :class:`GueTunnel`: replies
-go back to it GUE-encapsulated. It is forgotten once idle and no flow refers to it.
+The on-ramp of config kind ``gue``. Each worker reads its own socket of the port's SO_REUSEPORT
+group, to which the kernel's steering program (:mod:`ipferry.wire.steering`) delivers only the
+flows this worker owns: GUE packets never cross the mesh. A sender (address, port) with one
+context is a :class:`GueTunnel`: replies go back to it GUE-encapsulated. It is forgotten once
+idle and no flow refers to it.
 
 Whoever can send to the port can claim any tenant, so sources are checked against the on-ramp's
 allow list and tenants against its ``tenants`` list; failures are dropped and counted
@@ -17,14 +18,17 @@ import inspect
 import ipaddress
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Set
+from typing import Any, ClassVar
 
 from ipferry.wire import gue
 from ipferry.wire.vnet import HEADER_SIZE as VNET_HEADER
 
-from . import metrics
-from .app import TunnelContext
-from .tunnels import _ids
+from .. import metrics
+from ..app import TunnelContext
+from ..tunnels import next_id
+from . import STOP_TIMEOUT, OnrampUnusable, Wiring, register
+from . import drain as drain_tasks
 
 BATCH = 64
 READ_SIZE = 65535
@@ -43,7 +47,7 @@ class GueTunnel:
     def __init__(self, onramp: str, origin: int, sock: socket.socket, peer: tuple,
                  context: TunnelContext, vnet: bool = False) -> None:
         self.vnet = vnet  # the sender's datagrams carry the offload option (see gue)
-        self.id = next(_ids)
+        self.id = next_id()
         self.onramp = onramp
         self.origin = origin
         self.sock = sock
@@ -76,32 +80,61 @@ class GueTunnel:
         else:
             self.packets_out += 1
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {"id": self.id, "onramp": self.onramp, "kind": "gue", "offload": self.vnet,
                 "tenant": self.tenant,
                 "peer": f"{self.peer[0]}:{self.peer[1]}", "context": self.context.extra,
                 "packets_in": self.packets_in, "packets_out": self.packets_out}
 
+    def close(self) -> None:
+        self.closed = True  # the socket is the on-ramp's: nothing else to free
 
+
+def _endpoint(host: str, port: int) -> tuple[bytes | None, int]:
+    """An on-ramp's (address, port) as flows see it; None for a wildcard address."""
+    address = ipaddress.ip_address(host)
+    return (None if address.is_unspecified else address.packed), port
+
+
+@register("gue")
 class GueOnramp:
-    def __init__(self, name: str, worker: int, sock: socket.socket, log, *,
-                 allow: list[str], tenants: list[str], parse_context: Callable,
-                 on_packet: Callable) -> None:
+    kind: ClassVar[str]
+
+    def __init__(self, name: str, sock: socket.socket, wiring: Wiring) -> None:
+        # The supervisor's settings of the on-ramp as it was bound: never serve a GUE socket
+        # without its allow and tenant lists.
+        conf = wiring.settings.gue.get(name)
+        if conf is None:
+            raise OnrampUnusable(f"GUE on-ramp {name}: no settings came with its socket")
         self.name = name
-        self.worker = worker
+        self.worker = wiring.worker
         self.sock = sock
-        self.log = log
-        self.allow = [ipaddress.ip_network(n) for n in allow]
-        self.tenants = set(tenants)
-        self.parse_context = parse_context  # the application's (sync or async)
-        self.on_packet = on_packet
-        self.tunnels: dict[tuple, GueTunnel] = {}
+        self.log = wiring.log
+        self.allow = [ipaddress.ip_network(n) for n in conf.allow]
+        self.tenants = set(conf.tenants)
+        self.endpoints = (_endpoint(*conf.address),)
+        self.parse_context = wiring.app_parse_context  # the application's (sync or async)
+        self.on_packet = wiring.on_packet
+        self._tunnels: dict[tuple, GueTunnel] = {}
         self._sources: dict[str, bool] = {}
         self._contexts: dict[bytes, TunnelContext | str] = {}  # or the reason it was refused
         self._pending: set[bytes] = set()
+        self._tasks: set[asyncio.Task] = set()  # async parse_context calls deciding
         self._loop = asyncio.get_running_loop()
-        sock.setblocking(False)
-        self._loop.add_reader(sock.fileno(), self._read)
+        self._started = False
+
+    def start(self) -> None:
+        self.sock.setblocking(False)
+        self._loop.add_reader(self.sock.fileno(), self._read)
+        self._started = True
+
+    def tunnels(self) -> Collection[GueTunnel]:
+        return self._tunnels.values()
+
+    def find(self, tunnel_id: int) -> None:
+        """None: a GUE tunnel is steered (its flows are owned where the kernel delivered them),
+        so no other worker answers it over the mesh."""
+        return None
 
     def _read(self) -> None:
         for _ in range(BATCH):
@@ -127,9 +160,9 @@ class GueOnramp:
         except gue.BadGue:
             metrics.DROPS.labels("bad_gue").inc()
             return
-        tunnel = self.tunnels.get((peer, raw))
+        tunnel = self._tunnels.get((peer, raw))
         if tunnel is None:
-            if len(self.tunnels) >= MAX_TUNNELS:
+            if len(self._tunnels) >= MAX_TUNNELS:
                 metrics.DROPS.labels("gue_tunnel_limit").inc()
                 return
             tunnel = self._open(peer, raw)
@@ -161,7 +194,7 @@ class GueOnramp:
             return None
         tunnel = GueTunnel(self.name, self.worker, self.sock, peer, context,
                            vnet=raw.startswith(gue.VNET_MAGIC))
-        self.tunnels[(peer, raw)] = tunnel
+        self._tunnels[(peer, raw)] = tunnel
         metrics.GUE_TUNNELS.inc()
         self.log.debug("gue_tunnel_open", tunnel=tunnel.id, onramp=self.name,
                        tenant=context.tenant, peer=f"{peer[0]}:{peer[1]}")
@@ -177,7 +210,9 @@ class GueOnramp:
         if inspect.isawaitable(result):
             if raw not in self._pending and len(self._pending) < MAX_PENDING:
                 self._pending.add(raw)
-                self._loop.create_task(self._decide_later(raw, result))
+                task = self._loop.create_task(self._decide_later(raw, result))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
             elif inspect.iscoroutine(result):
                 result.close()  # already being decided: never awaited, never warned about
             return None
@@ -207,13 +242,18 @@ class GueOnramp:
         self._contexts[raw] = outcome
         return outcome
 
-    def sweep(self, in_use: set[int]) -> None:
-        """Forget the senders idle for ``IDLE`` seconds that no flow refers to (``in_use``: ids)."""
+    def sweep(self, in_use: Callable[[], Set[int]]) -> None:
+        """Forget the senders idle for ``IDLE`` seconds that no flow refers to (``in_use()``:
+        their ids, asked for only when some sender is idle)."""
         cutoff = time.monotonic() - IDLE
-        for key, tunnel in list(self.tunnels.items()):
-            if tunnel.last_seen < cutoff and tunnel.id not in in_use:
-                del self.tunnels[key]
-                tunnel.closed = True
+        idle = [(key, t) for key, t in self._tunnels.items() if t.last_seen < cutoff]
+        if not idle:
+            return
+        used = in_use()
+        for key, tunnel in idle:
+            if tunnel.id not in used:
+                del self._tunnels[key]
+                tunnel.close()
                 metrics.GUE_TUNNELS.dec()
                 metrics.TUNNELS_CLOSED.labels("gue_idle").inc()
 
@@ -221,9 +261,13 @@ class GueOnramp:
         """A new application (reload): contexts are judged again."""
         self._contexts.clear()
 
-    def stop(self) -> None:
-        self._loop.remove_reader(self.sock.fileno())
-        for tunnel in self.tunnels.values():
-            tunnel.closed = True
-        metrics.GUE_TUNNELS.dec(len(self.tunnels))
-        self.tunnels.clear()
+    async def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        if self._started:
+            self._loop.remove_reader(self.sock.fileno())
+            self._started = False
+        for tunnel in self._tunnels.values():
+            tunnel.close()
+        metrics.GUE_TUNNELS.dec(len(self._tunnels))
+        self._tunnels.clear()
+        if left := await drain_tasks(self._tasks, timeout):
+            self.log.warning("onramp_tasks_left", onramp=self.name, tasks=left)

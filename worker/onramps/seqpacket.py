@@ -1,43 +1,48 @@
 """Connected IP tunnels (SOCK_SEQPACKET): accept, read the context, then one packet a datagram.
 
-A tunnel whose context the application refuses is closed with the reason logged; nothing else is
-touched. Packets towards a tunnel wait in a bounded queue while its socket is full; beyond that
-they are dropped and counted (the tunnel's TCP will retransmit), never buffered without bound.
-Packets of flows another worker owns are the worker's business (see :mod:`ipferry.worker.mesh`).
+The on-ramp of config kind ``tunnel``. A tunnel whose context the application refuses is closed
+with the reason logged; nothing else is touched. Packets towards a tunnel wait in a bounded queue
+while its socket is full; beyond that they are dropped and counted (the tunnel's TCP will
+retransmit), never buffered without bound. Packets of flows another worker owns are the worker's
+business (see :mod:`ipferry.worker.mesh`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Collection, Set
+from typing import Any, ClassVar
 
 from ipferry.wire.vnet import TUNNEL_MAGIC
 
-from . import metrics
-from .app import TunnelContext
-from .datagrams import READ_SIZE, DatagramQueue, at_eof, drain
+from .. import metrics
+from ..app import TunnelContext
+from ..datagrams import READ_SIZE, DatagramQueue, at_eof, drain
+from ..tunnels import next_id
+from . import STOP_TIMEOUT, Wiring, register
+from . import drain as drain_tasks
 
 BATCH = 64
 CONTEXT_TIMEOUT = 10.0  # a tunnel that sends no context in time is closed
 MAX_TUNNELS = 10_000  # per worker and on-ramp: beyond it new tunnels are refused
 
-_ids = itertools.count(1)
 
+class SeqpacketTunnel:
+    """A connected tunnel whose context the application accepted."""
 
-class Tunnel:
     local = True  # accepted by this worker (a RemoteTunnel is another worker's)
     steered = False  # packets arrive at whichever worker accepted it: foreign flows cross the mesh
     mtu = 65535  # the largest packet it carries
-    vnet = False  # its datagrams carry a virtio-net header before the packet (ipferry.wire.vnet)
 
-    def __init__(self, sock: socket.socket, onramp: str, origin: int = 0) -> None:
-        self.id = next(_ids)
+    def __init__(self, sock: socket.socket, onramp: str, origin: int, context: TunnelContext,
+                 vnet: bool = False) -> None:
+        self.id = next_id()
         self.origin = origin  # the worker holding it (ids are per worker)
         self.sock = sock
         self.onramp = onramp
-        self.context: TunnelContext | None = None
+        self.context = context
+        self.vnet = vnet  # its datagrams carry a virtio-net header before the packet
         self.packets_in = 0
         self.packets_out = 0
         self.closed = False
@@ -46,16 +51,15 @@ class Tunnel:
 
     @property
     def tenant(self) -> str:
-        return self.context.tenant if self.context else ""
+        return self.context.tenant
 
     def send(self, packet: bytes | bytearray) -> None:
         if not self.closed and self.out.send(packet):
             self.packets_out += 1
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {"id": self.id, "onramp": self.onramp, "kind": "tunnel", "offload": self.vnet,
-                "tenant": self.tenant,
-                "context": self.context.extra if self.context else None,
+                "tenant": self.tenant, "context": self.context.extra,
                 "packets_in": self.packets_in, "packets_out": self.packets_out}
 
     def close(self) -> None:
@@ -67,26 +71,58 @@ class Tunnel:
         self.sock.close()
 
 
-class TunnelOnramp:
+class _Starting:
+    """An accepted tunnel whose context is not accepted yet."""
+
+    __slots__ = ("sock", "timer", "task")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.timer: asyncio.TimerHandle | None = None
+        self.task: asyncio.Task | None = None
+
+
+@register("tunnel")
+class SeqpacketOnramp:
     """Accepts tunnels on a shared listener (every worker accepts; the kernel picks one)."""
 
-    def __init__(self, name: str, worker: int, listener: socket.socket, log,
-                 parse_context: Callable[[bytes], Awaitable[TunnelContext]],
-                 on_packet: Callable[[Tunnel, bytes], None],
-                 on_close: Callable[[Tunnel, str], None]) -> None:
+    kind: ClassVar[str]
+    endpoints: tuple[tuple[bytes | None, int], ...] = ()  # a unix socket: no flow can reach it
+
+    def __init__(self, name: str, listener: socket.socket, wiring: Wiring) -> None:
         self.name = name
-        self.worker = worker
+        self.worker = wiring.worker
         self.listener = listener
-        self.log = log
-        self.parse_context = parse_context
-        self.on_packet = on_packet
-        self.on_close = on_close
-        self.tunnels: dict[int, Tunnel] = {}
-        self.starting = 0  # accepted, context not yet accepted
+        self.log = wiring.log
+        self.parse_context = wiring.parse_context
+        self.on_packet = wiring.on_packet
+        self.on_close = wiring.on_close
+        self._tunnels: dict[int, SeqpacketTunnel] = {}
+        self._starting: set[_Starting] = set()  # accepted, context not yet accepted
         self._tasks: set[asyncio.Task] = set()
         self._loop = asyncio.get_running_loop()
-        listener.setblocking(False)
-        self._loop.add_reader(listener.fileno(), self._accept)
+        self._started = False
+
+    def start(self) -> None:
+        self.listener.setblocking(False)
+        self._loop.add_reader(self.listener.fileno(), self._accept)
+        self._started = True
+
+    def tunnels(self) -> Collection[SeqpacketTunnel]:
+        return self._tunnels.values()
+
+    def find(self, tunnel_id: int) -> SeqpacketTunnel | None:
+        return self._tunnels.get(tunnel_id)
+
+    def sweep(self, in_use: Callable[[], Set[int]]) -> None:
+        """Nothing to forget: a connected tunnel lives until either side closes it."""
+
+    def reset_contexts(self) -> None:
+        """Nothing to judge again: a tunnel's context was judged once, when it opened."""
+
+    @property
+    def starting(self) -> int:
+        return len(self._starting)
 
     def _accept(self) -> None:
         for _ in range(BATCH):
@@ -97,72 +133,84 @@ class TunnelOnramp:
             except OSError as exc:
                 self.log.warning("tunnel_accept_failed", onramp=self.name, error=exc.strerror)
                 return
-            if len(self.tunnels) + self.starting >= MAX_TUNNELS:
+            if len(self._tunnels) + len(self._starting) >= MAX_TUNNELS:
                 metrics.TUNNELS_CLOSED.labels("tunnel_limit").inc()
                 sock.close()
                 continue
             sock.setblocking(False)
-            tunnel = Tunnel(sock, self.name, self.worker)
-            self.starting += 1
-            self._loop.add_reader(sock.fileno(), self._read_context, tunnel)
-            self._loop.call_later(CONTEXT_TIMEOUT, self._context_overdue, tunnel)
+            starting = _Starting(sock)
+            self._starting.add(starting)
+            self._loop.add_reader(sock.fileno(), self._read_context, starting)
+            starting.timer = self._loop.call_later(CONTEXT_TIMEOUT, self._context_overdue,
+                                                   starting)
 
-    def _context_overdue(self, tunnel: Tunnel) -> None:
-        if tunnel.context is None and not tunnel.closed:
+    def _give_up(self, starting: _Starting) -> None:
+        """Close a tunnel that never opened (no context, refused, or the on-ramp stopping)."""
+        self._starting.discard(starting)
+        if starting.timer is not None:
+            starting.timer.cancel()
+        if starting.task is not None and starting.task is not asyncio.current_task():
+            starting.task.cancel()
+        self._loop.remove_reader(starting.sock.fileno())
+        starting.sock.close()
+
+    def _context_overdue(self, starting: _Starting) -> None:
+        if starting in self._starting:
             self.log.warning("tunnel_refused", onramp=self.name, reason="no context in time")
             metrics.TUNNELS_CLOSED.labels("context_timeout").inc()
-            self.starting -= 1
-            tunnel.close()
+            self._give_up(starting)
 
-    def _read_context(self, tunnel: Tunnel) -> None:
-        self._loop.remove_reader(tunnel.sock.fileno())
+    def _read_context(self, starting: _Starting) -> None:
+        sock = starting.sock
+        self._loop.remove_reader(sock.fileno())
         try:
-            raw = tunnel.sock.recv(READ_SIZE)
+            raw = sock.recv(READ_SIZE)
         except BlockingIOError:
-            self._loop.add_reader(tunnel.sock.fileno(), self._read_context, tunnel)
+            self._loop.add_reader(sock.fileno(), self._read_context, starting)
             return
         except OSError:
             raw = None
-        if raw is None or not raw and at_eof(tunnel.sock):  # gone before its context
-            self.starting -= 1
-            tunnel.close()
+        if raw is None or not raw and at_eof(sock):  # gone before its context
+            self._give_up(starting)
             return
         # An empty first datagram is an (empty) context: the application refuses it or not.
-        if raw.startswith(TUNNEL_MAGIC):  # the client speaks offload framing; the rest is context
-            tunnel.vnet = True
+        vnet = raw.startswith(TUNNEL_MAGIC)
+        if vnet:  # the client speaks offload framing; the rest is context
             raw = raw[len(TUNNEL_MAGIC):]
-        task = self._loop.create_task(self._start(tunnel, raw))
+        task = self._loop.create_task(self._start(starting, raw, vnet))
+        starting.task = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _start(self, tunnel: Tunnel, raw: bytes) -> None:
+    async def _start(self, starting: _Starting, raw: bytes, vnet: bool) -> None:
         try:
             context = await self.parse_context(raw)
         except Exception as exc:  # the application refused it: this tunnel only
-            if not tunnel.closed:
-                self.starting -= 1
+            if starting in self._starting:
                 self.log.warning("tunnel_refused", onramp=self.name, reason=str(exc))
                 metrics.TUNNELS_CLOSED.labels("bad_context").inc()
-                tunnel.close()
+                self._give_up(starting)
             return
-        if tunnel.closed:
+        if starting not in self._starting:
             return  # timed out while the application decided
-        self.starting -= 1
-        tunnel.context = context
-        self.tunnels[tunnel.id] = tunnel
+        self._starting.discard(starting)
+        if starting.timer is not None:
+            starting.timer.cancel()
+        tunnel = SeqpacketTunnel(starting.sock, self.name, self.worker, context, vnet)
+        self._tunnels[tunnel.id] = tunnel
         metrics.TUNNELS.inc()  # inc/dec: every on-ramp of the worker adds to the one gauge
         self.log.info("tunnel_open", tunnel=tunnel.id, onramp=self.name, tenant=tunnel.tenant)
         self._loop.add_reader(tunnel.sock.fileno(), self._read_packets, tunnel)
 
-    def _read_packets(self, tunnel: Tunnel) -> None:
+    def _read_packets(self, tunnel: SeqpacketTunnel) -> None:
         def packet(data: bytes) -> None:
             tunnel.packets_in += 1
             self.on_packet(tunnel, data)
 
         drain(tunnel.sock, packet, lambda: self.close(tunnel, "closed_by_peer"))
 
-    def close(self, tunnel: Tunnel, reason: str) -> None:
-        if self.tunnels.pop(tunnel.id, None) is None:
+    def close(self, tunnel: SeqpacketTunnel, reason: str) -> None:
+        if self._tunnels.pop(tunnel.id, None) is None:
             return
         tunnel.close()
         metrics.TUNNELS.dec()
@@ -171,7 +219,13 @@ class TunnelOnramp:
                       packets_in=tunnel.packets_in, packets_out=tunnel.packets_out)
         self.on_close(tunnel, reason)
 
-    def stop(self) -> None:
-        self._loop.remove_reader(self.listener.fileno())
-        for tunnel in list(self.tunnels.values()):
+    async def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        if self._started:
+            self._loop.remove_reader(self.listener.fileno())
+            self._started = False
+        for starting in list(self._starting):
+            self._give_up(starting)
+        for tunnel in list(self._tunnels.values()):
             self.close(tunnel, "shutdown")
+        if left := await drain_tasks(self._tasks, timeout):
+            self.log.warning("onramp_tasks_left", onramp=self.name, tasks=left)
