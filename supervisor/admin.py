@@ -19,7 +19,7 @@ import re
 import socket
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import structlog
 from aiohttp import web
@@ -39,8 +39,8 @@ MAX_CONNECTIONS = 256  # admin connections at once per listener kind; more are c
 IDLE_TIMEOUT = 15.0  # seconds a connection may stay without a complete request (slowloris)
 ERROR_LOG_INTERVAL = 10.0  # seconds between two admin_request_failed log lines
 
-SUPERVISOR = web.AppKey("supervisor", object)
-SERVER = web.AppKey("server", object)
+SUPERVISOR: web.AppKey[Supervisor] = web.AppKey("supervisor")
+SERVER: web.AppKey[AdminServer] = web.AppKey("server")
 
 
 def _over_unix_socket(request: web.Request) -> bool:
@@ -85,13 +85,14 @@ class _Refused(asyncio.Protocol):
     """A connection over :data:`MAX_CONNECTIONS`: closed at once."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.abort()
+        cast(asyncio.Transport, transport).abort()  # a stream socket's
 
 
 class _CountedHandler(RequestHandler):
     """aiohttp's connection handler that tells its :class:`CappedServer` when it is gone."""
 
     __slots__ = ("_gate",)
+    _gate: CappedServer
 
     def connection_lost(self, exc: BaseException | None) -> None:
         try:
@@ -219,7 +220,7 @@ async def flows(request: web.Request) -> web.Response:
     live = sup.live_workers()
 
     def count(index: int) -> dict:
-        body = {"op": "count", "tenant": tenant}
+        body: dict[str, object] = {"op": "count", "tenant": tenant}
         if cursor is not None and index == cursor[0]:
             body.update(after=cursor[2], epoch=cursor[1])
         return body
@@ -373,15 +374,17 @@ class AdminServer:
     async def start(self) -> None:
         await self.runner.setup()
         server = self.runner.server
+        assert server is not None  # made by setup()
         # A site takes its protocol factory from the runner when it starts: put a cap of its
-        # own kind in between, for each.
-        self.runner._server = CappedServer(server, MAX_CONNECTIONS)
+        # own kind in between, for each. (aiohttp types the attribute as its Server; a site
+        # only calls it.)
+        self.runner._server = CappedServer(server, MAX_CONNECTIONS)  # type: ignore[assignment]
         if self.listen:
             host, _, port = self.listen.rpartition(":")
             await web.TCPSite(self.runner, host.strip("[]"), int(port), reuse_address=True).start()
         if self.unix_path is not None:
             sock, self._unix_inode = bind_unix(self.unix_path, socket.SOCK_STREAM, 0o600, 128)
-            self.runner._server = CappedServer(server, MAX_CONNECTIONS)
+            self.runner._server = CappedServer(server, MAX_CONNECTIONS)  # type: ignore[assignment]
             await web.SockSite(self.runner, sock).start()
         self.runner._server = server  # shutdown and cleanup speak to aiohttp's own
 

@@ -6,6 +6,7 @@ import http.client
 import json
 import socket
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from ipferry.runtime.paths import default_runtime_dir
@@ -30,7 +31,7 @@ class UnixHTTPConnection(http.client.HTTPConnection):
 
 
 def call(target: str | None, method: str, path: str, token: str | None = None,
-         timeout: float = 10.0) -> tuple[int, object]:
+         timeout: float = 10.0) -> tuple[int, Any]:
     """One request; returns (status, decoded JSON or text). ``target``: socket path or URL."""
     if target is None:
         # The caller's environment may name another runtime dir than the service's (root with
@@ -39,6 +40,8 @@ def call(target: str | None, method: str, path: str, token: str | None = None,
         target = str(next((p for p in candidates if p.exists()), candidates[0]))
     if target.startswith(("http://", "https://")):
         url = urlsplit(target)
+        if not url.hostname:
+            raise AdminClientError(f"{target}: no host in the URL")
         conn: http.client.HTTPConnection = http.client.HTTPConnection(
             url.hostname, url.port or 80, timeout=timeout)
     else:

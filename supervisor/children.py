@@ -38,12 +38,12 @@ class ChildProcess:
         # for the caller to count as a failed start.
         self._loop = asyncio.get_running_loop()
         ours, theirs = fdpass.channel_pair()
-        self.proc: subprocess.Popen | None = None
         self._pidfd = -1
+        proc: subprocess.Popen[bytes] | None = None
         try:
             with theirs:
                 fd = theirs.fileno()
-                self.proc = subprocess.Popen(
+                self.proc = proc = subprocess.Popen(
                     [sys.executable, "-m", *argv, "--control-fd", str(fd),
                      "--parent-pid", str(os.getpid())],
                     pass_fds=[fd], stdin=subprocess.DEVNULL, close_fds=True)
@@ -54,9 +54,9 @@ class ChildProcess:
             ours.close()
             if self._pidfd >= 0:
                 os.close(self._pidfd)
-            if self.proc is not None:
-                self.proc.kill()
-                self.proc.wait()  # just started: it dies at once
+            if proc is not None:
+                proc.kill()
+                proc.wait()  # just started: it dies at once
             raise
         self.channel = fdpass.AsyncChannel(ours, f"{argv[0]}[{self.pid}]")
         self.returncode: int | None = None

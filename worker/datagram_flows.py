@@ -85,7 +85,7 @@ class DatagramUpstream:
                 return
 
     def _failed(self, exc: OSError) -> None:
-        kind = UNREACHABLE.get(exc.errno)
+        kind = None if exc.errno is None else UNREACHABLE.get(exc.errno)
         if kind is None:
             metrics.DROPS.labels("upstream_error").inc()
             return

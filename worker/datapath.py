@@ -356,13 +356,14 @@ class DataPath:
             task.add_done_callback(self.streams.discard)
             # Sockets close only once the handler is done: a pump being cancelled still
             # unregisters its fds, which must not have been closed (and reused) under it.
-            task.add_done_callback(lambda _task, flow=flow: self._close_sockets(flow))
+            task.add_done_callback(functools.partial(self._close_sockets, flow))
 
     async def _run_stream(self, flow: Flow, conn: socket.socket, up: socket.socket) -> None:
         await self.stream_handler(flow, conn, up)
         self._close_sockets(flow)
 
-    def _close_sockets(self, flow: Flow) -> None:
+    def _close_sockets(self, flow: Flow, _done: object = None) -> None:
+        """(``_done``: the task, when called as its done callback.)"""
         server = flow.server
         if isinstance(server, StreamLeg) and isinstance(server.handle, socket.socket):
             if not server.connected:

@@ -25,7 +25,12 @@ async def _wait(loop: asyncio.AbstractEventLoop, fd: int, writable: bool) -> Non
     fut = loop.create_future()
     add, remove = (loop.add_writer, loop.remove_writer) if writable else \
         (loop.add_reader, loop.remove_reader)
-    add(fd, lambda: fut.done() or fut.set_result(None))
+
+    def wake() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    add(fd, wake)
     try:
         await fut
     finally:
@@ -109,6 +114,7 @@ async def relay(a: socket.socket, b: socket.socket) -> tuple[int, int]:
         while pending:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
+                reset: socket.socket | None
                 if task.exception() is not None:
                     reset = a  # an unexpected error: cut both ends
                 else:

@@ -19,6 +19,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from operator import attrgetter
+from typing import Any
 
 from sortedcontainers import SortedKeyList
 
@@ -154,7 +155,8 @@ def metric_pieces(families: list[dict], budget: int = REPLY_BUDGET // 2) -> list
         if len(json.dumps(family, default=str)) <= budget:
             out.append(family)
             continue
-        piece, used = [], 0
+        piece: list[Any] = []
+        used = 0
         for sample in samples:
             size = len(json.dumps(sample, default=str)) + 2
             if piece and used + size > budget:
