@@ -36,6 +36,7 @@ from ipferry.wire.packet import (
     IPPROTO_TCP,
     IPPROTO_UDP,
     TCP_ACK,
+    TCP_FIN,
     TCP_RST,
     TCP_SYN,
     Drop,
@@ -110,7 +111,9 @@ def reset_for(p: Parsed, packet: bytes | memoryview) -> bytes:
         ack_at = p.ihl + 8
         return tcp_packet(p.dst, p.dport, p.src, p.sport, int.from_bytes(
             packet[ack_at:ack_at + 4], "big"), 0, TCP_RST)
-    seg_len = p.payload_length + (1 if p.tcp_flags & TCP_SYN else 0)
+    # SEG.LEN counts the SYN and the FIN, each one sequence number.
+    seg_len = (p.payload_length + (1 if p.tcp_flags & TCP_SYN else 0)
+               + (1 if p.tcp_flags & TCP_FIN else 0))
     return tcp_packet(p.dst, p.dport, p.src, p.sport, 0, p.seq + seg_len, TCP_RST | TCP_ACK)
 
 
