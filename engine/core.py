@@ -460,6 +460,8 @@ class FlowEngine:
             self._end(flow, CloseReason.EVICTED, now, out, close_reason="upstream_unreachable")
             return out
         out.append(Count("drop", reason))
+        if flow.pending:
+            flow.pending = flow.pending[1:]  # the first is the drop just counted: not held too
         self._end(flow, CloseReason.EVICTED, now, out, close_reason=reason)
         return out
 

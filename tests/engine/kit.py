@@ -159,7 +159,10 @@ def decode(data: bytes | bytearray | memoryview) -> dict:
     l4 = data[ihl:]
     out.update(version=data[0] >> 4, length=len(data), src=str(ipaddress.ip_address(src)),
                dst=str(ipaddress.ip_address(dst)), proto=proto)
-    ok = ok and l4_checksum_ok(data, ihl, proto)
+    if proto == 17:  # the UDP length says where its checksum ends (IP padding may follow)
+        ok = ok and l4_checksum_ok(data[:ihl + int.from_bytes(l4[4:6], "big")], ihl, proto)
+    else:
+        ok = ok and l4_checksum_ok(data, ihl, proto)
     if proto == 6:
         seg = dpkt.tcp.TCP(l4)
         out.update(sport=seg.sport, dport=seg.dport, seq=seg.seq, ack=seg.ack, flags=seg.flags,
