@@ -3,23 +3,33 @@
 The daemon under test runs inside a network namespace the test created (nothing it does can leave
 the machine); the test reaches it through its admin unix socket, which the shared filesystem makes
 visible from here, or from a thread that entered the namespace.
+
+Only the end-to-end tests (tests/e2e/) need root and those kernel parts; every other test runs as
+any user (``pytest tests --ignore=tests/e2e``; tests/e2e/test_unprivileged_units.py proves it).
 """
 
 from __future__ import annotations
 
 import os
 import uuid
+from pathlib import Path
 
 import pytest
 
 from tests.helpers import Daemon, NetNs, require_kernel_features
 
+E2E = Path(__file__).parent / "e2e"
 
-def pytest_sessionstart(session):
-    # CI runs as root: a missing feature must fail loudly, never skip quietly.
+
+def pytest_collection_modifyitems(session, config, items):
+    # CI runs as root: an end-to-end test missing a kernel feature (or root) must fail the run
+    # loudly, never skip quietly. Runs without end-to-end tests need neither.
+    if not any(E2E in Path(item.path).parents for item in items):
+        return
     problem = require_kernel_features()
     if problem:
-        raise pytest.UsageError(f"ipferry's tests need real kernel features: {problem}")
+        raise pytest.UsageError(f"ipferry's end-to-end tests (tests/e2e/) need real kernel "
+                                f"features: {problem}")
 
 
 @pytest.fixture
