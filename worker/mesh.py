@@ -16,13 +16,16 @@ from __future__ import annotations
 import asyncio
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ipferry.runtime import fdpass
 
 from . import metrics
 from .app import TunnelContext
 from .datagrams import DatagramQueue, drain
+
+if TYPE_CHECKING:
+    from .tunnels import Tunnel
 
 FRAME = struct.Struct("!cI")
 PACKET, REPLY = b"P", b"R"
@@ -131,3 +134,8 @@ class RemoteTunnel:
     def as_dict(self) -> dict[str, Any]:
         return {"id": self.id, "origin": self.origin, "kind": "remote", "offload": self.vnet,
                 "tenant": self.tenant, "context": self.context.extra}
+
+
+if TYPE_CHECKING:  # mypy checks that it keeps to the Protocol
+    def _conforms(tunnel: RemoteTunnel) -> Tunnel:
+        return tunnel

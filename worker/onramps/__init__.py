@@ -57,9 +57,12 @@ class Onramp(Protocol):
     """An on-ramp as the worker uses it."""
 
     kind: ClassVar[str]  # the config's kind, its key in the registry
-    name: str
-    # (address, port) of the on-ramp itself, a None address for any: flows never go there.
-    endpoints: Collection[tuple[bytes | None, int]]
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def endpoints(self) -> Collection[tuple[bytes | None, int]]:
+        """(address, port) of the on-ramp itself, a None address for any: flows never go there."""
 
     def start(self) -> None:
         """Start taking tunnels (its socket is read from now on)."""

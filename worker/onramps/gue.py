@@ -19,7 +19,7 @@ import ipaddress
 import socket
 import time
 from collections.abc import Callable, Collection, Set
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ipferry.wire import gue
 from ipferry.wire.vnet import HEADER_SIZE as VNET_HEADER
@@ -29,6 +29,10 @@ from ..app import TunnelContext
 from ..tunnels import next_id
 from . import STOP_TIMEOUT, OnrampUnusable, Wiring, register
 from . import drain as drain_tasks
+
+if TYPE_CHECKING:
+    from ..tunnels import Tunnel
+    from . import Onramp
 
 BATCH = 64
 READ_SIZE = 65535
@@ -271,3 +275,8 @@ class GueOnramp:
         self._tunnels.clear()
         if left := await drain_tasks(self._tasks, timeout):
             self.log.warning("onramp_tasks_left", onramp=self.name, tasks=left)
+
+
+if TYPE_CHECKING:  # mypy checks that both keep to their Protocols
+    def _conforms(onramp: GueOnramp, tunnel: GueTunnel) -> tuple[Onramp, Tunnel]:
+        return onramp, tunnel

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Callable, Collection, Set
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ipferry.wire.vnet import TUNNEL_MAGIC
 
@@ -22,6 +22,10 @@ from ..datagrams import READ_SIZE, DatagramQueue, at_eof, drain
 from ..tunnels import next_id
 from . import STOP_TIMEOUT, Wiring, register
 from . import drain as drain_tasks
+
+if TYPE_CHECKING:
+    from ..tunnels import Tunnel
+    from . import Onramp
 
 BATCH = 64
 CONTEXT_TIMEOUT = 10.0  # a tunnel that sends no context in time is closed
@@ -229,3 +233,8 @@ class SeqpacketOnramp:
             self.close(tunnel, "shutdown")
         if left := await drain_tasks(self._tasks, timeout):
             self.log.warning("onramp_tasks_left", onramp=self.name, tasks=left)
+
+
+if TYPE_CHECKING:  # mypy checks that both keep to their Protocols
+    def _conforms(onramp: SeqpacketOnramp, tunnel: SeqpacketTunnel) -> tuple[Onramp, Tunnel]:
+        return onramp, tunnel
