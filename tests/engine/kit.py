@@ -9,7 +9,8 @@ A playbook reads as "these inputs in, exactly these actions out", in the spirit 
             >> decided(flow, Decision.upgrade()) << AuditFlowStart(flow, ANY))
 
 ``>>`` feeds an input (a method of :class:`~ipferry.engine.core.FlowEngine`, the time added),
-``<<`` adds an action the last input must return; an input with none must return none. The steps
+``<<`` adds an action (or a list of them) the last input must return; an input with none must
+return none. The steps
 run when the playbook is asserted; a later ``assert pb >> ...`` plays on from there. An expected
 action matches an actual one of the same type whose fields each equal the expected's; a field
 may be a matcher: ``ANY``, a :class:`Placeholder` (binds on first use, then stands for what it
@@ -34,6 +35,8 @@ from ipferry.engine.actions import (
     ConnectOfframp,
     DecideFlow,
     FlowStarted,
+    OpenDatagram,
+    SendDatagram,
     SendToTunnel,
     WriteTun,
 )
@@ -391,7 +394,10 @@ class Playbook:
 
     def __lshift__(self, expected: Any) -> Playbook:
         assert self.steps, "an expected action before any input"
-        self.steps[-1][1].append(expected)
+        if isinstance(expected, list):  # several at once
+            self.steps[-1][1].extend(expected)
+        else:
+            self.steps[-1][1].append(expected)
         return self
 
     def play(self, step: In) -> list[Action]:
@@ -475,3 +481,13 @@ def establish(pb: Playbook, tunnel: FakeTunnel, version: int = 4) -> Any:
             >> packet(tunnel, tcp(c, s, flags=ACK, seq=CLIENT_SEQ + 1, ack=SERVER_SEQ + 1))
             << WriteTun(Pkt(flags=ACK), None))
     return flow
+
+
+def open_datagram(pb: Playbook, tunnel: FakeTunnel, first: bytes) -> Any:
+    """A datagram flow decided, audited, its leg open and its first packet sent: the flow."""
+    flow = Placeholder("flow")
+    assert (pb >> packet(tunnel, first) << FlowStarted(flow) << DecideFlow(flow)
+            >> decided(flow, Decision.upgrade()) << AuditFlowStart
+            >> audit_written(flow, True) << OpenDatagram(flow)
+            >> datagram_opened(flow) << SendDatagram)
+    return flow()
