@@ -58,7 +58,8 @@ class MeshLink:
             except fdpass.ProtocolError:
                 metrics.DROPS.labels("mesh_bad_message").inc()
                 return
-            fut = self._pending.pop(msg.body.get("reply_to"), None)
+            reply_to = msg.body.get("reply_to")
+            fut = self._pending.pop(reply_to, None) if isinstance(reply_to, int) else None
             if fut is not None:
                 if not fut.done():
                     fut.set_result(msg)
