@@ -25,7 +25,7 @@ import structlog
 from aiohttp import web
 from aiohttp.http import HttpVersion11
 from aiohttp.web_protocol import RequestHandler
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from ipferry.worker.views import MAX_PAGE, strict_dumps
 
@@ -154,8 +154,8 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     sup: Supervisor = request.app[SUPERVISOR]
-    await sup.gather_worker_metrics()
-    body = generate_latest(sup.metrics.registry)
+    snapshots = await sup.pool.ask_workers("metrics", parts="families", timeout=1.0)
+    body = sup.metrics.render({i: fams for i, fams in snapshots.items() if fams is not None})
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -167,7 +167,7 @@ async def workers(request: web.Request) -> web.Response:
 async def mesh(request: web.Request) -> web.Response:
     """Each worker pings its peers over the mesh: which worker answered on each link."""
     sup: Supervisor = request.app[SUPERVISOR]
-    return _json(await sup.mesh_report())
+    return _json(await sup.pool.mesh_report())
 
 
 def _json(data, status: int = 200) -> web.Response:
@@ -217,7 +217,7 @@ async def flows(request: web.Request) -> web.Response:
             raise web.HTTPBadRequest(text="page by offset or by after, not both\n")
         cursor = decode_cursor(query["after"])
     tenant = query.get("tenant")
-    live = sup.live_workers()
+    live = sup.pool.live()
 
     def count(index: int) -> dict:
         body: dict[str, object] = {"op": "count", "tenant": tenant}
@@ -225,9 +225,9 @@ async def flows(request: web.Request) -> web.Response:
             body.update(after=cursor[2], epoch=cursor[1])
         return body
 
-    counts = await asyncio.gather(*(sup.ask_worker(child, "flows", count(i)) for i, child in live))
-    answered = [(i, child, r) for (i, child), r in zip(live, counts, strict=True)
-                if r is not None and r.type == "flows"]
+    counts = await sup.pool.ask_workers("flows", count, workers=live)
+    answered = [(i, child, counts[i]) for i, child in live
+                if counts[i] is not None and counts[i].type == "flows"]
     missing = {w.index for w in sup.workers} - {i for i, _, _ in answered}
     total = sum(int(r["total"]) for _, _, r in answered)
     rows: list[dict] = []
@@ -242,9 +242,8 @@ async def flows(request: web.Request) -> web.Response:
                 continue
             start, skip = skip, 0
             while len(rows) < limit:
-                page = await sup.ask_worker(child, "flows", {"op": "slice", "tenant": tenant,
-                                                             "start": start,
-                                                             "limit": limit - len(rows)})
+                page = await sup.pool.ask_worker(child, "flows", {
+                    "op": "slice", "tenant": tenant, "start": start, "limit": limit - len(rows)})
                 if page is None or page.type != "flows":
                     missing.add(i)
                     break
@@ -264,7 +263,7 @@ async def flows(request: web.Request) -> web.Response:
             remaining = int(r["after"]) if i == first else int(r["total"])
             left += remaining
             while not stopped and len(rows) < limit and remaining > 0:
-                page = await sup.ask_worker(child, "flows", {
+                page = await sup.pool.ask_worker(child, "flows", {
                     "op": "after", "tenant": tenant, "after": after, "epoch": epoch_i,
                     "limit": limit - len(rows)})
                 if page is None or page.type != "flows":
@@ -297,10 +296,8 @@ async def flows(request: web.Request) -> web.Response:
 async def tunnels(request: web.Request) -> web.Response:
     """Every ready worker's tunnels, collected in parts (each fits one control message)."""
     sup: Supervisor = request.app[SUPERVISOR]
-    live = sup.live_workers()
-    parts = await asyncio.gather(*(sup.collect(child, "tunnels", "tunnels") for _, child in live))
-    return _json([{**t, "worker": i} for (i, _), rows in zip(live, parts, strict=True) if rows
-                  for t in rows])
+    parts = await sup.pool.ask_workers("tunnels", parts="tunnels")
+    return _json([{**t, "worker": i} for i, rows in parts.items() if rows for t in rows])
 
 
 async def status(request: web.Request) -> web.Response:
@@ -323,7 +320,10 @@ async def status(request: web.Request) -> web.Response:
 
 async def reload(request: web.Request) -> web.Response:
     sup: Supervisor = request.app[SUPERVISOR]
-    ok, message = sup.reload()
+    result = await sup.call("reload")
+    if result is None:
+        raise web.HTTPServiceUnavailable(text="the daemon is stopping\n")
+    ok, message = result
     return _json({"reloaded": ok, "message": message}, status=200 if ok else 422)
 
 
@@ -335,7 +335,7 @@ async def restart_worker(request: web.Request) -> web.Response:
             raise ValueError
     except ValueError:
         raise web.HTTPNotFound(text=f"no worker {request.match_info['index']}\n") from None
-    slot = await sup.restart_worker(index)
+    slot = await sup.call("restart_worker", index)
     if slot is None:
         state = sup.workers[index].state
         raise web.HTTPConflict(text=f"worker {index} has no running process to restart ({state})\n")

@@ -86,11 +86,16 @@ LIVE_SUPERVISION = Reload("live", "Backoff, crash-loop limit and window, and `st
                           "apply to the next death or stop; `start_timeout` to the next nsd "
                           "rebuild.")
 LIVE_APPLICATION = Reload(
-    "live", "Every running worker builds a new application object from the new settings (a new "
-    "instance of `class`, or the rules application with the new rules and `default_action`; a "
-    "module already imported is not re-imported). It decides flows and parses tunnel contexts "
-    "from then on, and receives `on_flow_end` for flows ending after the reload. Flows already "
-    "decided keep their decision; open tunnels keep their context.")
+    "live", "In two steps: every equipped worker first builds a new application object from the "
+    "new settings (a new instance of `class`, or the rules application with the new rules and "
+    "`default_action`; a module already imported is not re-imported), and only when all have "
+    "built it do they switch to it, and the supervisor to the new config. If one cannot (its "
+    "constructor raises, or it does not answer within 10 s), the reload is refused with that "
+    "worker's error (`worker 1: cannot build the application: RuntimeError: ...`) and every "
+    "process keeps the old config, workers started later included. The new application decides "
+    "flows and parses tunnel contexts from then on, and receives `on_flow_end` for flows ending "
+    "after the reload. Flows already decided keep their decision; open tunnels keep their "
+    "context.")
 
 
 def _host_port(value: str) -> tuple[str, int]:
@@ -333,12 +338,16 @@ class Rule(_Strict):
 
 
 
+def _one_tunnel_onramp() -> list[Onramp]:
+    return [TunnelOnramp()]
+
+
 class Config(_Strict):
     # At most 128: a worker's equip message carries a mesh fd per peer (SCM_MAX_FD is 253).
     workers: Annotated[Annotated[int, Field(ge=1, le=MAX_WORKERS)] | None,
                        KEPT] = None  # default: the CPUs
     onramps: Annotated[list[Onramp], Field(max_length=32), KEPT] = Field(
-        default_factory=lambda: [TunnelOnramp()])
+        default_factory=_one_tunnel_onramp)
     admin: Admin = Admin()
     namespace: Annotated[Namespace, KEPT] = Namespace()
     supervision: Annotated[Supervision, LIVE_SUPERVISION] = Supervision()

@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
@@ -96,19 +96,22 @@ class WorkerSnapshotCollector(Collector):
 
 
 class SupervisorMetrics:
-    def __init__(self, processes: Callable[[], Iterable[ProcessInfo]]) -> None:
+    def __init__(self, processes: Callable[[], Iterable[ProcessInfo]],
+                 workers_ready: Callable[[], float], nsd_up: Callable[[], float]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.worker_restarts = Counter(
             "ipferry_worker_restarts", "Times a worker was restarted, by worker index.",
             ["worker"], registry=self.registry)
         self.workers_ready = Gauge("ipferry_workers_ready", "Workers equipped and serving.",
                                    registry=self.registry)
+        self.workers_ready.set_function(workers_ready)
         self.workers_configured = Gauge("ipferry_workers_configured", "Workers the config asks for.",
                                         registry=self.registry)
         self.nsd_restarts = Counter("ipferry_nsd_restarts", "Times nsd (the namespace) was rebuilt.",
                                     registry=self.registry)
         self.nsd_up = Gauge("ipferry_nsd_up", "1 while nsd serves its namespace.",
                             registry=self.registry)
+        self.nsd_up.set_function(nsd_up)
         self.reloads = Counter("ipferry_config_reloads", "Config reloads, by result.", ["result"],
                                registry=self.registry)
         for result in ("applied", "refused"):
@@ -116,3 +119,11 @@ class SupervisorMetrics:
         self.workers = WorkerSnapshotCollector()
         self.registry.register(self.workers)
         self.registry.register(ProcessCollector(processes))
+
+    def render(self, snapshots: dict[int, list[dict]]) -> bytes:
+        """The exposition with these worker snapshots (by index; fetched for this scrape)."""
+        self.workers.snapshots = snapshots  # no await from here to the end: this scrape's own
+        try:
+            return generate_latest(self.registry)
+        finally:
+            self.workers.snapshots = {}

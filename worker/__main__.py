@@ -14,7 +14,10 @@ Protocol with the supervisor on the control channel:
   next part, with the same ``snapshot``) until the last part, where it is null.
 - supervisor -> ``mesh_check`` -> worker pings each peer over the mesh, replies ``mesh`` {peers:
   {peer index: the index that answered, or null}}.
-- supervisor -> ``reconfigure`` {log_level, settings}: a reloaded config's live settings.
+- supervisor -> ``prepare`` {settings} -> ``prepared``, or ``error`` {error}: a reload's first
+  step; the worker builds the application of the new settings and keeps both aside.
+- supervisor -> ``commit`` {log_level}: switch to what was prepared (if anything) and to the log
+  level; ``abort``: forget what was prepared (another worker could not build it).
 - supervisor -> ``flows`` {tenant, op, ...}: ``op`` = ``count`` {after, epoch} -> {total,
   after: flows after that cursor, epoch}; ``slice`` {start, limit} or ``after`` {after, epoch,
   limit} -> {flows, epoch, cut}: at most ``limit`` rows (200) in flow start order, fewer when
@@ -39,7 +42,7 @@ from ipferry.runtime.settings import WorkerSettings
 from ipferry.wire.nat import NatPool
 
 from . import metrics, views
-from .app import Rule, TunnelContext, call_hook, load_application
+from .app import Application, Rule, TunnelContext, call_hook, load_application
 from .audit import AuditLog
 from .datapath import PKT_FROM_MESH, PKT_TO_MESH, DataPath
 from .mesh import PACKET, REPLY, MeshLink, RemoteTunnel
@@ -86,6 +89,7 @@ class Worker:
         self.remote_tunnels: dict[tuple[int, int], RemoteTunnel] = {}  # (origin, id)
         self.datapath: DataPath | None = None
         self.app = None
+        self.prepared: tuple[WorkerSettings, Application] | None = None  # a reload's, till commit
         self.audit: AuditLog | None = None
         self.stopping = asyncio.Event()
         self.tasks: set[asyncio.Task] = set()
@@ -407,14 +411,32 @@ class Worker:
                                    lambda family: family)
         await self.control.reply_when_ready(msg, "metrics", {**part, "families": part.pop("rows")})
 
-    async def handle_reconfigure(self, msg: fdpass.Message) -> None:
+    async def handle_prepare(self, msg: fdpass.Message) -> None:
+        """A reload's first step: build the new settings' application, keep it for ``commit``."""
+        self.prepared = None
+        try:
+            settings = WorkerSettings.model_validate(msg["settings"])
+            app = build_application(settings)
+        except Exception as exc:  # whatever the application's constructor raised
+            self.log.error("reload_prepare_failed", exc_info=True)
+            self.control.reply(msg, "error", {"error": f"cannot build the application: "
+                                                       f"{type(exc).__name__}: {exc}"[:500]})
+            return
+        self.prepared = (settings, app)
+        self.control.reply(msg, "prepared")
+
+    async def handle_commit(self, msg: fdpass.Message) -> None:
         logs.set_level(msg["log_level"])
-        if "settings" in msg.body and self.datapath is not None:
-            self.settings = WorkerSettings.model_validate(msg["settings"])
-            self.app = self.datapath.app = build_application(self.settings)
+        if self.prepared is not None and self.datapath is not None:
+            self.settings, app = self.prepared
+            self.app = self.datapath.app = app
             for onramp in self.onramps.values():
                 onramp.reset_contexts()
+        self.prepared = None
         self.log.info("reconfigured", log_level=msg["log_level"])
+
+    async def handle_abort(self, msg: fdpass.Message) -> None:
+        self.prepared = None
 
     async def handle_stop(self, msg: fdpass.Message) -> None:
         self.request_stop()

@@ -366,3 +366,40 @@ def test_reload_applies_supervision_and_log_level_live(daemon_factory):
     status, body = d.request("POST", "/api/reload")
     assert json.loads(body)["message"] == ("reloaded; changes to workers take effect at the "
                                            "next restart")
+
+
+PICKY_APP = textwrap.dedent("""\
+    import sys
+    from ipferry.worker.app import RulesApplication
+
+    class App(RulesApplication):
+        def __init__(self, rules=None, default_action="allow"):
+            index = sys.argv[sys.argv.index("--index") + 1]
+            if default_action == "deny" and index == "1":
+                raise RuntimeError(f"worker {index} refuses deny")
+            super().__init__(rules, default_action)
+    """)
+
+
+def test_reload_whose_application_a_worker_cannot_build_changes_nothing(daemon_factory, tmp_path):
+    (tmp_path / "pickyapp.py").write_text(PICKY_APP)
+    good = '[app]\nclass = "pickyapp:App"\ndefault_action = "allow"\n'
+    d = daemon_factory("--workers", "2", config=good, env={"PYTHONPATH": str(tmp_path)})
+    d.config_path.write_text(good.replace("allow", "deny") + '[logging]\nlevel = "debug"\n')
+    status, body = d.request("POST", "/api/reload")
+    assert status == 422, body
+    assert json.loads(body)["message"] == ("worker 1: cannot build the application: "
+                                           "RuntimeError: worker 1 refuses deny")
+    events = d.log_events()
+    assert any(e.get("event") == "reload_prepare_failed" and e.get("worker") == 1 for e in events)
+    assert not any(e.get("event") == "reconfigured" for e in events), "nobody switched"
+    assert d.metrics()[("ipferry_config_reloads_total", (("result", "refused"),))] == 1
+    # A worker started later gets the settings that run: worker 1 starts (with deny it could not).
+    pid = d.workers()[1]["pid"]
+    assert d.request("POST", "/api/workers/1/restart")[0] == 202
+    wait_for(lambda: (w := d.workers()[1])["pid"] not in (None, pid) and w["state"] == "ready",
+             10, "worker 1 restarted on the running settings")
+    # The file as it runs again: the reload goes through.
+    d.config_path.write_text(good)
+    status, body = d.request("POST", "/api/reload")
+    assert (status, json.loads(body)["message"]) == (200, "reloaded")
