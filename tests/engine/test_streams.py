@@ -167,6 +167,7 @@ def test_rst_from_the_kernel_ends_the_flow(pb, engine, tunnel):
             << SendToTunnel(tunnel, Pkt(flags=RST, sport=80), None)
             << Audit("flow_end", Has(close_reason="rst")) << FlowEnded(flow, "rst", False))
     assert len(engine.flows) == 0
+    assert engine.stream_for(flow.slot.address, flow.slot.port) is None
 
 
 def test_rfc5961_only_an_in_window_client_rst_ends_the_flow(pb, engine, tunnel):
@@ -201,6 +202,22 @@ def test_rfc5961_window_wraps_around_the_sequence_space(pb, engine, tunnel):
             >> packet(tunnel, tcp(flags=RST, seq=0xFFFFFFFF)) << WriteTun  # one before: blind
             >> packet(tunnel, tcp(flags=RST, seq=0)) << WriteTun << Audit
             << FlowEnded(flow, "rst", False))
+
+
+def test_the_same_flow_from_another_tunnel_never_touches_it(pb, engine, tunnel):
+    flow = establish(pb, tunnel)
+    impostor = FakeTunnel(id=2)  # same tenant, same 4-tuple
+    assert (pb >> packet(impostor, tcp(flags=RST, seq=CLIENT_SEQ + 1))
+            << Count("drop", "tunnel_mismatch")
+            >> packet(impostor, tcp(flags=ACK, seq=CLIENT_SEQ + 1, payload=b"spoof"))
+            << Count("drop", "tunnel_mismatch"))
+    assert not flow.ended and flow.packets == [2, 1] and flow.payload == [0, 0]
+    # Also while it is being made: nothing is held for the impostor.
+    held = Placeholder("held")
+    syn = tcp(sport=40001)
+    assert (pb >> packet(tunnel, syn) << FlowStarted(held) << DecideFlow(held)
+            >> packet(impostor, syn) << Count("drop", "tunnel_mismatch"))
+    assert len(held().pending) == 1
 
 
 def test_close_tunnel_ends_its_flows_cleanly_only_if_both_fins_crossed(pb, engine, tunnel):
