@@ -3,8 +3,9 @@
 owner(flow) = symmetric_hash(flow) mod N. Symmetric: both directions of a flow (source and
 destination swapped) hash alike, so replies find the same owner. The hash is 32-bit arithmetic
 with only xor, shift and multiply, so that the classic-BPF program on the GUE socket
-(:mod:`ipferry.wire.steering`) computes the very same value in the kernel. The tenant is left out on purpose: the
-kernel can steer by headers alone, and one tenant's flows still spread over all workers.
+(:mod:`ipferry.wire.steering`) computes the very same value in the kernel. The tenant is left
+out on purpose: the kernel can steer by headers alone, and one tenant's flows still spread over
+all workers.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ import socket
 import struct
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 from ipferry.engine.actions import (
     Action,
@@ -64,6 +64,7 @@ from .datagram_flows import DatagramUpstream, PingNotPermitted, open_upstream
 from .relay import abort
 from .streams import StreamHandler, UpgradedStream, splice
 from .tun import TunDevice
+from .tunnels import Tunnel
 from .views import FlowIndex, tenant_text
 
 PING_LOG_INTERVAL = 60.0  # how often "ping sockets not permitted" (or an internal error) is logged
@@ -82,6 +83,10 @@ _COUNTERS: dict[str, Callable[[str], Any]] = {
     "upstream_failure": metrics.UPSTREAM_FAILURES.labels,
     "gue_missteered": lambda _label: metrics.GUE_MISSTEERED,
 }
+
+
+def _mutable(packet: bytes | bytearray) -> bytearray:
+    return packet if isinstance(packet, bytearray) else bytearray(packet)
 
 
 class DataPath:
@@ -145,20 +150,21 @@ class DataPath:
     def _send_to_tunnel(self, a: SendToTunnel) -> None:
         """Send the packet in the framing its tunnel speaks: header and all on a vnet tunnel,
         else a plain, whole packet."""
-        tunnel, packet, header = a
+        packet, header = a.packet, a.header
+        tunnel = cast(Tunnel, a.tunnel)  # (the engine hands back the tunnels it was given)
         if tunnel.vnet:
             packet = (header or PLAIN) + packet
         elif header is not None and (is_gso(header) or is_partial(header)):
             # The slow path: cut the superframe into MSS-sized packets, sum every checksum.
-            for seg in segment(bytearray(packet), header):
+            for seg in segment(_mutable(packet), header):
                 self.relay_to_tunnel(tunnel, seg)
             return
         self.relay_to_tunnel(tunnel, packet)
 
     def _relay(self, a: RelayToTunnel) -> None:
-        self.relay_to_tunnel(a.tunnel, a.data)
+        self.relay_to_tunnel(cast(Tunnel, a.tunnel), a.data)
 
-    def relay_to_tunnel(self, tunnel: Any, data: bytes | bytearray) -> None:
+    def relay_to_tunnel(self, tunnel: Tunnel, data: bytes | bytearray) -> None:
         """Send a datagram already in ``tunnel``'s framing (e.g. a reply from the mesh)."""
         if tunnel.local:
             PKT_OUT.inc()
@@ -174,7 +180,7 @@ class DataPath:
         packet, header = a
         if header is not None and not tun.vnet:
             # A TUN without offload (namespace.offload = false) takes plain, MTU-sized packets.
-            for seg in segment(bytearray(packet), header):
+            for seg in segment(_mutable(packet), header):
                 tun.write(seg)
             return
         tun.write(packet, header or PLAIN)
@@ -208,7 +214,7 @@ class DataPath:
 
     # -- inputs: packets -----------------------------------------------------------------------
 
-    def on_tunnel_packet(self, tunnel: Any, data: bytes) -> None:
+    def on_tunnel_packet(self, tunnel: Tunnel, data: bytes) -> None:
         """A datagram of ``tunnel``: the packet (after a virtio-net header on a vnet tunnel)."""
         try:
             if tunnel.local:
@@ -226,7 +232,7 @@ class DataPath:
         except Exception:
             self._internal_error("tun_packet")
 
-    def reset_client(self, tunnel: Any, data: bytes) -> None:
+    def reset_client(self, tunnel: Tunnel, data: bytes) -> None:
         """Answer a tunnel packet with a TCP reset (unless it is not TCP or is a reset itself)."""
         self.carry(self.engine.reset(tunnel, data))
 
@@ -493,7 +499,7 @@ class DataPath:
         if self.refusals.due(time.time()):
             self.refusals.flush()
 
-    def close_tunnel(self, tunnel: Any) -> None:
+    def close_tunnel(self, tunnel: Tunnel) -> None:
         self.carry(self.engine.close_tunnel(tunnel, time.monotonic()))
 
     async def shutdown(self, drain: float) -> None:

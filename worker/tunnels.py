@@ -9,10 +9,9 @@ part is the engine's ``TunnelLeg``; the worker adds sending, closing and the adm
 from __future__ import annotations
 
 import itertools
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from .app import TunnelContext
+from ipferry.engine.legs import TunnelLeg
 
 _ids = itertools.count(1)
 
@@ -22,25 +21,11 @@ def next_id() -> int:
     return next(_ids)
 
 
-class Tunnel(Protocol):
-    """An IP tunnel as the worker's flows use it."""
+class Tunnel(TunnelLeg, Protocol):
+    """An IP tunnel as the worker's flows use it: the engine's view of it (``id``, ``origin``,
+    ``tenant``, ``context``, ``mtu``, ``vnet``, ``local``, ``steered``), and what the driver and
+    the admin API do with it."""
 
-    @property
-    def id(self) -> int: ...
-    @property
-    def origin(self) -> int: ...  # the worker that holds it (ids are per worker)
-    @property
-    def tenant(self) -> str: ...
-    @property
-    def context(self) -> TunnelContext: ...
-    @property
-    def mtu(self) -> int: ...  # the largest packet it carries
-    @property
-    def vnet(self) -> bool: ...  # its datagrams carry a virtio-net header (ipferry.wire.vnet)
-    @property
-    def local(self) -> bool: ...  # held by this worker (else: another's, reached over the mesh)
-    @property
-    def steered(self) -> bool: ...  # the kernel delivers its flows to their owner: never forwarded
     @property
     def closed(self) -> bool: ...
 
