@@ -316,7 +316,10 @@ class DataPath:
         if family == socket.AF_INET6:  # never reach IPv4 through a mapped address
             up.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         server.handle = up
-        err = up.connect_ex(upstream)
+        try:
+            err = up.connect_ex(upstream)
+        except OSError as exc:  # an upstream the kernel cannot even try (a bad address)
+            err = exc.errno or errno.EINVAL
         if err in (errno.EINPROGRESS, 0):
             self.connector.watch(up.fileno(), flow)
         else:
@@ -423,7 +426,10 @@ class DataPath:
             self._internal_error("upstream_reply")
 
     def _upstream_error(self, flow: Flow, kind: str) -> None:
-        self.carry(self.engine.upstream_error(flow, kind, time.monotonic()))
+        try:
+            self.carry(self.engine.upstream_error(flow, kind, time.monotonic()))
+        except Exception:
+            self._internal_error("upstream_error")
 
     # -- flows start and end -------------------------------------------------------------------
 
