@@ -4,6 +4,11 @@
 
 Each run's own veth median is shown too: the two runs were on the same machine but at different
 times, so a change of the limit means the machine was busier or quieter, not ipferry.
+
+The verdict is against the noise of the row itself: *worse* only when the after median is worse
+than every sample before (below the before minimum when higher is better, above the maximum
+when lower is better), *better* the other way round, else *noise*. ``--fail-worse`` exits 1 when a
+row is worse.
 """
 
 from __future__ import annotations
@@ -29,14 +34,17 @@ def main() -> None:
     parser.add_argument("after", type=Path)
     parser.add_argument("--transport", action="append",
                         help="rows to compare (default ipferry-w1 and ipferry-w2)")
+    parser.add_argument("--fail-worse", action="store_true", help="exit 1 if a row is worse")
     args = parser.parse_args()
     before, after = (json.loads(p.read_text()) for p in (args.before, args.after))
     transports = args.transport or ["ipferry-w1", "ipferry-w2"]
     rows_before = {(r["metric"], r["mtu"]): r for r in before["rows"]}
     print(f"before: {before['machine']['ipferry_commit']}, after: "
           f"{after['machine']['ipferry_commit']}; medians of {after['config']['runs']} runs\n")
-    print("| workload | MTU | transport | before | after | after/before | veth before / after |")
-    print("|---|---|---|---|---|---|---|")
+    print("| workload | MTU | transport | before (min-max) | after (min-max) | after/before | verdict "
+          "| veth before / after |")
+    print("|---|---|---|---|---|---|---|---|")
+    worse = 0
     for row in after["rows"]:
         old = rows_before.get((row["metric"], row["mtu"]))
         if old is None:
@@ -48,8 +56,26 @@ def main() -> None:
             va, vb = cell(row, "veth"), cell(old, "veth")
             limit = f"{fmt(vb['median'])} / {fmt(va['median'])}" if va and vb else "-"
             change = a["median"] / b["median"] if b["median"] else float("nan")
-            print(f"| {row['label']} ({row['unit']}) | {row['mtu']} | {t} | {fmt(b['median'])} | "
-                  f"{fmt(a['median'])} | {change:.2f}x | {limit} |")
+            v = verdict(a, b, row.get("higher_is_better", True))
+            worse += v == "worse"
+            print(f"| {row['label']} ({row['unit']}) | {row['mtu']} | {t} | {spread(b)} | "
+                  f"{spread(a)} | {change:.2f}x | {v} | {limit} |")
+    if args.fail_worse and worse:
+        raise SystemExit(f"{worse} row(s) worse than their own noise")
+
+
+def spread(c: dict) -> str:
+    lo, hi = c.get("min", c["median"]), c.get("max", c["median"])
+    return f"{fmt(c['median'])} ({fmt(lo)}-{fmt(hi)})"
+
+
+def verdict(after: dict, before: dict, higher_is_better: bool) -> str:
+    """worse / better / noise: the after median against the before samples' range."""
+    lo, hi = before.get("min", before["median"]), before.get("max", before["median"])
+    m = after["median"]
+    if higher_is_better:
+        return "worse" if m < lo else "better" if m > hi else "noise"
+    return "worse" if m > hi else "better" if m < lo else "noise"
 
 
 if __name__ == "__main__":
