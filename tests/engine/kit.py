@@ -25,7 +25,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
-from unittest.mock import ANY
+from unittest.mock import ANY as ANY  # (re-exported: a field that matches anything)
 
 import dpkt
 
@@ -43,8 +43,6 @@ from ipferry.engine.actions import (
 from ipferry.engine.core import FlowEngine
 from ipferry.engine.decisions import Decision, TunnelContext
 from tests.wire.packets import l4_checksum_ok
-
-__all__ = ["ANY"]
 
 SYN, ACK, FIN, RST, PSH = (dpkt.tcp.TH_SYN, dpkt.tcp.TH_ACK, dpkt.tcp.TH_FIN, dpkt.tcp.TH_RST,
                            dpkt.tcp.TH_PUSH)

@@ -169,10 +169,12 @@ class Books:
 def test_any_order_of_inputs_and_answers_keeps_the_books(data):
     engine = make_engine(max_flows=6, max_flows_per_tenant=5, max_datagram_flows_per_tenant=2,
                          mtu=data.draw(st.sampled_from([1280, 65520])),
-                         fail_closed=data.draw(st.booleans()))
+                         fail_closed=data.draw(st.booleans()),
+                         workers=data.draw(st.sampled_from([1, 2])))
     engine.pools[4].capacity = 3  # soon exhausted
     engine.own_endpoints.add((None, 6080))
-    tunnels = [FakeTunnel(id=1), FakeTunnel(id=2, mtu=1280), FakeTunnel(id=3, vnet=True)]
+    tunnels = [FakeTunnel(id=1), FakeTunnel(id=2, mtu=1280), FakeTunnel(id=3, vnet=True),
+               FakeTunnel(id=4, steered=True), FakeTunnel(id=5, origin=1, local=False)]
     books = Books(engine)
     now = 0.0
     for _ in range(data.draw(st.integers(1, 30))):
