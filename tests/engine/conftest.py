@@ -1,7 +1,6 @@
-"""Fixtures for the flow engine's unit tests: pure functions, no root, no sockets.
+"""Fixtures for the flow engine's unit tests: pure functions, no root, no sockets, any user.
 
-(The suite's top conftest insists on root for the end-to-end tests; these need none:
-``pytest --confcutdir=tests/engine tests/engine`` runs them as any user.)
+The test kit (fake tunnel, packets, matchers, the playbook) is in :mod:`tests.engine.kit`.
 """
 
 from __future__ import annotations
