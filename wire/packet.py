@@ -153,6 +153,9 @@ def parse(packet: bytes | bytearray | memoryview) -> Parsed | Drop:
         return Drop.FRAGMENT
     if dst[0] >= 224 and (dst[0] < 240 or dst == _BROADCAST):  # one compare for unicast
         return Drop.MULTICAST
+    if src[0] >= 224 and (src[0] < 240 or src == _BROADCAST):
+        # No host sends from a group or broadcast address (RFC 1122 3.2.1.3): never answered.
+        return Drop.MULTICAST
     if proto != IPPROTO_TCP:
         return _parse_l4(packet, 4, proto, bytes(src), bytes(dst), ihl, total_length, total_length,
                          False)

@@ -26,7 +26,7 @@ from ipferry.engine.actions import (
 from ipferry.engine.core import FlowEngine
 from ipferry.engine.decisions import Decision
 from ipferry.engine.flows import Flow
-from ipferry.wire.packet import Drop, Parsed, parse
+from ipferry.wire.packet import Parsed, parse
 from ipferry.wire.vnet import HEADER_SIZE, PLAIN
 
 from .conftest import make_engine
@@ -64,10 +64,8 @@ def checked(actions: object) -> list:
             assert a.level in ("debug", "info", "warning", "error"), a
         elif isinstance(a, SendToTunnel | WriteTun):
             # Whatever we send is an IP packet (a reply, an answer, or a rewritten packet that
-            # parsed when it came in). (Known: the IPv4 parser lets a multicast or broadcast
-            # source through, so an answer to one is addressed to it: see
-            # test_no_answer_to_a_source_that_is_no_host.)
-            assert isinstance(parse(a.packet), Parsed) or parse(a.packet) is Drop.MULTICAST, a
+            # parsed when it came in), never one addressed to a group (RFC 1122 3.2.1.3).
+            assert isinstance(parse(a.packet), Parsed), a
     return actions
 
 

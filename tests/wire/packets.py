@@ -8,12 +8,13 @@ import dpkt
 from hypothesis import strategies as st
 
 PORT = st.integers(0, 65535)
-# Unicast destinations: multicast and broadcast are dropped before anything else is read.
+# Unicast addresses: a multicast or broadcast source or destination is dropped before anything
+# else is read.
 ADDR4 = st.binary(min_size=4, max_size=4)
 UNICAST4 = ADDR4.filter(lambda a: a[0] < 224)
 ADDR6 = st.binary(min_size=16, max_size=16).filter(lambda a: a[0] != 0xFF)
 # (src, dst) of either version.
-ADDRS = st.one_of(st.tuples(ADDR4, UNICAST4), st.tuples(ADDR6, ADDR6))
+ADDRS = st.one_of(st.tuples(UNICAST4, UNICAST4), st.tuples(ADDR6, ADDR6))
 UNICAST_ADDRS = st.one_of(st.tuples(UNICAST4, UNICAST4), st.tuples(ADDR6, ADDR6))
 
 

@@ -34,7 +34,7 @@ def build(src, dst, sport, dport, payload, opts=b"") -> bytes:
     return bytes(ip)
 
 
-@given(ADDR, ADDR, PORT, PORT, ADDR, UNICAST4, PORT, PORT, st.binary(max_size=1500),
+@given(ADDR, ADDR, PORT, PORT, UNICAST4, UNICAST4, PORT, PORT, st.binary(max_size=1500),
        st.sampled_from([b"", b"\x01\x01\x01\x01", b"\x02\x04\x05\xb4\x01\x03\x03\x07"]))
 def test_incremental_rewrite_equals_full_recomputation(s, d, sp, dp, ns, nd, nsp, ndp, payload,
                                                        opts):

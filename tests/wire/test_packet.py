@@ -284,7 +284,15 @@ def test_truncations_and_byte_changes_never_raise(raw, at, value, cut):
     assert isinstance(parse(raw[:cut]), Parsed | Drop)
 
 
-@given(ADDR4, UNICAST4, st.integers(0, 65535), st.binary(max_size=60))
+@given(UNICAST4, UNICAST4, st.integers(0, 65535), st.binary(max_size=60))
 def test_ipv4_addresses_round_trip(src, dst, sport, payload):
     p = parse(udp(src, dst, sport, 9, payload))
     assert (p.src, p.dst, p.version) == (src, dst, 4)
+
+
+@given(ADDR4.filter(lambda a: a[0] >= 224 and (a[0] < 240 or a == b"\xff" * 4)), UNICAST4)
+def test_ipv4_multicast_or_broadcast_source_is_dropped(src, dst):
+    """No host sends from a group or the broadcast address (RFC 1122 3.2.1.3): such a packet
+    is dropped before anything is answered."""
+    assert parse(udp(src, dst, 1, 9, b"x")) is Drop.MULTICAST
+    assert parse(tcp(src, dst)) is Drop.MULTICAST
