@@ -57,7 +57,7 @@ FD_RESERVE = 256  # listeners, TUN, control and mesh links, tunnels
 HOOK_DRAIN = 2.0  # at stop, how long on_flow_end calls may still take
 
 
-def build_application(settings: WorkerSettings):
+def build_application(settings: WorkerSettings) -> Application:
     rules = [Rule(r.action, r.tenant, r.cidr, r.ports, r.protocol, r.upstream, r.name)
              for r in settings.rules]
     return load_application(settings.app.cls, rules=rules,
@@ -88,12 +88,19 @@ class Worker:
         self.mesh: dict[int, MeshLink] = {}
         self.remote_tunnels: dict[tuple[int, int], RemoteTunnel] = {}  # (origin, id)
         self.datapath: DataPath | None = None
-        self.app = None
+        self.app: Application  # made by configure(), at the first equip
         self.prepared: tuple[WorkerSettings, Application] | None = None  # a reload's, till commit
         self.audit: AuditLog | None = None
         self.stopping = asyncio.Event()
         self.tasks: set[asyncio.Task] = set()
         self.snapshots = views.Snapshots()  # tunnels and metrics, handed out in parts
+
+    @property
+    def dp(self) -> DataPath:
+        """The data path, for what runs only once equip has made it (its callbacks, the tasks
+        and on-ramps started after it)."""
+        assert self.datapath is not None, "no data path before equip"
+        return self.datapath
 
     def spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
@@ -168,6 +175,7 @@ class Worker:
 
     def start_datapath(self, block: dict) -> None:
         import ipaddress
+        assert self.tun is not None and self.audit is not None  # made by equip and configure()
         f = self.settings.flows
         local4 = ipaddress.IPv4Address(block["ipv4_local"])
         local6 = ipaddress.IPv6Address(block["ipv6_local"])
@@ -213,7 +221,7 @@ class Worker:
         wiring = Wiring(worker=self.index, log=self.log, settings=self.settings,
                         parse_context=self.parse_context,
                         app_parse_context=lambda raw: self.app.parse_context(raw),
-                        on_packet=self.datapath.on_tunnel_packet, on_close=self.tunnel_closed)
+                        on_packet=self.dp.on_tunnel_packet, on_close=self.tunnel_closed)
         for name, (cls, sock) in self.onramp_socks.items():
             if name in self.onramps:
                 continue
@@ -222,7 +230,7 @@ class Worker:
             except OnrampUnusable as exc:
                 self.log.error("onramp_unusable", onramp=name, error=str(exc))
                 continue
-            self.datapath.own_endpoints.update(onramp.endpoints)
+            self.dp.own_endpoints.update(onramp.endpoints)
             self.onramps[name] = onramp
             onramp.start()
 
@@ -265,8 +273,8 @@ class Worker:
         peak = 0  # flows at the last high-water mark
         while True:
             await asyncio.sleep(EXPIRE_INTERVAL)
-            self.datapath.expire()  # (and writes the refusals counted over the interval)
-            flows = len(self.datapath.entries)
+            self.dp.expire()  # (and writes the refusals counted over the interval)
+            flows = len(self.dp.entries)
             peak = max(peak, flows)
             if peak - flows >= TRIM_AFTER and flows < peak // 2:
                 # Most of a flood's flows are gone: hand the freed heap back to the system
@@ -274,7 +282,7 @@ class Worker:
                 release_memory()
                 peak = flows
             # The tunnels flows use: worked out once a sweep, and only if an on-ramp asks.
-            in_use = functools.cache(lambda: {e.tunnel.id for e in self.datapath.entries.values()})
+            in_use = functools.cache(lambda: {e.tunnel.id for e in self.dp.entries.values()})
             for onramp in self.onramps.values():
                 onramp.sweep(in_use)
 
@@ -293,7 +301,8 @@ class Worker:
             limit = max(1, min(int(msg.get("limit") or views.MAX_PAGE), views.MAX_PAGE))
             entries = (index.after(tenant, after) if msg.get("op") == "after"
                        else index.at(tenant, max(0, int(msg.get("start") or 0))))
-            rows, _, cut = views.fit(map(self.datapath.flow_row, entries), limit=limit)
+            # (no entries without a data path)
+            rows, _, cut = views.fit((self.dp.flow_row(e) for e in entries), limit=limit)
             body = {"flows": rows, "epoch": index.epoch, "cut": cut and len(rows) < limit}
         await self.control.reply_when_ready(msg, "flows", body)
 
@@ -324,7 +333,7 @@ class Worker:
         if link is None:
             # The owner is restarting: its flows are gone. A reset makes the client fail fast.
             metrics.DROPS.labels("owner_unreachable").inc()
-            self.datapath.reset_client(tunnel, packet)
+            self.dp.reset_client(tunnel, packet)
             return
         if tunnel.id not in link.opened:
             opening = {"tunnel": tunnel.id, "tenant": tunnel.tenant,
@@ -344,7 +353,7 @@ class Worker:
             PKT_TO_MESH.inc()
 
     def tunnel_closed(self, tunnel, reason: str) -> None:
-        self.datapath.close_tunnel(tunnel)
+        self.dp.close_tunnel(tunnel)
         for link in self.mesh.values():
             if tunnel.id in link.opened:
                 link.opened.discard(tunnel.id)
@@ -361,7 +370,7 @@ class Worker:
             remote = self.remote_tunnels.pop((link.peer, msg["tunnel"]), None)
             if remote is not None:
                 remote.close()
-                self.datapath.close_tunnel(remote)
+                self.dp.close_tunnel(remote)
 
     def on_mesh_frame(self, link: MeshLink, kind: bytes, tunnel_id: int, packet: bytes) -> None:
         if kind == PACKET:
@@ -377,7 +386,7 @@ class Worker:
             if tunnel is None:
                 metrics.DROPS.labels("mesh_unknown_tunnel").inc()
                 return
-            self.datapath.relay_to_tunnel(tunnel, packet)  # already in the tunnel's framing
+            self.dp.relay_to_tunnel(tunnel, packet)  # already in the tunnel's framing
         else:
             metrics.DROPS.labels("mesh_bad_frame").inc()
 
@@ -458,7 +467,8 @@ class Worker:
             self.tun.close()
         for sock in [*(s for _, s in self.onramp_socks.values()), *self.upgrade.values()]:
             sock.close()
-        for link in [*self.mesh.values(), *([self.nsd] if self.nsd else [])]:
+        links: list[MeshLink | fdpass.AsyncChannel] = [*self.mesh.values(), *([self.nsd] if self.nsd else [])]
+        for link in links:
             link.close()
 
 

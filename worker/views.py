@@ -122,7 +122,7 @@ class Snapshots:
         self.ttl = ttl
         self._lists: OrderedDict[str, tuple[float, list]] = OrderedDict()
 
-    def part(self, body: dict, take: Callable[[], list], row: Callable[[object], dict | None],
+    def part(self, body: dict, take: Callable[[], list], row: Callable[[Any], dict | None],
              budget: int = REPLY_BUDGET) -> dict:
         """The reply to a request for a part: ``{"rows", "snapshot", "next"}`` (next: None when
         this part is the last). Raises KeyError for a snapshot that is gone (expired)."""
