@@ -8,13 +8,13 @@ run: setup
 	.venv/bin/ipferry run
 
 test: setup
-	.venv/bin/ruff check . && .venv/bin/lint-imports && .venv/bin/python -m pytest
+	.venv/bin/ruff check . && .venv/bin/lint-imports && .venv/bin/mypy && .venv/bin/python -m pytest
 
 lint: setup
-	.venv/bin/ruff check . && .venv/bin/lint-imports
+	.venv/bin/ruff check . && .venv/bin/lint-imports && .venv/bin/mypy
 
 clean:
-	rm -rf .venv build *.egg-info .pytest_cache .hypothesis .ruff_cache
+	rm -rf .venv build *.egg-info .pytest_cache .hypothesis .ruff_cache .mypy_cache
 
 # ipferry against pasta, slirp4netns and veth (about 15 minutes; BENCH_ARGS=--quick for a smoke
 # test), then start-up time and memory.
