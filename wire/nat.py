@@ -14,7 +14,6 @@ import ipaddress
 import itertools
 import random
 import struct
-import time
 from collections import deque
 from collections.abc import Container
 from typing import NamedTuple
@@ -82,8 +81,10 @@ class NatPool:
         self.quarantine = quarantine
         self.in_use = 0
 
-    def claim(self, now: float | None = None) -> NatSlot:
-        if self._released and self._released[0][0] <= (time.monotonic() if now is None else now):
+    def claim(self, now: float) -> NatSlot:
+        """A slot (``now``: monotonic seconds, the caller's clock: a released slot's quarantine
+        is over when ``now`` passes it)."""
+        if self._released and self._released[0][0] <= now:
             slot = self._released.popleft()[1]
         elif self._next_fresh < self.capacity:
             # Walk addresses first, then ports, so consecutive flows differ in address.
@@ -96,9 +97,9 @@ class NatPool:
         self.in_use += 1
         return slot
 
-    def release(self, slot: NatSlot, now: float | None = None) -> None:
+    def release(self, slot: NatSlot, now: float) -> None:
         self.in_use -= 1
-        ready_at = (time.monotonic() if now is None else now) + self.quarantine
+        ready_at = now + self.quarantine
         self._released.append((ready_at, slot))
 
 
