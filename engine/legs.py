@@ -31,7 +31,8 @@ class LegKind(enum.StrEnum):
 
 
 class TunnelLeg(Protocol):
-    """What the engine reads of an IP tunnel (the worker's tunnels add ``send`` and ``close``)."""
+    """What the engine reads of an IP tunnel, and the send its driver carries actions out with
+    (the worker's tunnels add ``close`` and the admin API's row)."""
 
     @property
     def id(self) -> int: ...
@@ -49,6 +50,9 @@ class TunnelLeg(Protocol):
     def local(self) -> bool: ...  # held by this worker (else: reached over the mesh)
     @property
     def steered(self) -> bool: ...  # the kernel's steering program picked this worker
+
+    def send(self, packet: bytes | bytearray) -> None:
+        """The driver's (the engine never sends): one datagram in the tunnel's framing."""
 
 
 class StreamLeg:

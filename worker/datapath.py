@@ -21,7 +21,7 @@ import socket
 import struct
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, cast
+from typing import Any
 
 from ipferry.engine.actions import (
     Action,
@@ -51,7 +51,7 @@ from ipferry.engine.core import (
 )
 from ipferry.engine.decisions import Decision, FlowEnd
 from ipferry.engine.flows import Flow, FlowKey, FlowTable
-from ipferry.engine.legs import DatagramLeg, StreamLeg
+from ipferry.engine.legs import DatagramLeg, StreamLeg, TunnelLeg
 from ipferry.wire.nat import NatPool
 from ipferry.wire.vnet import HEADER_SIZE as HEADER
 from ipferry.wire.vnet import PLAIN, is_gso, is_partial, segment
@@ -76,13 +76,27 @@ BYTES_IN = metrics.BYTES.labels("from_tunnel")
 BYTES_OUT = metrics.BYTES.labels("to_tunnel")
 PKT_TO_MESH = metrics.PACKETS.labels("to_mesh")
 PKT_FROM_MESH = metrics.PACKETS.labels("from_mesh")
-_COUNTERS: dict[str, Callable[[str], Any]] = {
+_FAMILIES: dict[str, Callable[..., Any]] = {
     "drop": metrics.DROPS.labels,
     "icmp_sent": metrics.ICMP_SENT.labels,
     "icmp_received": metrics.ICMP_RECEIVED.labels,
     "upstream_failure": metrics.UPSTREAM_FAILURES.labels,
     "gue_missteered": lambda _label: metrics.GUE_MISSTEERED,
+    "flows_started": metrics.FLOWS_STARTED.labels,
+    "flows_ended": metrics.FLOWS_ENDED.labels,
+    "flows_active": metrics.FLOWS_ACTIVE.labels,
 }
+# A metric's child by its labels, looked up once: prometheus_client's labels() takes a lock and
+# builds a tuple every call (two of them were a tenth of a new flow's cost, bench/hotpath.py).
+# The labels are bounded sets (reasons, protocols, close reasons): so is this.
+_CHILDREN: dict[tuple[str, ...], Any] = {}
+
+
+def _child(family: str, *labels: str) -> Any:
+    child = _CHILDREN.get((family, *labels))
+    if child is None:
+        child = _CHILDREN[(family, *labels)] = _FAMILIES[family](*labels)
+    return child
 
 
 def _mutable(packet: bytes | bytearray) -> bytearray:
@@ -144,14 +158,46 @@ class DataPath:
     def carry(self, actions: Iterable[Action]) -> None:
         """Carry out the engine's actions in order (an answer may bring more: carried at once)."""
         handlers = self._carry
+        tunnel: TunnelLeg
+        packet: bytes | bytearray
+        header: bytes | None
         for action in actions:
-            handlers[type(action)](action)
+            kind = type(action)
+            # The two actions of every packet are carried here, without a call of their own.
+            if kind is WriteTun:
+                tun = self.tun
+                packet, header = action  # type: ignore[misc,assignment]
+                if tun is None:
+                    continue
+                if header is None:
+                    tun.write(packet, PLAIN)
+                elif tun.vnet:
+                    tun.write(packet, header)
+                else:  # a TUN without offload (namespace.offload = false): plain MTU-sized packets
+                    for seg in segment(_mutable(packet), header):
+                        tun.write(seg)
+            elif kind is SendToTunnel:
+                tunnel, packet, header = action  # type: ignore[misc,assignment]
+                if tunnel.vnet:
+                    packet = (header or PLAIN) + packet
+                elif header is not None and (is_gso(header) or is_partial(header)):
+                    # The slow path: cut the superframe into MSS-sized packets, sum every checksum.
+                    for seg in segment(_mutable(packet), header):
+                        self.relay_to_tunnel(tunnel, seg)
+                    continue
+                if tunnel.local:
+                    PKT_OUT.inc()
+                    BYTES_OUT.inc(len(packet) - (HEADER if tunnel.vnet else 0))
+                else:
+                    PKT_TO_MESH.inc()
+                tunnel.send(packet)
+            else:
+                handlers[kind](action)
 
     def _send_to_tunnel(self, a: SendToTunnel) -> None:
         """Send the packet in the framing its tunnel speaks: header and all on a vnet tunnel,
         else a plain, whole packet."""
-        packet, header = a.packet, a.header
-        tunnel = cast(Tunnel, a.tunnel)  # (the engine hands back the tunnels it was given)
+        tunnel, packet, header = a
         if tunnel.vnet:
             packet = (header or PLAIN) + packet
         elif header is not None and (is_gso(header) or is_partial(header)):
@@ -162,9 +208,9 @@ class DataPath:
         self.relay_to_tunnel(tunnel, packet)
 
     def _relay(self, a: RelayToTunnel) -> None:
-        self.relay_to_tunnel(cast(Tunnel, a.tunnel), a.data)
+        self.relay_to_tunnel(a.tunnel, a.data)
 
-    def relay_to_tunnel(self, tunnel: Tunnel, data: bytes | bytearray) -> None:
+    def relay_to_tunnel(self, tunnel: TunnelLeg, data: bytes | bytearray) -> None:
         """Send a datagram already in ``tunnel``'s framing (e.g. a reply from the mesh)."""
         if tunnel.local:
             PKT_OUT.inc()
@@ -190,7 +236,7 @@ class DataPath:
         self.forward(a.owner, a.tunnel, a.data)
 
     def _count(self, a: Count) -> None:
-        _COUNTERS[a.counter](a.label).inc(a.n)
+        _child(a.counter, a.label).inc(a.n)
 
     def _refused(self, a: RefusedPastLimit) -> None:
         self.refusals.add(a.tenant, a.reason)
@@ -436,7 +482,7 @@ class DataPath:
     def _started(self, a: FlowStarted) -> None:
         self.flow_index.add(a.flow)
         protocol = PROTO_NAMES.get(a.flow.key.protocol, "other")
-        metrics.FLOWS_STARTED.labels(protocol).inc()
+        _child("flows_started", protocol).inc()
         self._active(protocol, +1)
 
     def _ended(self, a: FlowEnded) -> None:
@@ -462,7 +508,7 @@ class DataPath:
         elif flow.slot is not None:
             self._nat_gauge()
         protocol = PROTO_NAMES.get(flow.key.protocol, "other")
-        metrics.FLOWS_ENDED.labels(protocol, a.why).inc()
+        _child("flows_ended", protocol, a.why).inc()
         self._active(protocol, -1)
         hook = self.app.on_flow_end
         if getattr(hook, "__func__", None) is RulesApplication.on_flow_end:
@@ -491,7 +537,7 @@ class DataPath:
 
     def _active(self, protocol: str, delta: int) -> None:
         self.active[protocol] = n = self.active.get(protocol, 0) + delta
-        metrics.FLOWS_ACTIVE.labels(protocol).set(n)
+        _child("flows_active", protocol).set(n)
 
     def _nat_gauge(self) -> None:
         metrics.NAT_SLOTS.set(sum(pool.in_use for pool in self.engine.pools.values()))
