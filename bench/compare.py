@@ -1,6 +1,11 @@
 """Before/after for ipferry's rows: two bench/run JSON files side by side, with veth for scale.
 
     .venv/bin/python bench/compare.py bench/published/before.json bench/published/benchmark.json
+    .venv/bin/python bench/compare.py b1.json,b2.json a1.json,a2.json   # runs pooled per side
+
+Runs pooled per side (comma-separated files) cancel some of the machine's drift when they were
+taken in turns (before, after, after, before): every cell's samples are pooled, its median,
+minimum and maximum taken over all of them.
 
 Each run's own veth median is shown too: the two runs were on the same machine but at different
 times, so a change of the limit means the machine was busier or quieter, not ipferry.
@@ -15,7 +20,30 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
+
+
+def load(paths: str) -> dict:
+    """One bench/run JSON, or several pooled: each cell's samples together, re-summarised."""
+    runs = [json.loads(Path(p).read_text()) for p in paths.split(",")]
+    pooled = runs[0]
+    if len(runs) == 1:
+        return pooled
+    index = [{(r["metric"], r["mtu"]): r for r in run["rows"]} for run in runs[1:]]
+    for row in pooled["rows"]:
+        for transport, c in row["cells"].items():
+            samples = list(c.get("samples") or [])
+            for other in index:
+                o = other.get((row["metric"], row["mtu"]), {}).get("cells", {}).get(transport)
+                samples += (o or {}).get("samples") or []
+            samples = [x for x in samples if x is not None]
+            if samples:
+                c.update(samples=samples, median=statistics.median(samples), min=min(samples),
+                         max=max(samples))
+    pooled["machine"]["ipferry_commit"] = "+".join(r["machine"]["ipferry_commit"] for r in runs)
+    pooled["config"]["runs"] = sum(r["config"]["runs"] for r in runs)
+    return pooled
 
 
 def cell(row: dict, transport: str) -> dict | None:
@@ -30,13 +58,13 @@ def fmt(v: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("before", type=Path)
-    parser.add_argument("after", type=Path)
+    parser.add_argument("before", help="a bench/run JSON file, or several joined by commas")
+    parser.add_argument("after", help="the same, after")
     parser.add_argument("--transport", action="append",
                         help="rows to compare (default ipferry-w1 and ipferry-w2)")
     parser.add_argument("--fail-worse", action="store_true", help="exit 1 if a row is worse")
     args = parser.parse_args()
-    before, after = (json.loads(p.read_text()) for p in (args.before, args.after))
+    before, after = load(args.before), load(args.after)
     transports = args.transport or ["ipferry-w1", "ipferry-w2"]
     rows_before = {(r["metric"], r["mtu"]): r for r in before["rows"]}
     print(f"before: {before['machine']['ipferry_commit']}, after: "
