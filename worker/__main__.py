@@ -48,6 +48,7 @@ from .datapath import PKT_FROM_MESH, PKT_TO_MESH, DataPath
 from .mesh import PACKET, REPLY, MeshLink, RemoteTunnel
 from .onramps import Onramp, OnrampClass, OnrampRefused, OnrampUnusable, Wiring, resolve
 from .tun import TunDevice
+from .tunnels import Tunnel
 
 EXPIRE_INTERVAL = 1.0
 DEFAULT_MAX_FLOWS = 100_000
@@ -82,6 +83,7 @@ class Worker:
         self.control = fdpass.AsyncChannel(control, "supervisor")
         self.onramp_socks: dict[str, tuple[OnrampClass, socket.socket]] = {}  # by on-ramp name
         self.onramps: dict[str, Onramp] = {}  # those served (made once the data path is)
+        self.forwarded: dict[int, Tunnel] = {}  # our tunnels whose flows another worker owns
         self.tun: TunDevice | None = None
         self.upgrade: dict[str, socket.socket] = {}
         self.nsd: fdpass.AsyncChannel | None = None
@@ -349,11 +351,13 @@ class Worker:
                 metrics.DROPS.labels("owner_unreachable").inc()
                 return
             link.opened.add(tunnel.id)
+            self.forwarded[tunnel.id] = tunnel
         if link.send_frame(PACKET, tunnel.id, packet):
             PKT_TO_MESH.inc()
 
     def tunnel_closed(self, tunnel, reason: str) -> None:
         self.dp.close_tunnel(tunnel)
+        self.forwarded.pop(tunnel.id, None)
         for link in self.mesh.values():
             if tunnel.id in link.opened:
                 link.opened.discard(tunnel.id)
@@ -381,9 +385,10 @@ class Worker:
             self.datapath.on_tunnel_packet(remote, packet)
         elif kind == REPLY:
             PKT_FROM_MESH.inc()
-            tunnel = next((t for o in self.onramps.values()
-                           if (t := o.find(tunnel_id)) is not None), None)
-            if tunnel is None:
+            # A reply can only be for a tunnel we forwarded a packet of (one lookup a frame:
+            # every packet of a download crosses here).
+            tunnel = self.forwarded.get(tunnel_id)
+            if tunnel is None or tunnel.closed:
                 metrics.DROPS.labels("mesh_unknown_tunnel").inc()
                 return
             self.dp.relay_to_tunnel(tunnel, packet)  # already in the tunnel's framing
