@@ -140,6 +140,8 @@ class DataPath:
             SendDatagram: self._send_datagram, FlowStarted: self._started,
             FlowEnded: self._ended, Count: self._count, RefusedPastLimit: self._refused,
             Log: self._log}
+        if forward is not None:  # (one call a forwarded packet: every ACK of a mesh download)
+            self._carry[Forward] = lambda a: forward(*a)
 
     @property
     def pools(self) -> dict[int, NatPool]:
