@@ -10,10 +10,10 @@ minimum and maximum taken over all of them.
 Each run's own veth median is shown too: the two runs were on the same machine but at different
 times, so a change of the limit means the machine was busier or quieter, not ipferry.
 
-The verdict is against the noise of the row itself: *worse* only when the after median is worse
-than every sample before (below the before minimum when higher is better, above the maximum
-when lower is better), *better* the other way round, else *noise*. ``--fail-worse`` exits 1 when a
-row is worse.
+The verdict is against the noise of the row itself, its samples' min-max: *worse* when every
+sample after is worse than every sample before (the ranges do not overlap), *worse median* when
+only the after median is worse than every sample before, *better* and *better median* the other
+way round, else *noise*. ``--fail-worse`` exits 1 when a row is worse.
 """
 
 from __future__ import annotations
@@ -98,12 +98,17 @@ def spread(c: dict) -> str:
 
 
 def verdict(after: dict, before: dict, higher_is_better: bool) -> str:
-    """worse / better / noise: the after median against the before samples' range."""
+    """The after samples against the before samples' range (see the module's docstring)."""
     lo, hi = before.get("min", before["median"]), before.get("max", before["median"])
+    a_lo, a_hi = after.get("min", after["median"]), after.get("max", after["median"])
     m = after["median"]
-    if higher_is_better:
-        return "worse" if m < lo else "better" if m > hi else "noise"
-    return "worse" if m > hi else "better" if m < lo else "noise"
+    if not higher_is_better:  # flip, so that "up" is "better" below
+        lo, hi, a_lo, a_hi, m = -hi, -lo, -a_hi, -a_lo, -m
+    if a_hi < lo:
+        return "worse"
+    if a_lo > hi:
+        return "better"
+    return "worse median" if m < lo else "better median" if m > hi else "noise"
 
 
 if __name__ == "__main__":

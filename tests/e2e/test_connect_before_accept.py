@@ -5,6 +5,8 @@ one answers ICMP, a silent one stays silent, and a port scan sees exactly the op
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import textwrap
@@ -146,10 +148,17 @@ def test_packets_held_for_a_refused_off_ramp_are_counted(daemon_factory, upstrea
             sport=40000, dport=9, flags=flags, seq=seq, data=data)))
 
     try:
-        # Back to back, before the refused connect is known: all five are held.
-        for packet in [segment(dpkt.tcp.TH_SYN, 1000)] * 3 + \
-                [segment(dpkt.tcp.TH_ACK | dpkt.tcp.TH_PUSH, 1001, b"hello")] * 2:
-            s.send(packet)
+        # All five queued before the worker reads any (it is stopped meanwhile), so they are
+        # read in one batch, before the refused connect can be known: all five are held. (Sent
+        # to a running worker, a busy machine let the refusal overtake the fifth.)
+        worker = d.workers()[0]["pid"]
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            for packet in [segment(dpkt.tcp.TH_SYN, 1000)] * 3 + \
+                    [segment(dpkt.tcp.TH_ACK | dpkt.tcp.TH_PUSH, 1001, b"hello")] * 2:
+                s.send(packet)
+        finally:
+            os.kill(worker, signal.SIGCONT)
         s.settimeout(5)
         answer = dpkt.ip.IP(s.recv(65535)).data
         assert answer.flags & dpkt.tcp.TH_RST  # the first SYN got the refusal
