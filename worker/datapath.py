@@ -134,7 +134,7 @@ class DataPath:
         self._ping_logged = -PING_LOG_INTERVAL
         self._error_logged = -PING_LOG_INTERVAL
         self._carry: dict[type, Callable[[Any], None]] = {
-            SendToTunnel: self._send_to_tunnel, RelayToTunnel: self._relay, WriteTun: self._write_tun,
+            RelayToTunnel: self._relay,
             Forward: self._forward, DecideFlow: self._decide, AuditFlowStart: self._audit_start,
             Audit: self._audit, ConnectOfframp: self._connect, OpenDatagram: self._open_datagram,
             SendDatagram: self._send_datagram, FlowStarted: self._started,
@@ -166,7 +166,7 @@ class DataPath:
         for action in actions:
             kind = type(action)
             # The two actions of every packet are carried here, without a call of their own.
-            if kind is WriteTun:
+            if kind is WriteTun:  # into the namespace's kernel
                 tun = self.tun
                 packet, header = action  # type: ignore[misc,assignment]
                 if tun is None:
@@ -179,6 +179,8 @@ class DataPath:
                     for seg in segment(_mutable(packet), header):
                         tun.write(seg)
             elif kind is SendToTunnel:
+                # In the framing the tunnel speaks: header and all on a vnet tunnel, else plain,
+                # whole packets.
                 tunnel, packet, header = action  # type: ignore[misc,assignment]
                 if tunnel.vnet:
                     packet = (header or PLAIN) + packet
@@ -187,6 +189,7 @@ class DataPath:
                     for seg in segment(_mutable(packet), header):
                         self.relay_to_tunnel(tunnel, seg)
                     continue
+                # (relay_to_tunnel, inlined)
                 if tunnel.local:
                     PKT_OUT.inc()
                     BYTES_OUT.inc(len(packet) - (HEADER if tunnel.vnet else 0))
@@ -195,19 +198,6 @@ class DataPath:
                 tunnel.send(packet)
             else:
                 handlers[kind](action)
-
-    def _send_to_tunnel(self, a: SendToTunnel) -> None:
-        """Send the packet in the framing its tunnel speaks: header and all on a vnet tunnel,
-        else a plain, whole packet."""
-        tunnel, packet, header = a
-        if tunnel.vnet:
-            packet = (header or PLAIN) + packet
-        elif header is not None and (is_gso(header) or is_partial(header)):
-            # The slow path: cut the superframe into MSS-sized packets, sum every checksum.
-            for seg in segment(_mutable(packet), header):
-                self.relay_to_tunnel(tunnel, seg)
-            return
-        self.relay_to_tunnel(tunnel, packet)
 
     def _relay(self, a: RelayToTunnel) -> None:
         self.relay_to_tunnel(a.tunnel, a.data)
@@ -220,18 +210,6 @@ class DataPath:
         else:
             PKT_TO_MESH.inc()  # back to the worker that holds the tunnel
         tunnel.send(data)
-
-    def _write_tun(self, a: WriteTun) -> None:
-        tun = self.tun
-        if tun is None:
-            return
-        packet, header = a
-        if header is not None and not tun.vnet:
-            # A TUN without offload (namespace.offload = false) takes plain, MTU-sized packets.
-            for seg in segment(_mutable(packet), header):
-                tun.write(seg)
-            return
-        tun.write(packet, header or PLAIN)
 
     def _forward(self, a: Forward) -> None:
         assert self.forward is not None
