@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,34 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
+def admin_target(target: str) -> tuple[str, int] | str:
+    """What ``--admin`` names: (host, port) for http://HOST:PORT, HOST:PORT or [IPV6]:PORT, else
+    the path of a unix socket (it contains a ``/`` or exists)."""
+    if target.startswith(("http://", "https://")):
+        try:
+            url = urlsplit(target)
+            port = url.port
+        except ValueError as exc:
+            raise AdminClientError(f"--admin {target!r}: not a valid URL ({exc}); give it as "
+                                   f"http://127.0.0.1:9180") from None
+        if not url.hostname:
+            raise AdminClientError(f"--admin {target!r}: no host in the URL; give it as "
+                                   f"http://127.0.0.1:9180")
+        return url.hostname, port or 80
+    if "/" in target or os.path.exists(target):
+        return target
+    host, sep, digits = target.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        host = ""  # an IPv6 address without brackets: its port cannot be told apart
+    if sep and host and digits.isdigit() and 0 < int(digits) < 65536:
+        return host, int(digits)
+    raise AdminClientError(f"--admin {target!r}: neither HOST:PORT ([IPV6]:PORT) nor an existing "
+                           f"socket path; give the admin listener as 127.0.0.1:9180 or the admin "
+                           f"socket's path (e.g. ./admin.sock)")
+
+
 def call(target: str | None, method: str, path: str, token: str | None = None,
          timeout: float = 10.0) -> tuple[int, Any]:
     """One request; returns (status, decoded JSON or text). ``target``: socket path or URL."""
@@ -38,14 +67,11 @@ def call(target: str | None, method: str, path: str, token: str | None = None,
         # XDG_RUNTIME_DIR set, say): try ours, then the system service's.
         candidates = [default_runtime_dir() / "admin.sock", Path("/run/ipferry/admin.sock")]
         target = str(next((p for p in candidates if p.exists()), candidates[0]))
-    if target.startswith(("http://", "https://")):
-        url = urlsplit(target)
-        if not url.hostname:
-            raise AdminClientError(f"{target}: no host in the URL")
-        conn: http.client.HTTPConnection = http.client.HTTPConnection(
-            url.hostname, url.port or 80, timeout=timeout)
+    where = admin_target(target)
+    if isinstance(where, tuple):
+        conn: http.client.HTTPConnection = http.client.HTTPConnection(*where, timeout=timeout)
     else:
-        conn = UnixHTTPConnection(target, timeout)
+        conn = UnixHTTPConnection(where, timeout)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
         conn.request(method, path, headers=headers)

@@ -10,6 +10,8 @@ import textwrap
 
 from pydantic import ValidationError
 
+from ipferry.wire.gue import MAX_CONTEXT, MAX_VNET_CONTEXT
+
 from . import config as configmod
 
 DESCRIPTION = """\
@@ -31,6 +33,7 @@ examples:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ipferry", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the daemon in the foreground (supervisor, nsd, workers)",
@@ -47,18 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="admin HTTP listener, loopback only; '' disables TCP admin")
     run.add_argument("--log-format", choices=["json", "console"],
                      help="log format (default: config, else json lines)")
-    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                     help="least severe log lines written (default: config, else info)")
 
     check = sub.add_parser("check-config", help="validate a config file without starting",
                            description="Validate a config file; exit 0 if it would start, else "
                            "print each problem (file:line: key = value: reason) and exit 2.")
-    check.add_argument("file")
+    check.add_argument("file", help="the TOML config to check, as `ipferry run --config` reads it")
 
     def admin_client(name: str, help_: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
-        p.add_argument("--admin", metavar="URL|PATH",
-                       help="the daemon's admin unix socket (default: <runtime dir>/admin.sock) "
-                            "or http://HOST:PORT")
+        p.add_argument("--admin", metavar="PATH|HOST:PORT",
+                       help="the daemon's admin unix socket (default: <runtime dir>/admin.sock), "
+                            "or its TCP listener as HOST:PORT, [IPV6]:PORT or http://HOST:PORT")
         p.add_argument("--token", default=os.environ.get("IPFERRY_ADMIN_TOKEN"),
                        help="bearer token for mutating calls over TCP (env IPFERRY_ADMIN_TOKEN)")
         return p
@@ -80,8 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "binds it)")
     how.add_argument("--gue", metavar="HOST:PORT",
                      help="use the daemon's unconnected GUE on-ramp at HOST:PORT instead (UDP; "
-                          "the context rides in every datagram's GUE header, at most 124 bytes)")
-    connect.add_argument("--tenant", default="default", help="tenant of the tunnel's context")
+                          "the context rides in every datagram's GUE header: at most "
+                          f"{MAX_VNET_CONTEXT} bytes of JSON with offload, {MAX_CONTEXT} with "
+                          "--no-offload)")
+    connect.add_argument("--tenant", default="default",
+                         help="tenant of the tunnel's context (default: %(default)s)")
     connect.add_argument("--context", metavar="JSON", default="{}",
                          help="more context, a JSON object merged under the tenant")
     connect.add_argument("--mtu", type=int,
@@ -90,9 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     connect.add_argument("--address", metavar="A.B.C.D",
                          help="the command's IPv4 address (default: random in 10.98.0.0/16)")
     connect.add_argument("--no-offload", dest="offload", action="store_false",
-                         help="plain packets on the connected tunnel, one per MTU (default: TSO "
-                              "superframes of up to 64 KB with partial checksums, whatever the "
-                              "MTU; much faster at small MTUs)")
+                         help="plain packets through the tunnel (connected or GUE), one per MTU "
+                              "(default: TSO superframes of up to 64 KB with partial checksums, "
+                              "whatever the MTU; much faster at small MTUs)")
     connect.add_argument("--address6", metavar="IPV6",
                          help="the command's IPv6 address (default: random in fd98::/16)")
     connect.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
@@ -100,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     admin_client("status", "show the running daemon's readiness, nsd and workers")
     admin_client("reload", "make the running daemon re-read its config (like SIGHUP)")
     restart = admin_client("restart-worker", "restart one worker of the running daemon gracefully")
-    restart.add_argument("index", type=int)
+    restart.add_argument("index", type=int,
+                         help="the worker's index, as `ipferry status` lists it (worker 0, 1, ...)")
     return parser
 
 
@@ -108,10 +116,11 @@ def cmd_check_config(args) -> int:
     try:
         cfg = configmod.load(args.file)
         n = cfg.worker_count()
+        cfg.check_startable()  # what `run` refuses too (check_runtime, less the token file)
     except configmod.ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
-    print(f"{args.file}: ok ({n} workers, on-ramps: "
+    print(f"{args.file}: ok ({_plural(n, 'worker')}, on-ramps: "
           f"{', '.join(f'{o.name} at {_where(o)}' for o in cfg.onramps)})")
     return 0
 
@@ -233,14 +242,32 @@ def _where(onramp) -> str:
     return listener_class(onramp.kind).where(onramp)
 
 
+def _pid(pid: int | None) -> str:
+    """A child's pid, or what stands for none (in backoff, failed or not started yet)."""
+    return f"pid {pid}" if pid is not None else "no process"
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ipferry")
+    except PackageNotFoundError:  # run from a checkout that is not installed
+        return "(not installed)"
+
+
 def format_status(body: dict) -> str:
     lines = [f"{'ready' if body['ready'] else 'NOT READY'}: {body['status']} "
              f"(supervisor pid {body['pid']}, config {body['config'] or 'built-in default'})",
-             f"nsd: pid {body['nsd']['pid']}, {body['nsd']['state']}, "
+             f"nsd: {_pid(body['nsd']['pid'])}, {body['nsd']['state']}, "
              f"restarts {body['nsd']['restarts']}"]
     for w in body["workers"]:
-        lines.append(f"worker {w['index']}: pid {w['pid']}, {w['state']}, restarts {w['restarts']}, "
-                     f"tun {w['tun']}")
+        lines.append(f"worker {w['index']}: {_pid(w['pid'])}, {w['state']}, "
+                     f"restarts {w['restarts']}, tun {w['tun']}")
     for o in body["onramps"]:
         where = o.get("address") and f"GUE on udp {o['address']}" or o["path"] or "from systemd"
         lines.append(f"on-ramp {o['name']}: {where}")

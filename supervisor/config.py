@@ -368,21 +368,22 @@ class Config(_Strict):
         return self
 
     def check_runtime(self) -> None:
-        """What only the running daemon can check (at start and reload, not in check-config):
-        the token file, the application class, the audit sink."""
+        """What only the running daemon can check (at start and reload): the token file, and
+        what :meth:`check_startable` checks."""
         self.admin.check_token_file()
+        self.check_startable()
+
+    def check_startable(self) -> None:
+        """What ``run`` refuses that the file alone does not show, checked by ``check-config``
+        too: the application class imports, the audit sink can be opened for append. Creates
+        nothing: a sink file that does not exist yet needs a writable directory."""
         if self.app.cls:
             try:
                 import_application(self.app.cls)
             except Exception as exc:  # whatever importing the application's module raised
                 raise ConfigError(f"app.class = {self.app.cls!r}: cannot import: {exc}") from None
         if self.audit.sink != "stdout":
-            try:
-                with open(self.audit.sink, "a"):
-                    pass
-            except OSError as exc:
-                raise ConfigError(f"audit.sink = {self.audit.sink!r}: cannot open for append "
-                                  f"({exc.strerror})") from None
+            check_audit_sink(self.audit.sink)
 
     def worker_settings(self, workers: int) -> WorkerSettings:
         """What the workers are given of this config (``workers``: how many the daemon runs)."""
@@ -429,6 +430,27 @@ def reload_rules(model: type[BaseModel] = Config,
             yield from reload_rules(field.annotation, path)
         else:
             raise TypeError(f"config key {'.'.join(path)} declares no reload behaviour")
+
+
+def check_audit_sink(sink: str) -> None:
+    """Whether a worker could open ``sink`` for append (as it does: O_APPEND|O_CREAT), without
+    creating it: an existing file is opened for append, else its directory must be writable."""
+    path = Path(sink)
+    try:
+        if path.exists():
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC))
+            return
+        parent = path.parent
+        if not parent.is_dir():
+            raise ConfigError(f"audit.sink = {sink!r}: its directory {str(parent)!r} does not "
+                              f"exist; create it or choose another path")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ConfigError(f"audit.sink = {sink!r}: cannot create it, its directory "
+                              f"{str(parent)!r} is not writable; fix the permissions or choose "
+                              f"another path")
+    except OSError as exc:
+        raise ConfigError(f"audit.sink = {sink!r}: cannot open for append ({exc.strerror}); "
+                          f"fix its permissions or choose another path") from None
 
 
 def _get(config: BaseModel, path: tuple[str, ...]) -> Any:
