@@ -138,11 +138,6 @@ class Flow:
         self.seq = 0  # its place in start order (the admin API's pages)
 
     @property
-    def tunnel(self) -> TunnelLeg:
-        """The client leg, a tunnel (every flow's today)."""
-        return self.client
-
-    @property
     def packets(self) -> list[int]:
         return [self.packets_up, self.packets_down]
 

@@ -48,7 +48,6 @@ from .datapath import PKT_FROM_MESH, PKT_TO_MESH, DataPath
 from .mesh import PACKET, REPLY, MeshLink, RemoteTunnel
 from .onramps import Onramp, OnrampClass, OnrampRefused, OnrampUnusable, Wiring, resolve
 from .tun import TunDevice
-from .tunnels import Tunnel
 
 EXPIRE_INTERVAL = 1.0
 DEFAULT_MAX_FLOWS = 100_000
@@ -83,7 +82,6 @@ class Worker:
         self.control = fdpass.AsyncChannel(control, "supervisor")
         self.onramp_socks: dict[str, tuple[OnrampClass, socket.socket]] = {}  # by on-ramp name
         self.onramps: dict[str, Onramp] = {}  # those served (made once the data path is)
-        self.forwarded: dict[int, Tunnel] = {}  # our tunnels whose flows another worker owns
         self.tun: TunDevice | None = None
         self.upgrade: dict[str, socket.socket] = {}
         self.nsd: fdpass.AsyncChannel | None = None
@@ -284,7 +282,7 @@ class Worker:
                 release_memory()
                 peak = flows
             # The tunnels flows use: worked out once a sweep, and only if an on-ramp asks.
-            in_use = functools.cache(lambda: {e.tunnel.id for e in self.dp.entries.values()})
+            in_use = functools.cache(lambda: {e.client.id for e in self.dp.entries.values()})
             for onramp in self.onramps.values():
                 onramp.sweep(in_use)
 
@@ -350,17 +348,14 @@ class Worker:
             if not sent:
                 metrics.DROPS.labels("owner_unreachable").inc()
                 return
-            link.opened.add(tunnel.id)
-            self.forwarded[tunnel.id] = tunnel
+            link.opened[tunnel.id] = tunnel
         if link.send_frame(PACKET, tunnel.id, packet):
             PKT_TO_MESH.inc()
 
     def tunnel_closed(self, tunnel, reason: str) -> None:
         self.dp.close_tunnel(tunnel)
-        self.forwarded.pop(tunnel.id, None)
         for link in self.mesh.values():
-            if tunnel.id in link.opened:
-                link.opened.discard(tunnel.id)
+            if link.opened.pop(tunnel.id, None) is not None:
                 link.send_message("tunnel_closed", {"tunnel": tunnel.id})
 
     def on_mesh_message(self, link: MeshLink, msg: fdpass.Message) -> None:
@@ -385,9 +380,9 @@ class Worker:
             self.datapath.on_tunnel_packet(remote, packet)
         elif kind == REPLY:
             PKT_FROM_MESH.inc()
-            # A reply can only be for a tunnel we forwarded a packet of (one lookup a frame:
+            # A reply can only be for a tunnel we told this peer of (one lookup a frame:
             # every packet of a download crosses here).
-            tunnel = self.forwarded.get(tunnel_id)
+            tunnel = link.opened.get(tunnel_id)
             if tunnel is None or tunnel.closed:
                 metrics.DROPS.labels("mesh_unknown_tunnel").inc()
                 return

@@ -41,7 +41,8 @@ class MeshLink:
         self.on_message = on_message
         self.on_frame = on_frame
         self.on_close = on_close
-        self.opened: set[int] = set()  # our tunnels the peer has been told about
+        # Our tunnels the peer has been told about, by id: its replies name them so.
+        self.opened: dict[int, Tunnel] = {}
         self._pending: dict[int, asyncio.Future] = {}
         self._next_id = 1
         self.closed = False
