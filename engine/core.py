@@ -720,15 +720,16 @@ class FlowEngine:
         if flow.slot is not None:
             self.by_slot.pop(flow.slot, None)
             self.pools[4 if len(flow.slot.address) == 4 else 6].release(flow.slot, now)
-        fields = flow_fields(flow)
-        decision = flow.decision if isinstance(flow.decision, Decision) \
-            else Decision.drop("undecided")
-        if audit_start:
-            flow.audited = True
-            out.append(Audit("flow_start", {"decision": "drop", "reason": decision.reason,
-                                            "upstream": None, **fields}))
         why = close_reason or str(flow.close_reason or reason)
-        if flow.audited:  # a flow refused past a limit is in a flows_refused record instead
+        # A flow refused past a limit is in a flows_refused record instead: nothing to build.
+        if audit_start or flow.audited:
+            fields = flow_fields(flow)
+            decision = flow.decision if isinstance(flow.decision, Decision) \
+                else Decision.drop("undecided")
+            if audit_start:
+                flow.audited = True
+                out.append(Audit("flow_start", {"decision": "drop", "reason": decision.reason,
+                                                "upstream": None, **fields}))
             out.append(Audit("flow_end", {
                 "decision": decision.action, "reason": decision.reason, "close_reason": why,
                 "packets": flow.packets, "bytes": flow.bytes, "payload_bytes": flow.payload,
