@@ -28,20 +28,41 @@ class FlowStart:
 
 @dataclass(frozen=True)
 class Decision:
-    """``upgrade``: terminate in the kernel and off-ramp to ``upstream`` (None: the original
-    destination). ``drop``: refuse, with ``reason`` (the rule that said so)."""
+    """``upgrade``: let the flow go on, to ``upstream`` (None: the original destination);
+    ``drop``: refuse, with ``reason`` (the rule that said so).
+
+    ``layer`` says how a flow that goes on is carried: None (the default) is IP packets into the
+    tunnel of a device of the tenant's private network when the destination is one, else
+    upgraded to a stream or datagrams and off-ramped by a socket; ``"ip"`` asks for IP packets
+    (a destination that is no device is then off-ramped as by default); ``"stream"`` always
+    upgrades a TCP flow to a stream (so :meth:`on_stream_start` may inspect it) and, towards a
+    device, downgrades it back into that device's tunnel."""
 
     action: str  # "upgrade" | "drop"
     upstream: tuple[str, int] | None = None
     reason: str = ""
+    layer: str | None = None  # None | "ip" | "stream"
 
     @classmethod
-    def upgrade(cls, upstream: tuple[str, int] | None = None, reason: str = "") -> Decision:
-        return cls("upgrade", upstream, reason)
+    def upgrade(cls, upstream: tuple[str, int] | None = None, reason: str = "",
+                layer: str | None = None) -> Decision:
+        return cls("upgrade", upstream, reason, layer)
 
     @classmethod
     def drop(cls, reason: str) -> Decision:
         return cls("drop", None, reason)
+
+
+@dataclass(frozen=True)
+class StreamStart:
+    """What ``on_stream_start`` sees of a stream about to be relayed: its flow, where the server
+    leg goes, and whether that leg is a stream downgraded into a device's tunnel (then
+    ``destination_tunnel`` is that tunnel's id)."""
+
+    flow: FlowStart
+    upstream: tuple[str, int]
+    downgraded: bool = False
+    destination_tunnel: int | None = None
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,7 @@ class RuleSettings(_Strict):
     cidr: str | None
     ports: tuple[int, int] | None  # inclusive
     upstream: tuple[str, int] | None
+    layer: Literal["ip", "stream"] | None = None  # how an allowed flow is carried (Decision.layer)
 
 
 class GueSettings(_Strict):
@@ -78,6 +79,35 @@ class GueSettings(_Strict):
     allow: list[str]  # source networks; [] = any
     tenants: list[str]  # [] = any
     address: tuple[str, int]  # where it listens (flows to it are refused)
+
+
+class NetworkSettings(_Strict):
+    """A ``[[networks]]`` entry: a prefix the tenant's devices may claim addresses in."""
+
+    tenant: str
+    cidr: str  # normalised (no host bits), IPv4 or IPv6
+
+
+class SiteSettings(_Strict):
+    """A ``[[sites]]`` entry: a GUE sender that is a device of ``tenant`` holding ``prefixes``;
+    flows routed there are sent to ``sender`` from the on-ramp ``onramp``'s socket."""
+
+    name: str
+    tenant: str
+    prefixes: list[str]  # normalised, inside the tenant's networks
+    sender: tuple[str, int]  # the site's GUE address and port
+    onramp: str  # the GUE on-ramp it speaks to
+
+
+class TcpOnrampSettings(_Strict):
+    """A ``kind = "tcp"`` on-ramp (publishing a service): who may connect, for which tenant,
+    to which upstream, and whether a PROXY v2 header comes first."""
+
+    tenant: str
+    upstream: tuple[str, int]
+    proxy_protocol: bool
+    allow: list[str]  # source networks; [] = any
+    address: tuple[str, int]  # where it listens
 
 
 class WorkerSettings(_Strict):
@@ -89,6 +119,9 @@ class WorkerSettings(_Strict):
     app: App
     rules: list[RuleSettings]
     gue: dict[str, GueSettings]  # by on-ramp name
+    tcp: dict[str, TcpOnrampSettings] = {}  # by on-ramp name
+    networks: list[NetworkSettings] = []
+    sites: list[SiteSettings] = []
 
     def dump(self) -> dict:
         """As sent on the control channel (``WorkerSettings.model_validate`` reads it back)."""
