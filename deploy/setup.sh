@@ -5,7 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-debs=(libcap-dev iproute2 iperf3 iputils-ping procps util-linux gcc python3-dev)
+# (openssh-server and redis-server: the end-to-end tests run sshd and redis inside their own
+# namespaces; no service of theirs is started on the host, see policy-rc.d below.)
+debs=(libcap-dev iproute2 iperf3 iputils-ping procps util-linux gcc python3-dev curl
+      openssh-server openssh-client redis-server redis-tools)
 missing=()
 for p in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -17,7 +20,14 @@ if [ ${#missing[@]} -gt 0 ]; then
     fi
     echo "setup: installing ${missing[*]}" >&2
     apt-get update -qq
+    # Install services without starting them on the host (sshd would listen on every address).
+    policy=/usr/sbin/policy-rc.d
+    ours=0
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod +x "$policy" && ours=1
+    fi
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    if [ "$ours" = 1 ]; then rm -f "$policy"; fi
 fi
 
 python=${PYTHON:-python3}
