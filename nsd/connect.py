@@ -21,6 +21,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ipferry.runtime import fdpass
@@ -56,6 +58,115 @@ def random_address6() -> ipaddress.IPv6Interface:
                                    f"{random.randrange(1, 0xFFFF):x}/128")
 
 
+# Addresses a device may not claim, nor be: they mean something on every host already.
+_NOT_A_DEVICE = {
+    4: [(ipaddress.ip_network("0.0.0.0/8"), "unspecified ('this network')"),
+        (ipaddress.ip_network("127.0.0.0/8"), "loopback"),
+        (ipaddress.ip_network("169.254.0.0/16"), "link-local"),
+        (ipaddress.ip_network("224.0.0.0/4"), "multicast"),
+        (ipaddress.ip_network("255.255.255.255/32"), "the broadcast address")],
+    6: [(ipaddress.ip_network("::/128"), "unspecified"),
+        (ipaddress.ip_network("::1/128"), "loopback"),
+        (ipaddress.ip_network("::ffff:0:0/96"), "IPv4-mapped (give the IPv4 address)"),
+        (ipaddress.ip_network("fe80::/10"), "link-local"),
+        (ipaddress.ip_network("ff00::/8"), "multicast")],
+}
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _refused(net: IPNetwork) -> str | None:
+    for bad, what in _NOT_A_DEVICE[net.version]:
+        if net.overlaps(bad):
+            return what
+    return None
+
+
+def parse_address(text: str) -> IPAddress:
+    """An ``--address``: one IPv4 or IPv6 host address; ValueError says what is wrong with it."""
+    if "/" in text:
+        raise ValueError(f"--address {text}: a network, not an address (claim a prefix with "
+                         f"--route)")
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        raise ValueError(f"--address {text}: not an IPv4 or IPv6 address") from None
+    if isinstance(address, ipaddress.IPv6Address) and address.scope_id:
+        raise ValueError(f"--address {text}: no %scope: a device's address is global")
+    what = _refused(ipaddress.ip_network(address))
+    if what:
+        raise ValueError(f"--address {text}: {what}; a device's address must be unicast")
+    return address
+
+
+def parse_route(text: str) -> IPNetwork:
+    """A ``--route``: an IPv4 or IPv6 prefix (host bits are cleared: 10.77.1.9/24 is
+    10.77.1.0/24; a bare address is a /32 or /128); ValueError says what is wrong with it."""
+    try:
+        net = ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ValueError(f"--route {text}: not an IPv4 or IPv6 prefix (e.g. 10.77.1.0/24, "
+                         f"fd77:1::/64)") from None
+    what = _refused(net)
+    if what:
+        raise ValueError(f"--route {text}: {'is' if net.num_addresses == 1 else 'overlaps'} "
+                         f"{what}; a device's prefix must be unicast")
+    return net
+
+
+@dataclass
+class Addressing:
+    """What ``--address`` and ``--route`` make of a device's namespace, and what it claims.
+
+    ``address``/``address6``: the TUN's addresses (the sources of what CMD sends: the first
+    ``--address`` of each family, else random); ``extra``: the other ``--address`` es (on ``lo``,
+    so a server binds to them without their being chosen as sources); ``local``: the
+    ``--route`` prefixes, local in the namespace (AnyIP); ``routes``: what the tunnel context
+    claims (every ``--address`` as a /32 or /128, then every ``--route``; none: no claim).
+    """
+
+    address: ipaddress.IPv4Interface
+    address6: ipaddress.IPv6Interface
+    extra: list[ipaddress.IPv4Interface | ipaddress.IPv6Interface] = field(default_factory=list)
+    local: list[IPNetwork] = field(default_factory=list)
+    routes: list[str] = field(default_factory=list)
+
+
+def addressing(addresses: list[str], routes: list[str]) -> Addressing:
+    """From the ``--address`` and ``--route`` values, in order; ValueError: one line naming the
+    bad value."""
+    parsed = list(dict.fromkeys(parse_address(a) for a in addresses))
+    local = list(dict.fromkeys(parse_route(r) for r in routes))
+    first4 = next((a for a in parsed if a.version == 4), None)
+    first6 = next((a for a in parsed if a.version == 6), None)
+    claimed = [ipaddress.ip_network(a) for a in parsed] + local
+    return Addressing(
+        address=ipaddress.IPv4Interface(f"{first4}/32") if first4 else random_address(),
+        address6=ipaddress.IPv6Interface(f"{first6}/128") if first6 else random_address6(),
+        extra=[ipaddress.ip_interface(a) for a in parsed if a not in (first4, first6)],
+        # (a --route of one --address is local already: the kernel routed it with the address)
+        local=[n for n in local if n.num_addresses > 1 or n.network_address not in parsed],
+        routes=list(dict.fromkeys(str(n) for n in claimed)))
+
+
+def tunnel_context(extra: dict, tenant: str, claims: Addressing, gue: bool) -> dict:
+    """The tunnel context: ``extra`` (``--context``), the tenant, and on a connected tunnel the
+    routes the device claims. GUE headers never carry routes: the daemon takes a site's prefixes
+    from its config (``[[sites]]``). ValueError: one line saying why not."""
+    if "routes" in extra:
+        if gue:
+            raise ValueError("--context: with --gue the context carries no routes (the daemon "
+                             "takes a GUE site's prefixes from its [[sites]] config)")
+        if claims.routes:
+            raise ValueError("--context has routes and so do --address/--route: claim them one "
+                             "way")
+    context = {**extra, "tenant": tenant}
+    if claims.routes and not gue:
+        context["routes"] = claims.routes
+    return context
+
+
 class GueTunnel:
     """The unconnected tunnel: a UDP socket towards the daemon's GUE on-ramp.
 
@@ -64,11 +175,14 @@ class GueTunnel:
     as a router would, so the command's TCP lowers its segment size.
     """
 
-    def __init__(self, host: str, port: int, context: bytes, offload: bool = False) -> None:
+    def __init__(self, host: str, port: int, context: bytes, offload: bool = False,
+                 local_port: int | None = None) -> None:
         self.offload = offload  # TUN reads and writes carry a virtio-net header: so do datagrams
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
+            if local_port is not None:
+                self._bind(family, host, port, local_port)
             self.sock.connect((host, port))
         except OSError as exc:
             self.sock.close()
@@ -79,6 +193,24 @@ class GueTunnel:
         self.mtu = gue_wire.room(self.headers[4], offload, family == socket.AF_INET6)
         self.tun_fd: int | None = None
         self.shut = False
+
+    def _bind(self, family: int, host: str, port: int, local_port: int) -> None:
+        """Send from ``local_port`` (``--gue-port``), on the address the kernel would send from
+        to ``host`` (no wildcard: the port is taken on that address only)."""
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect((host, port))  # (a UDP connect sends nothing: it picks the route)
+            local = probe.getsockname()[0]
+        try:
+            self.sock.bind((local, local_port))
+        except OSError as exc:
+            self.sock.close()
+            where = f"[{local}]:{local_port}" if family == socket.AF_INET6 else \
+                f"{local}:{local_port}"
+            if exc.errno == errno.EADDRINUSE:
+                raise ConnectError(f"--gue-port {local_port}: {where} is in use (another sender "
+                                   f"there?); pick another port") from None
+            raise ConnectError(f"--gue-port {local_port}: cannot bind {where}: "
+                               f"{exc.strerror}") from None
 
     def send(self, data: bytes) -> None:
         offset = vnet.HEADER_SIZE if self.offload else 0
@@ -136,13 +268,14 @@ class GueTunnel:
         self.sock.close()
 
 
-def open_gue(target: str, context: dict, offload: bool = False) -> GueTunnel:
+def open_gue(target: str, context: dict, offload: bool = False,
+             local_port: int | None = None) -> GueTunnel:
     host, sep, port = target.rpartition(":")
     if not sep or not port.isdigit():
         raise ConnectError(f"--gue {target!r}: expected HOST:PORT, e.g. 127.0.0.1:6080")
     raw = json.dumps(context, separators=(",", ":")).encode()
     try:
-        return GueTunnel(host.strip("[]"), int(port), raw, offload)
+        return GueTunnel(host.strip("[]"), int(port), raw, offload, local_port)
     except ValueError as exc:
         raise ConnectError(f"--gue: {exc}") from None
 
@@ -227,15 +360,21 @@ def _pump_tunnel_to_tun(tun_fd: int, tunnel: GueTunnel | socket.socket, stop: th
 
 def run(command: list[str], *, tunnel_path: Path | None, context: dict, mtu: int | None,
         address: ipaddress.IPv4Interface, address6: ipaddress.IPv6Interface | None = None,
-        gue: str | None = None, offload: bool = True) -> int:
+        gue: str | None = None, offload: bool = True,
+        extra: Sequence[ipaddress.IPv4Interface | ipaddress.IPv6Interface] = (),
+        local: Sequence[IPNetwork] = (),
+        gue_port: int | None = None) -> int:
     """Run ``command`` behind a tunnel: connected at ``tunnel_path``, or GUE to ``gue``.
 
     ``mtu`` None: 65520 on a connected tunnel, the largest packet a GUE datagram carries on GUE.
     ``offload``: TSO superframes with partial checksums through the tunnel (virtio-net headers).
+    ``extra``, ``local``: more addresses and AnyIP prefixes in the namespace (see
+    :class:`Addressing`; ``context`` carries the routes claimed). ``gue_port``: the GUE socket's
+    local port.
     """
     tunnel: GueTunnel | socket.socket
     if gue is not None:
-        tunnel = open_gue(gue, context, offload)
+        tunnel = open_gue(gue, context, offload, gue_port)
         mtu = mtu or tunnel.mtu
     else:
         tunnel = open_tunnel(tunnel_path or default_tunnel_path(), context, offload)
@@ -244,6 +383,7 @@ def run(command: list[str], *, tunnel_path: Path | None, context: dict, mtu: int
     child = subprocess.Popen(
         [sys.executable, "-m", "ipferry.nsd.sandbox", "--control-fd", str(theirs.fileno()),
          "--address", str(address), "--address6", str(address6 or random_address6()),
+         *(f"--extra-address={a}" for a in extra), *(f"--local-route={n}" for n in local),
          "--mtu", str(mtu), *(["--offload"] if offload else []), "--", *command],
         pass_fds=[theirs.fileno()])
     theirs.close()

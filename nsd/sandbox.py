@@ -1,8 +1,11 @@
 """The inside of ``ipferry connect``: a fresh user+net namespace whose only way out is a TUN.
 
-``python -m ipferry.nsd.sandbox --control-fd N --address A --address6 A6 [--mtu M] -- CMD ...``
+``python -m ipferry.nsd.sandbox --control-fd N --address A --address6 A6 [--extra-address X]...
+[--local-route CIDR]... [--mtu M] -- CMD ...``
 enters a new user and network namespace, brings up ``lo`` and a TUN device carrying both addresses
-as the IPv4 and IPv6 default route, sends the TUN
+as the IPv4 and IPv6 default route (the extra addresses go on ``lo``, so they are never chosen as
+sources; each local route makes a whole prefix local, AnyIP, as ``ip route add local CIDR dev
+lo`` does), sends the TUN
 fd to its parent (message ``tun``, fd ``tun``) and runs CMD, staying as the namespace's keeper
 until CMD has exited and the sockets it left have said all they owed (at most 10 s); it exits
 with CMD's status. The parent pumps packets between that TUN and a tunnel. Errors before CMD runs
@@ -18,6 +21,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Sequence
 
 from ipferry.runtime import fdpass
 from ipferry.wire import vnet
@@ -27,21 +31,39 @@ from .tun import open_tun
 
 TUN_NAME = "ipf-tun0"
 IFA_F_NODAD = 0x02  # usable at once: CMD may connect before duplicate detection would finish
+RT_TABLE_LOCAL = 255
+RT_SCOPE_HOST = 254
 
 
 def build_network(address: ipaddress.IPv4Interface, mtu: int,
-                  address6: ipaddress.IPv6Interface | None = None, offload: bool = False) -> int:
-    """In the current (new) namespace: lo up, a TUN with the addresses as default routes."""
+                  address6: ipaddress.IPv6Interface | None = None, offload: bool = False,
+                  extra: Sequence[ipaddress.IPv4Interface | ipaddress.IPv6Interface] = (),
+                  local: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network] = ()) -> int:
+    """In the current (new) namespace: lo up, a TUN with the addresses as default routes;
+    ``extra`` addresses on lo, ``local`` prefixes routed to lo as local (AnyIP)."""
     from pyroute2 import IPRoute  # only now: unshare needed a single-threaded process
 
-    write_sysctls({"net.ipv6.conf.default.router_solicitations": "0",
-                   "net.ipv6.conf.default.accept_dad": "0",
-                   "net.ipv6.conf.default.disable_ipv6": "0",
-                   # Let CMD (uid 0 inside, or unmapped) use ping sockets.
-                   "net.ipv4.ping_group_range": "0 2147483647"})
+    sysctls = {"net.ipv6.conf.default.router_solicitations": "0",
+               "net.ipv6.conf.default.accept_dad": "0",
+               "net.ipv6.conf.default.disable_ipv6": "0",
+               # Let CMD (uid 0 inside, or unmapped) use ping sockets.
+               "net.ipv4.ping_group_range": "0 2147483647"}
+    if any(n.version == 6 for n in local):
+        # IPv4 binds to any address of a local route; IPv6 only to addresses on an interface,
+        # unless this says otherwise. (A server bound to :: answers the whole prefix either way.)
+        sysctls["net.ipv6.ip_nonlocal_bind"] = "1"
+    write_sysctls(sysctls)
     tun_fd, name = open_tun(TUN_NAME, offload)
     with IPRoute() as ipr:
-        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+        lo = ipr.link_lookup(ifname="lo")[0]
+        ipr.link("set", index=lo, state="up")
+        for a in extra:
+            ipr.addr("add", index=lo, address=str(a.ip), prefixlen=a.network.prefixlen,
+                     **({"flags": IFA_F_NODAD} if a.version == 6 else {}))
+        for net in local:  # ip route add local NET dev lo: table local, scope host
+            ipr.route("add", dst=str(net), oif=lo, table=RT_TABLE_LOCAL, type="local",
+                      scope=RT_SCOPE_HOST, family=socket.AF_INET6 if net.version == 6
+                      else socket.AF_INET)
         idx = ipr.link_lookup(ifname=name)[0]
         if offload:
             ipr.link("set", index=idx, gso_max_size=vnet.GSO_MAX_SIZE)
@@ -60,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--control-fd", type=int, required=True)
     parser.add_argument("--address", type=ipaddress.IPv4Interface, required=True)
     parser.add_argument("--address6", type=ipaddress.IPv6Interface)
+    parser.add_argument("--extra-address", type=ipaddress.ip_interface, action="append",
+                        default=[], help="another address, on lo")
+    parser.add_argument("--local-route", type=ipaddress.ip_network, action="append", default=[],
+                        help="a prefix made local (AnyIP)")
     parser.add_argument("--mtu", type=int, default=65520)
     parser.add_argument("--offload", action="store_true",
                         help="virtio-net headers, TSO and partial checksums on the TUN")
@@ -69,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     control = socket.socket(fileno=args.control_fd)
     try:
         enter_user_and_net_namespace()
-        tun_fd = build_network(args.address, args.mtu, args.address6, args.offload)
+        tun_fd = build_network(args.address, args.mtu, args.address6, args.offload,
+                               args.extra_address, args.local_route)
     except HostError as exc:
         fdpass.send(control, "error", {"cause": exc.cause, "fix": exc.fix})
         return 2

@@ -69,14 +69,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     connect = sub.add_parser(
         "connect", help="run a command whose every packet goes through the daemon's tunnel",
-        description=textwrap.fill(
+        description="\n\n".join(textwrap.fill(p, 79, break_on_hyphens=False) for p in (
             "Run CMD in a fresh, unprivileged user+net namespace whose IPv4 and IPv6 default "
             "routes are a TUN device; every packet it sends is carried to the daemon over a "
             "connected IP tunnel (the context first, then raw IP packets), or with --gue over UDP "
             "to the daemon's GUE on-ramp, and the daemon's replies come back the same way. Exits "
-            "with CMD's status. Like pasta or slirp4netns, but policy-checked and audited.", 79),
-        epilog="examples:\n  ipferry connect --tenant acme -- curl http://198.18.0.1/\n"
-               "  ipferry connect --gue 127.0.0.1:6080 --tenant acme -- ping -c 3 198.18.0.1",
+            "with CMD's status. Like pasta or slirp4netns, but policy-checked and audited.",
+            "Devices: with --address the namespace is a device of the tenant's private network "
+            "at that address (instead of a random one), and the tunnel's context claims it, "
+            'with every --route, as "routes": ["10.77.0.2/32", ...]; the daemon carries flows '
+            "to a claimed address (within the tenant's [[networks]]) into this tunnel, so "
+            "another device of the tenant reaches a server CMD runs there. With --gue the "
+            "context carries no routes (the daemon takes a GUE site's prefixes from its "
+            "[[sites]] config, naming the sender as HOST:PORT: see --gue-port); --address and "
+            "--route still shape the namespace.")),
+        epilog="examples:\n"
+               "  ipferry connect --tenant acme -- curl http://198.18.0.1/\n"
+               "  ipferry connect --gue 127.0.0.1:6080 --tenant acme -- ping -c 3 198.18.0.1\n"
+               "\n"
+               "  a private network: a server on a device of acme (one shell) ...\n"
+               "  ipferry connect --tenant acme --address 10.77.0.2 -- python3 -m http.server "
+               "8000\n"
+               "  ... reached from another device of acme (another shell):\n"
+               "  ipferry connect --tenant acme -- curl http://10.77.0.2:8000/\n"
+               "\n"
+               "  a GUE site (its [[sites]] entry in the daemon's config names 127.0.0.1:7001):\n"
+               "  ipferry connect --gue 127.0.0.1:6080 --gue-port 7001 --tenant acme \\\n"
+               "      --address 10.77.5.1 --route 10.77.5.0/24 -- python3 -m http.server 8000",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     how = connect.add_mutually_exclusive_group()
     how.add_argument("--tunnel", metavar="PATH",
@@ -86,22 +105,35 @@ def build_parser() -> argparse.ArgumentParser:
                      help="use the daemon's unconnected GUE on-ramp at HOST:PORT instead (UDP; "
                           "the context rides in every datagram's GUE header: at most "
                           f"{MAX_VNET_CONTEXT} bytes of JSON with offload, {MAX_CONTEXT} with "
-                          "--no-offload)")
+                          "--no-offload; it never carries routes)")
+    connect.add_argument("--gue-port", metavar="PORT",
+                         help="with --gue: send from this local UDP port (default: any), so the "
+                              "daemon's config can name this sender as a [[sites]] entry's "
+                              "HOST:PORT")
     connect.add_argument("--tenant", default="default",
                          help="tenant of the tunnel's context (default: %(default)s)")
     connect.add_argument("--context", metavar="JSON", default="{}",
-                         help="more context, a JSON object merged under the tenant")
+                         help="more context, a JSON object merged under the tenant (its "
+                              '"routes", if any, go as they are; not with --address/--route, '
+                              "nor --gue)")
     connect.add_argument("--mtu", type=int,
                          help="MTU of the TUN (default 65520; with --gue the largest packet a "
                               "datagram carries, 65507 minus the GUE header)")
-    connect.add_argument("--address", metavar="A.B.C.D",
-                         help="the command's IPv4 address (default: random in 10.98.0.0/16)")
+    connect.add_argument("--address", metavar="ADDR", action="append", default=[],
+                         help="an address of the namespace, IPv4 or IPv6, claimed as a route "
+                              "(/32, /128) on a connected tunnel; repeatable: the first of each "
+                              "family is CMD's source address, the others are added for servers "
+                              "to bind (default: random in 10.98.0.0/16 and fd98::/16, unclaimed)")
+    connect.add_argument("--route", metavar="CIDR", action="append", default=[],
+                         help="a prefix claimed as a route on a connected tunnel and local in "
+                              "the namespace (AnyIP: a server there answers every address in "
+                              "it); repeatable")
     connect.add_argument("--no-offload", dest="offload", action="store_false",
                          help="plain packets through the tunnel (connected or GUE), one per MTU "
                               "(default: TSO superframes of up to 64 KB with partial checksums, "
                               "whatever the MTU; much faster at small MTUs)")
-    connect.add_argument("--address6", metavar="IPV6",
-                         help="the command's IPv6 address (default: random in fd98::/16)")
+    connect.add_argument("--address6", metavar="IPV6", action="append", default=[],
+                         help="as --address, for an IPv6 address only")
     connect.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
 
     admin_client("status", "show the running daemon's readiness, nsd and workers")
@@ -170,12 +202,11 @@ def cmd_run(args) -> int:
 
 
 def cmd_connect(args) -> int:
-    import ipaddress
     import json
     from pathlib import Path
 
     # Lazy for start-up time: the other commands need none of the connect client.
-    from ipferry.nsd.connect import ConnectError, random_address, random_address6, run
+    from ipferry.nsd.connect import ConnectError, addressing, run, tunnel_context
 
     command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     if not command:
@@ -186,20 +217,33 @@ def cmd_connect(args) -> int:
         extra = json.loads(args.context)
         if not isinstance(extra, dict):
             raise ValueError("not a JSON object")
-        address = ipaddress.IPv4Interface(f"{args.address}/32") if args.address \
-            else random_address()
-        address6 = ipaddress.IPv6Interface(f"{args.address6}/128") if args.address6 \
-            else random_address6()
     except ValueError as exc:
-        print(f"ipferry connect: bad --context, --address or --address6: {exc}", file=sys.stderr)
+        print(f"ipferry connect: bad --context: {exc}", file=sys.stderr)
+        return 2
+    try:
+        for a in args.address6:
+            if ":" not in a:
+                raise ValueError(f"--address6 {a}: not an IPv6 address")
+        claims = addressing([*args.address, *args.address6], args.route)
+        context = tunnel_context(extra, args.tenant, claims, gue=args.gue is not None)
+        gue_port = None
+        if args.gue_port is not None:
+            if args.gue is None:
+                raise ValueError(f"--gue-port {args.gue_port}: only with --gue HOST:PORT")
+            if not args.gue_port.isdigit() or not 1 <= int(args.gue_port) <= 65535:
+                raise ValueError(f"--gue-port {args.gue_port}: not a port (1..65535)")
+            gue_port = int(args.gue_port)
+    except ValueError as exc:
+        print(f"ipferry connect: {exc}", file=sys.stderr)
         return 2
     if args.mtu is not None and not 1280 <= args.mtu <= 65520:
         print(f"ipferry connect: --mtu {args.mtu}: must be within 1280..65520", file=sys.stderr)
         return 2
     try:
         return run(command, tunnel_path=Path(args.tunnel) if args.tunnel else None,
-                   context={**extra, "tenant": args.tenant}, mtu=args.mtu, address=address,
-                   address6=address6, gue=args.gue, offload=args.offload)
+                   context=context, mtu=args.mtu, address=claims.address,
+                   address6=claims.address6, gue=args.gue, offload=args.offload,
+                   extra=claims.extra, local=claims.local, gue_port=gue_port)
     except ConnectError as exc:
         print(f"ipferry connect: {exc}", file=sys.stderr)
         return 1
