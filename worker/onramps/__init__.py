@@ -6,8 +6,9 @@ supervisor passes every on-ramp's fd named ``onramp:<kind>:<name>`` (:mod:`ipfer
 offers on-ramps (:class:`Wiring`) and from then on uses only through :class:`Onramp`. An fd of a
 kind this worker does not know is refused (logged and closed), never guessed at.
 
-Kinds: ``tunnel`` (:mod:`.seqpacket`, connected SOCK_SEQPACKET tunnels) and ``gue`` (:mod:`.gue`,
-GUE datagrams on a UDP socket).
+Kinds: ``tunnel`` (:mod:`.seqpacket`, connected SOCK_SEQPACKET tunnels), ``gue`` (:mod:`.gue`,
+GUE datagrams on a UDP socket) and ``tcp`` (:mod:`.tcp`, a device's service published: accepted
+TCP connections, each handed whole to the data path as a stream, no IP tunnel).
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ class OnrampUnusable(Exception):
     """An on-ramp that cannot be served as passed (e.g. a GUE socket without its settings)."""
 
 
+# on_stream(tenant, sock, client, upstream, onramp): see Wiring.on_stream.
+OnStream = Callable[[str, socket.socket, tuple[str, int], tuple[str, int], str], None]
+
+
 @dataclass(frozen=True, slots=True)
 class Wiring:
     """What the worker offers its on-ramps."""
@@ -51,6 +56,11 @@ class Wiring:
     app_parse_context: Callable[[bytes], Any]
     on_packet: Callable[[Tunnel, bytes], None]  # a packet from a tunnel, for the flows
     on_close: Callable[[Tunnel, str], None]  # a tunnel flows used is gone (reason)
+    # A TCP on-ramp's accepted connection, as on_stream(tenant, sock, client, upstream, onramp):
+    # the socket (non-blocking, nothing of the client's stream read) becomes the callee's, to
+    # close; ``client`` is who hooks, rules and audit see (the PROXY header's source, if one
+    # came). None: no data path takes streams (the on-ramp closes them, counted).
+    on_stream: OnStream | None = None
 
 
 class Onramp(Protocol):
@@ -130,4 +140,4 @@ async def drain(tasks: set[asyncio.Task], timeout: float) -> int:
 
 
 # The kinds register themselves on import.
-from . import gue, seqpacket  # noqa: E402,F401,I001
+from . import gue, seqpacket, tcp  # noqa: E402,F401,I001
