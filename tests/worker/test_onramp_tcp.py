@@ -11,6 +11,7 @@ import time
 import pytest
 
 from ipferry.runtime.settings import TcpOnrampSettings, WorkerSettings
+from ipferry.supervisor import cli, config, listeners
 from ipferry.wire import proxy
 from ipferry.worker import metrics
 from ipferry.worker.onramps import OnrampUnusable, Wiring, resolve
@@ -392,7 +393,9 @@ def test_a_data_path_that_raises_loses_that_connection_only():
         assert refused("tcp_datapath_error") == before + 2
         assert closed_by_server(first) and closed_by_server(second)
         assert all(sock.fileno() == -1 for sock in calls)
-        assert log.named("tcp_stream_failed")[0]["error"] == "bug"
+        (warning,) = log.named("tcp_connection_refused")  # once a minute, however many
+        assert (warning["reason"], warning["error"], warning["exc_info"]) == (
+            "tcp_datapath_error", "bug", True)
         first.close()
         second.close()
         await onramp.stop()
@@ -450,3 +453,104 @@ def test_the_tcp_kind_is_registered():
     assert resolve("onramp:tcp:web") == ("web", TcpOnramp)
     assert TcpOnramp.kind == "tcp"
     assert tcp_onramp.HEADER_TIMEOUT == 5.0 and tcp_onramp.MAX_PENDING == 1024
+
+
+# -- the supervisor's listener -----------------------------------------------------------------
+
+def tcp_config(listen: str = "127.0.0.1:0", **kw):
+    return config.TcpOnramp(kind="tcp", name="web", listen=listen, tenant="acme",
+                            upstream="10.77.0.2:443", **kw)
+
+
+def test_the_listener_is_one_socket_every_worker_accepts_on():
+    listener = listeners.listener_class("tcp").open(tcp_config(backlog=16), 3, {})
+    try:
+        assert isinstance(listener, listeners.TcpListener) and not listener.from_systemd
+        sock = listener.sock
+        assert (sock.family, sock.type, sock.getblocking()) == (socket.AF_INET,
+                                                                socket.SOCK_STREAM, False)
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR)
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        port = sock.getsockname()[1]
+        assert listener.address == f"127.0.0.1:{port}"
+        for worker in range(3):
+            assert listener.fds_for(worker) == {"onramp:tcp:web": sock.fileno()}
+    finally:
+        listener.close()
+    assert listener.sock.fileno() == -1
+
+
+def test_an_ipv6_listener_is_ipv6_only():
+    try:
+        listener = listeners.TcpListener.open(tcp_config("[::1]:0"), 1, {})
+    except listeners.ListenerError:
+        pytest.skip("no IPv6 loopback here")
+    try:
+        assert listener.sock.family == socket.AF_INET6
+        assert listener.sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+        assert listener.address == f"[::1]:{listener.sock.getsockname()[1]}"
+    finally:
+        listener.close()
+
+
+def test_a_bind_that_fails_says_why_and_what_to_do():
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        with pytest.raises(listeners.ListenerError,
+                           match=f"web at 127.0.0.1:{port}: cannot listen .*another process"):
+            listeners.TcpListener.open(tcp_config(f"127.0.0.1:{port}"), 1, {})
+    # TEST-NET-1: no host has it (unless it binds any address: net.ipv4.ip_nonlocal_bind).
+    try:
+        listener = listeners.TcpListener.open(tcp_config("192.0.2.1:0", allow=["10.0.0.0/8"]), 1, {})
+    except listeners.ListenerError as exc:
+        assert "192.0.2.1 is not an address of this host" in str(exc)
+    else:
+        listener.close()
+        pytest.skip("this host binds non-local addresses")
+
+
+def test_a_socket_from_systemd_is_taken_if_it_is_a_tcp_listener():
+    given = socket.socket()
+    given.bind(("127.0.0.1", 0))
+    given.listen(4)
+    passed = {"web": given, "other": socket.socket()}
+    listener = listeners.TcpListener.open(tcp_config("127.0.0.1:8443"), 2, passed)
+    assert listener.sock is given and listener.from_systemd and "web" not in passed
+    assert listener.address == f"127.0.0.1:{given.getsockname()[1]}"
+    listener.close()
+    passed["other"].close()
+
+    for wrong in (socket.socket(socket.AF_INET, socket.SOCK_DGRAM), socket.socket()):
+        with pytest.raises(listeners.ListenerError, match="not a listening TCP socket"):
+            listeners.TcpListener.open(tcp_config(), 1, {"web": wrong})
+        assert wrong.fileno() == -1  # closed, not leaked
+
+
+def test_where_a_tcp_onramp_listens():
+    assert cli._where(tcp_config("127.0.0.1:8443")) == "tcp 127.0.0.1:8443 -> 10.77.0.2:443 (tenant acme)"
+
+
+def test_the_worker_serves_what_the_supervisor_bound():
+    """The fd a worker is passed, by its name, is served by the tcp kind's class."""
+    (listener,) = listeners.open_onramps([tcp_config()], workers=2)
+
+    async def main() -> None:
+        ((fdname, fd),) = listener.fds_for(1).items()
+        name, cls = resolve(fdname)
+        host, port = listener.sock.getsockname()
+        sock = socket.socket(fileno=socket.dup(fd))  # the worker's copy of the one listener
+        served = Served(sock, Log(), settings(host, port))
+        assert isinstance(served.onramp, cls) and name == "web"
+        client = connect(listener.sock)
+        await until(lambda: served.streams.calls)
+        assert served.streams.calls[0][2] == client.getsockname()
+        client.close()
+        await served.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        listener.close()

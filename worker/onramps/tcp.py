@@ -219,8 +219,7 @@ class TcpOnramp:
             self.on_stream(self.tenant, sock, client, self.upstream, self.name)
         except Exception as exc:  # the data path's bug: this connection only
             sock.close()
-            metrics.TUNNELS_CLOSED.labels("tcp_datapath_error").inc()
-            self.log.exception("tcp_stream_failed", onramp=self.name, error=str(exc))
+            self._refused("tcp_datapath_error", source=client[0], error=str(exc), exc_info=True)
 
     def _refused(self, reason: str, **fields: object) -> None:
         """Counted every time; warned of at most once every :data:`LOG_EVERY` seconds per reason,
