@@ -36,7 +36,17 @@ from pydantic import (
 
 from ipferry.nsd.addressing import capacity, worker_block
 from ipferry.runtime.paths import default_runtime_dir
-from ipferry.runtime.settings import App, Audit, Flows, GueSettings, RuleSettings, WorkerSettings
+from ipferry.runtime.settings import (
+    App,
+    Audit,
+    Flows,
+    GueSettings,
+    NetworkSettings,
+    RuleSettings,
+    SiteSettings,
+    TcpOnrampSettings,
+    WorkerSettings,
+)
 from ipferry.worker.app import TENANT_PATTERN, import_application
 
 MAX_WORKERS = 128
@@ -47,6 +57,20 @@ Tenant = Annotated[str, Field(pattern=rf"^{TENANT_PATTERN}$")]
 
 class ConfigError(Exception):
     """A config that must not be started; ``str()`` is the list of problems, one a line."""
+
+
+NO_VALUE: Any = type("NoValue", (), {"__repr__": lambda self: "NO_VALUE"})()
+
+
+class Located(ValueError):
+    """Problems a check across keys found, each at its own key: ``(loc, value, reason)`` with
+    ``loc`` relative to the model that raised it (``("sites", 1, "prefixes", 0)``), so that
+    :func:`parse` names each key and its line as it does pydantic's own errors (``value``
+    :data:`NO_VALUE`: none shown)."""
+
+    def __init__(self, problems: list[tuple[tuple, Any, str]]) -> None:
+        super().__init__("; ".join(reason for _, _, reason in problems))
+        self.problems = problems
 
 
 class _Strict(BaseModel):
@@ -96,6 +120,12 @@ LIVE_APPLICATION = Reload(
     "flows and parses tunnel contexts from then on, and receives `on_flow_end` for flows ending "
     "after the reload. Flows already decided keep their decision; open tunnels keep their "
     "context.")
+KEPT_ROUTES = Reload(
+    "restart", "Fixed at daemon start: the supervisor checks every tunnel's claim of routes "
+    "against the networks the daemon started with, the sites it started with stay its static "
+    "routes, and every worker (started after the reload too) is given those. A reload that "
+    "changes them names `networks` / `sites` in its reply; they apply at the next daemon "
+    "restart.")
 
 
 def _host_port(value: str) -> tuple[str, int]:
@@ -103,6 +133,50 @@ def _host_port(value: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:9180 or [::1]:9180")
     return host.strip("[]"), int(port)
+
+
+def _ip_port(value: str, example: str, *, port_zero: bool = True) -> str:
+    """``IP:PORT`` with an IP literal (IPv6 in brackets): a name would be resolved on the data
+    path, blocking it."""
+    host, port = _host_port(value)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"expected an IP address and a port, e.g. {example} "
+                         f"(no host names)") from None
+    if port == 0 and not port_zero:
+        raise ValueError("the port must be 1..65535")
+    return value
+
+
+def _network_list(v, *, strings: bool = False):
+    """Networks, host bits allowed (``10.1.2.3/8`` means ``10.0.0.0/8``), as rules take them;
+    with ``strings``, only written as strings (no TOML integer taken for an address)."""
+    if not isinstance(v, list):
+        return v
+    out = []
+    for item in v:
+        if strings and not isinstance(item, str):
+            raise ValueError(f"{item!r}: not a network (write it as a string, e.g. "
+                             f"\"10.77.0.0/16\")")
+        try:
+            out.append(ipaddress.ip_network(item, strict=False) if isinstance(item, str)
+                       else item)
+        except ValueError as exc:
+            raise ValueError(f"{item!r}: not a network ({exc})") from None
+    return out
+
+
+def _network(v):
+    if not isinstance(v, str):
+        raise ValueError('expected an IPv4 or IPv6 network as a string, e.g. "10.77.0.0/16"')
+    try:
+        return ipaddress.ip_network(v, strict=False)
+    except ValueError as exc:
+        raise ValueError(f"not an IPv4 or IPv6 network ({exc})") from None
+
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class TunnelOnramp(_Strict):
@@ -147,16 +221,7 @@ class GueOnramp(_Strict):
     @field_validator("allow", mode="before")
     @classmethod
     def _networks(cls, v):
-        if not isinstance(v, list):
-            return v
-        out = []
-        for item in v:
-            try:  # host bits are fine: 10.1.2.3/8 means 10.0.0.0/8
-                out.append(ipaddress.ip_network(item, strict=False) if isinstance(item, str)
-                           else item)
-            except ValueError as exc:
-                raise ValueError(f"{item!r}: not a network ({exc})") from None
-        return out
+        return _network_list(v)
 
     @model_validator(mode="after")
     def _not_open_to_all(self) -> GueOnramp:
@@ -175,8 +240,56 @@ def _onramp_kind(value) -> str:
     return getattr(value, "kind", "tunnel")
 
 
-Onramp = Annotated[Annotated[TunnelOnramp, Tag("tunnel")] | Annotated[GueOnramp, Tag("gue")],
+class TcpOnramp(_Strict):
+    """Publishes a service: every TCP connection accepted on ``listen`` is a flow of ``tenant``
+    to ``upstream`` (e.g. a device of the tenant's private network), optionally behind a PROXY
+    v2 header. Whoever can connect opens flows as the tenant: it listens on loopback unless an
+    ``allow`` list of source networks says who may connect."""
+
+    kind: Literal["tcp"]
+    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")] = "tcp"
+    listen: str
+    tenant: Tenant
+    upstream: str
+    proxy_protocol: bool = False
+    allow: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []  # source networks; [] = any
+    backlog: Annotated[int, Field(ge=1, le=65535)] = 1024
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        return _ip_port(v, "127.0.0.1:8443 or [::1]:8443")
+
+    @field_validator("upstream")
+    @classmethod
+    def _upstream(cls, v: str) -> str:
+        return _ip_port(v, "10.77.0.2:443 or [fd77::2]:443", port_zero=False)
+
+    @field_validator("allow", mode="before")
+    @classmethod
+    def _networks(cls, v):
+        return _network_list(v)
+
+    @model_validator(mode="after")
+    def _not_open_to_all(self) -> TcpOnramp:
+        if not ipaddress.ip_address(self.address()[0]).is_loopback and not self.allow:
+            raise Located([(("listen",), self.listen,
+                            f"a TCP on-ramp on {self.listen} (not loopback) needs an allow list "
+                            f"of source networks: whoever can connect to it opens flows as "
+                            f"tenant {self.tenant}")])
+        return self
+
+    def address(self) -> tuple[str, int]:
+        return _host_port(self.listen)
+
+    def upstream_address(self) -> tuple[str, int]:
+        return _host_port(self.upstream)
+
+
+Onramp = Annotated[Annotated[TunnelOnramp, Tag("tunnel")] | Annotated[GueOnramp, Tag("gue")]
+                   | Annotated[TcpOnramp, Tag("tcp")],
                    Discriminator(_onramp_kind)]
+ONRAMP_KINDS = ("tunnel", "gue", "tcp")
 
 
 class Admin(_Strict):
@@ -291,6 +404,7 @@ class Rule(_Strict):
     cidr: str | None = None
     ports: str | None = None  # "80" or "8000-8080"
     upstream: str | None = None  # HOST:PORT to off-ramp to instead of the original destination
+    layer: Literal["ip", "stream"] | None = None  # how an allowed flow is carried
 
     @field_validator("cidr")
     @classmethod
@@ -331,11 +445,56 @@ class Rule(_Strict):
         return RuleSettings(action=self.action, name=self.name or str(position),
                             tenant=self.tenant, protocol=self.protocol, cidr=self.cidr,
                             ports=self.port_range(),
-                            upstream=_host_port(self.upstream) if self.upstream else None)
+                            upstream=_host_port(self.upstream) if self.upstream else None,
+                            layer=self.layer)
 
 
 
 
+MAX_NETWORKS = 1024
+MAX_SITES = 256
+MAX_SITE_PREFIXES = 64  # per site, as a tunnel claims at most 64
+MAX_ALL_SITE_PREFIXES = 1024  # over all sites: the workers' settings fit one control message
+
+
+class Network(_Strict):
+    """Addresses a tenant's devices may claim: each tenant is its own address space."""
+
+    tenant: Tenant
+    cidr: IPNetwork
+
+    @field_validator("cidr", mode="before")
+    @classmethod
+    def _cidr(cls, v):
+        return _network(v)
+
+
+class Site(_Strict):
+    """A static route: a GUE sender that is a device of ``tenant`` holding ``prefixes``."""
+
+    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
+    tenant: Tenant
+    prefixes: Annotated[list[IPNetwork], Field(min_length=1, max_length=MAX_SITE_PREFIXES)]
+    sender: str
+    onramp: str | None = None  # a GUE on-ramp's name; default: the only one
+
+    @field_validator("prefixes", mode="before")
+    @classmethod
+    def _prefixes(cls, v):
+        return _network_list(v, strings=True)
+
+    @field_validator("sender")
+    @classmethod
+    def _sender(cls, v: str) -> str:
+        return _ip_port(v, "192.0.2.7:6080 or [2001:db8::7]:6080", port_zero=False)
+
+    def sender_address(self) -> tuple[str, int]:
+        return _host_port(self.sender)
+
+
+def _describe(networks: list[IPNetwork]) -> str:
+    shown = ", ".join(map(str, networks[:8]))
+    return shown + (f", ... ({len(networks)} in all)" if len(networks) > 8 else "")
 
 
 def _one_tunnel_onramp() -> list[Onramp]:
@@ -356,6 +515,8 @@ class Config(_Strict):
     app: Annotated[App, LIVE_APPLICATION] = App()
     rules: Annotated[list[Rule], LIVE_APPLICATION] = []
     audit: Annotated[Audit, FIXED_FOR_WORKERS] = Audit()
+    networks: Annotated[list[Network], Field(max_length=MAX_NETWORKS), KEPT_ROUTES] = []
+    sites: Annotated[list[Site], Field(max_length=MAX_SITES), KEPT_ROUTES] = []
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
@@ -365,7 +526,72 @@ class Config(_Strict):
         if self.workers and self.workers > self.namespace.max_workers():
             raise ValueError(f"{self.workers} workers need more blocks than namespace pools "
                              f"hold ({self.namespace.max_workers()})")
+        if problems := self._private_network_problems():
+            raise Located(problems)
         return self
+
+    def _private_network_problems(self) -> list[tuple[tuple, Any, str]]:
+        """Networks of one tenant do not overlap; each site is of a known GUE on-ramp and holds
+        prefixes inside its tenant's networks that no other site prefix of the tenant overlaps."""
+        problems: list[tuple[tuple, Any, str]] = []
+        by_tenant: dict[str, list[tuple[int, IPNetwork]]] = {}
+        for i, net in enumerate(self.networks):
+            mine = by_tenant.setdefault(net.tenant, [])
+            for j, other in mine:
+                if net.cidr.version == other.version and net.cidr.overlaps(other):
+                    problems.append((("networks", i, "cidr"), str(net.cidr),
+                                     f"{net.cidr} overlaps {other} (networks[{j}]) of tenant "
+                                     f"{net.tenant}: a tenant's networks may not overlap"))
+                    break
+            else:
+                mine.append((i, net.cidr))
+        gue = [o.name for o in self.onramps if isinstance(o, GueOnramp)]
+        names: dict[str, int] = {}
+        held: dict[str, list[tuple[IPNetwork, str]]] = {}  # by tenant: (prefix, site)
+        total = 0
+        for i, site in enumerate(self.sites):
+            if site.name in names:
+                problems.append((("sites", i, "name"), site.name,
+                                 f"site names must be unique: sites[{names[site.name]}] is "
+                                 f"{site.name} too"))
+            names.setdefault(site.name, i)
+            if site.onramp is not None and site.onramp not in gue:
+                problems.append((("sites", i, "onramp"), site.onramp,
+                                 f"no GUE on-ramp {site.onramp} (GUE on-ramps: "
+                                 f"{', '.join(gue) or 'none'})"))
+            elif site.onramp is None and len(gue) != 1:
+                problems.append((("sites", i, "onramp"), NO_VALUE,
+                                 "a site needs a GUE on-ramp: there is none" if not gue else
+                                 f"name the site's GUE on-ramp (onramp = one of "
+                                 f"{', '.join(gue)})"))
+            networks = [n for _, n in by_tenant.get(site.tenant, [])]
+            total += len(site.prefixes)
+            for k, prefix in enumerate(site.prefixes):
+                loc = ("sites", i, "prefixes", k)
+                if not any(prefix.version == n.version and prefix.subnet_of(n)  # type: ignore[arg-type]
+                           for n in networks):
+                    problems.append((loc, str(prefix),
+                                     f"{prefix} is outside tenant {site.tenant}'s networks "
+                                     f"({_describe(networks) or 'none: add [[networks]]'})"))
+                    continue
+                mine_held = held.setdefault(site.tenant, [])
+                clash = next(((p, name) for p, name in mine_held
+                              if p.version == prefix.version and p.overlaps(prefix)), None)
+                if clash is not None:
+                    problems.append((loc, str(prefix),
+                                     f"{prefix} overlaps {clash[0]} of site {clash[1]}"))
+                    continue
+                mine_held.append((prefix, site.name))
+        if total > MAX_ALL_SITE_PREFIXES:
+            problems.append((("sites", len(self.sites) - 1, "prefixes"), NO_VALUE,
+                             f"{total} site prefixes in all, over {MAX_ALL_SITE_PREFIXES}"))
+        return problems
+
+    def site_onramp(self, site: Site) -> str:
+        """The GUE on-ramp a site speaks to: the one it names, else the only one."""
+        if site.onramp is not None:
+            return site.onramp
+        return next(o.name for o in self.onramps if isinstance(o, GueOnramp))
 
     def check_runtime(self) -> None:
         """What only the running daemon can check (at start and reload): the token file, and
@@ -393,7 +619,15 @@ class Config(_Strict):
             rules=[r.for_workers(i) for i, r in enumerate(self.rules)],
             gue={o.name: GueSettings(allow=[str(n) for n in o.allow], tenants=list(o.tenants),
                                      address=o.address())
-                 for o in self.onramps if isinstance(o, GueOnramp)})
+                 for o in self.onramps if isinstance(o, GueOnramp)},
+            tcp={o.name: TcpOnrampSettings(tenant=o.tenant, upstream=o.upstream_address(),
+                                           proxy_protocol=o.proxy_protocol,
+                                           allow=[str(n) for n in o.allow], address=o.address())
+                 for o in self.onramps if isinstance(o, TcpOnramp)},
+            networks=[NetworkSettings(tenant=n.tenant, cidr=str(n.cidr)) for n in self.networks],
+            sites=[SiteSettings(name=s.name, tenant=s.tenant, prefixes=[str(p) for p in s.prefixes],
+                                sender=s.sender_address(), onramp=self.site_onramp(s))
+                   for s in self.sites])
 
     def reloaded(self, new: Config) -> tuple[Config, list[str]]:
         """The config a running daemon has after reloading ``new`` (this one is what it runs
@@ -481,7 +715,8 @@ def _key_label(path: tuple[str, ...]) -> str:
     dotted = ".".join(path)
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return f"`[{dotted}]`"
-    if getattr(annotation, "__origin__", None) is list and path in (("onramps",), ("rules",)):
+    if getattr(annotation, "__origin__", None) is list and path in (
+            ("onramps",), ("rules",), ("networks",), ("sites",)):
         return f"`[[{dotted}]]`"
     return f"`{dotted}`"
 
@@ -562,18 +797,24 @@ def parse(text: str, source: str = "<config>") -> Config:
         problems = []
         for err in exc.errors():
             loc = tuple(err["loc"])
-            if loc[:1] == ("onramps",) and len(loc) > 2 and loc[2] in ("tunnel", "gue"):
+            if loc[:1] == ("onramps",) and len(loc) > 2 and loc[2] in ONRAMP_KINDS:
                 loc = loc[:2] + loc[3:]  # the on-ramp kind pydantic chose, not a key of the file
-            line = _find_line(text, loc)
-            where = f"{source}:{line}" if line else source
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                msg = "unknown key"
-            value = err.get("input")
-            shown = f" = {value!r}" if not isinstance(value, dict | list) else ""
-            if "token" in loc:
-                shown = " = <redacted>"  # never echo a secret into logs
-            problems.append(f"{where}: {_dotted(loc)}{shown}: {msg}")
+            located = err.get("ctx", {}).get("error")
+            if isinstance(located, Located):  # a check across keys: each problem at its key
+                found = [(loc + sub, value, reason) for sub, value, reason in located.problems]
+            else:
+                msg = err["msg"].removeprefix("Value error, ")
+                if err["type"] == "extra_forbidden":
+                    msg = "unknown key"
+                found = [(loc, err.get("input"), msg)]
+            for where_loc, value, msg in found:
+                line = _find_line(text, where_loc)
+                where = f"{source}:{line}" if line else source
+                shown = f" = {value!r}" if value is not NO_VALUE and not isinstance(
+                    value, dict | list) else ""
+                if "token" in where_loc:
+                    shown = " = <redacted>"  # never echo a secret into logs
+                problems.append(f"{where}: {_dotted(where_loc)}{shown}: {msg}")
         raise ConfigError("\n".join(problems)) from None
 
 
