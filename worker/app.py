@@ -34,6 +34,7 @@ TENANT_PATTERN = rf"[A-Za-z0-9][A-Za-z0-9._:@-]{{0,{MAX_TENANT - 1}}}"
 _TENANT = re.compile(TENANT_PATTERN)
 MAX_CONTEXT = 4096  # bytes of a context the default application reads
 MAX_CONTEXT_DEPTH = 16  # nesting of its objects and arrays
+MAX_ROUTES = 64  # prefixes one tunnel's context may claim (``routes``)
 
 __all__ = ["Application", "Decision", "FlowEnd", "FlowStart", "Rule", "RulesApplication",
            "TunnelContext", "load_application"]
@@ -61,6 +62,30 @@ def _finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise ValueError(f"{text[:40]} is out of range")
     return value
+
+
+def parse_routes(value) -> list[str]:
+    """A context's ``routes``: a JSON array of at most :data:`MAX_ROUTES` strings, each an IPv4
+    or IPv6 network (host bits ignored, as rules take them: ``10.77.0.5/24`` means
+    ``10.77.0.0/24``) or a bare address (``/32``, ``/128``); normalised (``"10.77.0.2/32"``).
+    Raises ValueError saying what is wrong."""
+    if not isinstance(value, list):
+        raise ValueError("the tunnel context's routes is not a JSON array of networks")
+    if len(value) > MAX_ROUTES:
+        raise ValueError(f"the tunnel context claims {len(value)} routes, over {MAX_ROUTES}")
+    out = []
+    for item in value:
+        if not isinstance(item, str):
+            raise ValueError(f"the tunnel context's routes holds {str(item)[:60]!r}, not a "
+                             "network as a string")
+        try:
+            if "%" in item:  # a scope would make fe80::1%eth0 another address than fe80::1
+                raise ValueError
+            out.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError:
+            raise ValueError(f"the tunnel context's route {item[:60]!r} is not an IPv4 or IPv6 "
+                             "network or address") from None
+    return out
 
 
 def _too_deep(value, limit: int) -> bool:
@@ -95,6 +120,7 @@ class Rule:
     protocol: str | None = None
     upstream: tuple[str, int] | None = None
     name: str = ""
+    layer: str | None = field(default=None, kw_only=True)  # None | "ip" | "stream"
     network: ipaddress.IPv4Network | ipaddress.IPv6Network | None = field(init=False,
                                                                           compare=False)
 
@@ -123,7 +149,10 @@ class RulesApplication:
     def parse_context(self, raw: bytes) -> TunnelContext:
         """A strict JSON object (UTF-8, at most :data:`MAX_CONTEXT` bytes, no duplicate keys, no
         ``NaN``/``Infinity``, nested at most :data:`MAX_CONTEXT_DEPTH` deep) with a ``tenant``
-        of the :data:`TENANT_PATTERN` syntax; the other keys are the context's ``extra``."""
+        of the :data:`TENANT_PATTERN` syntax; the other keys are the context's ``extra``.
+
+        An optional ``routes`` is the prefixes the tunnel's device claims in its tenant's
+        private networks (see :func:`parse_routes`); kept normalised in ``extra["routes"]``."""
         if len(raw) > MAX_CONTEXT:
             raise ValueError(f"the tunnel context is {len(raw)} bytes, over {MAX_CONTEXT}")
         try:
@@ -143,7 +172,10 @@ class RulesApplication:
         if not valid_tenant(tenant):
             raise ValueError(f"the tenant {tenant[:80]!r} is not 1-{MAX_TENANT} characters of "
                              "A-Z a-z 0-9 . _ : @ - starting with a letter or digit")
-        return TunnelContext(tenant, {k: v for k, v in data.items() if k != "tenant"})
+        extra = {k: v for k, v in data.items() if k != "tenant"}
+        if "routes" in extra:
+            extra["routes"] = parse_routes(extra["routes"])
+        return TunnelContext(tenant, extra)
 
     def on_flow_start(self, flow: FlowStart) -> Decision:
         for rule, decision in zip(self.rules, self._decisions, strict=True):
@@ -155,7 +187,8 @@ class RulesApplication:
     def _decisions(self) -> list[Decision]:
         # Decisions are frozen values: one per rule, shared by its flows (memory per flow).
         return [Decision.drop(f"denied by rule {rule.name}") if rule.action == "deny"
-                else Decision.upgrade(rule.upstream, f"allowed by rule {rule.name}")
+                else Decision.upgrade(rule.upstream, f"allowed by rule {rule.name}",
+                                      layer=rule.layer)
                 for rule in self.rules]
 
     @functools.cached_property
