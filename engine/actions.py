@@ -10,6 +10,7 @@ action              the driver answers with
 DecideFlow          ``decided(flow, decision)`` or ``hook_failed(flow, error)``
 AuditFlowStart      ``audit_written(flow, ok)``
 ConnectOfframp      ``offramp_connected(flow)`` or ``offramp_failed(flow, reason, err)``
+RelayStreams        ``stream_finished(flow)`` once the handler is done
 OpenDatagram        ``datagram_opened(flow)`` or ``datagram_failed(flow, reason, err)``
 ==================  ===============================================================
 
@@ -83,6 +84,19 @@ class ConnectOfframp(NamedTuple):
     flow: Flow
 
 
+class RelayStreams(NamedTuple):
+    """Run the stream handler between an accepted client's socket (``flow.client.handle``) and
+    the connected server leg's: a ``kind = "tcp"`` on-ramp's flow is under way."""
+
+    flow: Flow
+
+
+class CloseAccepted(NamedTuple):
+    """An accepted connection that gets no flow (a limit, a duplicate): reset it."""
+
+    handle: object
+
+
 class OpenDatagram(NamedTuple):
     """Open the flow's datagram server leg (``flow.server``)."""
 
@@ -115,7 +129,9 @@ class FlowEnded(NamedTuple):
 
 class Count(NamedTuple):
     """Add ``n`` to a counter: ``drop`` (by reason), ``icmp_sent`` (by kind), ``icmp_received``
-    (by protocol), ``upstream_failure`` (by reason), ``gue_missteered``."""
+    (by protocol), ``upstream_failure`` (by reason), ``gue_missteered``, ``routed`` (packets
+    into a device's tunnel, by direction: ``to_device``, ``to_client``), ``downgraded`` (flows
+    whose server leg is a stream downgraded into a device's tunnel)."""
 
     counter: str
     label: str = ""
@@ -136,5 +152,5 @@ class Log(NamedTuple):
 
 
 Action = (SendToTunnel | RelayToTunnel | WriteTun | Forward | DecideFlow | AuditFlowStart | Audit
-          | ConnectOfframp | OpenDatagram | SendDatagram | FlowStarted | FlowEnded | Count
-          | RefusedPastLimit | Log)
+          | ConnectOfframp | RelayStreams | CloseAccepted | OpenDatagram | SendDatagram
+          | FlowStarted | FlowEnded | Count | RefusedPastLimit | Log)

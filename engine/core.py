@@ -51,6 +51,7 @@ from .actions import (
     Action,
     Audit,
     AuditFlowStart,
+    CloseAccepted,
     ConnectOfframp,
     Count,
     DecideFlow,
@@ -60,13 +61,23 @@ from .actions import (
     Log,
     OpenDatagram,
     RefusedPastLimit,
+    RelayStreams,
     SendDatagram,
     SendToTunnel,
     WriteTun,
 )
-from .decisions import Decision, FlowStart
+from .decisions import Decision, FlowStart, TunnelContext
 from .flows import CloseReason, Direction, Flow, FlowKey, FlowTable, LimitReached, TcpState
-from .legs import DatagramLeg, StreamLeg, TunnelLeg
+from .legs import (
+    AcceptedLeg,
+    DatagramLeg,
+    DowngradedLeg,
+    RoutedLeg,
+    StreamLeg,
+    TunnelLeg,
+    same_device,
+)
+from .routes import PROHIBITED, Route, RouteTable, Unrouted
 
 # ICMPv6 is "icmp" to rules and metrics: one word for ping, whichever IP version.
 PROTO_NAMES = {IPPROTO_TCP: "tcp", IPPROTO_UDP: "udp", IPPROTO_ICMP: "icmp", IPPROTO_ICMPV6: "icmp"}
@@ -90,6 +101,15 @@ def forbidden_destination(dst: bytes) -> bool:
     if len(dst) == 4:
         return dst[0] in (0, 127)
     return dst[:10] == bytes(10) and (dst[10:12] in (b"\xff\xff", b"\0\0"))
+
+
+def unroutable_source(src: bytes) -> bool:
+    """A source address no device would answer over its tunnel: loopback, unspecified,
+    link-local (169.254/16, fe80::/10) or multicast."""
+    if len(src) == 4:
+        return src[0] in (0, 127) or src[:2] == b"\xa9\xfe" or src[0] >= 224
+    return (src == bytes(15) + b"\x01" or src == bytes(16) or src[0] == 0xFF
+            or (src[0] == 0xFE and src[1] & 0xC0 == 0x80))
 
 
 def addr(b: bytes) -> str:
@@ -125,11 +145,32 @@ def flow_start(flow: Flow) -> FlowStart:
 
 
 def flow_fields(flow: Flow) -> dict[str, Any]:
-    """A flow's identity as audit records and logs name it."""
-    k, tunnel = flow.key, flow.client
-    return {"tenant": k.tenant, "protocol": PROTO_NAMES.get(k.protocol, str(k.protocol)),
+    """A flow's identity as audit records and logs name it, with its legs: the client's
+    (``ip``: packets as they came; ``tcp:upgraded`` ...: terminated in the namespace's kernel;
+    ``tcp:accepted``: a TCP on-ramp's connection) and the server's (``ip``: packets into a
+    device's tunnel; ``tcp``, ``udp``, ``icmp``: an off-ramp socket; ``tcp:downgraded`` ...: back
+    into IP packets for a device's tunnel), and the device's tunnel when there is one."""
+    k, client, server = flow.key, flow.client, flow.server
+    protocol = PROTO_NAMES.get(k.protocol, str(k.protocol))
+    destination = server.tunnel if server is not None else None
+    if isinstance(client, AcceptedLeg):
+        client_leg = "tcp:accepted"
+    elif server is None or (isinstance(server, RoutedLeg) and not server.rebuild):
+        client_leg = "ip"
+    else:
+        client_leg = f"{protocol}:upgraded"
+    if server is None:
+        server_leg = None
+    elif isinstance(server, DowngradedLeg) or (isinstance(server, RoutedLeg) and server.rebuild):
+        server_leg = f"{protocol}:downgraded"
+    else:
+        server_leg = server.layer
+    return {"tenant": k.tenant, "protocol": protocol,
             "src": addr(k.src), "sport": k.sport, "dst": addr(k.dst), "dport": k.dport,
-            "tunnel": tunnel.id, "tunnel_worker": tunnel.origin}
+            "tunnel": client.id or None, "tunnel_worker": client.origin,
+            "client_leg": client_leg, "server_leg": server_leg,
+            "destination_tunnel": destination.id if destination is not None else None,
+            "destination_worker": destination.origin if destination is not None else None}
 
 
 # The actions of every packet are made with tuple.__new__: a NamedTuple's own __new__ is a Python
@@ -150,8 +191,12 @@ class FlowEngine:
 
     def __init__(self, *, flows: FlowTable, pools: dict[int, NatPool], local: dict[int, bytes],
                  connect_timeout: float, index: int = 0, workers: int = 1, mtu: int = 65520,
-                 fail_closed: bool = False) -> None:
+                 fail_closed: bool = False, routes: RouteTable | None = None) -> None:
         self.flows = flows
+        self.routes = routes if routes is not None else RouteTable()
+        # Flows with a device on their server leg, by the key of the device's packets (its
+        # address and port first): its answers find their flow here.
+        self.from_device: dict[FlowKey, Flow] = {}
         self.pools = pools
         self.local = local
         self.connect_timeout = connect_timeout
@@ -204,9 +249,12 @@ class FlowEngine:
             if len(packet) > p.total_length:
                 packet = packet[:p.total_length]
         key = None
+        answer = None  # a device's packet of a flow routed to it
         if p.inner is None:
             key = FlowKey(tunnel.tenant, p.protocol, p.src, p.sport, p.dst, p.dport)
             flow = self.by_key.get(key)
+            if flow is None and self.from_device:
+                flow = answer = self.from_device.get(key)
         else:
             flow = None  # an ICMP error: its flow is the embedded packet's
         if flow is None and self.workers > 1 and tunnel.local:
@@ -222,6 +270,12 @@ class FlowEngine:
                 out.append(Count("gue_missteered"))
         if key is None:
             self._tunnel_icmp_error(tunnel, p, packet, now, out)
+            return out
+        if answer is not None:
+            if answer.server is None or not same_device(answer.server.tunnel, tunnel):
+                out.append(Count("drop", "tunnel_mismatch"))
+            else:
+                self._from_device(answer, p, packet, header, now, out)
             return out
         if flow is not None and flow.client is not tunnel:
             # Same tenant and 4-tuple from another tunnel: never let it touch this flow.
@@ -265,6 +319,10 @@ class FlowEngine:
             out.append(Count("drop", "forbidden_destination"))
             self._unreachable(tunnel, p, packet, "admin", out)
             return False
+        if self.routes.private():
+            verdict = self.routes.lookup(tunnel.tenant, p.dst)
+            if verdict is not None and not self._routable(tunnel, verdict, p, packet, out):
+                return False
         if p.protocol == IPPROTO_TCP:
             if p.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN:
                 return True
@@ -278,6 +336,21 @@ class FlowEngine:
             out.append(Count("drop", "icmp_unsolicited"))  # an echo reply nobody asked for
             return False
         return True
+
+    def _routable(self, tunnel: TunnelLeg, verdict: Route | Unrouted, p: Parsed,
+                  packet: bytes | memoryview, out: list[Action]) -> bool:
+        """May a packet to a private address go on? Not to another tenant's network
+        (administratively prohibited), not to an address of the tenant's networks that no
+        device holds (host unreachable), not back into the tunnel it came from."""
+        if isinstance(verdict, Route):
+            if not same_device(verdict.target, tunnel):
+                return True
+            out.append(Count("drop", "route_loop"))
+            return False
+        out.append(Count("drop", verdict.value))
+        if not (p.protocol == IPPROTO_TCP and p.tcp_flags & TCP_RST):
+            self._unreachable(tunnel, p, packet, "admin" if verdict is PROHIBITED else "host", out)
+        return False
 
     def _start(self, tunnel: TunnelLeg, key: FlowKey, p: Parsed, packet: bytes | memoryview,
                header: bytes | None, now: float, out: list[Action]) -> None:
@@ -309,19 +382,159 @@ class FlowEngine:
         if not isinstance(decision, Decision):
             return self.hook_failed(flow, repr(TypeError(f"not a Decision: {decision!r}")), now)
         flow.decision = decision
-        if decision.action == "upgrade" and flow.key.protocol == IPPROTO_TCP:
-            pool = self.pools[4 if len(flow.key.src) == 4 else 6]
-            try:
-                flow.slot = pool.claim(now)
-            except SlotPoolExhausted:
-                self._refuse_past_limit(flow, "nat_exhausted", now, out)
+        if decision.action == "upgrade":
+            key = flow.key
+            verdict, dst, port = self._route_of(flow, decision)
+            if isinstance(verdict, Unrouted):
+                self._unroutable(flow, verdict, now, out)
                 return out
-            self.by_slot[flow.slot] = flow
+            layer3 = isinstance(verdict, Route) and not self._as_stream(flow, decision, dst, port)
+            if (key.protocol == IPPROTO_TCP and not layer3
+                    and not isinstance(flow.client, AcceptedLeg)):
+                pool = self.pools[4 if len(key.src) == 4 else 6]
+                try:
+                    flow.slot = pool.claim(now)
+                except SlotPoolExhausted:
+                    self._refuse_past_limit(flow, "nat_exhausted", now, out)
+                    return out
+                self.by_slot[flow.slot] = flow
+            if isinstance(verdict, Route):
+                if not self._to_device_leg(flow, decision, verdict, dst, port, layer3, now, out):
+                    return out
+            else:
+                flow.server = self._offramp_leg(flow, decision)
         flow.audited = True  # its flow_end is written (or counted lost) in any case
         out.append(AuditFlowStart(flow, {
             "decision": decision.action, "reason": decision.reason,
             "upstream": _fmt(decision.upstream), **flow_fields(flow)}))
         return out
+
+    # -- private networks: a device's tunnel as the server leg ---------------------------------
+
+    def _route_of(self, flow: Flow, decision: Decision
+                  ) -> tuple[Route | Unrouted | None, bytes, int]:
+        """Where a flow that goes on is going: its route (None: not a private address), and the
+        address and port (its own destination, or a TCP flow's ``upstream``)."""
+        key = flow.key
+        dst, port = key.dst, key.dport
+        if not self.routes.private():
+            return None, dst, port
+        if decision.upstream is not None:
+            try:
+                up = socket.inet_pton(socket.AF_INET6 if ":" in decision.upstream[0]
+                                      else socket.AF_INET, decision.upstream[0])
+            except OSError:  # a name: the off-ramp resolves it, on the host's side
+                up = None
+            if up is not None and key.protocol == IPPROTO_TCP:
+                dst, port = up, decision.upstream[1]
+            elif up is not None and self.routes.lookup(key.tenant, up) is not None:
+                # A datagram off-ramp leaves by the host: never towards a private network.
+                return PROHIBITED, dst, port
+        return self.routes.lookup(key.tenant, dst), dst, port
+
+    def _as_stream(self, flow: Flow, decision: Decision, dst: bytes, port: int) -> bool:
+        """Does a TCP flow to a device go as a stream (upgraded, then downgraded into the
+        device's tunnel) rather than as IP packets? When asked for, when re-routed to another
+        address, and always for an accepted client (it has no packets)."""
+        key = flow.key
+        return key.protocol == IPPROTO_TCP and (
+            decision.layer == "stream" or isinstance(flow.client, AcceptedLeg)
+            or dst != key.dst or port != key.dport)
+
+    def _unroutable(self, flow: Flow, verdict: Unrouted, now: float, out: list[Action]) -> None:
+        """A flow the application let go whose destination no device of its tenant holds (any
+        more), or that is another tenant's: refused as a router would."""
+        out.append(Count("drop", verdict.value))
+        held = self._first_held(flow)
+        if held is not None:
+            self._unreachable(flow.client, *held, "admin" if verdict is PROHIBITED else "host",
+                              out)
+            assert flow.pending is not None
+            flow.pending = flow.pending[1:]
+        flow.decision = Decision.drop(verdict.value)
+        self._end(flow, CloseReason.EVICTED, now, out, audit_start=True,
+                  close_reason=verdict.value)
+
+    def _to_device_leg(self, flow: Flow, decision: Decision, route: Route, dst: bytes,
+                       port: int, layer3: bool, now: float, out: list[Action]) -> bool:
+        """Make the server leg into the device's tunnel: IP packets, or a downgraded stream
+        (a NAT slot the kernel's socket connects to, and the address the device sees)."""
+        key = flow.key
+        if same_device(route.target, flow.client):
+            out.append(Count("drop", "route_loop"))
+            self._unroutable_end(flow, "route_loop", now, out)
+            return False
+        upstream = (addr(dst), port)
+        if layer3:
+            flow.server = RoutedLeg(route.target, upstream, rebuild=key.protocol == IPPROTO_UDP
+                                    and decision.layer == "stream")
+            self.from_device[self._answer_key(key)] = flow
+            return True
+        version = 4 if len(dst) == 4 else 6
+        if len(key.src) == len(dst) and not unroutable_source(key.src):
+            peer = key.src
+        elif isinstance(flow.client, AcceptedLeg):
+            # A client the device could not answer (another IP version, a loopback address its
+            # kernel would take for a martian): the device sees the proxy's address instead.
+            peer = self.local[version]
+        else:
+            out.append(Count("drop", "address_family_mismatch"))
+            self._unroutable_end(flow, "address_family_mismatch", now, out)
+            return False
+        peer_port = self._peer_port(flow, peer, dst, port)
+        if peer_port is None:
+            self._refuse_past_limit(flow, "downgrade_ports_exhausted", now, out)
+            return False
+        try:
+            slot = self.pools[version].claim(now)
+        except SlotPoolExhausted:
+            self._refuse_past_limit(flow, "nat_exhausted", now, out)
+            return False
+        flow.server = DowngradedLeg(upstream, route.target, slot, (peer, peer_port), (dst, port))
+        self.by_slot[slot] = flow
+        self.from_device[FlowKey(key.tenant, IPPROTO_TCP, dst, port, peer, peer_port)] = flow
+        out.append(Count("downgraded"))
+        return True
+
+    def _unroutable_end(self, flow: Flow, reason: str, now: float, out: list[Action]) -> None:
+        held = self._first_held(flow)
+        if held is not None:
+            self._unreachable(flow.client, *held, "admin", out)
+            assert flow.pending is not None
+            flow.pending = flow.pending[1:]
+        flow.decision = Decision.drop(reason)
+        self._end(flow, CloseReason.EVICTED, now, out, audit_start=True, close_reason=reason)
+
+    def _peer_port(self, flow: Flow, peer: bytes, dst: bytes, port: int) -> int | None:
+        """The port a downgraded connection comes from, as the device sees it: the client's own
+        when it is free, else one whose flow hash this worker owns (the device's answers must
+        reach this worker, as the client's packets do)."""
+        key = flow.key
+
+        def free(candidate: int) -> bool:
+            if self.workers > 1 and owner(IPPROTO_TCP, peer, candidate, dst, port,
+                                          self.workers) != self.index:
+                return False
+            if FlowKey(key.tenant, IPPROTO_TCP, dst, port, peer, candidate) in self.from_device:
+                return False
+            other = self.by_key.get(FlowKey(key.tenant, IPPROTO_TCP, peer, candidate, dst, port))
+            return other is None or other is flow
+
+        if free(key.sport):
+            return key.sport
+        for step in range(1, 8192):
+            candidate = 1024 + (key.sport + step) % 64512
+            if free(candidate):
+                return candidate
+        return None
+
+    @staticmethod
+    def _answer_key(key: FlowKey) -> FlowKey:
+        """The key of a device's answers to a flow routed to it as IP packets (an echo reply
+        keeps the identifier where the request had it)."""
+        if key.protocol in ECHO_REQUEST:
+            return FlowKey(key.tenant, key.protocol, key.dst, key.sport, key.src, 0)
+        return key.reply()
 
     def hook_failed(self, flow: Flow, error: str, now: float) -> list[Action]:
         """``on_flow_start`` raised (or answered no Decision): the flow is dropped."""
@@ -350,20 +563,28 @@ class FlowEngine:
             self._refuse_first(flow, policy=True, out=out)
             self._end(flow, CloseReason.EVICTED, now, out, close_reason="denied")
             return out
-        key = flow.key
-        upstream = decision.upstream or self._destination(key)
-        if key.protocol == IPPROTO_TCP:
-            flow.server = StreamLeg(upstream)
+        server = flow.server
+        if isinstance(server, RoutedLeg):  # IP packets: the device answers for itself
+            self._release(flow, now, out)
+            return out
+        if isinstance(server, StreamLeg):  # (a downgraded one too: connect before accept)
             flow.deadline = now + self.connect_timeout
             self.connecting.append(flow)
             out.append(ConnectOfframp(flow))
             return out
+        out.append(OpenDatagram(flow))
+        return out
+
+    def _offramp_leg(self, flow: Flow, decision: Decision) -> StreamLeg | DatagramLeg:
+        """The server leg of a flow off-ramped by a socket of the daemon's host."""
+        key = flow.key
+        upstream = decision.upstream or self._destination(key)
+        if key.protocol == IPPROTO_TCP:
+            return StreamLeg(upstream)
         protocol = "udp" if key.protocol == IPPROTO_UDP else "icmp"
         if protocol == "icmp" and (":" in upstream[0]) != (len(key.src) == 16):
             upstream = (addr(key.dst), 0)  # an echo cannot change IP version on the way
-        flow.server = DatagramLeg(upstream, protocol)
-        out.append(OpenDatagram(flow))
-        return out
+        return DatagramLeg(upstream, protocol)
 
     def _refuse_past_limit(self, flow: Flow, reason: str, now: float, out: list[Action]) -> None:
         """Refuse a decided flow for want of a resource: counted, answered (a reset for TCP,
@@ -416,9 +637,46 @@ class FlowEngine:
         flow.deadline = 0.0
         if flow.ended:
             return out
-        assert isinstance(flow.server, StreamLeg)
-        flow.server.connected = True
+        server = flow.server
+        assert isinstance(server, StreamLeg)
+        server.connected = True
+        if isinstance(flow.client, AcceptedLeg):
+            if not isinstance(server, DowngradedLeg):
+                flow.state = TcpState.RELAYING  # no packet of it to see: it ends with its relay
+            out.append(RelayStreams(flow))
+            return out
         self._release(flow, now, out)
+        return out
+
+    def stream_finished(self, flow: Flow, now: float) -> list[Action]:
+        """The stream handler of an accepted client's flow is done. A flow relaying between two
+        sockets ends here; one downgraded into a device's tunnel ends once that connection has
+        closed too (its packets are followed: see :meth:`_downgraded_packet`)."""
+        out: list[Action] = []
+        if not flow.ended and flow.state is TcpState.RELAYING:
+            self._end(flow, CloseReason.FIN, now, out)
+        return out
+
+    def stream_accepted(self, tenant: str, context: TunnelContext, client: tuple[bytes, int],
+                        upstream: tuple[bytes, int], handle: object, onramp: str,
+                        now: float) -> list[Action]:
+        """A ``kind = "tcp"`` on-ramp accepted a connection from ``client`` (its own address, or
+        the one its PROXY header carried) for ``upstream``: a flow, decided as any other."""
+        out: list[Action] = []
+        key = FlowKey(tenant, IPPROTO_TCP, client[0], client[1], upstream[0], upstream[1])
+        if key in self.by_key:  # (only a PROXY header can say so twice)
+            out.append(Count("drop", "duplicate_flow"))
+            out.append(CloseAccepted(handle))
+            return out
+        leg = AcceptedLeg(tenant, context, handle, onramp, self.index)
+        flow = self.flows.start(key, None, now, leg)
+        if isinstance(flow, LimitReached):
+            out.append(Count("drop", flow.value))
+            out.append(RefusedPastLimit(tenant, flow.value))
+            out.append(CloseAccepted(handle))
+            return out
+        out.append(FlowStarted(flow))
+        out.append(DecideFlow(flow))
         return out
 
     def offramp_failed(self, flow: Flow, reason: str, err: int, now: float) -> list[Action]:
@@ -485,7 +743,10 @@ class FlowEngine:
                    header: bytes | None, now: float, out: list[Action]) -> None:
         server = flow.server
         if not isinstance(server, DatagramLeg):
-            self._to_kernel(flow, p, packet, header, now, out)
+            if isinstance(server, RoutedLeg):
+                self._to_device(flow, server, p, packet, header, now, out)
+            else:
+                self._to_kernel(flow, p, packet, header, now, out)
             return
         # A datagram flow: the payload (UDP) or the whole ICMP message leaves by its socket.
         self.flows.observe(flow, Direction.TO_SERVER, 0, p.total_length, now)
@@ -499,6 +760,126 @@ class FlowEngine:
             start, end = p.ihl, p.total_length
         flow.payload_up += end - p.payload_offset
         out.append(SendDatagram(flow, memoryview(packet)[start:end]))
+
+    # -- layer 3: IP packets between two devices of a tenant ------------------------------------
+
+    def _to_device(self, flow: Flow, server: RoutedLeg, p: Parsed, packet: bytes | memoryview,
+                   header: bytes | None, now: float, out: list[Action]) -> None:
+        """A client packet into the device's tunnel, as it came (tracked and counted)."""
+        self._routed(flow, Direction.TO_SERVER, server.tunnel, p, packet, header, now, out)
+
+    def _from_device(self, flow: Flow, p: Parsed, packet: bytes | memoryview,
+                     header: bytes | None, now: float, out: list[Action]) -> None:
+        """A device's packet of a flow routed to it: to the client as it came (layer 3), or
+        into the namespace's kernel for the downgraded stream's socket."""
+        server = flow.server
+        if isinstance(server, RoutedLeg):
+            self._routed(flow, Direction.TO_CLIENT, flow.client, p, packet, header, now, out)
+            return
+        assert isinstance(server, DowngradedLeg)
+        kernel = server.kernel
+        if kernel is None or p.protocol != IPPROTO_TCP:  # nothing of ours was sent to it yet
+            out.append(Count("drop", "downgrade_not_connected"))
+            return
+        if p.total_length > self.mtu and not (header and is_gso(header)):
+            assert server.tunnel is not None
+            self._too_big_for_tun(server.tunnel, p, packet, out)
+            return
+        buf = bytearray(packet)
+        rewrite_tcp(buf, p, server.slot.address, server.slot.port, kernel[0], kernel[1],
+                    partial=header is not None and is_partial(header))
+        out.append(_tuple(WriteTun, (buf, header)))
+        self._downgraded_packet(flow, server, Direction.TO_CLIENT, p, now, out)
+
+    def _routed(self, flow: Flow, direction: Direction, tunnel: TunnelLeg, p: Parsed,
+                packet: bytes | memoryview, header: bytes | None, now: float,
+                out: list[Action]) -> None:
+        server = flow.server
+        assert isinstance(server, RoutedLeg)
+        key = flow.key
+        if server.rebuild:  # a UDP flow as datagrams: the payload in fresh headers
+            end = p.ihl + int.from_bytes(packet[p.ihl + 4:p.ihl + 6], "big")
+            payload = bytes(packet[p.payload_offset:end])
+            if direction is Direction.TO_SERVER:
+                rebuilt = udp_packet(key.src, key.sport, key.dst, key.dport, payload)
+                flow.payload_up += len(payload)
+            else:
+                rebuilt = udp_packet(key.dst, key.dport, key.src, key.sport, payload)
+                flow.payload_down += len(payload)
+            self.flows.observe(flow, direction, 0, len(rebuilt), now)
+            out.append(Count("routed", "to_device" if direction is Direction.TO_SERVER
+                             else "to_client"))
+            out.append(SendToTunnel(tunnel, rebuilt))
+            return
+        if p.total_length > tunnel.mtu and not (header and is_gso(header)):
+            # More than the other tunnel carries: the sender hears so, as from a router.
+            out.append(Count("drop", "too_big"))
+            if p.version == 6 or packet[6] & 0x40:
+                source = flow.client if direction is Direction.TO_SERVER else server.tunnel
+                self._unreachable(source, p, packet, "too_big", out, mtu=tunnel.mtu)
+            return
+        tcp = p.protocol == IPPROTO_TCP
+        blind = tcp and p.tcp_flags & TCP_RST and (p.seq - ((
+            flow.next_seq_up if direction is Direction.TO_SERVER else flow.next_seq_down)
+            or 0)) & 0xFFFFFFFF > 1
+        # A reset off the expected sequence goes on (the device's stack judges it, RFC 5961)
+        # but does not end the flow here.
+        ended = False if blind else self.flows.observe(flow, direction, p.tcp_flags,
+                                                        p.total_length, now)
+        if tcp:
+            count_payload(flow, int(direction), p)
+        elif direction is Direction.TO_SERVER:
+            flow.payload_up += p.total_length - p.payload_offset
+        else:
+            flow.payload_down += p.total_length - p.payload_offset
+        out.append(Count("routed", "to_device" if direction is Direction.TO_SERVER
+                         else "to_client"))
+        out.append(_tuple(SendToTunnel, (tunnel, packet, header)))
+        if ended or flow.state is TcpState.TIME_WAIT:
+            self._after_packet(flow, ended, now, out)
+
+    def _kernel_to_device(self, flow: Flow, p: Parsed, packet: bytes | memoryview,
+                          header: bytes | None, now: float, out: list[Action]) -> None:
+        """A packet of the downgraded socket (the kernel's, to the flow's second NAT slot): into
+        the device's tunnel as from the client's address."""
+        server = flow.server
+        assert isinstance(server, DowngradedLeg)
+        if server.kernel is None:
+            if not p.tcp_flags & TCP_SYN:
+                out.append(Count("drop", "kernel_no_flow"))
+                return
+            server.kernel = (p.src, p.sport)  # the socket's own address: its answers go there
+        tunnel = server.tunnel
+        assert tunnel is not None
+        if p.total_length > tunnel.mtu and not (header and is_gso(header)):
+            out.append(Count("drop", "too_big"))
+            answer = unreachable(packet, p, "too_big", mtu=tunnel.mtu)
+            if answer is not None:
+                out.append(WriteTun(answer))
+            return
+        buf = bytearray(packet)
+        (peer, peer_port), (device, device_port) = server.peer, server.device
+        rewrite_tcp(buf, p, peer, peer_port, device, device_port,
+                    partial=header is not None and is_partial(header))
+        out.append(_tuple(SendToTunnel, (tunnel, buf, header)))
+        self._downgraded_packet(flow, server, Direction.TO_SERVER, p, now, out)
+
+    def _downgraded_packet(self, flow: Flow, server: DowngradedLeg, direction: Direction,
+                           p: Parsed, now: float, out: list[Action]) -> None:
+        """Follow the downgraded connection. An accepted client's flow has no other packets:
+        they are its accounting and its state. Else the flow's state is its client's, and it
+        ends once both connections are done."""
+        done = server.observe(direction is Direction.TO_CLIENT, p.tcp_flags)
+        if isinstance(flow.client, AcceptedLeg):
+            ended = self.flows.observe(flow, direction, p.tcp_flags, p.total_length, now)
+            count_payload(flow, int(direction), p)
+            if ended or flow.state is TcpState.TIME_WAIT:
+                self._after_packet(flow, ended, now, out)
+            return
+        flow.last_seen = now
+        if done and (p.tcp_flags & TCP_RST or flow.state is TcpState.TIME_WAIT):
+            self._end(flow, CloseReason.RST if p.tcp_flags & TCP_RST else CloseReason.FIN, now,
+                      out)
 
     def upstream_reply(self, flow: Flow, data: bytes, now: float) -> list[Action]:
         """A datagram from the off-ramp: wrap it back into IP towards the flow's tunnel."""
@@ -581,7 +962,21 @@ class FlowEngine:
         else:  # the embedded packet went to the client: its source is the flow's destination
             key = FlowKey(tunnel.tenant, q.protocol, q.dst, q.dport, q.src, q.sport)
         flow = self.by_key.get(key)
+        if flow is not None and flow.client is tunnel and isinstance(flow.server, RoutedLeg):
+            # About a device's packet, from the client: to the device, as it came.
+            self._routed_icmp_error(flow, flow.server.tunnel, p, packet, now, out)
+            return
         if flow is None or flow.client is not tunnel or flow.decision is None:
+            # About a client's packet, from the device it was routed to?
+            if q.protocol in ECHO_REQUEST:
+                mine = FlowKey(tunnel.tenant, q.protocol, q.src, q.sport, q.dst, 0)
+            else:
+                mine = FlowKey(tunnel.tenant, q.protocol, q.src, q.sport, q.dst, q.dport)
+            routed = self.by_key.get(mine)
+            if (routed is not None and isinstance(routed.server, RoutedLeg)
+                    and same_device(routed.server.tunnel, tunnel)):
+                self._routed_icmp_error(routed, routed.client, p, packet, now, out)
+                return
             out.append(Count("drop", "icmp_error_no_flow"))
             return
         out.append(Count("icmp_received", PROTO_NAMES[key.protocol]))
@@ -591,6 +986,15 @@ class FlowEngine:
         elif (key.protocol == IPPROTO_UDP and p.icmp_type == DEST_UNREACHABLE[p.protocol]
               and not (p.version == 4 and p.icmp_code == 4)):  # "frag needed" is no goodbye
             self._end(flow, CloseReason.EVICTED, now, out, close_reason="client_unreachable")
+
+    def _routed_icmp_error(self, flow: Flow, to: TunnelLeg, p: Parsed,
+                           packet: bytes | memoryview, now: float, out: list[Action]) -> None:
+        """An ICMP error about a packet of a layer-3 flow: on to the other device as it came
+        (a "too big" so that PMTU discovery works end to end, an unreachable port ...)."""
+        out.append(Count("icmp_received", PROTO_NAMES[flow.key.protocol]))
+        direction = Direction.TO_SERVER if to is not flow.client else Direction.TO_CLIENT
+        self.flows.observe(flow, direction, 0, p.total_length, now)
+        out.append(SendToTunnel(to, bytes(packet[:p.total_length])))
 
     def _error_for_kernel(self, slot: NatSlot, p: Parsed, packet: bytes | memoryview) -> bytes:
         """The client's ICMP error as if about the kernel's own packet (local:1 -> the slot)."""
@@ -620,9 +1024,13 @@ class FlowEngine:
         if isinstance(p, Drop):
             out.append(Count("drop", f"kernel_{p.value}"))
             return out
-        flow = self.by_slot.get((p.dst, p.dport)) if p.protocol == IPPROTO_TCP else None
+        at = (p.dst, p.dport)
+        flow = self.by_slot.get(at) if p.protocol == IPPROTO_TCP else None
         if flow is None:
             out.append(Count("drop", "kernel_no_flow"))
+            return out
+        if flow.slot != at:  # the flow's second slot: its downgraded stream's socket
+            self._kernel_to_device(flow, p, packet, header, now, out)
             return out
         tunnel = flow.client
         if p.total_length > tunnel.mtu and not (header and is_gso(header)):
@@ -648,6 +1056,10 @@ class FlowEngine:
         if ended:
             self._end(flow, CloseReason.RST, now, out)
         elif flow.state is TcpState.TIME_WAIT:
+            server = flow.server
+            if (isinstance(server, DowngradedLeg) and not server.done
+                    and not isinstance(flow.client, AcceptedLeg)):
+                return  # the device's connection is still closing: its last packets need us
             # Both FINs acknowledged: the flow is over. Its slot waits out TIME_WAIT in the pool's
             # quarantine, so late retransmissions cannot meet a new flow on the same 4-tuple.
             self._end(flow, CloseReason.FIN, now, out)
@@ -687,8 +1099,11 @@ class FlowEngine:
     def close_tunnel(self, tunnel: TunnelLeg, now: float) -> list[Action]:
         """A tunnel closed: its flows end (cleanly if only the last ACK was missing)."""
         out: list[Action] = []
-        for flow in [f for f in self.by_key.values() if f.client is tunnel]:
-            if flow.fins == 3:
+        for flow in [f for f in self.by_key.values() if f.client is tunnel
+                     or (f.server is not None and f.server.tunnel is tunnel)]:
+            if flow.client is not tunnel:  # the device it reaches is gone
+                self._end(flow, CloseReason.EVICTED, now, out, close_reason="device_disconnected")
+            elif flow.fins == 3 and not isinstance(flow.server, DowngradedLeg):
                 self._end(flow, CloseReason.FIN, now, out)
             else:
                 self._end(flow, CloseReason.EVICTED, now, out, close_reason="tunnel_closed")
@@ -720,6 +1135,17 @@ class FlowEngine:
         if flow.slot is not None:
             self.by_slot.pop(flow.slot, None)
             self.pools[4 if len(flow.slot.address) == 4 else 6].release(flow.slot, now)
+        server = flow.server
+        if isinstance(server, DowngradedLeg):
+            self.by_slot.pop(server.slot, None)
+            self.pools[4 if len(server.slot.address) == 4 else 6].release(server.slot, now)
+            answers = FlowKey(flow.key.tenant, IPPROTO_TCP, *server.device, *server.peer)
+            if self.from_device.get(answers) is flow:
+                del self.from_device[answers]
+        elif isinstance(server, RoutedLeg):
+            answers = self._answer_key(flow.key)
+            if self.from_device.get(answers) is flow:
+                del self.from_device[answers]
         why = close_reason or str(flow.close_reason or reason)
         # A flow refused past a limit is in a flows_refused record instead: nothing to build.
         if audit_start or flow.audited:

@@ -57,6 +57,9 @@ class TcpState(enum.StrEnum):
     CLOSING = "closing"  # both sides sent FIN, waiting for the last ACK
     TIME_WAIT = "time_wait"
     CLOSED = "closed"
+    # Sockets on both sides (an accepted client and an off-ramp): no packet of it is seen, so it
+    # is never idle to us; it ends when its stream handler does.
+    RELAYING = "relaying"
 
 
 class DatagramState(enum.StrEnum):
@@ -97,7 +100,8 @@ class Timeouts:
             return self.udp_replied if state is DatagramState.REPLIED else self.udp_unreplied
         return {TcpState.SYN_SENT: self.syn_sent, TcpState.ESTABLISHED: self.established,
                 TcpState.FIN_WAIT: self.fin_wait, TcpState.CLOSING: self.closing,
-                TcpState.TIME_WAIT: self.time_wait, TcpState.CLOSED: 0.0}[state]
+                TcpState.TIME_WAIT: self.time_wait, TcpState.CLOSED: 0.0,
+                TcpState.RELAYING: float("inf")}[state]
 
 
 class Flow:
