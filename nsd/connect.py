@@ -83,20 +83,21 @@ def _refused(net: IPNetwork) -> str | None:
     return None
 
 
-def parse_address(text: str) -> IPAddress:
-    """An ``--address``: one IPv4 or IPv6 host address; ValueError says what is wrong with it."""
+def parse_address(text: str, flag: str = "--address") -> IPAddress:
+    """An ``--address`` (or ``--source``, as ``flag`` says): one IPv4 or IPv6 host address;
+    ValueError says what is wrong with it."""
     if "/" in text:
-        raise ValueError(f"--address {text}: a network, not an address (claim a prefix with "
-                         f"--route)")
+        raise ValueError(f"{flag} {text}: a network, not an address"
+                         + (" (claim a prefix with --route)" if flag == "--address" else ""))
     try:
         address = ipaddress.ip_address(text)
     except ValueError:
-        raise ValueError(f"--address {text}: not an IPv4 or IPv6 address") from None
+        raise ValueError(f"{flag} {text}: not an IPv4 or IPv6 address") from None
     if isinstance(address, ipaddress.IPv6Address) and address.scope_id:
-        raise ValueError(f"--address {text}: no %scope: a device's address is global")
+        raise ValueError(f"{flag} {text}: no %scope: a device's address is global")
     what = _refused(ipaddress.ip_network(address))
     if what:
-        raise ValueError(f"--address {text}: {what}; a device's address must be unicast")
+        raise ValueError(f"{flag} {text}: {what}; a device's address must be unicast")
     return address
 
 
@@ -117,13 +118,15 @@ def parse_route(text: str) -> IPNetwork:
 
 @dataclass
 class Addressing:
-    """What ``--address`` and ``--route`` make of a device's namespace, and what it claims.
+    """What ``--address``, ``--source`` and ``--route`` make of a device's namespace, and what it
+    claims.
 
-    ``address``/``address6``: the TUN's addresses (the sources of what CMD sends: the first
-    ``--address`` of each family, else random); ``extra``: the other ``--address`` es (on ``lo``,
-    so a server binds to them without their being chosen as sources); ``local``: the
-    ``--route`` prefixes, local in the namespace (AnyIP); ``routes``: what the tunnel context
-    claims (every ``--address`` as a /32 or /128, then every ``--route``; none: no claim).
+    ``address``/``address6``: the TUN's addresses (the sources of what CMD sends: the
+    ``--source`` or first ``--address`` of each family, else random); ``extra``: the other
+    ``--address`` es (on ``lo``, so a server binds to them without their being chosen as
+    sources); ``local``: the ``--route`` prefixes, local in the namespace (AnyIP); ``routes``:
+    what the tunnel context claims (every ``--address`` as a /32 or /128, then every
+    ``--route``; none: no claim; a ``--source`` is never claimed).
     """
 
     address: ipaddress.IPv4Interface
@@ -133,20 +136,39 @@ class Addressing:
     routes: list[str] = field(default_factory=list)
 
 
-def addressing(addresses: list[str], routes: list[str]) -> Addressing:
-    """From the ``--address`` and ``--route`` values, in order; ValueError: one line naming the
-    bad value."""
+def addressing(addresses: Sequence[str], routes: Sequence[str],
+               sources: Sequence[str] = ()) -> Addressing:
+    """From the ``--address``, ``--route`` and ``--source`` values, in order; ValueError: one line
+    naming the bad value.
+
+    A ``--source`` is the namespace's address for its family, as a first ``--address`` would be,
+    but claimed by nothing: a fixed client address (for audit records, rules), not a device others
+    reach. At most one per family, and not with an ``--address`` of that family."""
     parsed = list(dict.fromkeys(parse_address(a) for a in addresses))
     local = list(dict.fromkeys(parse_route(r) for r in routes))
-    first4 = next((a for a in parsed if a.version == 4), None)
-    first6 = next((a for a in parsed if a.version == 6), None)
+    fixed: dict[int, IPAddress] = {}
+    for text in sources:
+        source = parse_address(text, "--source")
+        if source.version in fixed:
+            raise ValueError(f"--source {text}: one --source per family, and IPv{source.version} "
+                             f"has --source {fixed[source.version]} already")
+        claimed_too = next((a for a in parsed if a.version == source.version), None)
+        if claimed_too is not None:
+            raise ValueError(f"--source {text} and --address {claimed_too}: both IPv"
+                             f"{source.version}; a family's address is claimed (--address) or "
+                             f"not (--source): give one of them")
+        fixed[source.version] = source
+    first4 = fixed.get(4) or next((a for a in parsed if a.version == 4), None)
+    first6 = fixed.get(6) or next((a for a in parsed if a.version == 6), None)
     claimed = [ipaddress.ip_network(a) for a in parsed] + local
     return Addressing(
         address=ipaddress.IPv4Interface(f"{first4}/32") if first4 else random_address(),
         address6=ipaddress.IPv6Interface(f"{first6}/128") if first6 else random_address6(),
         extra=[ipaddress.ip_interface(a) for a in parsed if a not in (first4, first6)],
-        # (a --route of one --address is local already: the kernel routed it with the address)
-        local=[n for n in local if n.num_addresses > 1 or n.network_address not in parsed],
+        # (a --route of one --address or --source is local already: the kernel routed it with
+        # the address)
+        local=[n for n in local
+               if n.num_addresses > 1 or n.network_address not in (*parsed, *fixed.values())],
         routes=list(dict.fromkeys(str(n) for n in claimed)))
 
 

@@ -124,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
                               "(/32, /128) on a connected tunnel; repeatable: the first of each "
                               "family is CMD's source address, the others are added for servers "
                               "to bind (default: random in 10.98.0.0/16 and fd98::/16, unclaimed)")
+    connect.add_argument("--source", metavar="ADDR", action="append", default=[],
+                         help="CMD's source address, IPv4 or IPv6, as the first --address of its "
+                              "family would be, but claimed by nothing (no \"routes\"): a fixed "
+                              "client address for audit records and rules; at most one per "
+                              "family, and not with an --address of that family")
     connect.add_argument("--route", metavar="CIDR", action="append", default=[],
                          help="a prefix claimed as a route on a connected tunnel and local in "
                               "the namespace (AnyIP: a server there answers every address in "
@@ -224,7 +229,7 @@ def cmd_connect(args) -> int:
         for a in args.address6:
             if ":" not in a:
                 raise ValueError(f"--address6 {a}: not an IPv6 address")
-        claims = addressing([*args.address, *args.address6], args.route)
+        claims = addressing([*args.address, *args.address6], args.route, args.source)
         context = tunnel_context(extra, args.tenant, claims, gue=args.gue is not None)
         gue_port = None
         if args.gue_port is not None:

@@ -38,7 +38,7 @@ def connect(daemon, *cmd: str, tenant: str = "acme", context: str | None = None,
     """Run ``cmd`` inside ``ipferry connect`` (no capabilities) against ``daemon``'s tunnel, or
     its GUE on-ramp at ``gue`` (then from inside the daemon's namespace, where it listens)."""
     extra = ["--context", context] if context else []
-    extra += ["--address", address] if address else []
+    extra += ["--source", address] if address else []  # (a fixed source: no route claimed)
     extra += ["--mtu", str(mtu)] if mtu else []
     extra += list(options)
     where = ["--gue", gue] if gue else ["--tunnel", str(daemon.runtime_dir / "tunnel.sock")]

@@ -72,7 +72,7 @@ def test_packets_cross_both_ways_with_the_context_first(tmp_path, offload):
     seen: list[bytes] = []
     srv, t = tunnel_end(path, seen, echo=True)
     res = connect("--tunnel", str(path), "--tenant", "acme", "--context", '{"device": "d1"}',
-                  "--address", "10.98.1.2", *([] if offload else ["--no-offload"]), "--",
+                  "--source", "10.98.1.2", *([] if offload else ["--no-offload"]), "--",
                   "python3", "-c", UDP_ECHO_CLIENT)
     srv.close()
     t.join(10)

@@ -1,4 +1,5 @@
-"""``ipferry connect --address/--route/--gue-port``: a device's addresses, claims and GUE port.
+"""``ipferry connect --address/--route/--source/--gue-port``: a device's addresses, claims, fixed
+source addresses and GUE port.
 
 No daemon: the test plays the tunnel's other end (a SOCK_SEQPACKET listener reading the context, or
 a UDP socket on loopback as the GUE on-ramp) and runs ``ip`` and a few sockets inside the
@@ -171,6 +172,21 @@ def test_routes_alone_keep_a_random_address(tmp_path):
     assert "fd77:1::/64" in inside["local"]
 
 
+def test_a_source_is_the_namespaces_address_and_claims_nothing(tmp_path):
+    context, inside = inspect(tmp_path, "--source", "10.98.1.2", "--source", "fd98::1:2",
+                              probes=("198.18.0.1", "2001:db8::1"))
+    assert context == {"tenant": "acme"}  # no "routes"
+    assert "10.98.1.2/32" in inside["addr"][TUN] and "fd98::1:2/128" in inside["addr"][TUN]
+    assert inside["source"] == {"198.18.0.1": "10.98.1.2", "2001:db8::1": "fd98::1:2"}
+
+
+def test_a_source_of_one_family_and_an_address_of_the_other(tmp_path):
+    context, inside = inspect(tmp_path, "--source", "10.98.1.2", "--address", "fd77::2",
+                              probes=("198.18.0.1", "2001:db8::1"))
+    assert context == {"tenant": "acme", "routes": ["fd77::2/128"]}  # only the --address
+    assert inside["source"] == {"198.18.0.1": "10.98.1.2", "2001:db8::1": "fd77::2"}
+
+
 @pytest.mark.parametrize("options, message", [
     (["--address", "10.77.0.0/24"], "--address 10.77.0.0/24: a network, not an address (claim a "
                                     "prefix with --route)"),
@@ -194,6 +210,16 @@ def test_routes_alone_keep_a_random_address(tmp_path):
     (["--address", "10.77.0.2", "--context", '{"routes": ["10.77.0.0/24"]}'],
      "--context has routes and so do --address/--route"),
     (["--gue-port", "7001"], "--gue-port 7001: only with --gue HOST:PORT"),
+    (["--source", "10.98.1.2", "--address", "10.77.0.2"],
+     "--source 10.98.1.2 and --address 10.77.0.2: both IPv4; a family's address is claimed "
+     "(--address) or not (--source): give one of them"),
+    (["--address6", "fd77::2", "--source", "fd98::2"],
+     "--source fd98::2 and --address fd77::2: both IPv6"),
+    (["--source", "10.98.1.2", "--source", "10.98.1.3"],
+     "--source 10.98.1.3: one --source per family, and IPv4 has --source 10.98.1.2 already"),
+    (["--source", "10.98.1.0/24"], "--source 10.98.1.0/24: a network, not an address\n"),
+    (["--source", "127.0.0.1"], "--source 127.0.0.1: loopback"),
+    (["--source", "acme"], "--source acme: not an IPv4 or IPv6 address"),
 ])
 def test_a_bad_value_is_one_line_and_nothing_starts(tmp_path, options, message):
     # The tunnel does not exist: had anything started, connect would say so (exit 1) instead.

@@ -129,7 +129,7 @@ def test_kill_9_of_one_worker_spares_the_flows_of_the_other(daemon_factory, stre
     d = daemon_factory("--workers", "2", config=config(tmp_path))
     client = subprocess.Popen(
         [*NO_CAPS, IPFERRY, "connect", "--tunnel", str(d.runtime_dir / "tunnel.sock"),
-         "--address", "10.98.7.7", "--", "python3", STREAMS, "many", SERVER_ADDR,
+         "--source", "10.98.7.7", "--", "python3", STREAMS, "many", SERVER_ADDR,
          str(STREAM_PORT), "16", str(40 << 20), "5"],  # the dead worker's flows stall: 5 s
         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
