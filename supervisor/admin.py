@@ -13,6 +13,7 @@ import base64
 import binascii
 import functools
 import hmac
+import ipaddress
 import logging
 import os
 import re
@@ -27,6 +28,7 @@ from aiohttp.http import HttpVersion11
 from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from ipferry.worker.app import valid_tenant
 from ipferry.worker.views import MAX_PAGE, strict_dumps
 
 from .config import Admin
@@ -300,6 +302,55 @@ async def tunnels(request: web.Request) -> web.Response:
     return _json([{**t, "worker": i} for i, rows in parts.items() if rows for t in rows])
 
 
+def encode_route_cursor(tenant: str, prefix: str) -> str:
+    return base64.urlsafe_b64encode(f"{tenant} {prefix}".encode()).decode().rstrip("=")
+
+
+def decode_route_cursor(text: str) -> tuple[str, str]:
+    """(tenant, prefix) of the last route of a page; 400 for anything else."""
+    try:
+        if len(text) > 160:
+            raise ValueError
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode("ascii")
+        tenant, prefix = raw.split(" ")
+        if not valid_tenant(tenant) or "%" in prefix:
+            raise ValueError
+        ipaddress.ip_network(prefix)
+        return tenant, prefix
+    except (ValueError, binascii.Error):
+        raise web.HTTPBadRequest(text="after must be a cursor this API gave as next\n") from None
+
+
+async def routes(request: web.Request) -> web.Response:
+    """The route registry (tunnels' claims and sites), by tenant then address, and the tenants'
+    networks; ``?tenant=`` filters, ``?offset=&limit=`` or ``?after=<cursor>&limit=`` pages
+    the routes. The registry is the supervisor's: no worker is asked."""
+    sup: Supervisor = request.app[SUPERVISOR]
+    query = request.query
+    try:
+        limit = min(int(query.get("limit", 100)), MAX_PAGE)
+        offset = int(query.get("offset", 0))
+        if offset < 0 or limit < 1:
+            raise ValueError
+    except ValueError:
+        raise web.HTTPBadRequest(text="offset must be an integer >= 0, limit one >= 1\n") from None
+    cursor = None
+    if "after" in query:
+        if "offset" in query:
+            raise web.HTTPBadRequest(text="page by offset or by after, not both\n")
+        cursor = decode_route_cursor(query["after"])
+    tenant = query.get("tenant")
+    total, page = sup.routes.page(tenant, 0 if cursor else offset, limit + 1, after=cursor)
+    more = len(page) > limit
+    page = page[:limit]
+    next_cursor = encode_route_cursor(page[-1].tenant, page[-1].prefix) if more else None
+    networks = [{"tenant": n.tenant, "cidr": str(n.cidr)} for n in sup.config.networks
+                if tenant is None or n.tenant == tenant]
+    return _json({"total": total, "offset": None if cursor else offset,
+                  "after": query.get("after"), "limit": limit,
+                  "routes": [r.row() for r in page], "next": next_cursor, "networks": networks})
+
+
 async def status(request: web.Request) -> web.Response:
     sup: Supervisor = request.app[SUPERVISOR]
     nsd = sup.nsd
@@ -361,6 +412,7 @@ class AdminServer:
         get("/api/mesh", mesh)
         get("/api/flows", flows)
         get("/api/tunnels", tunnels)
+        get("/api/routes", routes)
         post("/api/reload", reload)
         post("/api/workers/{index}/restart", restart_worker)
         # keepalive_timeout also closes a connection that never completes its first request.

@@ -13,7 +13,10 @@ The duties, one module each, as uvicorn splits its supervisors:
 
 - ``nsdkeeper.py``: nsd and its namespace, rebuilt when nsd dies;
 - ``pool.py``: the workers: start, equip, restart after a backoff, and asking them things;
-- ``reload.py``: re-reading the config, all or nothing.
+  their claims of routes, and telling them of every change of routes;
+- ``reload.py``: re-reading the config, all or nothing;
+- ``routes.py``: the route registry of private networks (pure: its changes are made by
+  ``pool.py``'s handlers of what workers say, so in this loop too).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from .notify import Notifier
 from .nsdkeeper import Namespace, NsdKeeper
 from .pool import WorkerPool, WorkerSlot
 from .reload import Reloader
+from .routes import RouteRegistry
 
 LOOP_ERROR_INTERVAL = 10.0  # seconds between two loop_exception lines of one message
 
@@ -61,6 +65,9 @@ class Supervisor:
         self.onramps: list[Listener] = []
         self.nsd = NsdKeeper(self)
         self.pool = WorkerPool(self, config.namespace.blocks(self.worker_count))
+        # Networks and sites are kept until a restart (config.KEPT_ROUTES): built once.
+        self.routes = RouteRegistry(config.networks, [(s.name, s.tenant, [str(p) for p in s.prefixes])
+                                                      for s in config.sites])
         self.workers = self.pool.slots
         self.reloader = Reloader(self)
         self.metrics = SupervisorMetrics(self.processes, self.pool.ready_count,
@@ -249,7 +256,8 @@ class Supervisor:
         self.pool.linked(slot, child, nsd, result)
 
     async def handle_child_said(self, child: ChildProcess, kind: str, body: dict) -> None:
-        """A worker's message on its control channel: ``ready``, ``audit``."""
+        """A worker's message on its control channel: ``ready``, ``audit``, ``claim_routes``
+        (a request: answered), ``release_routes``."""
         self.pool.heard(child, kind, body)
 
     async def handle_reload(self, reply: asyncio.Future | None = None) -> None:

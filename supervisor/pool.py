@@ -11,14 +11,25 @@ Whatever changes a slot runs in the supervisor's loop, as the handler of an even
 ``arbiter.py``); the tasks started here (an equip's request for an nsd link, reading a child's
 messages) only post events. :meth:`WorkerPool.ask_workers` is the one way to ask the workers
 something.
+
+Routes of private networks (``routes.py``): a worker asks for a tunnel's prefixes with the
+request ``claim_routes`` {tunnel, tenant, prefixes, vnet} and is answered ``routes_claimed``
+{prefixes} or ``error`` {error}; it lets them go with ``release_routes`` {tunnel} (no answer).
+Every change is then told to every equipped worker, the claimant too, in ``routes`` {add,
+remove} messages (route dicts {tenant, prefix, worker, tunnel, vnet}; a worker applies
+``remove`` before ``add``); a worker that exits loses its routes, told to the others the same
+way. ``equip`` carries ``routes``: every tunnel route (those that do not fit follow at once in
+``routes`` messages). Route messages to one worker go out in order (:class:`Feed`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -27,6 +38,10 @@ from ipferry.nsd.addressing import WorkerBlock
 from ipferry.runtime import fdpass
 
 from .children import ChildProcess, Restarts, State
+from .routes import Route, RouteRefused
+
+ROUTES_PER_MESSAGE = 1000  # route dicts in one ``routes`` message (at most ~200 bytes each)
+FEED_TIMEOUT = 10.0  # seconds a worker may leave its route messages unread, then it is restarted
 
 if TYPE_CHECKING:
     from .arbiter import Supervisor
@@ -45,6 +60,7 @@ class WorkerSlot:
     planned_restart: bool = False
     equipped: bool = False  # holds its fds and mesh links (a replacement starts without)
     audit_error: str | None = None  # its audit sink fails (the worker said so), else None
+    feed: Feed | None = None  # route messages to its process, in order
 
     def as_dict(self) -> dict:
         return {"index": self.index, "pid": self.child.pid if self.child else None,
@@ -54,6 +70,77 @@ class WorkerSlot:
 
 
 Body = dict | Callable[[int], dict] | None  # one body for every worker, or one by worker index
+
+
+class Feed:
+    """Messages to one worker process that must arrive in order (route updates, the answers to
+    its claims): sent at once while its channel takes them, else queued and sent by a task as
+    room comes. A worker that takes none for :data:`FEED_TIMEOUT` is killed (and restarted with
+    a fresh ``equip``): its routes would be wrong."""
+
+    def __init__(self, sup: Supervisor, child: ChildProcess) -> None:
+        self.sup = sup
+        self.child = child
+        self.queue: deque[tuple[str, dict]] = deque()
+        self.task: asyncio.Task | None = None
+
+    def send(self, type_: str, body: dict) -> None:
+        if not self.queue:
+            try:
+                return self.child.channel.send(type_, body)
+            except fdpass.ChannelBusy:
+                pass
+            except fdpass.ChannelClosed:
+                return  # it is dying: its exit withdraws its routes
+        self.queue.append((type_, body))
+        if self.task is None:
+            self.task = self.sup.spawn(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            while self.queue:
+                type_, body = self.queue[0]
+                await self.child.channel.send_when_ready(type_, body, FEED_TIMEOUT)
+                self.queue.popleft()
+        except fdpass.ChannelBusy:
+            self.sup.log.error("worker_stuck", worker=self._index(), queued=len(self.queue))
+            self.child.signal(signal.SIGKILL)
+        except fdpass.ChannelClosed:
+            pass
+        finally:
+            self.queue.clear()
+            self.task = None
+
+    def _index(self) -> int | None:
+        slot = self.sup.pool.slot_of(self.child)
+        return slot.index if slot else None
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 63
+
+
+def route_messages(add: list[Route], remove: list[Route]) -> list[dict]:
+    """``routes`` bodies for a change, each of at most :data:`ROUTES_PER_MESSAGE` routes: the
+    removals first (a route removed and added again, e.g. its ``vnet`` changed, ends added)."""
+    items = [("remove", r.wire()) for r in remove] + [("add", r.wire()) for r in add]
+    out = []
+    for i in range(0, len(items), ROUTES_PER_MESSAGE):
+        body: dict[str, list] = {"add": [], "remove": []}
+        for key, route in items[i:i + ROUTES_PER_MESSAGE]:
+            body[key].append(route)
+        out.append(body)
+    return out
+
+
+def _fitting(routes: list[dict], budget: int) -> int:
+    """How many of ``routes`` fit ``budget`` bytes of JSON (and one message's count)."""
+    used = 0
+    for n, route in enumerate(routes[:ROUTES_PER_MESSAGE]):
+        used += len(json.dumps(route, separators=(",", ":"))) + 1
+        if used > budget:
+            return n
+    return min(len(routes), ROUTES_PER_MESSAGE)
 
 
 class WorkerPool:
@@ -217,10 +304,15 @@ class WorkerPool:
                     ours, theirs = fdpass.channel_pair()
                     fds[f"mesh:{other.index}"] = ours.fileno()
                     peers.append((other.child, ours, theirs))
-            child.channel.send("equip", {"block": slot.block.as_dict(),
-                                         "onramps": [o.name for o in self.sup.onramps],
-                                         "settings": self.sup.worker_settings().dump()}, fds)
+            body = {"block": slot.block.as_dict(), "onramps": [o.name for o in self.sup.onramps],
+                    "settings": self.sup.worker_settings().dump()}
+            routes = self.sup.routes.entries()
+            first = _fitting(routes, fdpass.MAX_MESSAGE - len(json.dumps(body)) - 4096)
+            child.channel.send("equip", {**body, "routes": routes[:first]}, fds)
             slot.equipped = True
+            for i in range(first, len(routes), ROUTES_PER_MESSAGE):
+                self.feed(slot).send("routes", {"add": routes[i:i + ROUTES_PER_MESSAGE],
+                                                "remove": []})
             for peer, _, theirs in peers:
                 try:
                     peer.channel.send("mesh_peer", {"peer": slot.index},
@@ -248,6 +340,10 @@ class WorkerPool:
         slot = self.slot_of(child)
         if slot is None:
             return  # a process the slot no longer has
+        if kind == "claim_routes":
+            return self.claim_routes(slot, body)
+        if kind == "release_routes":
+            return self.release_routes(slot, body)
         if kind == "ready" and slot.state is State.STARTING:
             slot.state = State.READY
             self.log.info("worker_ready", worker=slot.index, pid=child.pid)
@@ -259,6 +355,76 @@ class WorkerPool:
                              sink=self.sup.config.audit.sink, error=slot.audit_error)
             self.sup.notifier.status(self.sup.status_line())
 
+    # -- routes of private networks ----------------------------------------------------------
+
+    def feed(self, slot: WorkerSlot) -> Feed:
+        """The ordered feed of route messages to the slot's process now."""
+        assert slot.child is not None
+        if slot.feed is None or slot.feed.child is not slot.child:
+            slot.feed = Feed(self.sup, slot.child)
+        return slot.feed
+
+    def claim_routes(self, slot: WorkerSlot, body: dict) -> None:
+        """A worker's request for a tunnel's prefixes: answered, then told to every worker."""
+        request_id = body.get("id")
+        if not _int(request_id):
+            self.log.warning("bad_route_message", worker=slot.index, type="claim_routes",
+                             error="no request id")
+            return
+        tunnel: Any = body.get("tunnel")
+        tenant: Any = body.get("tenant")
+        prefixes: Any = body.get("prefixes")
+        vnet: Any = body.get("vnet", False)
+        if not _int(tunnel):
+            problem = "tunnel must be an integer >= 0"
+        elif not isinstance(tenant, str):
+            problem = "tenant must be a string"
+        elif not (isinstance(prefixes, list) and all(isinstance(p, str) for p in prefixes)):
+            problem = "prefixes must be a list of strings"
+        elif not isinstance(vnet, bool):
+            problem = "vnet must be true or false"
+        else:
+            problem = None
+        feed = self.feed(slot)
+        if problem is not None:
+            feed.send("error", {"error": f"bad claim_routes: {problem}", "reply_to": request_id})
+            return
+        old = self.sup.routes.held(slot.index, tunnel)
+        try:
+            new = self.sup.routes.claim(slot.index, tunnel, tenant, prefixes, vnet)
+        except RouteRefused as exc:
+            self.log.info("routes_refused", worker=slot.index, tunnel=tunnel, tenant=tenant[:64],
+                          reason=str(exc))
+            feed.send("error", {"error": str(exc), "reply_to": request_id})
+            return
+        self.log.info("routes_claimed", worker=slot.index, tunnel=tunnel, tenant=tenant,
+                      prefixes=[r.prefix for r in new])
+        feed.send("routes_claimed", {"prefixes": [r.prefix for r in new], "reply_to": request_id})
+        self.tell_routes([r for r in new if r not in old], [r for r in old if r not in new])
+
+    def release_routes(self, slot: WorkerSlot, body: dict) -> None:
+        """A worker lets a tunnel's routes go (it closed): told to every worker."""
+        tunnel: Any = body.get("tunnel")
+        if not _int(tunnel):
+            self.log.warning("bad_route_message", worker=slot.index, type="release_routes",
+                             error="tunnel must be an integer >= 0")
+            return
+        removed = self.sup.routes.withdraw(slot.index, tunnel)
+        if removed:
+            self.log.info("routes_released", worker=slot.index, tunnel=tunnel,
+                          prefixes=[r.prefix for r in removed])
+        self.tell_routes([], removed)
+
+    def tell_routes(self, add: list[Route], remove: list[Route]) -> None:
+        """A change of routes, to every equipped worker (those equipped later get them all)."""
+        if not add and not remove:
+            return
+        bodies = route_messages(add, remove)
+        for w in self.slots:
+            if w.equipped and w.child is not None and w.child.alive:
+                for body in bodies:
+                    self.feed(w).send("routes", body)
+
     # -- deaths and restarts -----------------------------------------------------------------
 
     def died(self, child: ChildProcess) -> None:
@@ -267,6 +433,10 @@ class WorkerPool:
             return
         slot.child = None
         slot.equipped = False
+        slot.feed = None
+        if removed := self.sup.routes.withdraw_worker(slot.index):
+            self.log.info("routes_withdrawn", worker=slot.index, routes=len(removed))
+            self.tell_routes([], removed)
         if slot.planned_restart:
             slot.planned_restart = False
             self.log.info("worker_restarting", worker=slot.index, pid=child.pid)
