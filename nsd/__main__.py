@@ -10,13 +10,18 @@ Handshake with the supervisor on the control channel (each step one message):
 5. nsd -> ``network_ready``
 
 Then nsd serves requests until the control channel closes: ``ping`` -> ``pong``;
-``open_channel`` {worker} -> ``channel`` with fd ``nsd`` (a fresh link between that worker and nsd,
-on which the worker may ``ping`` too; downgrade ``connect`` requests come later).
+``open_channel`` {worker} -> ``channel`` with fd ``nsd`` (a fresh link between that worker and nsd).
+
+On a worker's link: ``ping`` -> ``pong``; ``connect`` {address, port} -> ``socket`` with fd
+``socket``: a TCP socket of the namespace, connecting (non-blocking) to that NAT slot of the
+worker's own block, for a stream downgraded into a device's tunnel (the kernel's SYN comes out of
+the worker's TUN); or ``error`` {error}.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import os
 import socket
@@ -34,8 +39,9 @@ def _block(d: dict) -> WorkerBlock:
                        ipaddress.IPv6Network(d["ipv6"]))
 
 
-def handshake(control: socket.socket, log) -> None:
-    """Steps 1-5 above, blocking: nothing else runs before the network is ready."""
+def handshake(control: socket.socket, log) -> dict[int, WorkerBlock]:
+    """Steps 1-5 above, blocking: nothing else runs before the network is ready. Returns the
+    workers' blocks."""
     fdpass.send(control, "hello", {"pid": os.getpid()})
     setup = fdpass.recv(control)
     if setup.type != "setup":
@@ -55,10 +61,11 @@ def handshake(control: socket.socket, log) -> None:
     failed = write_sysctls({**DEFAULT_SYSCTLS, **setup["sysctls"]})
     for key, reason in failed.items():
         log.warning("sysctl_not_set", key=key, reason=reason)
+    blocks: dict[int, WorkerBlock] = {}
     with IPRoute() as ipr:
         bring_up_loopback(ipr)
         for raw in setup["blocks"]:
-            block = _block(raw)
+            block = blocks[raw["index"]] = _block(raw)
             try:
                 equipment = add_worker_tun(ipr, block, setup["mtu"],
                                            offload=setup.get("offload", False))
@@ -69,15 +76,18 @@ def handshake(control: socket.socket, log) -> None:
             fdpass.send(control, "worker_equipment", {"block": block.as_dict()}, equipment.fds())
             equipment.close()
     fdpass.send(control, "network_ready")
+    return blocks
 
 
 class NamespaceHelper:
     """Serves the control channel and one channel per worker, inside the namespace."""
 
-    def __init__(self, control: socket.socket, log) -> None:
+    def __init__(self, control: socket.socket, log,
+                 blocks: dict[int, WorkerBlock] | None = None) -> None:
         self.control = fdpass.AsyncChannel(control, "control")
         self.log = log
         self.worker_channels: dict[int, fdpass.AsyncChannel] = {}
+        self.blocks = blocks or {}  # by worker: a worker may only connect into its own
         self.tasks: set[asyncio.Task] = set()
 
     async def serve(self) -> None:
@@ -95,6 +105,38 @@ class NamespaceHelper:
 
     def handle_ping(self, channel: fdpass.AsyncChannel, msg: fdpass.Message) -> None:
         channel.reply(msg, "pong", {"pid": os.getpid()})
+
+    def handle_connect(self, channel: fdpass.AsyncChannel, msg: fdpass.Message) -> None:
+        """A downgraded stream's socket: connecting from inside the namespace to a NAT slot of the
+        asking worker's block (only there: its packets must come out of that worker's TUN)."""
+        worker = next((w for w, link in self.worker_channels.items() if link is channel), None)
+        block = self.blocks.get(worker) if worker is not None else None
+        try:
+            address = ipaddress.ip_address(msg["address"])
+            port = int(msg["port"])
+            if not 0 < port < 65536:
+                raise ValueError(f"port {port}")
+        except (KeyError, TypeError, ValueError) as exc:
+            channel.reply(msg, "error", {"error": f"bad connect request: {exc}"})
+            return
+        if block is None or address not in (block.ipv4 if address.version == 4 else block.ipv6):
+            channel.reply(msg, "error", {"error": f"{address} is not in the worker's block"})
+            return
+        family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        except OSError as exc:
+            channel.reply(msg, "error", {"error": f"socket: {exc.strerror}"})
+            return
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            err = sock.connect_ex((str(address), port))
+            if err not in (0, errno.EINPROGRESS):
+                channel.reply(msg, "error", {"error": f"connect: {os.strerror(err)}"})
+                return
+            channel.reply(msg, "socket", {}, {"socket": sock.fileno()})
+        finally:
+            sock.close()  # the worker has its own copy now (or nothing was sent)
 
     def handle_open_channel(self, channel: fdpass.AsyncChannel, msg: fdpass.Message) -> None:
         worker = int(msg["worker"])
@@ -124,7 +166,7 @@ class NamespaceHelper:
 def main(argv: list[str] | None = None) -> int:
     _, control, log = child.start("nsd", argv, __doc__)
     try:
-        handshake(control, log)
+        blocks = handshake(control, log)
     except (fdpass.ChannelClosed, ConnectionError):
         return 1  # the supervisor went away mid-handshake
     log.info("nsd_ready", pid=os.getpid(), **namespace_ids())
@@ -134,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         # SIGTERM: stop serving; the namespace goes when the last fd into it closes.
         stop = asyncio.Event()
         child.stop_on_sigterm(stop.set)
-        helper = NamespaceHelper(control, log)
+        helper = NamespaceHelper(control, log, blocks)
         serve = loop.create_task(helper.serve())
         await asyncio.wait([serve, loop.create_task(stop.wait())],
                            return_when=asyncio.FIRST_COMPLETED)

@@ -276,7 +276,12 @@ class GueTunnel:
             except gue_wire.BadGue:
                 continue
             if context.startswith(gue_wire.VNET_MAGIC) == self.offload:
-                return data  # (a reply in the other framing would be garbage to the TUN)
+                return data
+            if self.offload:
+                # Plain GUE to an offload sender (a site the daemon reached before it spoke):
+                # a plain packet is a vnet one with an empty header.
+                return vnet.PLAIN + data
+            # (a superframe to a TUN without offload would be garbage: dropped)
 
     def shutdown(self, how: int) -> None:
         # Unblock the reader: recv on a UDP socket returns once it is shut down.

@@ -24,6 +24,10 @@ Protocol with the supervisor on the control channel:
   ``cut`` (out of room: ask again from the last one). See ``views.FlowIndex``.
 - supervisor -> ``tunnels`` {snapshot, start} -> ``tunnels`` {tunnels, snapshot, next}, in parts
   as ``metrics``.
+- worker -> ``claim_routes`` {tunnel, tenant, prefixes, vnet} -> ``routes_claimed`` or ``error``
+  {error}: a tunnel's routes, claimed before it opens; ``release_routes`` {tunnel} once it closed.
+- supervisor -> ``routes`` {add, remove}: routes of tenants' private networks, every worker's
+  (``equip`` carries every live one as ``routes``). See :mod:`ipferry.worker.routing`.
 - supervisor -> ``stop``: drain and exit 0.
 """
 
@@ -37,6 +41,7 @@ import socket
 import sys
 
 from ipferry.engine.flows import FlowTable, Timeouts
+from ipferry.engine.routes import RouteTable
 from ipferry.runtime import child, fdnames, fdpass, logs
 from ipferry.runtime.settings import WorkerSettings
 from ipferry.wire.nat import NatPool
@@ -47,7 +52,9 @@ from .audit import AuditLog
 from .datapath import PKT_FROM_MESH, PKT_TO_MESH, DataPath
 from .mesh import PACKET, REPLY, MeshLink, RemoteTunnel
 from .onramps import Onramp, OnrampClass, OnrampRefused, OnrampUnusable, Wiring, resolve
+from .routing import DeviceRoutes
 from .tun import TunDevice
+from .tunnels import Tunnel
 
 EXPIRE_INTERVAL = 1.0
 DEFAULT_MAX_FLOWS = 100_000
@@ -58,7 +65,8 @@ HOOK_DRAIN = 2.0  # at stop, how long on_flow_end calls may still take
 
 
 def build_application(settings: WorkerSettings) -> Application:
-    rules = [Rule(r.action, r.tenant, r.cidr, r.ports, r.protocol, r.upstream, r.name)
+    rules = [Rule(r.action, r.tenant, r.cidr, r.ports, r.protocol, r.upstream, r.name,
+                  layer=r.layer)
              for r in settings.rules]
     return load_application(settings.app.cls, rules=rules,
                             default_action=settings.app.default_action)
@@ -88,6 +96,7 @@ class Worker:
         self.mesh: dict[int, MeshLink] = {}
         self.remote_tunnels: dict[tuple[int, int], RemoteTunnel] = {}  # (origin, id)
         self.datapath: DataPath | None = None
+        self.routes: DeviceRoutes | None = None  # made with the data path
         self.app: Application  # made by configure(), at the first equip
         self.prepared: tuple[WorkerSettings, Application] | None = None  # a reload's, till commit
         self.audit: AuditLog | None = None
@@ -147,9 +156,14 @@ class Worker:
             self.upgrade[name] = socket.socket(fileno=msg.take_fd(name))
         self.start_datapath(msg["block"])
         self.start_onramps()
+        if first:
+            self.start_sites()
+        assert self.routes is not None
+        self.routes.apply({"add": msg.get("routes") or []})
         if self.nsd is not None:
             self.nsd.close()
-        self.nsd = fdpass.AsyncChannel(socket.socket(fileno=msg.take_fd("nsd")), "nsd")
+        self.nsd = self.dp.nsd = fdpass.AsyncChannel(socket.socket(fileno=msg.take_fd("nsd")),
+                                                     "nsd")
         for name in [n for n in msg.fds if n.startswith("mesh:")]:
             self.add_mesh_peer(int(name[5:]), msg.take_fd(name))
         msg.close_fds()
@@ -196,7 +210,12 @@ class Worker:
                                      workers=self.settings.workers, forward=self.forward,
                                      mtu=self.settings.mtu,
                                      audit_on_error=self.settings.audit.on_error,
-                                     refusals_interval=self.settings.audit.refusals_interval)
+                                     refusals_interval=self.settings.audit.refusals_interval,
+                                     routes=RouteTable((n.tenant, n.cidr)
+                                                       for n in self.settings.networks))
+            self.routes = DeviceRoutes(self.datapath.routes, self.index, self.log,
+                                       control=self.control, remote=self.remote_tunnel,
+                                       forget=self.forget_remote)
             self.spawn(self.expire_flows())
         else:
             self.datapath.pools = pools  # a new namespace: nothing of the old one is in use
@@ -221,7 +240,8 @@ class Worker:
         wiring = Wiring(worker=self.index, log=self.log, settings=self.settings,
                         parse_context=self.parse_context,
                         app_parse_context=lambda raw: self.app.parse_context(raw),
-                        on_packet=self.dp.on_tunnel_packet, on_close=self.tunnel_closed)
+                        on_packet=self.dp.on_tunnel_packet, on_close=self.tunnel_closed,
+                        on_stream=self.dp.on_stream, claim_routes=self.claim_routes)
         for name, (cls, sock) in self.onramp_socks.items():
             if name in self.onramps:
                 continue
@@ -233,6 +253,49 @@ class Worker:
             self.dp.own_endpoints.update(onramp.endpoints)
             self.onramps[name] = onramp
             onramp.start()
+
+    def start_sites(self) -> None:
+        """Routes to the configured GUE sites: each worker sends to a site from its own socket of
+        the site's on-ramp (the kernel steers the site's answers to the flow's owner)."""
+        assert self.routes is not None
+        for site in self.settings.sites:
+            onramp = self.onramps.get(site.onramp)
+            make = getattr(onramp, "site_tunnel", None)
+            if make is None:
+                self.log.error("site_unusable", site=site.name, onramp=site.onramp,
+                               error="no GUE on-ramp of that name in this worker")
+                continue
+            self.routes.add_site(site.tenant, site.prefixes,
+                                 make(site.name, site.tenant, site.sender))
+
+    async def claim_routes(self, tunnel: Tunnel) -> None:
+        assert self.routes is not None
+        await self.routes.claim(tunnel)
+
+    def remote_tunnel(self, origin: int, tunnel_id: int, tenant: str,
+                      vnet: bool) -> RemoteTunnel | None:
+        """Another worker's tunnel as this worker's flows reach it (one object per tunnel)."""
+        remote = self.remote_tunnels.get((origin, tunnel_id))
+        if remote is None:
+            link = self.mesh.get(origin)
+            if link is None:
+                return None
+            remote = RemoteTunnel(link, tunnel_id, TunnelContext(tenant), vnet)
+            self.remote_tunnels[(origin, tunnel_id)] = remote
+        return remote
+
+    def forget_remote(self, target) -> None:
+        """No route reaches ``target`` any more (its tunnel closed, its worker went): the flows
+        routed to it end."""
+        if isinstance(target, RemoteTunnel):
+            if self.remote_tunnels.get((target.origin, target.id)) is target:
+                del self.remote_tunnels[(target.origin, target.id)]
+            target.close()
+            self.dp.close_tunnel(target)
+
+    async def handle_routes(self, msg: fdpass.Message) -> None:
+        if self.routes is not None:
+            self.routes.apply(msg.body)
 
     def flow_budget(self, configured: int | None) -> int:
         """``flows.max_per_worker``; by default :data:`DEFAULT_MAX_FLOWS` or fewer if the fd
@@ -354,6 +417,8 @@ class Worker:
 
     def tunnel_closed(self, tunnel, reason: str) -> None:
         self.dp.close_tunnel(tunnel)
+        if self.routes is not None:
+            self.routes.release(tunnel)
         for link in self.mesh.values():
             if link.opened.pop(tunnel.id, None) is not None:
                 link.send_message("tunnel_closed", {"tunnel": tunnel.id})
@@ -363,6 +428,11 @@ class Worker:
             link.reply(msg, "pong", {"worker": self.index})
         elif msg.type == "tunnel_open":
             context = TunnelContext(msg["tenant"], msg.get("extra") or {})
+            remote = self.remote_tunnels.get((link.peer, msg["tunnel"]))
+            if remote is not None and remote.link is link:  # (a route's target already)
+                remote.context = context
+                remote.vnet = bool(msg.get("vnet"))
+                return
             self.remote_tunnels[(link.peer, msg["tunnel"])] = RemoteTunnel(
                 link, msg["tunnel"], context, bool(msg.get("vnet")))
         elif msg.type == "tunnel_closed":
@@ -383,6 +453,8 @@ class Worker:
             # A reply can only be for a tunnel we told this peer of (one lookup a frame:
             # every packet of a download crosses here).
             tunnel = link.opened.get(tunnel_id)
+            if tunnel is None and self.routes is not None:  # a tunnel of ours routed to
+                tunnel = self.routes.claimed.get(tunnel_id)
             if tunnel is None or tunnel.closed:
                 metrics.DROPS.labels("mesh_unknown_tunnel").inc()
                 return

@@ -27,6 +27,7 @@ from ipferry.engine.actions import (
     Action,
     Audit,
     AuditFlowStart,
+    CloseAccepted,
     ConnectOfframp,
     Count,
     DecideFlow,
@@ -36,6 +37,7 @@ from ipferry.engine.actions import (
     Log,
     OpenDatagram,
     RefusedPastLimit,
+    RelayStreams,
     RelayToTunnel,
     SendDatagram,
     SendToTunnel,
@@ -45,13 +47,16 @@ from ipferry.engine.core import (
     PROTO_NAMES,
     UNREACHABLE,
     FlowEngine,
+    addr,
     failure,
     flow_fields,
     flow_start,
 )
-from ipferry.engine.decisions import Decision, FlowEnd
+from ipferry.engine.decisions import Decision, FlowEnd, TunnelContext
 from ipferry.engine.flows import Flow, FlowKey, FlowTable
-from ipferry.engine.legs import DatagramLeg, StreamLeg, TunnelLeg
+from ipferry.engine.legs import AcceptedLeg, DatagramLeg, DowngradedLeg, StreamLeg, TunnelLeg
+from ipferry.engine.routes import RouteTable
+from ipferry.runtime import fdpass
 from ipferry.wire.nat import NatPool
 from ipferry.wire.vnet import HEADER_SIZE as HEADER
 from ipferry.wire.vnet import PLAIN, is_gso, is_partial, segment
@@ -82,6 +87,8 @@ _FAMILIES: dict[str, Callable[..., Any]] = {
     "icmp_received": metrics.ICMP_RECEIVED.labels,
     "upstream_failure": metrics.UPSTREAM_FAILURES.labels,
     "gue_missteered": lambda _label: metrics.GUE_MISSTEERED,
+    "routed": metrics.ROUTED.labels,
+    "downgraded": lambda _label: metrics.FLOWS_DOWNGRADED,
     "flows_started": metrics.FLOWS_STARTED.labels,
     "flows_ended": metrics.FLOWS_ENDED.labels,
     "flows_active": metrics.FLOWS_ACTIVE.labels,
@@ -110,10 +117,13 @@ class DataPath:
                  forward: Callable[[int, Any, bytes], None] | None = None,
                  mtu: int = 65520, audit_on_error: str = "continue",
                  refusals_interval: float = 10.0,
-                 stream_handler: StreamHandler = splice) -> None:
+                 stream_handler: StreamHandler = splice,
+                 routes: RouteTable | None = None) -> None:
         self.engine = FlowEngine(flows=flows, pools=pools, local=local,
                                  connect_timeout=connect_timeout, index=index, workers=workers,
-                                 mtu=mtu, fail_closed=audit_on_error == "refuse")
+                                 mtu=mtu, fail_closed=audit_on_error == "refuse", routes=routes)
+        self.routes = self.engine.routes
+        self.nsd: fdpass.AsyncChannel | None = None  # the worker's link: downgraded sockets
         self.index = index
         self.forward = forward  # (owner, tunnel, packet): hands a packet to its flow's owner
         self.app = app
@@ -128,6 +138,7 @@ class DataPath:
         self.active: dict[str, int] = {}  # flows by protocol, for the gauge
         self.streams: set[asyncio.Task] = set()  # stream handlers, some outliving their flow
         self.hook_tasks: set[asyncio.Task] = set()  # async hooks in progress (kept: drained)
+        self.downgrades: set[asyncio.Task] = set()  # sockets asked of nsd, not yet received
         self.tun: TunDevice | None = None
         self._loop = asyncio.get_running_loop()
         self._listeners: list[socket.socket] = []
@@ -137,6 +148,7 @@ class DataPath:
             RelayToTunnel: self._relay,
             Forward: self._forward, DecideFlow: self._decide, AuditFlowStart: self._audit_start,
             Audit: self._audit, ConnectOfframp: self._connect, OpenDatagram: self._open_datagram,
+            RelayStreams: self._relay_streams, CloseAccepted: self._close_accepted,
             SendDatagram: self._send_datagram, FlowStarted: self._started,
             FlowEnded: self._ended, Count: self._count, RefusedPastLimit: self._refused,
             Log: self._log}
@@ -331,6 +343,11 @@ class DataPath:
         server = flow.server
         assert isinstance(server, StreamLeg)
         self._nat_gauge()
+        if isinstance(server, DowngradedLeg):
+            task = self._loop.create_task(self._connect_downgraded(flow, server))
+            self.downgrades.add(task)
+            task.add_done_callback(self.downgrades.discard)
+            return
         upstream = server.upstream
         family = socket.AF_INET6 if ":" in upstream[0] else socket.AF_INET
         try:
@@ -350,6 +367,39 @@ class DataPath:
             self.connector.watch(up.fileno(), flow)
         else:
             self.carry(self.engine.offramp_failed(flow, failure(err), err, time.monotonic()))
+
+    async def _connect_downgraded(self, flow: Flow, server: DowngradedLeg) -> None:
+        """Ask nsd for a socket connecting, inside the namespace, to the leg's NAT slot: its SYN
+        comes out of our TUN and goes into the device's tunnel (see the engine). Then watch it
+        like any off-ramp's connect: connected once the device answered."""
+        nsd = self.nsd
+        slot = server.slot
+        try:
+            if nsd is None:
+                raise fdpass.ChannelClosed("no link to nsd")
+            reply = await nsd.request("connect", {"address": addr(slot.address),
+                                                  "port": slot.port}, timeout=5)
+        except (fdpass.ChannelClosed, TimeoutError) as exc:
+            if not flow.ended:
+                self.log.warning("downgrade_failed", error=str(exc) or "nsd did not answer",
+                                 **flow_fields(flow))
+                self.carry(self.engine.offramp_failed(flow, "error", errno.EIO, time.monotonic()))
+            return
+        if reply.type != "socket":
+            reply.close_fds()
+            if not flow.ended:
+                self.log.warning("downgrade_failed", error=reply.get("error"), **flow_fields(flow))
+                self.carry(self.engine.offramp_failed(flow, "error", errno.EIO, time.monotonic()))
+            return
+        sock = socket.socket(fileno=reply.take_fd("socket"))
+        reply.close_fds()
+        if flow.ended:  # given up (its deadline, its client) while nsd made it
+            abort(sock)
+            sock.close()
+            return
+        sock.setblocking(False)
+        server.handle = sock
+        self.connector.watch(sock.fileno(), flow)
 
     def _offramp_ready(self, flow: Flow) -> None:
         """The off-ramp's connect finished (the connector says): connected, or failed."""
@@ -392,6 +442,48 @@ class DataPath:
             # Sockets close only once the handler is done: a pump being cancelled still
             # unregisters its fds, which must not have been closed (and reused) under it.
             task.add_done_callback(functools.partial(self._close_sockets, flow))
+
+    # -- accepted clients (TCP on-ramps) -------------------------------------------------------
+
+    def on_stream(self, tenant: str, sock: socket.socket, client: tuple[str, int],
+                  upstream: tuple[str, int], onramp: str) -> None:
+        """A ``kind = "tcp"`` on-ramp accepted ``sock`` (ours from now on) from ``client``, for
+        ``upstream``: a flow, decided, audited and off-ramped like a tunnel's."""
+        try:
+            src = socket.inet_pton(socket.AF_INET6 if ":" in client[0] else socket.AF_INET,
+                                   client[0])
+            dst = socket.inet_pton(socket.AF_INET6 if ":" in upstream[0] else socket.AF_INET,
+                                   upstream[0])
+            sock.setblocking(False)
+            self.carry(self.engine.stream_accepted(
+                tenant, TunnelContext(tenant, {"onramp": onramp}), (src, client[1]),
+                (dst, upstream[1]), sock, onramp, time.monotonic()))
+        except Exception:
+            self._internal_error("stream_accepted")
+            abort(sock)
+            sock.close()
+
+    def _close_accepted(self, a: CloseAccepted) -> None:
+        if isinstance(a.handle, socket.socket):
+            abort(a.handle)
+            a.handle.close()
+
+    def _relay_streams(self, a: RelayStreams) -> None:
+        flow = a.flow
+        client, server = flow.client, flow.server
+        assert isinstance(client, AcceptedLeg) and isinstance(client.handle, socket.socket)
+        assert isinstance(server, StreamLeg) and isinstance(server.handle, socket.socket)
+        conn, client.handle = client.handle, None
+        task = self._loop.create_task(self._run_stream(flow, conn, server.handle))
+        flow.stream = UpgradedStream(conn, task)
+        self.streams.add(task)
+        task.add_done_callback(self.streams.discard)
+        task.add_done_callback(functools.partial(self._close_sockets, flow))
+        task.add_done_callback(functools.partial(self._stream_finished, flow))
+
+    def _stream_finished(self, flow: Flow, _done: object = None) -> None:
+        if not flow.ended:
+            self.carry(self.engine.stream_finished(flow, time.monotonic()))
 
     async def _run_stream(self, flow: Flow, conn: socket.socket, up: socket.socket) -> None:
         await self.stream_handler(flow, conn, up)
@@ -468,6 +560,11 @@ class DataPath:
     def _ended(self, a: FlowEnded) -> None:
         flow = a.flow
         self.flow_index.discard(flow)
+        client = flow.client
+        if isinstance(client, AcceptedLeg) and isinstance(client.handle, socket.socket):
+            abort(client.handle)  # refused before its relay started: the client sees a reset
+            client.handle.close()
+            client.handle = None
         server = flow.server
         if isinstance(server, DatagramLeg):
             if isinstance(server.handle, DatagramUpstream):

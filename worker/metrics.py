@@ -55,6 +55,13 @@ PACKETS = HotCounters("ipferry_packets", "IP packets handled, by direction.", "d
                       ["from_tunnel", "to_tunnel", "to_mesh", "from_mesh"])
 BYTES = HotCounters("ipferry_bytes", "IP bytes handled, by direction.", "direction",
                     ["from_tunnel", "to_tunnel"])
+ROUTED = HotCounters("ipferry_routed_packets", "IP packets between two devices of a tenant's "
+                     "private network (layer 3), by direction.", "direction",
+                     ["to_device", "to_client"])
+FLOWS_DOWNGRADED = Counter("ipferry_flows_downgraded", "Flows whose server leg is a stream "
+                           "downgraded into a device's tunnel.", registry=registry)
+ROUTES = Gauge("ipferry_routes", "Routes of tenants' private networks this worker knows "
+               "(claimed by tunnels, configured for sites).", registry=registry)
 DROPS = Counter("ipferry_drops", "Packets dropped, by reason.", ["reason"], registry=registry)
 FLOWS_STARTED = Counter("ipferry_flows_started", "Flows started, by protocol.", ["protocol"],
                         registry=registry)

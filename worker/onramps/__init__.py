@@ -61,6 +61,9 @@ class Wiring:
     # close; ``client`` is who hooks, rules and audit see (the PROXY header's source, if one
     # came). None: no data path takes streams (the on-ramp closes them, counted).
     on_stream: OnStream | None = None
+    # Claim the routes a tunnel's context names (``extra["routes"]``) before it opens; raises
+    # ipferry.worker.routing.RouteRefused with the reason (the tunnel is refused). None: no claims.
+    claim_routes: Callable[[Tunnel], Awaitable[None]] | None = None
 
 
 class Onramp(Protocol):

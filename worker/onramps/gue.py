@@ -47,6 +47,7 @@ class GueTunnel:
 
     local = True
     steered = True  # the kernel delivered it to its flow's owner: never forwarded
+    site: str | None = None  # the configured site it is (see GueOnramp.site_tunnel)
 
     def __init__(self, onramp: str, origin: int, sock: socket.socket, peer: tuple,
                  context: TunnelContext, vnet: bool = False) -> None:
@@ -94,6 +95,15 @@ class GueTunnel:
         self.closed = True  # the socket is the on-ramp's: nothing else to free
 
 
+def _sender(host: str, port: int) -> tuple[str, int]:
+    """A GUE sender as sites name it: its address (IPv4 as itself, even seen through an IPv6
+    socket) and port."""
+    address = ipaddress.ip_address(host.partition("%")[0])
+    if address.version == 6 and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return str(address), port
+
+
 def _endpoint(host: str, port: int) -> tuple[bytes | None, int]:
     """An on-ramp's (address, port) as flows see it; None for a wildcard address."""
     address = ipaddress.ip_address(host)
@@ -120,6 +130,7 @@ class GueOnramp:
         self.parse_context = wiring.app_parse_context  # the application's (sync or async)
         self.on_packet = wiring.on_packet
         self._tunnels: dict[tuple, GueTunnel] = {}
+        self._sites: dict[tuple[str, int], GueTunnel] = {}  # by sender: flows routed there
         self._sources: dict[str, bool] = {}
         self._contexts: dict[bytes, TunnelContext | str] = {}  # or the reason it was refused
         self._pending: set[bytes] = set()
@@ -198,10 +209,28 @@ class GueOnramp:
             return None
         tunnel = GueTunnel(self.name, self.worker, self.sock, peer, context,
                            vnet=raw.startswith(gue.VNET_MAGIC))
+        site = self._sites.get(_sender(peer[0], peer[1])) if self._sites else None
+        if site is not None and site.tenant == tunnel.tenant:
+            tunnel.site = site.site  # the site's device: its answers are its routes' flows'
+            site.vnet = tunnel.vnet  # and it speaks this framing: so do we, to it
         self._tunnels[(peer, raw)] = tunnel
         metrics.GUE_TUNNELS.inc()
         self.log.debug("gue_tunnel_open", tunnel=tunnel.id, onramp=self.name,
                        tenant=context.tenant, peer=f"{peer[0]}:{peer[1]}")
+        return tunnel
+
+    def site_tunnel(self, name: str, tenant: str, sender: tuple[str, int]) -> GueTunnel:
+        """The tunnel flows routed to the configured site ``name`` are sent into: GUE from this
+        worker's socket to ``sender``. Plain GUE until the site has spoken (then its framing)."""
+        host, port = sender
+        family = self.sock.family
+        peer: tuple = (host, port) if family == socket.AF_INET else (host, port, 0, 0)
+        if family == socket.AF_INET6 and ":" not in host:
+            peer = (f"::ffff:{host}", port, 0, 0)
+        tunnel = GueTunnel(self.name, self.worker, self.sock, peer,
+                           TunnelContext(tenant, {"site": name}))
+        tunnel.site = name
+        self._sites[_sender(host, port)] = tunnel
         return tunnel
 
     def _decide(self, raw: bytes) -> TunnelContext | str | None:

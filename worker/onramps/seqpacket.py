@@ -101,6 +101,7 @@ class SeqpacketOnramp:
         self.parse_context = wiring.parse_context
         self.on_packet = wiring.on_packet
         self.on_close = wiring.on_close
+        self.claim_routes = wiring.claim_routes
         self._tunnels: dict[int, SeqpacketTunnel] = {}
         self._starting: set[_Starting] = set()  # accepted, context not yet accepted
         self._tasks: set[asyncio.Task] = set()
@@ -197,14 +198,37 @@ class SeqpacketOnramp:
             return
         if starting not in self._starting:
             return  # timed out while the application decided
+        tunnel = SeqpacketTunnel(starting.sock, self.name, self.worker, context, vnet)
+        if context.extra.get("routes"):
+            # A device: its addresses are claimed before it opens (refused: it never does).
+            reason = await self._claim(tunnel)
+            if starting not in self._starting:  # timed out meanwhile
+                if reason is None:
+                    self.on_close(tunnel, "context_timeout")  # (its routes are let go)
+                return
+            if reason is not None:
+                self.log.warning("tunnel_refused", onramp=self.name, tenant=tunnel.tenant,
+                                 reason=reason)
+                metrics.TUNNELS_CLOSED.labels("route_refused").inc()
+                self._give_up(starting)
+                return
         self._starting.discard(starting)
         if starting.timer is not None:
             starting.timer.cancel()
-        tunnel = SeqpacketTunnel(starting.sock, self.name, self.worker, context, vnet)
         self._tunnels[tunnel.id] = tunnel
         metrics.TUNNELS.inc()  # inc/dec: every on-ramp of the worker adds to the one gauge
         self.log.info("tunnel_open", tunnel=tunnel.id, onramp=self.name, tenant=tunnel.tenant)
         self._loop.add_reader(tunnel.sock.fileno(), self._read_packets, tunnel)
+
+    async def _claim(self, tunnel: SeqpacketTunnel) -> str | None:
+        """Claim the tunnel's routes: None when they are its, else why not."""
+        if self.claim_routes is None:
+            return "this on-ramp takes no routes"
+        try:
+            await self.claim_routes(tunnel)
+        except Exception as exc:  # RouteRefused (the reason), or a fault of ours
+            return str(exc) or type(exc).__name__
+        return None
 
     def _read_packets(self, tunnel: SeqpacketTunnel) -> None:
         def packet(data: bytes) -> None:

@@ -1,0 +1,93 @@
+"""A worker's part in tenants' private networks: its copy of every live route, its tunnels' claims.
+
+A tunnel whose context names ``routes`` claims them before it opens: the worker asks the
+supervisor (``claim_routes``), which checks them against the tenant's networks and every other
+claim, answers, and tells every worker (``routes`` {add, remove}); a worker's restart withdraws
+its tunnels' routes the same way. Each worker resolves a route to a tunnel leg its flows can
+send to: its own tunnel, another worker's (reached over the mesh, a
+:class:`~ipferry.worker.mesh.RemoteTunnel`), or a configured GUE site (its own socket of the
+site's on-ramp). See :mod:`ipferry.engine.routes` for what a lookup answers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ipferry.engine.legs import TunnelLeg
+from ipferry.engine.routes import RouteTable
+from ipferry.runtime import fdpass
+
+from . import metrics
+
+if TYPE_CHECKING:
+    from .tunnels import Tunnel
+
+CLAIM_TIMEOUT = 5.0
+
+
+class RouteRefused(Exception):
+    """A tunnel's claim the supervisor refused (``str()``: its reason)."""
+
+
+class DeviceRoutes:
+    def __init__(self, table: RouteTable, index: int, log: Any, *,
+                 control: fdpass.AsyncChannel,
+                 remote: Callable[[int, int, str, bool], Tunnel | None],
+                 forget: Callable[[TunnelLeg], None]) -> None:
+        self.table = table
+        self.index = index
+        self.log = log
+        self.control = control
+        self.remote = remote  # (worker, tunnel id, tenant, vnet) -> that worker's tunnel, here
+        self.forget = forget  # a tunnel no route reaches any more: its flows to it end
+        self.claimed: dict[int, Tunnel] = {}  # our tunnels whose claims were accepted, by id
+
+    async def claim(self, tunnel: Tunnel) -> None:
+        """Claim the routes of ``tunnel``'s context before it opens; raises RouteRefused."""
+        prefixes = tunnel.context.extra.get("routes") or []
+        try:
+            reply = await self.control.request("claim_routes", {
+                "tunnel": tunnel.id, "tenant": tunnel.tenant, "prefixes": prefixes,
+                "vnet": tunnel.vnet}, timeout=CLAIM_TIMEOUT)
+        except (fdpass.ChannelClosed, TimeoutError):
+            raise RouteRefused("the supervisor did not answer the claim") from None
+        if reply.type != "routes_claimed":
+            raise RouteRefused(str(reply.get("error") or "refused"))
+        # (the supervisor's ``routes`` message, which adds them here too, comes next)
+        self.claimed[tunnel.id] = tunnel
+
+    def release(self, tunnel: Tunnel) -> None:
+        """Our tunnel closed: its routes go, here at once and everywhere once told."""
+        if self.claimed.pop(tunnel.id, None) is None:
+            return
+        for route in self.table.remove_target(tunnel):
+            self.log.debug("route_removed", tenant=route.tenant, prefix=route.prefix)
+        metrics.ROUTES.set(len(self.table))
+        try:
+            self.control.send("release_routes", {"tunnel": tunnel.id})
+        except fdpass.ChannelClosed:
+            pass  # the supervisor is gone: so are we, soon
+
+    def apply(self, body: dict) -> None:
+        """The supervisor's ``routes`` {add, remove} (or an equip's ``routes`` as ``add``)."""
+        for entry in body.get("remove") or ():
+            route = self.table.remove(entry["tenant"], entry["prefix"])
+            if route is not None and not any(r.target is route.target for r in self.table):
+                self.forget(route.target)
+        for entry in body.get("add") or ():
+            worker, tunnel_id = entry["worker"], entry["tunnel"]
+            target: TunnelLeg | None
+            if worker == self.index:
+                target = self.claimed.get(tunnel_id)
+            else:
+                target = self.remote(worker, tunnel_id, entry["tenant"], bool(entry.get("vnet")))
+            if target is None:  # closed since it claimed: its removal follows
+                continue
+            self.table.add(entry["tenant"], entry["prefix"], target)
+        metrics.ROUTES.set(len(self.table))
+
+    def add_site(self, tenant: str, prefixes: list[str], target: TunnelLeg) -> None:
+        for prefix in prefixes:
+            self.table.add(tenant, prefix, target)
+        metrics.ROUTES.set(len(self.table))
