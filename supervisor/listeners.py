@@ -1,6 +1,7 @@
 """On-ramp listeners: bound once by the supervisor (or taken from systemd) and shared by workers.
 
-A tunnel on-ramp is one SOCK_SEQPACKET listener every worker accepts on. A GUE on-ramp is a
+A tunnel on-ramp is one SOCK_SEQPACKET listener every worker accepts on; a TCP on-ramp (a
+published service) one TCP listener, likewise. A GUE on-ramp is a
 SO_REUSEPORT group of UDP sockets, one per worker, bound in worker order: the group's steering
 program returns a worker index, which is the socket's place in the group. The supervisor holds
 every socket for the daemon's life, so a restarted worker gets its predecessor's socket (and the
@@ -26,7 +27,7 @@ from typing import ClassVar, TypeVar
 from ipferry.runtime import fdnames
 from ipferry.wire.steering import Insn, program
 
-from .config import GueOnramp, TunnelOnramp
+from .config import GueOnramp, TcpOnramp, TunnelOnramp
 
 SD_LISTEN_FDS_START = 3
 SO_ATTACH_REUSEPORT_CBPF = 51  # asm-generic/socket.h; the socket module does not name it
@@ -279,7 +280,75 @@ def bind_gue_group(onramp: GueOnramp, workers: int) -> GueListener:
     return GueListener(onramp.name, group[0].dup(), address=where, group=group)
 
 
-def open_onramps(onramps: list[TunnelOnramp | GueOnramp], workers: int = 1) -> list[Listener]:
+@register("tcp")
+@dataclass
+class TcpListener(Listener):
+    """A TCP on-ramp (a published service): one TCP listener every worker accepts on."""
+
+    @classmethod
+    def open(cls, onramp: TcpOnramp, workers: int,
+             passed: dict[str, socket.socket]) -> TcpListener:
+        if onramp.name in passed:
+            sock = passed.pop(onramp.name)
+            try:
+                listening = (sock.type == socket.SOCK_STREAM
+                             and sock.family in (socket.AF_INET, socket.AF_INET6)
+                             and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+            except OSError:
+                listening = False
+            if not listening:
+                sock.close()
+                raise ListenerError(f"TCP on-ramp {onramp.name}: the socket systemd passed by that "
+                                    f"name is not a listening TCP socket; give it "
+                                    f"ListenStream={onramp.listen} in the .socket unit")
+            return cls(onramp.name, sock, from_systemd=True, address=_tcp_where(sock))
+        sock = bind_tcp(onramp)
+        return cls(onramp.name, sock, address=_tcp_where(sock))
+
+    @staticmethod
+    def where(onramp: TcpOnramp) -> str:
+        return f"tcp {onramp.listen} -> {onramp.upstream} (tenant {onramp.tenant})"
+
+
+def bind_tcp(onramp: TcpOnramp) -> socket.socket:
+    """A TCP on-ramp's listener: bound, listening, non-blocking."""
+    host, port = onramp.address()
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past a restart's TIME_WAITs
+        if family == socket.AF_INET6:  # [::] is IPv6 only: IPv4 clients are 0.0.0.0's
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        sock.listen(onramp.backlog)
+    except OSError as exc:
+        sock.close()
+        raise ListenerError(f"TCP on-ramp {onramp.name} at {onramp.listen}: cannot listen "
+                            f"({exc.strerror}); {_bind_fix(exc.errno, host, port)}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def _bind_fix(err: int | None, host: str, port: int) -> str:
+    if err == errno.EADDRINUSE:
+        return (f"another process (another ipferry?) listens on port {port}: stop it or choose "
+                f"another port in `listen` (ss -ltnp 'sport = :{port}' shows who)")
+    if err == errno.EADDRNOTAVAIL:
+        return (f"{host} is not an address of this host: listen on one it has (ip -brief "
+                f"address) or on 0.0.0.0 / [::]")
+    if err == errno.EACCES:
+        return (f"port {port} is privileged: run with CAP_NET_BIND_SERVICE (AmbientCapabilities= "
+                f"in the unit) or choose a port from 1024")
+    return "check the `listen` address"
+
+
+def _tcp_where(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}"
+
+
+def open_onramps(onramps: list[TunnelOnramp | GueOnramp | TcpOnramp],
+                 workers: int = 1) -> list[Listener]:
     passed = systemd_sockets()
     out: list[Listener] = []
     try:

@@ -46,16 +46,19 @@ class DeviceRoutes:
     async def claim(self, tunnel: Tunnel) -> None:
         """Claim the routes of ``tunnel``'s context before it opens; raises RouteRefused."""
         prefixes = tunnel.context.extra.get("routes") or []
+        # Known before the answer: the supervisor's ``routes`` message, which adds them here
+        # too, may be read before this coroutine resumes.
+        self.claimed[tunnel.id] = tunnel
         try:
             reply = await self.control.request("claim_routes", {
                 "tunnel": tunnel.id, "tenant": tunnel.tenant, "prefixes": prefixes,
                 "vnet": tunnel.vnet}, timeout=CLAIM_TIMEOUT)
         except (fdpass.ChannelClosed, TimeoutError):
+            self.claimed.pop(tunnel.id, None)
             raise RouteRefused("the supervisor did not answer the claim") from None
         if reply.type != "routes_claimed":
+            self.claimed.pop(tunnel.id, None)
             raise RouteRefused(str(reply.get("error") or "refused"))
-        # (the supervisor's ``routes`` message, which adds them here too, comes next)
-        self.claimed[tunnel.id] = tunnel
 
     def release(self, tunnel: Tunnel) -> None:
         """Our tunnel closed: its routes go, here at once and everywhere once told."""
