@@ -77,3 +77,42 @@ def test_device_to_device_100mb_each_way(daemon_factory, tmp_path, layer, worker
     else:
         routed = counter(d, "ipferry_routed_packets_total", "direction")
         assert routed.get("to_device", 0) > 1000 and routed.get("to_client", 0) > 1000
+
+
+GUE = "127.0.0.1:6080"
+SITE_PORT = 7001
+SITE = f"""
+[[onramps]]
+kind = "tunnel"
+
+[[onramps]]
+kind = "gue"
+listen = "{GUE}"
+
+[[sites]]
+name = "branch"
+tenant = "acme"
+prefixes = ["10.77.1.0/24", "fd77::1:0/112"]
+sender = "127.0.0.1:{SITE_PORT}"
+"""
+
+
+@pytest.mark.parametrize("layer", ["ip", "stream"])
+def test_a_gue_site_and_a_connected_device_reach_each_other(daemon_factory, tmp_path, layer):
+    """A GUE sender configured as a site holds its prefixes: a connected device reaches it, and
+    it reaches the connected device (two workers: flows cross the mesh one way, and the kernel
+    steers the site's datagrams to each flow's owner the other)."""
+    extra = NETWORKS + SITE + (STREAM_RULE if layer == "stream" else "")
+    d = daemon_factory("--workers", "2", config=config(tmp_path, extra))
+    site = ("--gue-port", str(SITE_PORT))
+    with serve_files(d, ("10.77.1.2", "fd77::1:2"), gue=GUE, options=site):
+        transfer_both_ways(d, tmp_path, "10.77.1.2", 20 * MB)
+        transfer_both_ways(d, tmp_path, "[fd77::1:2]", 4 * MB)
+    with serve_files(d, ("10.77.0.2", "fd77::2")):
+        transfer_both_ways(d, tmp_path, "10.77.0.2", 20 * MB, gue=GUE,
+                           options=("--address", "10.77.1.3", *site))
+    ends = wait_for(lambda: [r for r in records(tmp_path, "flow_end") if r["dport"] == 8000]
+                    or None, 10, "flow_end records")
+    assert len(ends) == 6, ends
+    server_leg = "tcp:downgraded" if layer == "stream" else "ip"
+    assert {r["server_leg"] for r in ends} == {server_leg}
