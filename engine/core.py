@@ -88,6 +88,8 @@ LAST_KEPT = 1280  # of a datagram flow's last client packet: all an ICMP error e
 MAX_UDP_PAYLOAD = {4: 65535 - 28, 6: 65535 - 8}
 UPGRADE_PORT = 1  # nsd binds the upgrade listeners there (see ipferry.nsd.network)
 MAX_PENDING = 8  # packets held per flow while an async hook decides or the off-ramp connects
+MAX_CUT = 4096  # slots of flows cut short whose sockets' resets still pass (see FlowEngine.cut)
+CUT_KEPT = 5.0  # seconds
 MAX_INTERNED = 4096  # destination addresses shared between flows (never cleared: bounded)
 # An off-ramp socket's errno -> the ICMP unreachable the client gets (see wire.icmp.unreachable)
 UNREACHABLE = {errno.ECONNREFUSED: "port", errno.EHOSTUNREACH: "host", errno.ENETUNREACH: "net",
@@ -197,6 +199,10 @@ class FlowEngine:
         # Flows with a device on their server leg, by the key of the device's packets (its
         # address and port first): its answers find their flow here.
         self.from_device: dict[FlowKey, Flow] = {}
+        # The NAT slots of flows cut short, for a few seconds: the kernel's resets of their
+        # sockets (aborted by the driver just after) still reach the other end, which would
+        # otherwise wait on a connection that is gone. Slot -> (tunnel, addresses), deadline.
+        self.cut: dict[tuple[bytes, int], tuple[TunnelLeg, bytes, int, bytes, int, float]] = {}
         self.pools = pools
         self.local = local
         self.connect_timeout = connect_timeout
@@ -1027,7 +1033,14 @@ class FlowEngine:
         at = (p.dst, p.dport)
         flow = self.by_slot.get(at) if p.protocol == IPPROTO_TCP else None
         if flow is None:
-            out.append(Count("drop", "kernel_no_flow"))
+            cut = self.cut.pop(at, None) if p.tcp_flags & TCP_RST else None
+            if cut is None:
+                out.append(Count("drop", "kernel_no_flow"))
+                return out
+            buf = bytearray(packet)  # the reset of a socket of a flow cut short: passed on
+            rewrite_tcp(buf, p, cut[1], cut[2], cut[3], cut[4],
+                        partial=header is not None and is_partial(header))
+            out.append(SendToTunnel(cut[0], buf, header))
             return out
         if flow.slot != at:  # the flow's second slot: its downgraded stream's socket
             self._kernel_to_device(flow, p, packet, header, now, out)
@@ -1094,6 +1107,11 @@ class FlowEngine:
                 out.extend(self.offramp_failed(flow, "timeout", errno.ETIMEDOUT, now))
         for flow in self.flows.expire(now):
             self._end(flow, flow.close_reason or CloseReason.IDLE, now, out)
+        while self.cut:
+            slot, cut = next(iter(self.cut.items()))
+            if cut[5] > now:
+                break
+            del self.cut[slot]
         return out
 
     def close_tunnel(self, tunnel: TunnelLeg, now: float) -> list[Action]:
@@ -1101,6 +1119,8 @@ class FlowEngine:
         out: list[Action] = []
         for flow in [f for f in self.by_key.values() if f.client is tunnel
                      or (f.server is not None and f.server.tunnel is tunnel)]:
+            if isinstance(flow.server, RoutedLeg):
+                self._reset_survivor(flow, gone=tunnel, out=out)
             if flow.client is not tunnel:  # the device it reaches is gone
                 self._end(flow, CloseReason.EVICTED, now, out, close_reason="device_disconnected")
             elif flow.fins == 3 and not isinstance(flow.server, DowngradedLeg):
@@ -1108,6 +1128,32 @@ class FlowEngine:
             else:
                 self._end(flow, CloseReason.EVICTED, now, out, close_reason="tunnel_closed")
         return out
+
+    def _remember_cut(self, flow: Flow, now: float) -> None:
+        if len(self.cut) >= MAX_CUT:
+            del self.cut[next(iter(self.cut))]
+        key, server, until = flow.key, flow.server, now + CUT_KEPT
+        if flow.slot is not None and not isinstance(flow.client, AcceptedLeg):
+            self.cut[flow.slot] = (flow.client, key.dst, key.dport, key.src, key.sport, until)
+        if isinstance(server, DowngradedLeg) and server.tunnel is not None:
+            self.cut[server.slot] = (server.tunnel, *server.peer, *server.device, until)
+
+    def _reset_survivor(self, flow: Flow, gone: TunnelLeg, out: list[Action]) -> None:
+        """A layer-3 TCP flow lost one of its devices: the other gets the reset a firewall
+        flushing the flow would send (in its window, from the sequence numbers followed), so
+        its connection fails now rather than after minutes of retransmissions."""
+        key = flow.key
+        if key.protocol != IPPROTO_TCP or flow.next_seq_up is None or flow.next_seq_down is None:
+            return
+        assert isinstance(flow.server, RoutedLeg)
+        if gone is flow.client:  # to the device, as from the client
+            out.append(SendToTunnel(flow.server.tunnel, tcp_packet(
+                key.src, key.sport, key.dst, key.dport, flow.next_seq_up, flow.next_seq_down,
+                TCP_RST | TCP_ACK)))
+        else:
+            out.append(SendToTunnel(flow.client, tcp_packet(
+                key.dst, key.dport, key.src, key.sport, flow.next_seq_down, flow.next_seq_up,
+                TCP_RST | TCP_ACK)))
 
     def end_all(self, close_reason: str, now: float) -> list[Action]:
         """Every flow ends (the namespace is lost, the worker stops)."""
@@ -1132,6 +1178,8 @@ class FlowEngine:
             out.append(Count("drop", "held_at_end", len(flow.pending)))
         flow.pending = None
         self.flows.end(flow, reason)
+        if reason is not CloseReason.FIN and close_reason not in (None, "tunnel_closed"):
+            self._remember_cut(flow, now)
         if flow.slot is not None:
             self.by_slot.pop(flow.slot, None)
             self.pools[4 if len(flow.slot.address) == 4 else 6].release(flow.slot, now)

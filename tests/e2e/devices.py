@@ -86,10 +86,10 @@ def expected_sha256(n: int) -> str:
 
 
 def connect_argv(daemon, *cmd: str, tenant: str = "acme", options: tuple | list = (),
-                 gue: str | None = None) -> list[str]:
+                 gue: str | None = None, no_caps: bool = True) -> list[str]:
     where = ["--gue", gue] if gue else ["--tunnel", str(daemon.runtime_dir / "tunnel.sock")]
     enter = ["nsenter", f"--net={daemon.netns.path}"] if gue else []
-    return [*enter, *NO_CAPS, IPFERRY, "connect", *where, "--tenant", tenant, *options, "--",
+    return [*enter, *(NO_CAPS if no_caps else []), IPFERRY, "connect", *where, "--tenant", tenant, *options, "--",
             *cmd]
 
 
@@ -147,7 +147,10 @@ def serve_files(daemon, address: str | tuple, port: int = 8000, tenant: str = "a
 def run_in_device(daemon, *cmd: str, tenant: str = "acme", timeout: float = 120,
                   options: tuple | list = (), gue: str | None = None,
                   ) -> subprocess.CompletedProcess:
-    return subprocess.run(connect_argv(daemon, *cmd, tenant=tenant, options=options, gue=gue),
+    """``cmd`` in a device namespace (without capabilities; ``ping``, a setuid program, keeps
+    them)."""
+    return subprocess.run(connect_argv(daemon, *cmd, tenant=tenant, options=options, gue=gue,
+                                       no_caps=cmd[0] != "ping"),
                           capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 

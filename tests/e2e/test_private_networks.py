@@ -7,12 +7,16 @@ the test's own network namespace."""
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
+import subprocess
 
 import pytest
 
 from tests.e2e.dataplane import audit_records, config, counter
 from tests.e2e.devices import (
     NETWORKS,
+    connect_argv,
     expected_sha256,
     run_in_device,
     serve_files,
@@ -116,3 +120,102 @@ def test_a_gue_site_and_a_connected_device_reach_each_other(daemon_factory, tmp_
     assert len(ends) == 6, ends
     server_leg = "tcp:downgraded" if layer == "stream" else "ip"
     assert {r["server_leg"] for r in ends} == {server_leg}
+
+
+def slow_download(d, host: str, size: int, **kw) -> subprocess.Popen:
+    """A download from a device that lasts (rate-limited), in the background."""
+    return subprocess.Popen(
+        connect_argv(d, "curl", "-sS", "-g", "--max-time", "60", "--limit-rate", "1M",
+                     "-o", "/dev/null", f"http://{host}:8000/{size}", **kw),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+
+
+def flows_to(d, dst: str) -> list[dict]:
+    return [f for f in d.get_json("/api/flows?limit=200")["flows"] if f["dst"] == dst]
+
+
+@pytest.mark.parametrize("layer", ["ip", "stream"])
+def test_a_device_that_disconnects_ends_its_flows_and_becomes_unreachable(
+        daemon_factory, tmp_path, layer):
+    extra = NETWORKS + (STREAM_RULE if layer == "stream" else "")
+    d = daemon_factory("--workers", "2", config=config(tmp_path, extra))
+    with serve_files(d, "10.77.0.2") as server:
+        downloads = [slow_download(d, "10.77.0.2", 50 * MB) for _ in range(3)]
+        try:
+            wait_for(lambda: len(flows_to(d, "10.77.0.2")) == 3 or None, 20, "3 live flows")
+            os.killpg(server.pid, signal.SIGKILL)  # the device is gone (its tunnel closes)
+            for p in downloads:
+                assert p.wait(30) != 0  # cut short, not a clean end
+        finally:
+            for p in downloads:
+                p.kill()
+                p.communicate()
+    wait_for(lambda: not d.get_json("/api/routes?tenant=acme")["routes"] or None, 10,
+             "the device's routes withdrawn")
+    ends = wait_for(lambda: [r for r in records(tmp_path, "flow_end") if r["dport"] == 8000
+                             and r["close_reason"] == "device_disconnected"] or None,
+                    10, "flow_end records")
+    assert len(ends) == 3, ends
+    # New flows: a router's answer at once, not a hang.
+    res = run_in_device(d, "curl", "-sS", "--max-time", "10", "http://10.77.0.2:8000/1")
+    assert res.returncode == 7, res.stderr  # (an ICMP host unreachable: "couldn't connect")
+    res = run_in_device(d, "ping", "-c", "1", "-W", "5", "10.77.0.2")
+    assert res.returncode != 0 and b"Unreachable" in res.stdout, res.stdout
+    assert counter(d, "ipferry_drops_total", "reason").get("no_route", 0) >= 2
+
+
+def test_another_tenant_cannot_reach_a_device(daemon_factory, tmp_path):
+    d = daemon_factory("--workers", "1", config=config(tmp_path, NETWORKS))
+    with serve_files(d, "10.77.0.2"):
+        res = run_in_device(d, "curl", "-sS", "--max-time", "10", "http://10.77.0.2:8000/1",
+                            tenant="globex")
+        assert res.returncode == 7, res.stderr
+        res = run_in_device(d, "ping", "-c", "1", "-W", "5", "10.77.0.2", tenant="globex")
+        # (administratively prohibited: ping says "Packet filtered")
+        assert res.returncode != 0 and b"Packet filtered" in res.stdout, res.stdout
+        assert counter(d, "ipferry_drops_total", "reason").get("other_tenant_network") == 2
+        # acme's own devices do reach it (and ping it: ICMP between devices too)
+        res = run_in_device(d, "ping", "-c", "2", "-W", "5", "10.77.0.2")
+        assert res.returncode == 0, res.stdout
+    assert not [r for r in records(tmp_path, "flow_start") if r["tenant"] == "globex"]
+
+
+def test_a_conflicting_or_foreign_claim_refuses_that_tunnel_only(daemon_factory, tmp_path):
+    d = daemon_factory("--workers", "2", config=config(tmp_path, NETWORKS))
+    with serve_files(d, "10.77.0.2"):
+        for tenant, address in (("acme", "10.77.0.2"), ("acme", "10.99.0.1"),
+                                ("globex", "10.77.0.5")):
+            res = run_in_device(d, "sleep", "5", tenant=tenant,
+                                options=("--address", address))
+            assert res.returncode != 0 and b"closed the tunnel" in res.stderr, res.stderr
+        refused = [e for e in d.log_events() if e.get("event") == "tunnel_refused"]
+        assert len(refused) == 3, refused
+        reasons = " ".join(e["reason"] for e in refused)
+        assert "overlaps" in reasons and "outside" in reasons, reasons
+        # The first device is untouched.
+        transfer_both_ways(d, tmp_path, "10.77.0.2", 1 * MB)
+        rows = d.get_json("/api/routes?tenant=acme")["routes"]
+        assert [r["prefix"] for r in rows] == ["10.77.0.2/32"]
+
+
+def test_nsd_restarting_ends_downgraded_flows_and_new_ones_work(daemon_factory, tmp_path):
+    d = daemon_factory("--workers", "2", config=config(tmp_path, NETWORKS + STREAM_RULE))
+    with serve_files(d, "10.77.0.2"):
+        downloads = [slow_download(d, "10.77.0.2", 50 * MB) for _ in range(2)]
+        try:
+            wait_for(lambda: len(flows_to(d, "10.77.0.2")) == 2 or None, 20, "2 live flows")
+            old = d.nsd_pid()
+            os.kill(old, signal.SIGKILL)
+            for p in downloads:
+                assert p.wait(30) != 0
+        finally:
+            for p in downloads:
+                p.kill()
+                p.communicate()
+        wait_for(lambda: d.status()["ready"] and d.status()["nsd"]["pid"] not in (None, old),
+                 20, "a new nsd")
+        ends = wait_for(lambda: [r for r in records(tmp_path, "flow_end")
+                                 if r["dport"] == 8000] or None, 10, "flow_end records")
+        assert {r["close_reason"] for r in ends} == {"namespace_lost"}, ends
+        assert {r["server_leg"] for r in ends} == {"tcp:downgraded"}
+        transfer_both_ways(d, tmp_path, "10.77.0.2", 4 * MB)

@@ -55,6 +55,7 @@ from .kit import (
     packet,
     rst_for,
     tcp,
+    timer,
     udp,
 )
 
@@ -227,7 +228,13 @@ def test_a_route_gone_while_deciding_refuses_the_flow(pb, engine, routes, client
 
 def test_a_device_that_disconnects_ends_its_flows(pb, engine, client, device):
     flow = open_routed(pb, client, device)
+    assert (pb >> packet(device, tcp(B4, A4, 22, 40000, SYN | ACK, DEVICE_SEQ, 1001))
+            << Count << SendToTunnel)
+    # The client is reset in its window (as if by the device): its connection fails now.
     assert (pb >> close_tunnel(device)
+            << SendToTunnel(client, Pkt(src="10.77.0.2", sport=22, dst="10.77.0.3",
+                                        dport=40000, flags=RST | ACK, seq=DEVICE_SEQ + 1,
+                                        ack=1001))
             << Audit("flow_end", Has(close_reason="device_disconnected"))
             << FlowEnded(flow, "device_disconnected", False))
     assert not engine.from_device
@@ -364,3 +371,20 @@ def test_an_accepted_connection_twice_over_is_closed(engine):
     accepted(engine)
     out = accepted(engine)
     assert out == [Count("drop", "duplicate_flow"), CloseAccepted("sock")]
+
+
+def test_the_kernels_resets_of_a_flow_cut_short_still_reach_both_ends(pb, engine, client,
+                                                                      device):
+    flow, server, local = open_downgraded(pb, engine, client, device)
+    slot = flow.slot
+    assert (pb >> close_tunnel(device) << Audit("flow_end", Has(close_reason="device_disconnected"))
+            << FlowEnded(flow, "device_disconnected", False))
+    # The driver aborts both sockets: the kernel's resets come out of the TUN after the end.
+    assert (pb >> kernel(tcp(local, slot.address, 1, slot.port, RST | ACK, 5001, 1001))
+            << SendToTunnel(client, Pkt(src="10.77.0.2", sport=22, dst="10.77.0.3",
+                                        dport=40000, flags=RST | ACK), None)
+            >> kernel(tcp(local, slot.address, 1, slot.port, RST | ACK, 5001, 1001))
+            << Count("drop", "kernel_no_flow"))  # once: then the slot is forgotten
+    assert engine.cut  # the device's slot (its tunnel is gone: nothing will come)
+    assert pb >> timer(10.0)
+    assert not engine.cut
