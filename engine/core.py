@@ -217,6 +217,9 @@ class FlowEngine:
         self.tun_vnet = False  # the TUN's packets carry a virtio-net header
         # The daemon's own UDP endpoints (GUE on-ramps): a flow there could speak for any tenant.
         self.own_endpoints: set[tuple[bytes | None, int]] = set()  # None: any address
+        # And its TCP on-ramps' (a flow there would come out as the on-ramp's tenant), by the
+        # host's addresses: a wildcard's port is the host's only, not every destination's.
+        self.own_tcp_endpoints: set[tuple[bytes, int]] = set()
         # Flows' destination addresses and ports, one object each for all flows (an int past 256
         # is an object of its own per flow otherwise).
         self._destinations: dict[bytes | int, bytes | int] = {}
@@ -321,7 +324,8 @@ class FlowEngine:
                      out: list[Action]) -> bool:
         """May this packet of no known flow start one? (Counted and answered when not.)"""
         if forbidden_destination(p.dst) or (p.protocol == IPPROTO_UDP and (
-                (p.dst, p.dport) in self.own_endpoints or (None, p.dport) in self.own_endpoints)):
+                (p.dst, p.dport) in self.own_endpoints or (None, p.dport) in self.own_endpoints)
+        ) or (p.protocol == IPPROTO_TCP and (p.dst, p.dport) in self.own_tcp_endpoints):
             out.append(Count("drop", "forbidden_destination"))
             self._unreachable(tunnel, p, packet, "admin", out)
             return False

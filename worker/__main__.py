@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import ipaddress
 import os
 import resource
 import socket
@@ -70,6 +71,22 @@ def build_application(settings: WorkerSettings) -> Application:
              for r in settings.rules]
     return load_application(settings.app.cls, rules=rules,
                             default_action=settings.app.default_action)
+
+
+def tcp_endpoints(endpoints) -> set[tuple[bytes, int]]:
+    """A TCP on-ramp's (address, port)s, a wildcard address as every address of the host."""
+    out: set[tuple[bytes, int]] = set()
+    for address, port in endpoints:
+        if address is not None:
+            out.add((address, port))
+            continue
+        from pyroute2 import IPRoute  # (only for a wildcard on-ramp)
+        with IPRoute() as ipr:
+            for msg in ipr.get_addr():
+                local = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+                if local:
+                    out.add((ipaddress.ip_address(local.partition("%")[0]).packed, port))
+    return out
 
 
 def release_memory() -> None:
@@ -188,7 +205,6 @@ class Worker:
                                   on_state=self.audit_state)
 
     def start_datapath(self, block: dict) -> None:
-        import ipaddress
         assert self.tun is not None and self.audit is not None  # made by equip and configure()
         f = self.settings.flows
         local4 = ipaddress.IPv4Address(block["ipv4_local"])
@@ -250,7 +266,10 @@ class Worker:
             except OnrampUnusable as exc:
                 self.log.error("onramp_unusable", onramp=name, error=str(exc))
                 continue
-            self.dp.own_endpoints.update(onramp.endpoints)
+            if onramp.kind == "tcp":
+                self.dp.engine.own_tcp_endpoints.update(tcp_endpoints(onramp.endpoints))
+            else:
+                self.dp.own_endpoints.update(onramp.endpoints)
             self.onramps[name] = onramp
             onramp.start()
 

@@ -89,8 +89,8 @@ def connect_argv(daemon, *cmd: str, tenant: str = "acme", options: tuple | list 
                  gue: str | None = None, no_caps: bool = True) -> list[str]:
     where = ["--gue", gue] if gue else ["--tunnel", str(daemon.runtime_dir / "tunnel.sock")]
     enter = ["nsenter", f"--net={daemon.netns.path}"] if gue else []
-    return [*enter, *(NO_CAPS if no_caps else []), IPFERRY, "connect", *where, "--tenant", tenant, *options, "--",
-            *cmd]
+    return [*enter, *(NO_CAPS if no_caps else []), IPFERRY, "connect", *where,
+            "--tenant", tenant, *options, "--", *cmd]
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ import hashlib
 import os
 import signal
 import subprocess
+import sys
 
 import pytest
 
@@ -219,3 +220,83 @@ def test_nsd_restarting_ends_downgraded_flows_and_new_ones_work(daemon_factory, 
         assert {r["close_reason"] for r in ends} == {"namespace_lost"}, ends
         assert {r["server_leg"] for r in ends} == {"tcp:downgraded"}
         transfer_both_ways(d, tmp_path, "10.77.0.2", 4 * MB)
+
+
+PUBLISH = """
+[[onramps]]
+kind = "tunnel"
+
+[[onramps]]
+kind = "tcp"
+name = "web"
+listen = "127.0.0.1:8443"
+tenant = "acme"
+upstream = "10.77.0.2:8000"
+
+[[onramps]]
+kind = "tcp"
+name = "web-pp"
+listen = "127.0.0.1:8444"
+tenant = "acme"
+upstream = "10.77.0.2:8000"
+proxy_protocol = true
+
+[[onramps]]
+kind = "tcp"
+name = "public"
+listen = "127.0.0.1:8445"
+tenant = "acme"
+upstream = "198.18.0.1:8080"
+"""
+
+# A client behind a load balancer that speaks PROXY v2: the header names 203.0.113.7:5555.
+PROXIED_GET = """
+import socket, sys
+from ipferry.wire.proxy import build_v2
+s = socket.create_connection(("127.0.0.1", 8444), timeout=20)
+s.sendall(build_v2(("203.0.113.7", 5555), ("127.0.0.1", 8444)))
+s.sendall(b"GET /%d HTTP/1.0\\r\\n\\r\\n" % int(sys.argv[1]))
+data = b""
+while chunk := s.recv(1 << 20):
+    data += chunk
+head, _, body = data.partition(b"\\r\\n\\r\\n")
+print(len(body))
+"""
+
+
+def test_a_tcp_onramp_publishes_a_devices_service(daemon_factory, netns, upstream, tmp_path):
+    """A service on a device, published on the daemon's host: clients of the on-ramp reach it
+    (downgraded into the device's tunnel), with or without a PROXY v2 header naming the real
+    client; an on-ramp whose upstream is no device's is a plain TCP off-ramp."""
+    (upstream / "hello.txt").write_text("hello from the host\n")
+    d = daemon_factory("--workers", "2", config=config(tmp_path, NETWORKS + PUBLISH))
+    host = ["nsenter", f"--net={netns.path}"]
+    with serve_files(d, "10.77.0.2"):
+        for _ in range(3):
+            res = subprocess.run([*host, "sh", "-c", "curl -sS --max-time 30 "
+                                  f"http://127.0.0.1:8443/{20 * MB} | sha256sum"],
+                                 capture_output=True, timeout=60)
+            assert res.returncode == 0, res.stderr
+            assert res.stdout.split()[0].decode() == expected_sha256(20 * MB)
+        res = subprocess.run([*host, sys.executable, "-c", PROXIED_GET, str(MB)],
+                             capture_output=True, timeout=60)
+        assert res.returncode == 0 and res.stdout.strip() == str(MB).encode(), res
+        res = subprocess.run([*host, "curl", "-sS", "--max-time", "10",
+                              "http://127.0.0.1:8445/hello.txt"], capture_output=True, timeout=30)
+        assert res.stdout == b"hello from the host\n", res
+    ends = wait_for(lambda: len(records(tmp_path, "flow_end")) >= 5
+                    and records(tmp_path, "flow_end"), 10, "flow_end records")
+    published = [r for r in ends if r["dport"] == 8000]
+    assert len(published) == 4, ends
+    assert {(r["client_leg"], r["server_leg"]) for r in published} == {
+        ("tcp:accepted", "tcp:downgraded")}
+    assert {r["src"] for r in published} == {"127.0.0.1", "203.0.113.7"}
+    assert [r["sport"] for r in published if r["src"] == "203.0.113.7"] == [5555]
+    assert all(r["close_reason"] == "fin" for r in published), published
+    [public] = [r for r in ends if r["dport"] == 8080]
+    assert (public["client_leg"], public["server_leg"]) == ("tcp:accepted", "tcp")
+    # The device gone: the published service is unreachable (the connection is reset).
+    res = subprocess.run([*host, "curl", "-sS", "--max-time", "10", "http://127.0.0.1:8443/1"],
+                         capture_output=True, timeout=30)
+    assert res.returncode != 0
+    assert counter(d, "ipferry_drops_total", "reason").get("no_route", 0) >= 1
