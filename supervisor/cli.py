@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     connect.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
 
     admin_client("status", "show the running daemon's readiness, nsd and workers")
+    routes = admin_client("routes", "list the private networks' routes: which device holds which "
+                                    "prefix")
+    routes.add_argument("--tenant", help="only this tenant's networks and routes")
     admin_client("reload", "make the running daemon re-read its config (like SIGHUP)")
     restart = admin_client("restart-worker", "restart one worker of the running daemon gracefully")
     restart.add_argument("index", type=int,
@@ -263,6 +266,8 @@ def cmd_admin(args) -> int:
             if status == 200:
                 print(format_status(body))
                 return 0 if body["ready"] else 1
+        elif args.command == "routes":
+            return print_routes(call, args)
         elif args.command == "reload":
             status, body = call(args.admin, "POST", "/api/reload", args.token)
             if status == 200:
@@ -283,6 +288,36 @@ def cmd_admin(args) -> int:
         return 1
     print(f"ipferry: admin API answered {status}: {body}", file=sys.stderr)
     return 1
+
+
+def print_routes(call, args) -> int:
+    """Every page of ``/api/routes``, as a table (the networks first)."""
+    from urllib.parse import quote
+
+    query = f"tenant={quote(args.tenant, safe='')}&" if args.tenant is not None else ""
+    after, shown, networks = None, 0, None
+    while True:
+        page = f"&after={quote(after, safe='')}" if after else ""
+        status, body = call(args.admin, "GET", f"/api/routes?{query}limit=200{page}", args.token)
+        if status != 200:
+            print(f"ipferry: admin API answered {status}: {body}", file=sys.stderr)
+            return 1
+        if networks is None:
+            networks = body["networks"]
+            for n in networks:
+                print(f"network {n['tenant']} {n['cidr']}")
+            if not networks:
+                print("no [[networks]] configured: no private networks")
+        for r in body["routes"]:
+            holder = (f"site {r['site']}" if r["kind"] == "site"
+                      else f"tunnel {r['tunnel']} of worker {r['worker']}")
+            print(f"route {r['tenant']} {r['prefix']} -> {holder}")
+            shown += 1
+        after = body["next"]
+        if not after:
+            break
+    print(_plural(shown, "route"))
+    return 0
 
 
 def _where(onramp) -> str:

@@ -22,7 +22,7 @@ from tests.e2e.devices import (
     run_in_device,
     serve_files,
 )
-from tests.helpers import wait_for
+from tests.helpers import IPFERRY, wait_for
 
 MB = 1 << 20
 STREAM_RULE = """
@@ -197,6 +197,13 @@ def test_a_conflicting_or_foreign_claim_refuses_that_tunnel_only(daemon_factory,
         transfer_both_ways(d, tmp_path, "10.77.0.2", 1 * MB)
         rows = d.get_json("/api/routes?tenant=acme")["routes"]
         assert [r["prefix"] for r in rows] == ["10.77.0.2/32"]
+        res = subprocess.run([IPFERRY, "routes", "--tenant", "acme"], capture_output=True,
+                             text=True, timeout=30,
+                             env={"RUNTIME_DIRECTORY": str(d.runtime_dir), "PATH": "/usr/bin:/bin"})
+        assert res.returncode == 0, res
+        lines = res.stdout.splitlines()
+        assert lines[:2] == ["network acme 10.77.0.0/16", "network acme fd77::/64"], lines
+        assert lines[2].startswith("route acme 10.77.0.2/32 -> tunnel ") and lines[3] == "1 route"
 
 
 def test_nsd_restarting_ends_downgraded_flows_and_new_ones_work(daemon_factory, tmp_path):
