@@ -66,11 +66,13 @@ class UserNetNs:
         self.procs.append(proc)
         return proc
 
-    def run(self, *argv: str, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
-        """``argv`` inside, to its end (killed after ``timeout``)."""
+    def run(self, *argv: str, input: bytes | None = None, timeout: float = 60,
+            **kw) -> subprocess.CompletedProcess:
+        """``argv`` inside, to its end (killed after ``timeout``), given ``input``."""
+        kw.setdefault("stdin", subprocess.DEVNULL if input is None else subprocess.PIPE)
         proc = self.start(*argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
         try:
-            out, err = proc.communicate(timeout=timeout)
+            out, err = proc.communicate(input, timeout=timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             out, err = proc.communicate()
