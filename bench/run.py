@@ -12,6 +12,15 @@ proxy's CPU seconds per GB. Writes <out>/latest.{json,md,png} and a timestamped 
     bench/run --only pasta,veth --only tcp --mtu 1500
     bench/run --gue            # also ipferry over its GUE on-ramp (if `ipferry connect` has --gue)
     bench/run --publish        # also bench/published/ and the README's Benchmarks table
+    bench/run --devices        # device to device instead (bench/devices.py): two devices of a
+                               # private network through the daemon (IP packets, streams; 1 and 2
+                               # workers), a veth pair between two namespaces (the limit) and
+                               # kernel WireGuard where the kernel has it
+    bench/run --only devices-ip-w1,devices-stream-w1,devices-veth --runs 3 --duration 3
+
+The device transports run only when named (``--devices`` or ``--only devices-...``), in tables
+of their own whose ratios are to the veth pair between the two devices; ``--publish`` puts such a
+run in bench/published/private-networks/ and leaves the README alone.
 
 Needs root (it creates network namespaces). The daemon, connect, pasta and slirp4netns run as root
 with no capabilities, as the tests run the daemon.
@@ -37,6 +46,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import devices  # noqa: E402
 import report  # noqa: E402
 import testbed  # noqa: E402
 import workloads  # noqa: E402
@@ -45,7 +55,7 @@ REPO = HERE.parent
 GUE_LISTEN = "127.0.0.1:6080"  # in the server namespace; the GUE row's daemon listens there
 PACKAGES = {"iperf3": "iperf3", "pasta": "passt", "slirp4netns": "slirp4netns", "ip": "iproute2",
             "nsenter": "util-linux", "unshare": "util-linux", "setpriv": "util-linux",
-            "sysctl": "procps"}
+            "sysctl": "procps", "ss": "iproute2", "wg": "wireguard-tools"}
 README_BEGIN = "<!-- bench/run: begin (bench/run --publish rewrites this block) -->"
 README_END = "<!-- bench/run: end -->"
 
@@ -161,13 +171,17 @@ def run(args) -> dict:
     groups = list(workloads.GROUPS)
     transport_ids = ["ipferry-w1", "ipferry-w2", "ipferry-gue", "pasta", "slirp4netns", "veth"]
     patterns = [p for arg in args.only for p in arg.split(",") if p]
+    if args.devices:
+        patterns.append("devices-*")
     args.gue = args.gue or "ipferry-gue" in patterns
     chosen_groups = select(patterns, groups) or groups
-    chosen_ids = select(patterns, transport_ids) or transport_ids
-    unknown = [p for p in patterns if not select([p], groups + transport_ids)]
+    # Without a transport named, the proxies against their peers; the devices only when asked.
+    chosen_ids = select(patterns, transport_ids + devices.IDS) or transport_ids
+    unknown = [p for p in patterns if not select([p], groups + transport_ids + devices.IDS)]
     if unknown:
         raise SystemExit(f"bench/run: --only {','.join(unknown)} matches no transport "
-                         f"({', '.join(transport_ids)}) nor workload ({', '.join(groups)})")
+                         f"({', '.join(transport_ids + devices.IDS)}) nor workload "
+                         f"({', '.join(groups)})")
     opts = workloads.Options(duration=args.duration, conns=args.conns,
                              concurrency=args.concurrency, round_trips=args.round_trips)
     notes: list[str] = []
@@ -189,6 +203,13 @@ def run(args) -> dict:
         server = testbed.ServerNamespace(reaper, tmp)
         transports = [t for t in build_transports(args, reaper, server, tmp, notes)
                       if t.id in chosen_ids]
+        transports += devices.build(chosen_ids, server, reaper, tmp)
+        for t in list(transports):
+            why = t.probe() if hasattr(t, "probe") else None
+            if why:  # e.g. no kernel WireGuard: a note, never a failure
+                notes.append(f"{t.label} not measured: {why}.")
+                say(notes[-1])
+                transports.remove(t)
         need = {"iperf3", "ip", "nsenter", "sysctl"} | {c for t in transports for c in t.needs}
         still_missing = ensure_commands(need)
         for t in list(transports):
@@ -200,6 +221,8 @@ def run(args) -> dict:
         if "iperf3" in still_missing:
             raise SystemExit("bench/run: iperf3 is missing and could not be installed")
         result["machine"] = machine()
+        if any(devices.is_device(t) for t in chosen_ids):
+            result["machine"]["wg"] = devices.wireguard_version()
         for t in list(transports):
             try:
                 t.start()
@@ -208,14 +231,25 @@ def run(args) -> dict:
                 say(notes[-1][:500])
                 transports.remove(t)
         steps = workloads.plan(opts, set(chosen_groups))
+        # Device to device, UDP only when named (bench/devices.py, DEFAULT_GROUPS).
+        device_steps = [s for s in steps if s[0] in devices.DEFAULT_GROUPS
+                        or s[0] in select(patterns, groups)]
+        if len(device_steps) < len(steps) and any(devices.is_device(t.id) for t in transports):
+            notes.append("Device to device: UDP not measured: between two ipferry devices the "
+                         "datagrams arrive with bad checksums and are dropped (`--only udp` to "
+                         "try it again).")
         say(f"{len(transports)} transports x {len(args.mtu)} MTUs x {args.runs} runs, "
             f"{len(steps)} workloads each")
         for run_no in range(1, args.runs + 1):
             for mtu in args.mtu:
                 for t in transports:
-                    measure_cell(t, mtu, steps, server, samples, errors,
+                    measure_cell(t, mtu, device_steps if devices.is_device(t.id) else steps,
+                                 server, samples, errors,
                                  f"run {run_no}/{args.runs} MTU {mtu} {t.label}")
         result["transports"] = [{"id": t.id, "label": t.label} for t in transports]
+        counters = {t.id: t.counters() for t in transports if hasattr(t, "counters")}
+        if counters:  # how the daemons carried the device transports' flows (bench/devices.py)
+            result["counters"] = counters
     finally:
         reaper.close()
     for metric, by_mtu in errors.items():
@@ -264,7 +298,7 @@ def measure_cell(t, mtu: int, steps, server, samples: dict, errors: dict, where:
                     if attempt == 2 or group not in ("tcp", "udp"):
                         values = str(exc)
                         break
-                    server.start_iperf()
+                    (client.restart_iperf or server.start_iperf)()
             record(workloads.GROUPS[group], values)
             shown.append(f"{name} " + (", ".join(
                 f"{workloads.METRIC[k].format(v)} {workloads.METRIC[k].unit}"
@@ -301,13 +335,20 @@ def write_outputs(result: dict, out: Path, chart_ok: bool) -> dict[str, Path]:
 
 
 def publish(result: dict, paths: dict[str, Path]) -> None:
-    """bench/published/ (tracked) and the README block between the markers."""
+    """bench/published/ (tracked) and the README block between the markers; a run with device
+    transports goes to bench/published/private-networks/ and leaves the README alone."""
     dest = HERE / "published"
+    has_devices = any(t["id"].startswith("devices-") for t in result["transports"])
+    if has_devices:
+        dest = dest / "private-networks"
     dest.mkdir(exist_ok=True)
     shutil.copy(paths["json"], dest / "benchmark.json")
     shutil.copy(paths["md"], dest / "benchmark.md")
     if "png" in paths:
         shutil.copy(paths["png"], dest / "benchmark.png")
+    if has_devices:
+        say(f"{dest} updated (the README's table is the proxies', not rewritten)")
+        return
     readme = REPO / "README.md"
     text = readme.read_text()
     if README_BEGIN not in text or README_END not in text:
@@ -341,8 +382,14 @@ def main() -> None:
                         help="client MTU, repeatable (default 65520 and 1500)")
     parser.add_argument("--only", action="append", default=[], metavar="PATTERN[,PATTERN]",
                         help="transports (ipferry-w1, ipferry-w2, ipferry-gue, pasta, slirp4netns, "
-                             "veth) and/or workloads (tcp, connrate, latency, udp) to run; glob "
-                             "patterns, repeatable (ratios need veth)")
+                             "veth; devices-ip-w1, devices-ip-w2, devices-stream-w1, "
+                             "devices-stream-w2, devices-veth, devices-wireguard) and/or workloads "
+                             "(tcp, connrate, latency, udp) to run; glob patterns, repeatable "
+                             "(ratios need veth, or devices-veth); without a transport, the first "
+                             "six")
+    parser.add_argument("--devices", action="store_true",
+                        help="device to device through a private network: --only 'devices-*'")
+    parser.add_argument("--no-chart", action="store_true", help="no PNG (and no matplotlib)")
     parser.add_argument("--out", type=Path, default=HERE / "results",
                         help="directory for latest.{json,md,png} and timestamped copies "
                              "(default bench/results/)")
@@ -372,7 +419,7 @@ def main() -> None:
     # (SIGINT too: a shell starts background jobs with it ignored.)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, interrupted)
-    chart_ok = ensure_matplotlib()
+    chart_ok = not args.no_chart and ensure_matplotlib()
     try:
         result = run(args)
     except KeyboardInterrupt:

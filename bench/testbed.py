@@ -206,6 +206,8 @@ class Client:
     netns: str  # a path nsenter --net takes
     proxy_pids: Callable[[], list[int]]
     close: Callable[[], None]
+    server: str = SERVER_ADDR  # where the workloads' iperf3 and rr.py servers listen
+    restart_iperf: Callable[[], None] | None = None  # None: the server namespace's
 
     def cmd(self, *argv: str) -> list[str]:
         return in_netns(self.netns, *argv)
@@ -227,9 +229,10 @@ class IpferryDaemon:
     """``ipferry run --workers N`` in the server namespace, no capabilities (as the tests run it)."""
 
     def __init__(self, server: ServerNamespace, reaper: Reaper, workers: int,
-                 gue_listen: str | None) -> None:
+                 gue_listen: str | None, extra_config: str = "") -> None:
         self.server, self.reaper, self.workers = server, reaper, workers
         self.gue_listen = gue_listen
+        self.extra_config = extra_config  # e.g. [[networks]] and [[rules]] (bench/devices.py)
         self.daemon: Daemon | None = None
 
     def start(self) -> None:
@@ -241,6 +244,7 @@ class IpferryDaemon:
         config = f'[audit]\nsink = "{tmp / "audit.jsonl"}"\n\n[[onramps]]\nkind = "tunnel"\n'
         if self.gue_listen:
             config += f'\n[[onramps]]\nkind = "gue"\nlisten = "{self.gue_listen}"\n'
+        config += self.extra_config
         self.daemon = Daemon(self.server.ns, run, tmp, config=config, no_caps=True, env=None)
         self.reaper.daemons.append(self.daemon)
         self.daemon.start("--workers", str(self.workers), "--admin-listen", "")

@@ -10,7 +10,7 @@ import json
 import subprocess
 from dataclasses import dataclass
 
-from testbed import IPERF_PORT, PYTHON, RR, RR_PORT, SERVER_ADDR, Client, cpu_seconds
+from testbed import IPERF_PORT, PYTHON, RR, RR_PORT, Client, cpu_seconds
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ def _run_json(cmd: list[str], timeout: float) -> dict:
 
 
 def iperf3(client: Client, opts: Options, *extra: str) -> dict:
-    cmd = client.cmd("iperf3", "-c", SERVER_ADDR, "-p", str(IPERF_PORT), "-t", f"{opts.duration:g}",
+    cmd = client.cmd("iperf3", "-c", client.server, "-p", str(IPERF_PORT), "-t", f"{opts.duration:g}",
                      "-J", "--connect-timeout", "5000", *extra)
     out = _run_json(cmd, opts.duration + 40)
     if "end" not in out:
@@ -121,7 +121,7 @@ def bulk(client: Client, opts: Options, direction: str, streams: int) -> dict[st
 
 def connrate(client: Client, opts: Options) -> dict[str, float]:
     before = cpu_seconds(client.proxy_pids())
-    out = _run_json(client.cmd(PYTHON, RR, "connrate", "--host", SERVER_ADDR, "--port",
+    out = _run_json(client.cmd(PYTHON, RR, "connrate", "--host", client.server, "--port",
                                str(RR_PORT), "--count", str(opts.conns), "--concurrency",
                                str(opts.concurrency), "--size", str(opts.size)),
                     timeout=max(120, opts.conns / 20))
@@ -136,7 +136,7 @@ def connrate(client: Client, opts: Options) -> dict[str, float]:
 
 
 def latency(client: Client, opts: Options) -> dict[str, float]:
-    out = _run_json(client.cmd(PYTHON, RR, "latency", "--host", SERVER_ADDR, "--port",
+    out = _run_json(client.cmd(PYTHON, RR, "latency", "--host", client.server, "--port",
                                str(RR_PORT), "--round-trips", str(opts.round_trips),
                                "--size", str(opts.size)),
                     timeout=max(60, opts.round_trips / 50))
@@ -155,7 +155,7 @@ def udp(client: Client, opts: Options) -> dict[str, float]:
 
 def ready(client: Client, timeout: float = 20) -> None:
     """One request/response through the transport before anything is measured."""
-    _run_json(client.cmd(PYTHON, RR, "ping", "--host", SERVER_ADDR, "--port", str(RR_PORT),
+    _run_json(client.cmd(PYTHON, RR, "ping", "--host", client.server, "--port", str(RR_PORT),
                          "--timeout", str(timeout)), timeout + 10)
 
 
