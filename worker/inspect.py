@@ -6,8 +6,9 @@ into Python in chunks (at most :data:`CHUNK` bytes, in whatever pieces TCP deliv
 message may straddle two chunks), handed to the inspector, and its answer written on:
 
 - ``to_server(data)`` / ``to_client(data)`` return ``None`` to forward ``data`` unchanged, other
-  bytes to forward those instead (``b""``: nothing, for now), or raise :class:`CloseStream` to
-  reset both ends;
+  bytes to forward those instead (``b""``: nothing; bytes held back can only go out with a later
+  chunk of that direction, there is no call at EOF), or raise :class:`CloseStream` to reset both
+  ends;
 - ``on_end(stats)`` is called once, when the stream is over however it ended
   (:class:`StreamStats`: bytes each way, duration, :class:`StreamEnd`).
 

@@ -277,18 +277,26 @@ class Closer(Recorder):
             raise CloseStream("no dropping")
         return super().to_server(data)
 
+    def to_client(self, data: bytes) -> bytes | None:
+        if b"DROP TABLE" in data:
+            raise CloseStream("no dropping")
+        return super().to_client(data)
+
 
 @pytest.mark.parametrize("side", ["client", "server"])
 def test_an_inspector_that_closes_resets_both_ends(pair, run, side):
+    """Whichever direction it closes on, and with the other direction still open."""
     log, rec = Log(), Closer()
+    sender, receiver = (pair.client, pair.server) if side == "client" else \
+        (pair.server, pair.client)
 
     async def main():
         relay = asyncio.ensure_future(inspect_stream(pair.client_side, pair.server_side, rec,
                                                      log=log))
         loop = asyncio.get_running_loop()
-        await loop.sock_sendall(pair.client, b"SELECT 1;")
-        assert await loop.sock_recv(pair.server, 100) == b"SELECT 1;"
-        await loop.sock_sendall(pair.client, b"DROP TABLE users;")
+        await loop.sock_sendall(sender, b"SELECT 1;")
+        assert await loop.sock_recv(receiver, 100) == b"SELECT 1;"
+        await loop.sock_sendall(sender, b"DROP TABLE users;")
         stats = await relay
         pair.close_middle()
         await expect_reset(pair.server)
@@ -298,6 +306,8 @@ def test_an_inspector_that_closes_resets_both_ends(pair, run, side):
     stats = run(main())
     assert stats.end is StreamEnd.INSPECTOR_CLOSED and rec.stats == [stats]
     assert [kw["reason"] for kw in log.named("stream_closed_by_inspector")] == ["no dropping"]
+    received = stats.to_server if side == "client" else stats.to_client
+    assert received == len(b"SELECT 1;DROP TABLE users;")
 
 
 class Broken(Recorder):
