@@ -125,7 +125,10 @@ def aggregates(children):
         st.lists(children, max_size=4).map(lambda xs: b"~%d\r\n" % len(xs) + b"".join(xs)),
         st.lists(st.tuples(children, children), max_size=3).map(
             lambda kv: b"%%%d\r\n" % len(kv) + b"".join(k + v for k, v in kv)),
-        st.tuples(st.lists(st.tuples(SCALAR, SCALAR), min_size=1, max_size=2), children).map(
+        # An attribute, then the element it describes (no error: a top-level one is an error
+        # reply, counted so only when the test knows it).
+        st.tuples(st.lists(st.tuples(SCALAR, SCALAR), min_size=1, max_size=2),
+                  children.filter(lambda v: not v.startswith((b"-", b"|")))).map(
             lambda t: b"|%d\r\n" % len(t[0]) + b"".join(k + v for k, v in t[0]) + t[1]),
     )
 
@@ -135,6 +138,7 @@ VALUE = st.recursive(SCALAR, aggregates, max_leaves=12)
 TOP = st.one_of(
     VALUE.filter(lambda v: not v.startswith(b"-")).map(lambda v: (v, "reply")),
     LINE_TEXT.map(lambda s: (b"-ERR " + s + b"\r\n", "error")),
+    LINE_TEXT.map(lambda s: (b"|1\r\n+key\r\n:1\r\n-ERR " + s + b"\r\n", "error")),
     st.binary(max_size=20).map(lambda b: (b"!%d\r\n%s\r\n" % (len(b), b), "error")),
     st.lists(VALUE, min_size=1, max_size=3).map(
         lambda xs: (b">%d\r\n" % len(xs) + b"".join(xs), "push")),
