@@ -67,7 +67,7 @@ from .audit import AuditLog, Refusals
 from .connector import Connector
 from .datagram_flows import DatagramUpstream, PingNotPermitted, open_upstream
 from .relay import abort
-from .streams import StreamHandler, UpgradedStream, splice
+from .streams import StreamHandler, UpgradedStream, application_handler
 from .tun import TunDevice
 from .tunnels import Tunnel
 from .views import FlowIndex, tenant_text
@@ -117,7 +117,7 @@ class DataPath:
                  forward: Callable[[int, Any, bytes], None] | None = None,
                  mtu: int = 65520, audit_on_error: str = "continue",
                  refusals_interval: float = 10.0,
-                 stream_handler: StreamHandler = splice,
+                 stream_handler: StreamHandler | None = None,
                  routes: RouteTable | None = None) -> None:
         self.engine = FlowEngine(flows=flows, pools=pools, local=local,
                                  connect_timeout=connect_timeout, index=index, workers=workers,
@@ -130,7 +130,10 @@ class DataPath:
         self.audit = audit
         self.log = log
         self.flows = flows
-        self.stream_handler = stream_handler
+        # The application's on_stream_start picks splice or an inspector, stream by stream
+        # (read at each stream: a reload's new application decides the streams after it).
+        self.stream_handler = stream_handler if stream_handler is not None \
+            else application_handler(lambda: self.app, log)
         self.entries: dict[FlowKey, Flow] = self.engine.by_key
         self.flow_index = FlowIndex()  # live flows in start order: the admin API's pages
         self.connector: Connector[Flow] = Connector(self._offramp_ready)

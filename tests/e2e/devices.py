@@ -96,11 +96,12 @@ def connect_argv(daemon, *cmd: str, tenant: str = "acme", options: tuple | list 
 @contextlib.contextmanager
 def device(daemon, *cmd: str, tenant: str = "acme", addresses: tuple = (),
            gue: str | None = None, options: tuple | list = (),
-           wait_routes: bool = True) -> Iterator[subprocess.Popen]:
+           wait_routes: bool = True, no_caps: bool = True) -> Iterator[subprocess.Popen]:
     """``cmd`` in the background in a device namespace holding ``addresses``; stopped (its
     process group) at the end. Waits until the daemon lists its routes (a connected tunnel)."""
     opts = [o for a in addresses for o in ("--address", a)] + list(options)
-    proc = subprocess.Popen(connect_argv(daemon, *cmd, tenant=tenant, options=opts, gue=gue),
+    proc = subprocess.Popen(connect_argv(daemon, *cmd, tenant=tenant, options=opts, gue=gue,
+                                         no_caps=no_caps),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             stdin=subprocess.DEVNULL, start_new_session=True)
     try:
