@@ -19,8 +19,9 @@ import os
 import re
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, TypeVar, cast
 
 import structlog
 from aiohttp import web
@@ -37,6 +38,7 @@ from .listeners import bind_unix
 if TYPE_CHECKING:
     from .arbiter import Supervisor
 
+T = TypeVar("T")
 MAX_CONNECTIONS = 256  # admin connections at once per listener kind; more are closed at once
 IDLE_TIMEOUT = 15.0  # seconds a connection may stay without a complete request (slowloris)
 ERROR_LOG_INTERVAL = 10.0  # seconds between two admin_request_failed log lines
@@ -195,6 +197,23 @@ def decode_cursor(text: str) -> tuple[int, str, int]:
         raise web.HTTPBadRequest(text="after must be a cursor this API gave as next\n") from None
 
 
+def page_query(query, decode: Callable[[str], T]) -> tuple[int, int, T | None]:
+    """A paged endpoint's ``limit``, ``offset`` and ``after`` (decoded), or a 400 that says
+    which is wrong."""
+    try:
+        limit = min(int(query.get("limit", 100)), MAX_PAGE)
+        offset = int(query.get("offset", 0))
+        if offset < 0 or limit < 1:
+            raise ValueError
+    except ValueError:
+        raise web.HTTPBadRequest(text="offset must be an integer >= 0, limit one >= 1\n") from None
+    if "after" not in query:
+        return limit, offset, None
+    if "offset" in query:
+        raise web.HTTPBadRequest(text="page by offset or by after, not both\n")
+    return limit, offset, decode(query["after"])
+
+
 async def flows(request: web.Request) -> web.Response:
     """Live flows of every worker, by worker then start order; ``?tenant=`` filters,
     ``?offset=&limit=`` or ``?after=<cursor>&limit=`` pages.
@@ -206,18 +225,7 @@ async def flows(request: web.Request) -> web.Response:
     message and a page costs the same at any depth."""
     sup: Supervisor = request.app[SUPERVISOR]
     query = request.query
-    try:
-        limit = min(int(query.get("limit", 100)), MAX_PAGE)
-        offset = int(query.get("offset", 0))
-        if offset < 0 or limit < 1:
-            raise ValueError
-    except ValueError:
-        raise web.HTTPBadRequest(text="offset must be an integer >= 0, limit one >= 1\n") from None
-    cursor = None
-    if "after" in query:
-        if "offset" in query:
-            raise web.HTTPBadRequest(text="page by offset or by after, not both\n")
-        cursor = decode_cursor(query["after"])
+    limit, offset, cursor = page_query(query, decode_cursor)
     tenant = query.get("tenant")
     live = sup.pool.live()
 
@@ -327,18 +335,7 @@ async def routes(request: web.Request) -> web.Response:
     the routes. The registry is the supervisor's: no worker is asked."""
     sup: Supervisor = request.app[SUPERVISOR]
     query = request.query
-    try:
-        limit = min(int(query.get("limit", 100)), MAX_PAGE)
-        offset = int(query.get("offset", 0))
-        if offset < 0 or limit < 1:
-            raise ValueError
-    except ValueError:
-        raise web.HTTPBadRequest(text="offset must be an integer >= 0, limit one >= 1\n") from None
-    cursor = None
-    if "after" in query:
-        if "offset" in query:
-            raise web.HTTPBadRequest(text="page by offset or by after, not both\n")
-        cursor = decode_route_cursor(query["after"])
+    limit, offset, cursor = page_query(query, decode_route_cursor)
     tenant = query.get("tenant")
     total, page = sup.routes.page(tenant, 0 if cursor else offset, limit + 1, after=cursor)
     more = len(page) > limit

@@ -68,7 +68,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import structlog
 
-from .relay import abort
+from .relay import abort, wait_fd
 
 __all__ = ["CHUNK", "CloseStream", "InspectedRelay", "Inspector", "StreamEnd", "StreamStats",
            "inspect_stream"]
@@ -129,22 +129,6 @@ class _Ended(Exception):
         super().__init__(end)
         self.end = end
         self.error = error
-
-
-async def _wait(loop: asyncio.AbstractEventLoop, fd: int, writable: bool) -> None:
-    fut = loop.create_future()
-    add, remove = (loop.add_writer, loop.remove_writer) if writable else \
-        (loop.add_reader, loop.remove_reader)
-
-    def wake() -> None:
-        if not fut.done():
-            fut.set_result(None)
-
-    add(fd, wake)
-    try:
-        await fut
-    finally:
-        remove(fd)
 
 
 class InspectedRelay:
@@ -239,7 +223,7 @@ class InspectedRelay:
             try:
                 data = src.recv(self.chunk)
             except (BlockingIOError, InterruptedError):
-                await _wait(loop, src.fileno(), writable=False)
+                await wait_fd(loop, src.fileno(), writable=False)
                 continue
             except OSError as exc:
                 if exc.errno in _RESET:
@@ -276,7 +260,7 @@ class InspectedRelay:
                 try:
                     n = dst.send(view)
                 except (BlockingIOError, InterruptedError):
-                    await _wait(loop, dst.fileno(), writable=True)
+                    await wait_fd(loop, dst.fileno(), writable=True)
                     continue
                 except OSError as exc:
                     if exc.errno in _RESET:

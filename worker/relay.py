@@ -21,7 +21,8 @@ F_SETPIPE_SZ = 1031
 _FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 
 
-async def _wait(loop: asyncio.AbstractEventLoop, fd: int, writable: bool) -> None:
+async def wait_fd(loop: asyncio.AbstractEventLoop, fd: int, writable: bool) -> None:
+    """Until ``fd`` is readable (or writable): the loop's callback, awaited."""
     fut = loop.create_future()
     add, remove = (loop.add_writer, loop.remove_writer) if writable else \
         (loop.add_reader, loop.remove_reader)
@@ -58,7 +59,7 @@ async def pump(src: socket.socket, dst: socket.socket) -> tuple[int, socket.sock
             try:
                 n = os.splice(src.fileno(), w, CHUNK, flags=_FLAGS)
             except BlockingIOError:
-                await _wait(loop, src.fileno(), writable=False)
+                await wait_fd(loop, src.fileno(), writable=False)
                 continue
             except OSError as exc:
                 if exc.errno not in _RESET:
@@ -71,7 +72,7 @@ async def pump(src: socket.socket, dst: socket.socket) -> tuple[int, socket.sock
                 try:
                     m = os.splice(r, dst.fileno(), n, flags=_FLAGS)
                 except BlockingIOError:
-                    await _wait(loop, dst.fileno(), writable=True)
+                    await wait_fd(loop, dst.fileno(), writable=True)
                     continue
                 except OSError as exc:
                     if exc.errno not in _RESET:
