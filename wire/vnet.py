@@ -40,7 +40,10 @@ def complete_checksum(packet: bytearray, header: bytes | memoryview) -> None:
     start, offset = _CSUM.unpack_from(header, 6)
     at = start + offset
     # The field holds the pseudo-header's sum: summing it with the segment gives the total.
-    packet[at:at + 2] = (~ones_sum(memoryview(packet)[start:]) & 0xFFFF).to_bytes(2, "big")
+    value = ~ones_sum(memoryview(packet)[start:]) & 0xFFFF
+    if offset == 6 and not value:  # UDP sends a sum of zero as 0xFFFF (0: "no checksum")
+        value = 0xFFFF
+    packet[at:at + 2] = value.to_bytes(2, "big")
 
 
 _GSO = struct.Struct("<BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
@@ -101,14 +104,20 @@ def sanitize(header: bytes | memoryview, version: int, protocol: int, l4: int,
              payload_offset: int, payload_length: int) -> bytes | None:
     """The virtio-net header a tunnel sent with its packet, checked against the packet (as parsed:
     IP ``version``, ``protocol``, TCP header at ``l4``) and rebuilt from what it may say; None
-    when it lies. Only what our own superframes carry passes: a partial TCP checksum at its
+    when it lies. Only what our own superframes carry passes: a partial TCP or UDP checksum at its
     place, TCP GSO of the packet's IP version with a sane segment size."""
     flags, gso_type, _, gso_size, start, offset = _GSO.unpack_from(header)
     if flags & ~(NEEDS_CSUM | DATA_VALID) or gso_type & ~(GSO_ECN | 0x7F):
         return None
     gso = gso_type & 0x7F
-    if protocol != 6:  # a datagram's payload leaves by a socket: its checksum state is moot
-        return None if gso else PLAIN
+    if protocol != 6:
+        if gso:
+            return None
+        if protocol == 17 and flags & NEEDS_CSUM and start == l4 and offset == 6:
+            # A partial UDP checksum: moot for a datagram that leaves by a socket, but one
+            # passed on as a packet (between two devices) must still be completed.
+            return _GSO.pack(NEEDS_CSUM, 0, 0, 0, start, 6)
+        return PLAIN
     if not flags & NEEDS_CSUM:
         return None if gso else PLAIN  # (DATA_VALID is the kernel's to decide, not a client's)
     if start != l4 or offset != 16:

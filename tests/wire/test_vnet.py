@@ -102,8 +102,11 @@ def test_sanitize_keeps_what_our_own_superframes_say_and_rebuilds_it():
     # GSO over a payload that fits one segment: just a partial checksum.
     assert vnet.sanitize(hdr(vnet.NEEDS_CSUM, vnet.GSO_TCPV4, 40, 4000, 20, 16), *TCP4) == \
         hdr(vnet.NEEDS_CSUM, 0, 0, 0, 20, 16)
-    # A UDP packet's partial checksum is moot (its payload leaves by a socket).
-    assert vnet.sanitize(hdr(vnet.NEEDS_CSUM, 0, 0, 0, 20, 6), 4, 17, 20, 28, 100) == vnet.PLAIN
+    # A UDP packet's partial checksum is kept at its place (a packet passed on between two
+    # devices must still get it completed); anywhere else it is moot: plain.
+    assert vnet.sanitize(hdr(vnet.NEEDS_CSUM, 0, 0, 0, 20, 6), 4, 17, 20, 28, 100) == \
+        hdr(vnet.NEEDS_CSUM, 0, 0, 0, 20, 6)
+    assert vnet.sanitize(hdr(vnet.NEEDS_CSUM, 0, 0, 0, 20, 4), 4, 17, 20, 28, 100) == vnet.PLAIN
 
 
 def test_sanitize_refuses_headers_that_lie():
@@ -119,3 +122,19 @@ def test_sanitize_refuses_headers_that_lie():
     for lie in lies:
         assert vnet.sanitize(lie, *TCP4) is None, lie.hex()
     assert vnet.sanitize(hdr(vnet.NEEDS_CSUM, 3, 28, 100, 20, 6), 4, 17, 20, 28, 3000) is None
+
+
+def test_a_partial_udp_checksum_is_completed_and_zero_is_sent_as_ffff():
+    import dpkt
+    for payload in (b"hello", b"x" * 999):
+        datagram = dpkt.udp.UDP(sport=5, dport=53, ulen=8 + len(payload), data=payload)
+        packet = bytearray(bytes(dpkt.ip.IP(src=b"\x0a\0\0\1", dst=b"\x0a\0\0\2", p=17,
+                                            ttl=64, data=datagram)))
+        want = bytes(packet[26:28])
+        # What a kernel with offload hands over: the pseudo-header's sum in the field.
+        pseudo = packet[12:20] + bytes([0, 17]) + (len(packet) - 20).to_bytes(2, "big")
+        packet[26:28] = b"\0\0"
+        from ipferry.wire.checksum import ones_sum
+        packet[26:28] = ones_sum(pseudo).to_bytes(2, "big")
+        [done] = vnet.segment(packet, hdr(vnet.NEEDS_CSUM, 0, 0, 0, 20, 6))
+        assert bytes(done[26:28]) == (want if want != b"\0\0" else b"\xff\xff")
