@@ -94,6 +94,8 @@ def markdown(result: dict) -> str:
                    f"`· 0.33×`: ratio to the veth pair (the limit) in the same row. ")
         lines += _tables(result, proxies, caption, LIMIT, PEERS, "ipferry")
     if devices:
+        udp = any(r["metric"].startswith("udp") and any(t["id"] in r["cells"] for t in devices)
+                  for r in result["rows"])
         caption = (f"Device to device through a private network: the servers (iperf3 -s, rr.py) "
                    f"in the device holding 10.77.0.2, the clients in another device of the tenant. "
                    f"ipferry: two `ipferry connect` devices of one daemon, TCP as IP packets or "
@@ -102,9 +104,9 @@ def markdown(result: dict) -> str:
                    f"kernel WireGuard between them over a veth pair. Each figure: median of "
                    f"{runs} (min–max). Upload: client device to server device; download: "
                    f"iperf3 -R; iperf3 runs of {cfg['duration']} s; connections: {cfg['conns']}, "
-                   f"{cfg['concurrency']} at a time; latency: {cfg['round_trips']} round trips; "
-                   f"UDP: iperf3 -u -b 0 -l {cfg['udp_size']}. `· 0.33×`: ratio to the veth pair "
-                   f"between the devices in the same row. ")
+                   f"{cfg['concurrency']} at a time; latency: {cfg['round_trips']} round trips"
+                   + (f"; UDP: iperf3 -u -b 0 -l {cfg['udp_size']}" if udp else "")
+                   + ". `· 0.33×`: ratio to the veth pair between the devices in the same row. ")
         if proxies:
             lines += ["### Device to device", ""]
         lines += _tables(result, devices, caption, DEVICES_LIMIT, DEVICES_PEERS, "devices-")
@@ -193,8 +195,9 @@ def chart(result: dict, path: Path) -> None:
     axes[0].legend(fontsize=8, ncol=len(transports), loc="upper center",
                    bbox_to_anchor=(0.5, -0.14))
     m = result["machine"]
-    what = ("ipferry vs pasta, slirp4netns and veth" if not any(is_device(t["id"])
-                                                                 for t in transports)
+    kinds = {is_device(t["id"]) for t in transports}
+    what = ("ipferry vs pasta, slirp4netns and veth" if kinds == {False}
+            else "ipferry device to device vs a veth pair between them" if kinds == {True}
             else "ipferry and its peers, device to device where named")
     fig.suptitle(f"{what}: {m['cores']} cores, kernel "
                  f"{m['kernel']}, median of {result['config']['runs']} runs (bars: min-max)",

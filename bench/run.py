@@ -238,8 +238,10 @@ def run(args) -> dict:
             notes.append("Device to device: UDP not measured: between two ipferry devices the "
                          "datagrams arrive with bad checksums and are dropped (`--only udp` to "
                          "try it again).")
+        counts = sorted({len(device_steps if devices.is_device(t.id) else steps)
+                         for t in transports})
         say(f"{len(transports)} transports x {len(args.mtu)} MTUs x {args.runs} runs, "
-            f"{len(steps)} workloads each")
+            f"{' or '.join(map(str, counts))} workloads each")
         for run_no in range(1, args.runs + 1):
             for mtu in args.mtu:
                 for t in transports:
