@@ -231,22 +231,12 @@ def run(args) -> dict:
                 say(notes[-1][:500])
                 transports.remove(t)
         steps = workloads.plan(opts, set(chosen_groups))
-        # Device to device, UDP only when named (bench/devices.py, DEFAULT_GROUPS).
-        device_steps = [s for s in steps if s[0] in devices.DEFAULT_GROUPS
-                        or s[0] in select(patterns, groups)]
-        if len(device_steps) < len(steps) and any(devices.is_device(t.id) for t in transports):
-            notes.append("Device to device: UDP not measured: between two ipferry devices the "
-                         "datagrams arrive with bad checksums and are dropped (`--only udp` to "
-                         "try it again).")
-        counts = sorted({len(device_steps if devices.is_device(t.id) else steps)
-                         for t in transports})
         say(f"{len(transports)} transports x {len(args.mtu)} MTUs x {args.runs} runs, "
-            f"{' or '.join(map(str, counts))} workloads each")
+            f"{len(steps)} workloads each")
         for run_no in range(1, args.runs + 1):
             for mtu in args.mtu:
                 for t in transports:
-                    measure_cell(t, mtu, device_steps if devices.is_device(t.id) else steps,
-                                 server, samples, errors,
+                    measure_cell(t, mtu, steps, server, samples, errors,
                                  f"run {run_no}/{args.runs} MTU {mtu} {t.label}")
         result["transports"] = [{"id": t.id, "label": t.label} for t in transports]
         counters = {t.id: t.counters() for t in transports if hasattr(t, "counters")}
