@@ -19,6 +19,7 @@ Every namespace is made for the run and deleted by the :class:`testbed.Reaper`; 
 
 from __future__ import annotations
 
+import gzip
 import os
 import shutil
 import subprocess
@@ -272,7 +273,6 @@ def wireguard_missing() -> str | None:
 
 def kernel_config(option: str) -> str | None:
     try:
-        import gzip
         with gzip.open("/proc/config.gz", "rt") as f:
             for line in f:
                 if line.startswith(f"{option}=") or line.startswith(f"# {option} is not set"):
