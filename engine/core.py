@@ -77,7 +77,7 @@ from .legs import (
     TunnelLeg,
     same_device,
 )
-from .routes import PROHIBITED, Route, RouteTable, Unrouted
+from .routes import NO_ROUTE, PROHIBITED, Route, RouteTable, Unrouted
 
 # ICMPv6 is "icmp" to rules and metrics: one word for ping, whichever IP version.
 PROTO_NAMES = {IPPROTO_TCP: "tcp", IPPROTO_UDP: "udp", IPPROTO_ICMP: "icmp", IPPROTO_ICMPV6: "icmp"}
@@ -353,10 +353,18 @@ class FlowEngine:
         (administratively prohibited), not to an address of the tenant's networks that no
         device holds (host unreachable), not back into the tunnel it came from."""
         if isinstance(verdict, Route):
-            if not same_device(verdict.target, tunnel):
-                return True
-            out.append(Count("drop", "route_loop"))
-            return False
+            if same_device(verdict.target, tunnel):
+                out.append(Count("drop", "route_loop"))
+                return False
+            # To a device, an address of the tenant's networks speaks only for the device that
+            # holds it: another tunnel cannot pose as it (its answers would come back to us).
+            source = self.routes.lookup(tunnel.tenant, p.src)
+            if source is NO_ROUTE or (isinstance(source, Route)
+                                      and not same_device(source.target, tunnel)):
+                out.append(Count("drop", "source_not_held"))
+                self._unreachable(tunnel, p, packet, "admin", out)
+                return False
+            return True
         out.append(Count("drop", verdict.value))
         if not (p.protocol == IPPROTO_TCP and p.tcp_flags & TCP_RST):
             self._unreachable(tunnel, p, packet, "admin" if verdict is PROHIBITED else "host", out)

@@ -80,10 +80,12 @@ def device() -> FakeTunnel:
 
 
 @pytest.fixture
-def routes(device) -> RouteTable:
+def routes(client, device) -> RouteTable:
     table = RouteTable(NETWORKS)
     table.add("acme", "10.77.0.2/32", device)
     table.add("acme", "fd77::2/128", device)
+    table.add("acme", "10.77.0.3/32", client)  # the client is a device too
+    table.add("acme", "fd77::3/128", client)
     return table
 
 
@@ -112,7 +114,7 @@ def test_lookup_answers_route_no_route_prohibited_or_public(routes, device):
     assert [r.prefix for r in routes.remove_target(wide)] == ["10.77.0.0/24"]
     assert routes.lookup("acme", C4) is NO_ROUTE
     assert isinstance(routes.remove("acme", "10.77.0.2/32"), Route)
-    assert routes.lookup("acme", B4) is NO_ROUTE and len(routes) == 1
+    assert routes.lookup("acme", B4) is NO_ROUTE and len(routes) == 3
 
 
 def test_a_table_without_networks_is_not_private():
@@ -388,3 +390,17 @@ def test_the_kernels_resets_of_a_flow_cut_short_still_reach_both_ends(pb, engine
     assert engine.cut  # the device's slot (its tunnel is gone: nothing will come)
     assert pb >> timer(10.0)
     assert not engine.cut
+
+
+def test_a_tunnel_cannot_pose_as_another_device(pb, routes, client, device):
+    """A's address is A's: another tunnel sending from it (or from an address of the network
+    nobody holds) to a device is refused; from outside the networks it may."""
+    intruder = FakeTunnel(id=9)
+    spoofed = tcp(A4, B4, 40000, 22)
+    assert (pb >> packet(intruder, spoofed) << Count("drop", "source_not_held")
+            << Count("icmp_sent", "admin") << SendToTunnel(intruder, icmp_about(spoofed, "admin")))
+    unheld = tcp(C4, B4, 40000, 22)
+    assert (pb >> packet(intruder, unheld) << Count("drop", "source_not_held") << Count
+            << SendToTunnel)
+    assert pb >> packet(intruder, tcp(ip("10.98.1.2"), B4, 40000, 22)) << FlowStarted << DecideFlow
+    assert pb >> packet(client, spoofed) << FlowStarted << DecideFlow  # from its holder: fine
