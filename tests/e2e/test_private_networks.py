@@ -176,6 +176,12 @@ def test_another_tenant_cannot_reach_a_device(daemon_factory, tmp_path):
         # (administratively prohibited: ping says "Packet filtered")
         assert res.returncode != 0 and b"Packet filtered" in res.stdout, res.stdout
         assert counter(d, "ipferry_drops_total", "reason").get("other_tenant_network") == 2
+        # Nor can a tunnel of acme pose as a device it is not (an address of the network that
+        # it does not hold).
+        res = run_in_device(d, "curl", "-sS", "--max-time", "10", "http://10.77.0.2:8000/1",
+                            options=("--source", "10.77.0.9"))
+        assert res.returncode == 7, res.stderr
+        assert counter(d, "ipferry_drops_total", "reason").get("source_not_held") == 1
         # acme's own devices do reach it (and ping it: ICMP between devices too)
         res = run_in_device(d, "ping", "-c", "2", "-W", "5", "10.77.0.2")
         assert res.returncode == 0, res.stdout
