@@ -104,15 +104,17 @@ sender = "127.0.0.1:{SITE_PORT}"
 
 
 @pytest.mark.parametrize("layer", ["ip", "stream"])
-def test_a_gue_site_and_a_connected_device_reach_each_other(daemon_factory, tmp_path, layer):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_gue_site_and_a_connected_device_reach_each_other(daemon_factory, tmp_path, layer,
+                                                            workers):
     """A GUE sender configured as a site holds its prefixes: a connected device reaches it, and
-    it reaches the connected device (two workers: flows cross the mesh one way, and the kernel
-    steers the site's datagrams to each flow's owner the other)."""
+    it reaches the connected device (with two workers, flows cross the mesh one way, and the
+    kernel steers the site's datagrams to each flow's owner the other)."""
     extra = NETWORKS + SITE + (STREAM_RULE if layer == "stream" else "")
-    d = daemon_factory("--workers", "2", config=config(tmp_path, extra))
+    d = daemon_factory("--workers", str(workers), config=config(tmp_path, extra))
     site = ("--gue-port", str(SITE_PORT))
     with serve_files(d, ("10.77.1.2", "fd77::1:2"), gue=GUE, options=site):
-        transfer_both_ways(d, tmp_path, "10.77.1.2", 20 * MB)
+        transfer_both_ways(d, tmp_path, "10.77.1.2", 100 * MB)
         transfer_both_ways(d, tmp_path, "[fd77::1:2]", 4 * MB)
     with serve_files(d, ("10.77.0.2", "fd77::2")):
         transfer_both_ways(d, tmp_path, "10.77.0.2", 20 * MB, gue=GUE,
