@@ -146,7 +146,11 @@ def test_a_device_that_disconnects_ends_its_flows_and_becomes_unreachable(
     with serve_files(d, "10.77.0.2") as server:
         downloads = [slow_download(d, "10.77.0.2", 50 * MB) for _ in range(3)]
         try:
-            wait_for(lambda: len(flows_to(d, "10.77.0.2")) == 3 or None, 20, "3 live flows")
+            rows = wait_for(lambda: len(flows_to(d, "10.77.0.2")) == 3
+                            and flows_to(d, "10.77.0.2"), 20, "3 live flows")
+            legs = ("tcp:upgraded", "tcp:downgraded") if layer == "stream" else ("ip", "ip")
+            assert {(r["client_leg"], r["server_leg"]) for r in rows} == {legs}, rows
+            assert all(r["destination_tunnel"] is not None for r in rows), rows
             os.killpg(server.pid, signal.SIGKILL)  # the device is gone (its tunnel closes)
             for p in downloads:
                 assert p.wait(30) != 0  # cut short, not a clean end
