@@ -329,7 +329,8 @@ class FlowEngine:
             out.append(Count("drop", "forbidden_destination"))
             self._unreachable(tunnel, p, packet, "admin", out)
             return False
-        if self.routes.private():
+        if self.routes.private() and (p.protocol != IPPROTO_TCP or p.tcp_flags & (
+                TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN):  # (a stray segment gets its reset)
             verdict = self.routes.lookup(tunnel.tenant, p.dst)
             if verdict is not None and not self._routable(tunnel, verdict, p, packet, out):
                 return False

@@ -404,3 +404,15 @@ def test_a_tunnel_cannot_pose_as_another_device(pb, routes, client, device):
             << SendToTunnel)
     assert pb >> packet(intruder, tcp(ip("10.98.1.2"), B4, 40000, 22)) << FlowStarted << DecideFlow
     assert pb >> packet(client, spoofed) << FlowStarted << DecideFlow  # from its holder: fine
+
+
+def test_a_stray_segment_to_a_device_gone_is_reset_not_answered_unreachable(pb, routes, client,
+                                                                              device):
+    """The client of a flow that ended with its device (its reset lost, say) keeps sending: a
+    reset ends its connection; an ICMP unreachable would not (TCP takes it as a soft error)."""
+    routes.remove_target(device)
+    stray = tcp(A4, B4, 40000, 22, ACK, 1001, DEVICE_SEQ + 1)
+    assert (pb >> packet(client, stray) << Count("drop", "no_flow")
+            << SendToTunnel(client, rst_for(stray)))
+    syn = tcp(A4, B4, 40001, 22)
+    assert pb >> packet(client, syn) << Count("drop", "no_route") << Count << SendToTunnel
