@@ -359,9 +359,7 @@ class FlowEngine:
                 return False
             # To a device, an address of the tenant's networks speaks only for the device that
             # holds it: another tunnel cannot pose as it (its answers would come back to us).
-            source = self.routes.lookup(tunnel.tenant, p.src)
-            if source is NO_ROUTE or (isinstance(source, Route)
-                                      and not same_device(source.target, tunnel)):
+            if not self._holds_source(tunnel, p.src):
                 out.append(Count("drop", "source_not_held"))
                 self._unreachable(tunnel, p, packet, "admin", out)
                 return False
@@ -370,6 +368,13 @@ class FlowEngine:
         if not (p.protocol == IPPROTO_TCP and p.tcp_flags & TCP_RST):
             self._unreachable(tunnel, p, packet, "admin" if verdict is PROHIBITED else "host", out)
         return False
+
+    def _holds_source(self, tunnel: TunnelLeg, src: bytes) -> bool:
+        """May ``tunnel`` send from ``src`` towards a device? Yes from outside its tenant's
+        networks (a client of no address of its own); inside them, only from its own."""
+        source = self.routes.lookup(tunnel.tenant, src)
+        return not (source is NO_ROUTE or (isinstance(source, Route)
+                                           and not same_device(source.target, tunnel)))
 
     def _start(self, tunnel: TunnelLeg, key: FlowKey, p: Parsed, packet: bytes | memoryview,
                header: bytes | None, now: float, out: list[Action]) -> None:
@@ -438,17 +443,17 @@ class FlowEngine:
         dst, port = key.dst, key.dport
         if not self.routes.private():
             return None, dst, port
-        if decision.upstream is not None:
+        if decision.upstream is not None:  # the application's upstream, not the packet's
             try:
                 up = socket.inet_pton(socket.AF_INET6 if ":" in decision.upstream[0]
                                       else socket.AF_INET, decision.upstream[0])
             except OSError:  # a name: the off-ramp resolves it, on the host's side
-                up = None
-            if up is not None and key.protocol == IPPROTO_TCP:
-                dst, port = up, decision.upstream[1]
-            elif up is not None and self.routes.lookup(key.tenant, up) is not None:
-                # A datagram off-ramp leaves by the host: never towards a private network.
-                return PROHIBITED, dst, port
+                return None, dst, port
+            verdict = self.routes.lookup(key.tenant, up)
+            if key.protocol == IPPROTO_TCP:
+                return verdict, up, decision.upstream[1]
+            # A datagram off-ramp leaves by the host: never towards a private network.
+            return (PROHIBITED if verdict is not None else None), dst, port
         return self.routes.lookup(key.tenant, dst), dst, port
 
     def _as_stream(self, flow: Flow, decision: Decision, dst: bytes, port: int) -> bool:
@@ -483,11 +488,23 @@ class FlowEngine:
             out.append(Count("drop", "route_loop"))
             self._unroutable_end(flow, "route_loop", now, out)
             return False
+        if not isinstance(flow.client, AcceptedLeg) and not self._holds_source(flow.client,
+                                                                                key.src):
+            # (a re-route: the destination the packet named was no device's, so _starts_flow
+            # did not ask; the device must not see a connection from another device's address)
+            out.append(Count("drop", "source_not_held"))
+            self._unroutable_end(flow, "source_not_held", now, out)
+            return False
         upstream = (addr(dst), port)
         if layer3:
+            answers = self._answer_key(key)
+            if answers in self.from_device:  # another flow takes the device's answers
+                out.append(Count("drop", "duplicate_flow"))
+                self._unroutable_end(flow, "duplicate_flow", now, out)
+                return False
             flow.server = RoutedLeg(route.target, upstream, rebuild=key.protocol == IPPROTO_UDP
                                     and decision.layer == "stream")
-            self.from_device[self._answer_key(key)] = flow
+            self.from_device[answers] = flow
             return True
         version = 4 if len(dst) == 4 else 6
         if len(key.src) == len(dst) and not unroutable_source(key.src):
@@ -888,6 +905,10 @@ class FlowEngine:
         """Follow the downgraded connection. An accepted client's flow has no other packets:
         they are its accounting and its state. Else the flow's state is its client's, and it
         ends once both connections are done."""
+        if not server.connected and p.tcp_flags & TCP_RST:
+            # The device refused the socket's connect: the kernel has its reset now, and the
+            # connect's failure (a reset for the client, as end to end) comes from the driver.
+            return
         done = server.observe(direction is Direction.TO_CLIENT, p.tcp_flags)
         if isinstance(flow.client, AcceptedLeg):
             ended = self.flows.observe(flow, direction, p.tcp_flags, p.total_length, now)
@@ -1142,14 +1163,24 @@ class FlowEngine:
                 self._end(flow, CloseReason.EVICTED, now, out, close_reason="tunnel_closed")
         return out
 
-    def _remember_cut(self, flow: Flow, now: float) -> None:
+    def _remember_cut(self, flow: Flow, now: float, close_reason: str | None) -> None:
+        """A flow cut short (a reset, an idle timeout, a device or nsd gone, ...): the driver
+        aborts its sockets, and their resets, which come out of the TUN after the flow is gone,
+        must still reach the tunnels that are left."""
+        key, server, until = flow.key, flow.server, now + CUT_KEPT
+        if (flow.slot is not None and not isinstance(flow.client, AcceptedLeg)
+                and close_reason != "tunnel_closed"):
+            self._cut(flow.slot, (flow.client, key.dst, key.dport, key.src, key.sport, until))
+        if (isinstance(server, DowngradedLeg) and server.tunnel is not None
+                and close_reason != "device_disconnected"):
+            self._cut(server.slot, (server.tunnel, *server.peer, *server.device, until))
+
+    def _cut(self, slot: tuple[bytes, int],
+             entry: tuple[TunnelLeg, bytes, int, bytes, int, float]) -> None:
+        self.cut.pop(slot, None)  # (re-inserted at the end: the dict stays in deadline order)
         if len(self.cut) >= MAX_CUT:
             del self.cut[next(iter(self.cut))]
-        key, server, until = flow.key, flow.server, now + CUT_KEPT
-        if flow.slot is not None and not isinstance(flow.client, AcceptedLeg):
-            self.cut[flow.slot] = (flow.client, key.dst, key.dport, key.src, key.sport, until)
-        if isinstance(server, DowngradedLeg) and server.tunnel is not None:
-            self.cut[server.slot] = (server.tunnel, *server.peer, *server.device, until)
+        self.cut[slot] = entry
 
     def _reset_survivor(self, flow: Flow, gone: TunnelLeg, out: list[Action]) -> None:
         """A layer-3 TCP flow lost one of its devices: the other gets the reset a firewall
@@ -1169,10 +1200,20 @@ class FlowEngine:
                 TCP_RST | TCP_ACK)))
 
     def end_all(self, close_reason: str, now: float) -> list[Action]:
-        """Every flow ends (the namespace is lost, the worker stops)."""
+        """Every flow ends (the worker stops)."""
         out: list[Action] = []
         for flow in list(self.by_key.values()):
             self._end(flow, CloseReason.EVICTED, now, out, close_reason=close_reason)
+        return out
+
+    def namespace_lost(self, now: float) -> list[Action]:
+        """nsd's namespace is gone: the flows that lived in its kernel end (an upgraded or a
+        downgraded stream, "namespace_lost"); IP packets between devices, datagram sockets and a
+        TCP on-ramp's relay to the host's network never touched it and go on."""
+        out: list[Action] = []
+        for flow in list(self.by_key.values()):
+            if flow.slot is not None or isinstance(flow.server, DowngradedLeg):
+                self._end(flow, CloseReason.EVICTED, now, out, close_reason="namespace_lost")
         return out
 
     def end(self, flow: Flow, close_reason: str, now: float) -> list[Action]:
@@ -1191,8 +1232,8 @@ class FlowEngine:
             out.append(Count("drop", "held_at_end", len(flow.pending)))
         flow.pending = None
         self.flows.end(flow, reason)
-        if reason is not CloseReason.FIN and close_reason not in (None, "tunnel_closed"):
-            self._remember_cut(flow, now)
+        if reason is not CloseReason.FIN:
+            self._remember_cut(flow, now, close_reason)
         if flow.slot is not None:
             self.by_slot.pop(flow.slot, None)
             self.pools[4 if len(flow.slot.address) == 4 else 6].release(flow.slot, now)

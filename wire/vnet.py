@@ -50,6 +50,9 @@ _GSO = struct.Struct("<BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_star
 _TCP_FIN, _TCP_PSH, _TCP_CWR = 0x01, 0x08, 0x80
 
 
+_UDP_PARTIAL = {start: _GSO.pack(NEEDS_CSUM, 0, 0, 0, start, 6) for start in (20, 40)}
+
+
 def segment(packet: bytearray, header: bytes | memoryview) -> list[bytearray]:
     """Cut a TCP superframe into the segments the kernel would have sent (software GSO), each a
     whole packet with its checksums: for tunnels that take plain packets. A packet that is no
@@ -116,7 +119,7 @@ def sanitize(header: bytes | memoryview, version: int, protocol: int, l4: int,
         if protocol == 17 and flags & NEEDS_CSUM and start == l4 and offset == 6:
             # A partial UDP checksum: moot for a datagram that leaves by a socket, but one
             # passed on as a packet (between two devices) must still be completed.
-            return _GSO.pack(NEEDS_CSUM, 0, 0, 0, start, 6)
+            return _UDP_PARTIAL.get(start) or _GSO.pack(NEEDS_CSUM, 0, 0, 0, start, 6)
         return PLAIN
     if not flags & NEEDS_CSUM:
         return None if gso else PLAIN  # (DATA_VALID is the kernel's to decide, not a client's)

@@ -175,14 +175,14 @@ class Worker:
         self.start_onramps()
         if first:
             self.start_sites()
-        assert self.routes is not None
-        self.routes.apply({"add": msg.get("routes") or []})
         if self.nsd is not None:
             self.nsd.close()
         self.nsd = self.dp.nsd = fdpass.AsyncChannel(socket.socket(fileno=msg.take_fd("nsd")),
                                                      "nsd")
         for name in [n for n in msg.fds if n.startswith("mesh:")]:
             self.add_mesh_peer(int(name[5:]), msg.take_fd(name))
+        assert self.routes is not None
+        self.routes.apply({"add": msg.get("routes") or []})  # (after the mesh: they reach it)
         msg.close_fds()
         try:
             pong = await self.nsd.request("ping", timeout=5)
@@ -406,6 +406,8 @@ class Worker:
         self.mesh[peer] = MeshLink(peer, socket.socket(fileno=fd), on_message=self.on_mesh_message,
                                    on_frame=self.on_mesh_frame, on_close=self.on_mesh_close)
         metrics.MESH_PEERS.set(len(self.mesh))
+        if self.routes is not None:
+            self.routes.link_up(peer)
 
     # -- the mesh: flows owned by another worker ----------------------------------------------
 

@@ -106,6 +106,21 @@ def _child(family: str, *labels: str) -> Any:
     return child
 
 
+KEEPALIVE = ((socket.SO_KEEPALIVE, socket.SOL_SOCKET, 1),
+             (socket.TCP_KEEPIDLE, socket.IPPROTO_TCP, 600),
+             (socket.TCP_KEEPINTVL, socket.IPPROTO_TCP, 60),
+             (socket.TCP_KEEPCNT, socket.IPPROTO_TCP, 5))
+
+
+def keepalive(sock: socket.socket) -> None:
+    """TCP keepalives after 10 minutes of silence, given up after 5 more (15 minutes)."""
+    for option, level, value in KEEPALIVE:
+        try:
+            sock.setsockopt(level, option, value)
+        except OSError:
+            pass
+
+
 def _mutable(packet: bytes | bytearray) -> bytearray:
     return packet if isinstance(packet, bytearray) else bytearray(packet)
 
@@ -281,7 +296,7 @@ class DataPath:
 
     def detach(self) -> None:
         """Let go of the TUN and upgrade listeners (nsd is rebuilding the namespace)."""
-        self.carry(self.engine.end_all("namespace_lost", time.monotonic()))
+        self.carry(self.engine.namespace_lost(time.monotonic()))
         for listener in self._listeners:
             self._loop.remove_reader(listener.fileno())
         self._listeners = []
@@ -477,6 +492,10 @@ class DataPath:
         assert isinstance(client, AcceptedLeg) and isinstance(client.handle, socket.socket)
         assert isinstance(server, StreamLeg) and isinstance(server.handle, socket.socket)
         conn, client.handle = client.handle, None
+        for sock in (conn, server.handle):
+            # No packet of this flow is seen (it never idles out): a peer that vanishes without
+            # a word is found by the kernel's keepalives, which end the relay.
+            keepalive(sock)
         task = self._loop.create_task(self._run_stream(flow, conn, server.handle))
         flow.stream = UpgradedStream(conn, task)
         self.streams.add(task)

@@ -42,6 +42,9 @@ class DeviceRoutes:
         self.remote = remote  # (worker, tunnel id, tenant, vnet) -> that worker's tunnel, here
         self.forget = forget  # a tunnel no route reaches any more: its flows to it end
         self.claimed: dict[int, Tunnel] = {}  # our tunnels whose claims were accepted, by id
+        # Routes to another worker's tunnels told before our mesh link to that worker exists
+        # (at equip, or while it restarts), by worker: made when the link is.
+        self.unresolved: dict[int, list[dict]] = {}
 
     async def claim(self, tunnel: Tunnel) -> None:
         """Claim the routes of ``tunnel``'s context before it opens; raises RouteRefused."""
@@ -54,7 +57,9 @@ class DeviceRoutes:
                 "tunnel": tunnel.id, "tenant": tunnel.tenant, "prefixes": prefixes,
                 "vnet": tunnel.vnet}, timeout=CLAIM_TIMEOUT)
         except (fdpass.ChannelClosed, TimeoutError):
-            self.claimed.pop(tunnel.id, None)
+            # It may yet have accepted it: let go of whatever it holds (here too: its routes
+            # may have been told already), or they would outlive the tunnel.
+            self.release(tunnel)
             raise RouteRefused("the supervisor did not answer the claim") from None
         if reply.type != "routes_claimed":
             self.claimed.pop(tunnel.id, None)
@@ -75,6 +80,10 @@ class DeviceRoutes:
     def apply(self, body: dict) -> None:
         """The supervisor's ``routes`` {add, remove} (or an equip's ``routes`` as ``add``)."""
         for entry in body.get("remove") or ():
+            waiting = self.unresolved.get(entry["worker"])
+            if waiting:
+                waiting[:] = [e for e in waiting if (e["tenant"], e["prefix"])
+                              != (entry["tenant"], entry["prefix"])]
             route = self.table.remove(entry["tenant"], entry["prefix"])
             if route is not None and not any(r.target is route.target for r in self.table):
                 self.forget(route.target)
@@ -85,10 +94,19 @@ class DeviceRoutes:
                 target = self.claimed.get(tunnel_id)
             else:
                 target = self.remote(worker, tunnel_id, entry["tenant"], bool(entry.get("vnet")))
+                if target is None:  # no mesh link to that worker yet
+                    self.unresolved.setdefault(worker, []).append(entry)
+                    continue
             if target is None:  # closed since it claimed: its removal follows
                 continue
             self.table.add(entry["tenant"], entry["prefix"], target)
         metrics.ROUTES.set(len(self.table))
+
+    def link_up(self, worker: int) -> None:
+        """A mesh link to ``worker`` exists now: the routes to its tunnels told before it."""
+        waiting = self.unresolved.pop(worker, None)
+        if waiting:
+            self.apply({"add": waiting})
 
     def add_site(self, tenant: str, prefixes: list[str], target: TunnelLeg) -> None:
         for prefix in prefixes:

@@ -387,9 +387,70 @@ def test_the_kernels_resets_of_a_flow_cut_short_still_reach_both_ends(pb, engine
                                         dport=40000, flags=RST | ACK), None)
             >> kernel(tcp(local, slot.address, 1, slot.port, RST | ACK, 5001, 1001))
             << Count("drop", "kernel_no_flow"))  # once: then the slot is forgotten
-    assert engine.cut  # the device's slot (its tunnel is gone: nothing will come)
+    assert not engine.cut  # (not the device's slot: its tunnel is gone)
+
+
+def test_a_client_reset_reaches_the_device_through_the_downgraded_socket(pb, engine, client,
+                                                                        device):
+    flow, server, local = open_downgraded(pb, engine, client, device)
+    assert (pb >> packet(client, tcp(A4, B4, 40000, 22, RST, 1001)) << WriteTun
+            << Audit << FlowEnded(flow, "rst", False))
+    # The driver aborts the downgraded socket: its reset goes to the device, as the client's.
+    k = (local, server.slot.address, KERNEL_PORT, server.slot.port)
+    assert (pb >> kernel(tcp(*k[:2], k[2], k[3], RST | ACK, 7001, DEVICE_SEQ + 1))
+            << SendToTunnel(device, Pkt(src="10.77.0.3", sport=40000, dst="10.77.0.2",
+                                        dport=22, flags=RST | ACK), None))
     assert pb >> timer(10.0)
-    assert not engine.cut
+    assert not engine.cut  # (the client's slot, unused, forgotten after 5 s)
+
+
+def test_the_device_refusing_the_downgraded_connect_is_the_connectors_to_report(
+        pb, engine, client, device):
+    syn = tcp(A4, B4, 40000, 23)
+    flow = Placeholder("flow")
+    assert (pb >> packet(client, syn) << FlowStarted(flow) << DecideFlow(flow)
+            >> decided(flow, Decision.upgrade(layer="stream")) << Count << AuditFlowStart
+            >> audit_written(flow, True) << ConnectOfframp(flow))
+    server = flow().server
+    ksyn = tcp(engine.local[4], server.slot.address, KERNEL_PORT, server.slot.port, SYN, 7000)
+    assert (pb >> kernel(ksyn) << SendToTunnel
+            >> packet(device, tcp(B4, A4, 23, 40000, RST | ACK, 0, 7001))
+            << WriteTun(Pkt(flags=RST | ACK), None))  # to the socket; the flow waits
+    assert not flow().ended
+    assert (pb >> offramp_failed(flow(), "refused", errno.ECONNREFUSED) << Count << Log
+            << SendToTunnel(client, rst_for(syn)) << Audit
+            << FlowEnded(flow(), "upstream_refused", False))
+
+
+def test_a_reroute_cannot_pose_as_another_device(routes, device):
+    engine = make_engine(routes=routes)
+    pb = Playbook(engine)
+    intruder = FakeTunnel(id=9)
+    flow = Placeholder("flow")
+    assert (pb >> packet(intruder, tcp(A4, ip("198.18.0.1"), 40000, 443)) << FlowStarted(flow)
+            << DecideFlow(flow)
+            >> decided(flow, Decision.upgrade(("10.77.0.2", 22))) << Count("drop", "source_not_held")
+            << Count << SendToTunnel << Audit << Audit << FlowEnded)
+
+
+def test_an_upstream_that_is_no_device_wins_over_a_device_destination(pb, client):
+    flow = Placeholder("flow")
+    assert (pb >> packet(client, udp(A4, B4, 5353, 53)) << FlowStarted(flow) << DecideFlow(flow)
+            >> decided(flow, Decision.upgrade(("198.18.0.53", 53)))
+            << AuditFlowStart(flow, Has(server_leg="udp", destination_tunnel=None)))
+    flow = Placeholder("tcp")
+    assert (pb >> packet(client, tcp(A4, B4, 40000, 80)) << FlowStarted(flow) << DecideFlow(flow)
+            >> decided(flow, Decision.upgrade(("proxy.example", 3128)))
+            << AuditFlowStart(flow, Has(server_leg="tcp", destination_tunnel=None)))
+
+
+def test_a_lost_namespace_ends_only_the_flows_that_lived_in_it(pb, engine, client, device):
+    routed = open_routed(pb, client, device, syn=tcp(A4, B4, 40005, 22))
+    downgraded, _, _ = open_downgraded(pb, engine, client, device)
+    out = engine.namespace_lost(1.0)
+    ended = [a.flow for a in out if isinstance(a, FlowEnded)]
+    assert ended == [downgraded] and not routed.ended
+    assert engine.by_key.get(routed.key) is routed
 
 
 def test_a_tunnel_cannot_pose_as_another_device(pb, routes, client, device):
