@@ -366,3 +366,24 @@ def test_udp_between_devices_with_checksums_intact(daemon_factory, tmp_path, lay
                     or None, 10, "flow_end records")
     want = "udp:downgraded" if layer == "stream" else "ip"
     assert {r["server_leg"] for r in ends} == {want}, ends
+
+
+def test_a_closed_port_of_a_device_is_refused_in_both_layers(daemon_factory, tmp_path):
+    """Connect before accept towards a device: a port nothing listens on is refused, at once,
+    whether the flow goes as packets or downgraded (the device's reset, seen by nsd's socket)."""
+    rule = STREAM_RULE.replace('ports = "8000"\n', 'ports = "8001"\n')
+    d = daemon_factory("--workers", "1", config=config(tmp_path, NETWORKS + rule))
+    with serve_files(d, "10.77.0.2"):
+        for port in (8001, 8002):  # downgraded, then as IP packets
+            res = run_in_device(d, "curl", "-sS", "--max-time", "10",
+                                f"http://10.77.0.2:{port}/1")
+            assert res.returncode == 7, res.stderr  # (curl: "couldn't connect", at once)
+    ends = wait_for(lambda: len({r["dport"] for r in records(tmp_path, "flow_end")
+                                 if r["dport"] in (8001, 8002)}) == 2
+                    and [r for r in records(tmp_path, "flow_end") if r["dport"] in (8001, 8002)],
+                    10, "flow_end records")
+    by_port = {r["dport"]: r for r in ends}
+    assert by_port[8001]["close_reason"] == "upstream_refused", ends
+    assert by_port[8001]["server_leg"] == "tcp:downgraded"
+    assert by_port[8002]["close_reason"] == "rst" and by_port[8002]["server_leg"] == "ip", ends
+    assert len([r for r in ends if r["dport"] == 8001]) == 1  # no retransmitted SYN's flows
