@@ -9,9 +9,11 @@ them in the ``/etc/resolv.conf`` it gives its command. Constants only: no I/O he
 
 from __future__ import annotations
 
+import ipaddress
+
 DNS_ADDRESS4 = "100.100.100.100"  # (shared address space, RFC 6598: never a real host's)
 DNS_ADDRESS6 = "fd53::53"  # (a unique local address, RFC 4193)
 DNS_PORT = 53
 # As the engine compares a packet's destination (packed bytes).
-DNS_ADDRESSES = frozenset({bytes(int(x) for x in DNS_ADDRESS4.split(".")),
-                           bytes.fromhex("fd53" + "0" * 26 + "0053")})
+DNS_ADDRESSES = frozenset({ipaddress.ip_address(DNS_ADDRESS4).packed,
+                           ipaddress.ip_address(DNS_ADDRESS6).packed})
