@@ -1,7 +1,7 @@
 """The inside of ``ipferry connect``: a fresh user+net namespace whose only way out is a TUN.
 
 ``python -m ipferry.nsd.sandbox --control-fd N --address A --address6 A6 [--extra-address X]...
-[--local-route CIDR]... [--mtu M] -- CMD ...``
+[--local-route CIDR]... [--mtu M] [--resolv-conf FILE] -- CMD ...``
 enters a new user and network namespace, brings up ``lo`` and a TUN device carrying both addresses
 as the IPv4 and IPv6 default route (the extra addresses go on ``lo``, so they are never chosen as
 sources; each local route makes a whole prefix local, AnyIP, as ``ip route add local CIDR dev
@@ -10,11 +10,19 @@ fd to its parent (message ``tun``, fd ``tun``) and runs CMD, staying as the name
 until CMD has exited and the sockets it left have said all they owed (at most 10 s); it exits
 with CMD's status. The parent pumps packets between that TUN and a tunnel. Errors before CMD runs
 are sent as ``error`` {cause, fix}.
+
+With ``--resolv-conf FILE`` it also enters a private mount namespace (inside the new user
+namespace: the host's mounts are untouched) and bind-mounts FILE, read-only, over
+``/etc/resolv.conf`` (over its target if it is a symlink, as systemd-resolved's is), before the
+``tun`` message; the parent may then remove FILE. If that cannot be done, the ``tun`` message
+says why in ``dns_warning`` and CMD reads the host's file.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import ipaddress
 import os
 import signal
@@ -26,10 +34,64 @@ from collections.abc import Sequence
 from ipferry.runtime import fdpass
 from ipferry.wire import vnet
 
-from .namespace import HostError, enter_user_and_net_namespace, write_sysctls
+from .namespace import HostError, enter_user_and_net_namespace, unshare, write_sysctls
 from .tun import open_tun
 
 TUN_NAME = "ipf-tun0"
+RESOLV_CONF = "/etc/resolv.conf"
+CLONE_NEWNS = 0x00020000
+MS_RDONLY = 0x1
+MS_REMOUNT = 0x20
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_PRIVATE = 0x40000
+MS_RELATIME = 0x200000
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                        ctypes.c_void_p]
+
+
+def mount(source: str | None, target: str, flags: int) -> None:
+    """mount(2) without a file system type or data: binds, remounts, propagation changes."""
+    if _libc.mount(source.encode() if source else None, target.encode(), None, flags, None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), target)
+
+
+def _kept_flags(path: str) -> int:
+    """The flags of the mount at ``path`` a remount must repeat (nosuid, nodev, noexec, atime: a
+    user namespace may not clear those it inherited)."""
+    f = os.statvfs(path).f_flag
+    kept = f & (os.ST_NOSUID | os.ST_NODEV | os.ST_NOEXEC | os.ST_NOATIME | os.ST_NODIRATIME)
+    return kept | (MS_RELATIME if f & os.ST_RELATIME else 0)  # (the ST_ and MS_ bits agree but this)
+
+
+def private_resolv_conf(source: str, resolv_conf: str = RESOLV_CONF) -> str | None:
+    """In a new mount namespace (the caller is single-threaded, in its own user namespace), bind
+    ``source`` read-only over ``resolv_conf``, or over its target if it is a symlink. None when
+    done, else one line saying why not (nothing was changed then, outside or in)."""
+    target = os.path.realpath(resolv_conf)
+    if not os.path.exists(target):
+        if os.path.islink(resolv_conf):
+            return f"{resolv_conf} is a symlink to {target}, which does not exist"
+        return f"there is no {resolv_conf} to bind over"
+    try:
+        unshare(CLONE_NEWNS)
+    except OSError as exc:
+        return f"cannot make a mount namespace for {resolv_conf} ({exc.strerror})"
+    try:
+        # Nothing done here may reach the host's mounts (a namespace made by an unprivileged user
+        # namespace gets slaves of shared mounts already; private says it outright).
+        mount(None, "/", MS_REC | MS_PRIVATE)
+        mount(source, target, MS_BIND)
+    except OSError as exc:
+        return f"cannot bind a file over {target} ({exc.strerror})"
+    try:
+        mount(None, target, MS_REMOUNT | MS_BIND | MS_RDONLY | _kept_flags(target))
+    except OSError:
+        pass  # writable then: what CMD writes goes to our file, gone once the parent removes it
+    return None
 IFA_F_NODAD = 0x02  # usable at once: CMD may connect before duplicate detection would finish
 RT_TABLE_LOCAL = 255
 RT_SCOPE_HOST = 254
@@ -89,12 +151,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mtu", type=int, default=65520)
     parser.add_argument("--offload", action="store_true",
                         help="virtio-net headers, TSO and partial checksums on the TUN")
+    parser.add_argument("--resolv-conf", metavar="FILE",
+                        help="bind FILE over /etc/resolv.conf in a private mount namespace")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     control = socket.socket(fileno=args.control_fd)
+    dns_warning = None
     try:
         enter_user_and_net_namespace()
+        if args.resolv_conf is not None:
+            # (before build_network: unshare wants a single-threaded process)
+            dns_warning = private_resolv_conf(args.resolv_conf)
         tun_fd = build_network(args.address, args.mtu, args.address6, args.offload,
                                args.extra_address, args.local_route)
     except HostError as exc:
@@ -104,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         fdpass.send(control, "error", {"cause": f"cannot build the namespace's network: {exc}",
                                        "fix": "see the cause"})
         return 2
-    fdpass.send(control, "tun", {"pid": os.getpid()}, {"tun": tun_fd})
+    fdpass.send(control, "tun", {"pid": os.getpid(), "dns_warning": dns_warning}, {"tun": tun_fd})
     os.close(tun_fd)
     control.close()
     import prctl
