@@ -6,6 +6,11 @@ the tunnel's packets back into the TUN. The tunnel is either connected (a SOCK_S
 connection to the daemon: the context first, then one raw packet per datagram) or, with
 ``--gue HOST:PORT``, unconnected: UDP datagrams with the context in each GUE header (see
 :mod:`ipferry.wire.gue`). It exits with the command's status.
+
+Names: the command gets its own ``/etc/resolv.conf`` (bind-mounted in a private mount namespace,
+nothing on the host changed) naming the daemon's resolver inside the tunnel network
+(:mod:`ipferry.wire.dns`) or the ``--dns`` addresses, with the host's ``search``/``domain`` and
+``options`` lines; ``--no-dns`` leaves it the host's.
 """
 
 from __future__ import annotations
@@ -15,10 +20,12 @@ import ipaddress
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -29,6 +36,7 @@ from ipferry.runtime import fdpass
 from ipferry.runtime.paths import default_runtime_dir
 from ipferry.wire import gue as gue_wire  # (``gue`` is run()'s argument: HOST:PORT)
 from ipferry.wire import vnet
+from ipferry.wire.dns import DNS_ADDRESS4, DNS_ADDRESS6
 from ipferry.wire.icmp import unreachable
 from ipferry.wire.packet import Drop, parse
 
@@ -49,7 +57,10 @@ def default_tunnel_path() -> Path:
 
 
 def random_address() -> ipaddress.IPv4Interface:
-    """A client address of its own for each tunnel, so two tunnels' flows never collide."""
+    """A client address of its own for each tunnel, so two tunnels' flows never collide.
+
+    (Never :data:`DNS_ADDRESS4`, the daemon's resolver: 100.100.100.100 is not in 10.98.0.0/16.)
+    """
     return ipaddress.IPv4Interface(f"10.98.{random.randrange(256)}.{random.randrange(1, 255)}/32")
 
 
@@ -114,6 +125,59 @@ def parse_route(text: str) -> IPNetwork:
         raise ValueError(f"--route {text}: {'is' if net.num_addresses == 1 else 'overlaps'} "
                          f"{what}; a device's prefix must be unicast")
     return net
+
+
+HOST_RESOLV_CONF = Path("/etc/resolv.conf")
+DEFAULT_DNS = (DNS_ADDRESS4, DNS_ADDRESS6)
+MAX_DNS = 3  # the C library's resolver (glibc's MAXNS, musl's too) reads no more nameservers
+_RESOLV_KEPT = ("search", "domain", "options")  # what the host's file gives CMD's
+
+
+def parse_dns(texts: Sequence[str]) -> list[str]:
+    """The ``--dns`` values: IPv4 or IPv6 addresses of resolvers, each once, in order;
+    ValueError: one line naming the bad value."""
+    found: list[str] = []
+    for text in texts:
+        try:
+            address = ipaddress.ip_address(text)
+        except ValueError:
+            raise ValueError(f"--dns {text}: not an IPv4 or IPv6 address") from None
+        if isinstance(address, ipaddress.IPv6Address) and address.scope_id:
+            raise ValueError(f"--dns {text}: no %scope: the namespace's only link is its tunnel")
+        if address.is_unspecified or address.is_multicast:
+            what = "unspecified" if address.is_unspecified else "multicast"
+            raise ValueError(f"--dns {text}: {what}; a resolver's address must be unicast")
+        if str(address) not in found:
+            found.append(str(address))
+    if len(found) > MAX_DNS:
+        raise ValueError(f"--dns {found[MAX_DNS]}: at most {MAX_DNS} resolvers (the C library "
+                         f"reads no more)")
+    return found
+
+
+def resolv_conf(nameservers: Sequence[str], host: str, ipv6: bool = True) -> str:
+    """CMD's ``/etc/resolv.conf``: ``nameservers`` (IPv6 ones only if the namespace has IPv6),
+    then the ``search``/``domain`` and ``options`` lines of the host's file ``host``, as they are
+    (its nameservers are not CMD's: a loopback stub there is unreachable from the namespace)."""
+    lines = ["# ipferry connect: resolvers through the tunnel; search and options from the "
+             "host's /etc/resolv.conf"]
+    lines += [f"nameserver {ns}" for ns in nameservers if ipv6 or ":" not in ns]
+    for line in host.splitlines():
+        words = line.split()
+        if words and words[0] in _RESOLV_KEPT:
+            lines.append(line.rstrip())
+    return "\n".join(lines) + "\n"
+
+
+def _host_resolv_conf() -> str:
+    try:
+        return HOST_RESOLV_CONF.read_bytes().decode("utf-8", "replace")
+    except OSError:
+        return ""  # (none: the sandbox has nothing to bind over and says so)
+
+
+def _namespace_has_ipv6() -> bool:
+    return socket.has_ipv6 and os.path.exists("/proc/net/if_inet6")
 
 
 @dataclass
@@ -390,14 +454,16 @@ def run(command: list[str], *, tunnel_path: Path | None, context: dict, mtu: int
         gue: str | None = None, offload: bool = True,
         extra: Sequence[ipaddress.IPv4Interface | ipaddress.IPv6Interface] = (),
         local: Sequence[IPNetwork] = (),
-        gue_port: int | None = None) -> int:
+        gue_port: int | None = None,
+        dns: Sequence[str] | None = DEFAULT_DNS) -> int:
     """Run ``command`` behind a tunnel: connected at ``tunnel_path``, or GUE to ``gue``.
 
     ``mtu`` None: 65520 on a connected tunnel, the largest packet a GUE datagram carries on GUE.
     ``offload``: TSO superframes with partial checksums through the tunnel (virtio-net headers).
     ``extra``, ``local``: more addresses and AnyIP prefixes in the namespace (see
     :class:`Addressing`; ``context`` carries the routes claimed). ``gue_port``: the GUE socket's
-    local port.
+    local port. ``dns``: the nameservers of CMD's own ``/etc/resolv.conf`` (see
+    :func:`resolv_conf`); None: CMD reads the host's.
     """
     tunnel: GueTunnel | socket.socket
     if gue is not None:
@@ -406,24 +472,41 @@ def run(command: list[str], *, tunnel_path: Path | None, context: dict, mtu: int
     else:
         tunnel = open_tunnel(tunnel_path or default_tunnel_path(), context, offload)
         mtu = mtu or 65520
-    ours, theirs = fdpass.channel_pair()
-    child = subprocess.Popen(
-        [sys.executable, "-m", "ipferry.nsd.sandbox", "--control-fd", str(theirs.fileno()),
-         "--address", str(address), "--address6", str(address6 or random_address6()),
-         *(f"--extra-address={a}" for a in extra), *(f"--local-route={n}" for n in local),
-         "--mtu", str(mtu), *(["--offload"] if offload else []), "--", *command],
-        pass_fds=[theirs.fileno()])
-    theirs.close()
+    # CMD's resolv.conf: a file the sandbox binds over /etc/resolv.conf in its own mount
+    # namespace; once it has (or could not), the file goes: the bind keeps what it holds.
+    scratch = tempfile.mkdtemp(prefix="ipferry-connect-") if dns is not None else None
     try:
-        msg = fdpass.recv(ours)
-    except (fdpass.ChannelClosed, fdpass.ProtocolError):
-        child.wait()
-        raise ConnectError(f"the namespace could not be set up (status {child.returncode})") from None
+        resolv: list[str] = []
+        if scratch is not None and dns is not None:
+            path = Path(scratch) / "resolv.conf"
+            path.write_text(resolv_conf(dns, _host_resolv_conf(), _namespace_has_ipv6()))
+            path.chmod(0o644)
+            resolv = ["--resolv-conf", str(path)]
+        ours, theirs = fdpass.channel_pair()
+        child = subprocess.Popen(
+            [sys.executable, "-m", "ipferry.nsd.sandbox", "--control-fd", str(theirs.fileno()),
+             "--address", str(address), "--address6", str(address6 or random_address6()),
+             *(f"--extra-address={a}" for a in extra), *(f"--local-route={n}" for n in local),
+             "--mtu", str(mtu), *(["--offload"] if offload else []), *resolv, "--", *command],
+            pass_fds=[theirs.fileno()])
+        theirs.close()
+        try:
+            msg = fdpass.recv(ours)
+        except (fdpass.ChannelClosed, fdpass.ProtocolError):
+            child.wait()
+            raise ConnectError(f"the namespace could not be set up (status {child.returncode})") \
+                from None
+        finally:
+            ours.close()
     finally:
-        ours.close()
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     if msg.type == "error":
         child.wait()
         raise ConnectError(f"{msg['cause']}; fix: {msg['fix']}")
+    if msg.get("dns_warning"):
+        print(f"ipferry connect: warning: {msg['dns_warning']}; CMD reads the host's "
+              f"/etc/resolv.conf", file=sys.stderr, flush=True)
     tun_fd = msg.take_fd("tun")
     msg.close_fds()
     os.set_blocking(tun_fd, True)

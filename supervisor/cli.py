@@ -10,6 +10,7 @@ import textwrap
 
 from pydantic import ValidationError
 
+from ipferry.wire.dns import DNS_ADDRESS4, DNS_ADDRESS6
 from ipferry.wire.gue import MAX_CONTEXT, MAX_VNET_CONTEXT
 
 from . import config as configmod
@@ -82,7 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
             "another device of the tenant reaches a server CMD runs there. With --gue the "
             "context carries no routes (the daemon takes a GUE site's prefixes from its "
             "[[sites]] config, naming the sender as HOST:PORT: see --gue-port); --address and "
-            "--route still shape the namespace.")),
+            "--route still shape the namespace.",
+            "Names: CMD gets its own /etc/resolv.conf (bind-mounted in a private mount "
+            "namespace; nothing on the host changes) naming the daemon's resolver inside the "
+            f"tunnel network, {DNS_ADDRESS4} and {DNS_ADDRESS6}, which forwards to the resolvers of "
+            "the daemon's host, or the --dns addresses; the host's search, domain and options "
+            "lines are kept, /etc/hosts stays the host's. With --no-dns CMD reads the host's "
+            "resolv.conf as it is: a loopback resolver there (systemd-resolved's 127.0.0.53) "
+            "is then unreachable, the namespace's loopback being its own.")),
         epilog="examples:\n"
                "  ipferry connect --tenant acme -- curl http://198.18.0.1/\n"
                "  ipferry connect --gue 127.0.0.1:6080 --tenant acme -- ping -c 3 198.18.0.1\n"
@@ -139,6 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
                               "whatever the MTU; much faster at small MTUs)")
     connect.add_argument("--address6", metavar="IPV6", action="append", default=[],
                          help="as --address, for an IPv6 address only")
+    connect.add_argument("--dns", metavar="ADDR", action="append", default=[],
+                         help="a resolver for CMD's /etc/resolv.conf, IPv4 or IPv6, reached "
+                              "through the tunnel; repeatable, at most 3 (default: the "
+                              f"daemon's, {DNS_ADDRESS4} and {DNS_ADDRESS6})")
+    connect.add_argument("--no-dns", action="store_true",
+                         help="leave CMD the host's /etc/resolv.conf (a loopback stub resolver "
+                              "there, such as systemd-resolved's 127.0.0.53, is unreachable from "
+                              "the namespace)")
     connect.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
 
     admin_client("status", "show the running daemon's readiness, nsd and workers")
@@ -214,7 +230,14 @@ def cmd_connect(args) -> int:
     from pathlib import Path
 
     # Lazy for start-up time: the other commands need none of the connect client.
-    from ipferry.nsd.connect import ConnectError, addressing, run, tunnel_context
+    from ipferry.nsd.connect import (
+        DEFAULT_DNS,
+        ConnectError,
+        addressing,
+        parse_dns,
+        run,
+        tunnel_context,
+    )
 
     command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     if not command:
@@ -241,6 +264,9 @@ def cmd_connect(args) -> int:
             if not args.gue_port.isdigit() or not 1 <= int(args.gue_port) <= 65535:
                 raise ValueError(f"--gue-port {args.gue_port}: not a port (1..65535)")
             gue_port = int(args.gue_port)
+        if args.no_dns and args.dns:
+            raise ValueError(f"--dns {args.dns[0]} and --no-dns: give one of them")
+        dns = None if args.no_dns else (parse_dns(args.dns) if args.dns else list(DEFAULT_DNS))
     except ValueError as exc:
         print(f"ipferry connect: {exc}", file=sys.stderr)
         return 2
@@ -251,7 +277,7 @@ def cmd_connect(args) -> int:
         return run(command, tunnel_path=Path(args.tunnel) if args.tunnel else None,
                    context=context, mtu=args.mtu, address=claims.address,
                    address6=claims.address6, gue=args.gue, offload=args.offload,
-                   extra=claims.extra, local=claims.local, gue_port=gue_port)
+                   extra=claims.extra, local=claims.local, gue_port=gue_port, dns=dns)
     except ConnectError as exc:
         print(f"ipferry connect: {exc}", file=sys.stderr)
         return 1
