@@ -28,6 +28,7 @@ import struct
 from collections import deque
 from typing import Any
 
+from ipferry.wire.dns import DNS_ADDRESSES, DNS_PORT
 from ipferry.wire.icmp import echo_message, icmp_packet, tcp_packet, udp_packet, unreachable
 from ipferry.wire.nat import NatPool, NatSlot, SlotPoolExhausted, rewrite_tcp
 from ipferry.wire.packet import (
@@ -193,8 +194,11 @@ class FlowEngine:
 
     def __init__(self, *, flows: FlowTable, pools: dict[int, NatPool], local: dict[int, bytes],
                  connect_timeout: float, index: int = 0, workers: int = 1, mtu: int = 65520,
-                 fail_closed: bool = False, routes: RouteTable | None = None) -> None:
+                 fail_closed: bool = False, routes: RouteTable | None = None,
+                 dns_upstreams: list[tuple[str, int]] | None = None) -> None:
         self.flows = flows
+        # Where flows to the daemon's DNS address (wire.dns) go: the host's resolvers.
+        self.dns_upstreams = dns_upstreams or []
         self.routes = routes if routes is not None else RouteTable()
         # Flows with a device on their server leg, by the key of the device's packets (its
         # address and port first): its answers find their flow here.
@@ -405,6 +409,11 @@ class FlowEngine:
             return out
         if not isinstance(decision, Decision):
             return self.hook_failed(flow, repr(TypeError(f"not a Decision: {decision!r}")), now)
+        if (decision.action == "upgrade" and flow.key.dst in DNS_ADDRESSES
+                and flow.key.dport == DNS_PORT and decision.upstream is None):
+            decision = self._to_resolver(flow, decision, now, out)
+            if decision is None:
+                return out
         flow.decision = decision
         if decision.action == "upgrade":
             key = flow.key
@@ -571,6 +580,25 @@ class FlowEngine:
         if key.protocol in ECHO_REQUEST:
             return FlowKey(key.tenant, key.protocol, key.dst, key.sport, key.src, 0)
         return key.reply()
+
+    def _to_resolver(self, flow: Flow, decision: Decision, now: float,
+                     out: list[Action]) -> Decision | None:
+        """A query to the daemon's DNS address, let go by the application: off to the host's
+        resolver (a loopback stub too: only this forwarder reaches it, never a flow's own
+        destination). None (refused: "port unreachable") when the daemon knows no resolver."""
+        if flow.key.protocol not in (IPPROTO_UDP, IPPROTO_TCP) or not self.dns_upstreams:
+            out.append(Count("drop", "no_dns_upstream"))
+            held = self._first_held(flow)
+            if held is not None:
+                self._unreachable(flow.client, *held, "port", out)
+                assert flow.pending is not None
+                flow.pending = flow.pending[1:]
+            flow.decision = Decision.drop("no_dns_upstream")
+            self._end(flow, CloseReason.EVICTED, now, out, audit_start=True,
+                      close_reason="no_dns_upstream")
+            return None
+        return Decision(decision.action, self.dns_upstreams[0],
+                        decision.reason or "the daemon's resolver", decision.layer)
 
     def hook_failed(self, flow: Flow, error: str, now: float) -> list[Action]:
         """``on_flow_start`` raised (or answered no Decision): the flow is dropped."""

@@ -122,6 +122,9 @@ class WorkerSettings(_Strict):
     tcp: dict[str, TcpOnrampSettings] = {}  # by on-ramp name
     networks: list[NetworkSettings] = []
     sites: list[SiteSettings] = []
+    # Where the daemon forwards the DNS its tunnels send to its resolver address (the host's
+    # resolvers, loopback stubs included); [] answers nothing.
+    dns_upstreams: list[tuple[str, int]] = []
 
     def dump(self) -> dict:
         """As sent on the control channel (``WorkerSettings.model_validate`` reads it back)."""

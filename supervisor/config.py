@@ -394,6 +394,64 @@ class Logging(_Strict):
 
 
 
+class Dns(_Strict):
+    """The resolver tunnels reach at the daemon's DNS address (100.100.100.100, fd53::53, port
+    53, UDP and TCP; ``ipferry connect`` names it in the command's resolv.conf): queries are
+    forwarded to ``upstreams`` (``IP`` or ``IP:PORT``; default: the host's own resolvers, the
+    ``nameserver`` lines of ``resolv_conf`` when the daemon starts, loopback stubs included)."""
+
+    upstreams: Annotated[list[str], Field(max_length=8)] = []
+    resolv_conf: Path = Path("/etc/resolv.conf")  # where the host's resolvers are read
+
+    @field_validator("upstreams")
+    @classmethod
+    def _addresses(cls, v: list[str]) -> list[str]:
+        for item in v:
+            dns_upstream(item)
+        return v
+
+    def resolved(self) -> list[tuple[str, int]]:
+        """The upstreams as (address, port), the host's resolvers when none are configured."""
+        if self.upstreams:
+            return [dns_upstream(u) for u in self.upstreams]
+        return host_resolvers(self.resolv_conf)
+
+
+def dns_upstream(value: str) -> tuple[str, int]:
+    """``IP`` or ``IP:PORT`` (``[IPV6]:PORT``) as (address, port); port 53 by default."""
+    host, port = value, 53
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        port = int(rest[1:]) if rest.startswith(":") and rest[1:].isdigit() else -1
+    elif value.count(":") == 1:
+        host, _, text = value.partition(":")
+        port = int(text) if text.isdigit() else -1
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{value!r}: expected an IP address, optionally with :PORT") from None
+    if not 0 < port < 65536:
+        raise ValueError(f"{value!r}: the port must be 1..65535")
+    return host, port
+
+
+def host_resolvers(path: Path) -> list[tuple[str, int]]:
+    """The ``nameserver`` lines of a resolv.conf (at most 3, as the C library reads)."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return []
+    out = []
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) >= 2 and words[0] == "nameserver":
+            try:
+                out.append((str(ipaddress.ip_address(words[1].partition("%")[0])), 53))
+            except ValueError:
+                continue
+    return out[:3]
+
+
 class Rule(_Strict):
     """One policy rule; the first that matches a new flow decides it."""
 
@@ -517,6 +575,7 @@ class Config(_Strict):
     audit: Annotated[Audit, FIXED_FOR_WORKERS] = Audit()
     networks: Annotated[list[Network], Field(max_length=MAX_NETWORKS), KEPT_ROUTES] = []
     sites: Annotated[list[Site], Field(max_length=MAX_SITES), KEPT_ROUTES] = []
+    dns: Annotated[Dns, FIXED_FOR_WORKERS] = Dns()
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
@@ -627,7 +686,8 @@ class Config(_Strict):
             networks=[NetworkSettings(tenant=n.tenant, cidr=str(n.cidr)) for n in self.networks],
             sites=[SiteSettings(name=s.name, tenant=s.tenant, prefixes=[str(p) for p in s.prefixes],
                                 sender=s.sender_address(), onramp=self.site_onramp(s))
-                   for s in self.sites])
+                   for s in self.sites],
+            dns_upstreams=self.dns.resolved())
 
     def reloaded(self, new: Config) -> tuple[Config, list[str]]:
         """The config a running daemon has after reloading ``new`` (this one is what it runs

@@ -228,7 +228,8 @@ class Worker:
                                      audit_on_error=self.settings.audit.on_error,
                                      refusals_interval=self.settings.audit.refusals_interval,
                                      routes=RouteTable((n.tenant, n.cidr)
-                                                       for n in self.settings.networks))
+                                                       for n in self.settings.networks),
+                                     dns_upstreams=list(self.settings.dns_upstreams))
             self.routes = DeviceRoutes(self.datapath.routes, self.index, self.log,
                                        control=self.control, remote=self.remote_tunnel,
                                        forget=self.forget_remote)

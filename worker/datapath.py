@@ -133,10 +133,12 @@ class DataPath:
                  mtu: int = 65520, audit_on_error: str = "continue",
                  refusals_interval: float = 10.0,
                  stream_handler: StreamHandler | None = None,
-                 routes: RouteTable | None = None) -> None:
+                 routes: RouteTable | None = None,
+                 dns_upstreams: list[tuple[str, int]] | None = None) -> None:
         self.engine = FlowEngine(flows=flows, pools=pools, local=local,
                                  connect_timeout=connect_timeout, index=index, workers=workers,
-                                 mtu=mtu, fail_closed=audit_on_error == "refuse", routes=routes)
+                                 mtu=mtu, fail_closed=audit_on_error == "refuse", routes=routes,
+                                 dns_upstreams=dns_upstreams)
         self.routes = self.engine.routes
         self.nsd: fdpass.AsyncChannel | None = None  # the worker's link: downgraded sockets
         self.index = index

@@ -1,0 +1,82 @@
+"""Names through the daemon: a tunnel's DNS to the daemon's resolver address is forwarded to the
+resolvers of the daemon's host, a loopback stub included (here a dnsmasq on 127.0.0.53 in the
+test's namespace, the daemon's only resolver)."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from tests.e2e.dataplane import audit_records, config, connect, counter
+from tests.helpers import wait_for
+
+DNSMASQ_ADDR = "127.0.0.53"
+RECORDS = ["--host-record=app.test,198.18.0.1,fd18::1", "--address=/blocked.test/192.0.2.1"]
+
+
+@pytest.fixture
+def resolver(netns):
+    """dnsmasq on 127.0.0.53:53 inside the test's namespace: what systemd-resolved's stub is to
+    a desktop host."""
+    proc = subprocess.Popen(["nsenter", f"--net={netns.path}", "dnsmasq", "--keep-in-foreground",
+                             "--no-resolv", "--no-hosts", f"--listen-address={DNSMASQ_ADDR}",
+                             "--bind-interfaces", "--port=53", "--user=root", "--pid-file=",
+                             "--log-facility=-", *RECORDS],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        def answers() -> bool:
+            res = subprocess.run(["nsenter", f"--net={netns.path}", "dig", "+short", "+time=1",
+                                  "+tries=1", f"@{DNSMASQ_ADDR}", "app.test"],
+                                 capture_output=True, timeout=10)
+            if proc.poll() is not None:
+                raise AssertionError(f"dnsmasq exited: {proc.stderr.read() if proc.stderr else ''}")
+            return res.stdout.strip() == b"198.18.0.1"
+        wait_for(answers, 10, "dnsmasq")
+        yield DNSMASQ_ADDR
+    finally:
+        proc.kill()
+        proc.wait(5)
+        if proc.stderr:
+            proc.stderr.close()
+
+
+def dig(d, *args: str) -> str:
+    res = connect(d, "dig", "+short", "+time=3", "+tries=1", *args, timeout=60)
+    assert res.returncode == 0, (res.stdout, res.stderr)
+    return res.stdout.decode().strip()
+
+
+def test_queries_to_the_daemons_address_reach_the_hosts_stub(daemon_factory, resolver,
+                                                              tmp_path):
+    d = daemon_factory("--workers", "2", config=config(tmp_path, f"""
+[dns]
+upstreams = ["{resolver}"]
+"""))
+    assert dig(d, "@100.100.100.100", "app.test", "A") == "198.18.0.1"
+    assert dig(d, "@100.100.100.100", "app.test", "AAAA") == "fd18::1"
+    assert dig(d, "+tcp", "@100.100.100.100", "app.test", "A") == "198.18.0.1"
+    assert dig(d, "@fd53::53", "app.test", "A") == "198.18.0.1"
+    assert dig(d, "+tcp", "@fd53::53", "app.test", "AAAA") == "fd18::1"
+    # The stub itself stays out of reach: the namespace's loopback is its own.
+    res = connect(d, "dig", "+short", "+time=2", "+tries=1", f"@{resolver}", "app.test",
+                  timeout=60)
+    assert res.returncode != 0 and b"198.18.0.1" not in res.stdout
+    starts = wait_for(lambda: [r for r in audit_records(tmp_path / "audit.jsonl")
+                               if r["audit"] == "flow_start" and r["dport"] == 53
+                               and r["dst"] in ("100.100.100.100", "fd53::53")] or None,
+                      10, "flow_start records of the queries")
+    assert len(starts) == 5, starts
+    assert {r["upstream"] for r in starts} == {f"{resolver}:53"}, starts
+
+
+def test_without_a_resolver_queries_are_refused_at_once(daemon_factory, tmp_path):
+    missing = tmp_path / "resolv.conf"
+    missing.write_text("# no nameserver\n")
+    d = daemon_factory("--workers", "1", config=config(tmp_path, f"""
+[dns]
+resolv_conf = "{missing}"
+"""))
+    res = connect(d, "dig", "+time=3", "+tries=1", "@100.100.100.100", "app.test", timeout=60)
+    assert b"connection refused" in res.stdout.lower() or res.returncode != 0, res.stdout
+    assert counter(d, "ipferry_drops_total", "reason").get("no_dns_upstream", 0) >= 1
