@@ -449,6 +449,11 @@ def _pump_tunnel_to_tun(tun_fd: int, tunnel: GueTunnel | socket.socket, stop: th
     stop.set()
 
 
+def _dns_warning(why: str) -> None:
+    print(f"ipferry connect: warning: CMD gets no resolv.conf of its own: {why}",
+          file=sys.stderr, flush=True)
+
+
 def run(command: list[str], *, tunnel_path: Path | None, context: dict, mtu: int | None,
         address: ipaddress.IPv4Interface, address6: ipaddress.IPv6Interface | None = None,
         gue: str | None = None, offload: bool = True,
@@ -474,14 +479,19 @@ def run(command: list[str], *, tunnel_path: Path | None, context: dict, mtu: int
         mtu = mtu or 65520
     # CMD's resolv.conf: a file the sandbox binds over /etc/resolv.conf in its own mount
     # namespace; once it has (or could not), the file goes: the bind keeps what it holds.
-    scratch = tempfile.mkdtemp(prefix="ipferry-connect-") if dns is not None else None
-    try:
-        resolv: list[str] = []
-        if scratch is not None and dns is not None:
+    scratch: str | None = None
+    resolv: list[str] = []
+    if dns is not None:
+        try:
+            scratch = tempfile.mkdtemp(prefix="ipferry-connect-")
             path = Path(scratch) / "resolv.conf"
             path.write_text(resolv_conf(dns, _host_resolv_conf(), _namespace_has_ipv6()))
             path.chmod(0o644)
             resolv = ["--resolv-conf", str(path)]
+        except OSError as exc:
+            _dns_warning(f"cannot write it in {scratch or tempfile.gettempdir()} "
+                         f"({exc.strerror})")
+    try:
         ours, theirs = fdpass.channel_pair()
         child = subprocess.Popen(
             [sys.executable, "-m", "ipferry.nsd.sandbox", "--control-fd", str(theirs.fileno()),
@@ -505,8 +515,7 @@ def run(command: list[str], *, tunnel_path: Path | None, context: dict, mtu: int
         child.wait()
         raise ConnectError(f"{msg['cause']}; fix: {msg['fix']}")
     if msg.get("dns_warning"):
-        print(f"ipferry connect: warning: {msg['dns_warning']}; CMD reads the host's "
-              f"/etc/resolv.conf", file=sys.stderr, flush=True)
+        _dns_warning(msg["dns_warning"])
     tun_fd = msg.take_fd("tun")
     msg.close_fds()
     os.set_blocking(tun_fd, True)

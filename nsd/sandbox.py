@@ -75,18 +75,18 @@ def private_resolv_conf(source: str, resolv_conf: str = RESOLV_CONF) -> str | No
     if not os.path.exists(target):
         if os.path.islink(resolv_conf):
             return f"{resolv_conf} is a symlink to {target}, which does not exist"
-        return f"there is no {resolv_conf} to bind over"
+        return f"there is no {resolv_conf} to bind it over"
     try:
         unshare(CLONE_NEWNS)
     except OSError as exc:
-        return f"cannot make a mount namespace for {resolv_conf} ({exc.strerror})"
+        return f"cannot make a mount namespace ({exc.strerror})"
     try:
         # Nothing done here may reach the host's mounts (a namespace made by an unprivileged user
         # namespace gets slaves of shared mounts already; private says it outright).
         mount(None, "/", MS_REC | MS_PRIVATE)
         mount(source, target, MS_BIND)
     except OSError as exc:
-        return f"cannot bind a file over {target} ({exc.strerror})"
+        return f"cannot bind it over {target} ({exc.strerror})"
     try:
         mount(None, target, MS_REMOUNT | MS_BIND | MS_RDONLY | _kept_flags(target))
     except OSError:
