@@ -38,6 +38,9 @@ from .namespace import HostError, enter_user_and_net_namespace, unshare, write_s
 from .tun import open_tun
 
 TUN_NAME = "ipf-tun0"
+IFA_F_NODAD = 0x02  # usable at once: CMD may connect before duplicate detection would finish
+RT_TABLE_LOCAL = 255
+RT_SCOPE_HOST = 254
 RESOLV_CONF = "/etc/resolv.conf"
 CLONE_NEWNS = 0x00020000
 MS_RDONLY = 0x1
@@ -64,13 +67,15 @@ def _kept_flags(path: str) -> int:
     user namespace may not clear those it inherited)."""
     f = os.statvfs(path).f_flag
     kept = f & (os.ST_NOSUID | os.ST_NODEV | os.ST_NOEXEC | os.ST_NOATIME | os.ST_NODIRATIME)
-    return kept | (MS_RELATIME if f & os.ST_RELATIME else 0)  # (the ST_ and MS_ bits agree but this)
+    # (the ST_ bits are the MS_ ones, but for relatime)
+    return kept | (MS_RELATIME if f & os.ST_RELATIME else 0)
 
 
 def private_resolv_conf(source: str, resolv_conf: str = RESOLV_CONF) -> str | None:
     """In a new mount namespace (the caller is single-threaded, in its own user namespace), bind
     ``source`` read-only over ``resolv_conf``, or over its target if it is a symlink. None when
-    done, else one line saying why not (nothing was changed then, outside or in)."""
+    done, else one line saying why not (CMD then sees the host's file; the host's mounts are never
+    touched)."""
     target = os.path.realpath(resolv_conf)
     if not os.path.exists(target):
         if os.path.islink(resolv_conf):
@@ -92,9 +97,6 @@ def private_resolv_conf(source: str, resolv_conf: str = RESOLV_CONF) -> str | No
     except OSError:
         pass  # writable then: what CMD writes goes to our file, gone once the parent removes it
     return None
-IFA_F_NODAD = 0x02  # usable at once: CMD may connect before duplicate detection would finish
-RT_TABLE_LOCAL = 255
-RT_SCOPE_HOST = 254
 
 
 def build_network(address: ipaddress.IPv4Interface, mtu: int,
