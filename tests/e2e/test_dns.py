@@ -80,3 +80,24 @@ resolv_conf = "{missing}"
     res = connect(d, "dig", "+time=3", "+tries=1", "@100.100.100.100", "app.test", timeout=60)
     assert b"connection refused" in res.stdout.lower() or res.returncode != 0, res.stdout
     assert counter(d, "ipferry_drops_total", "reason").get("no_dns_upstream", 0) >= 1
+
+
+def test_names_work_inside_connect_whatever_the_hosts_resolver(daemon_factory, resolver,
+                                                               upstream, tmp_path):
+    """The desktop set-up of the issue: the daemon's host resolves through a loopback stub,
+    unreachable from connect's namespace; connect's own resolv.conf names the daemon's address,
+    which forwards to the stub."""
+    (upstream / "hello.txt").write_text("hello by name\n")
+    d = daemon_factory("--workers", "2", config=config(tmp_path, f"""
+[dns]
+upstreams = ["{resolver}"]
+"""))
+    res = connect(d, "getent", "ahosts", "app.test", timeout=60)
+    assert res.returncode == 0, res
+    assert {"198.18.0.1", "fd18::1"} <= {line.split()[0] for line in res.stdout.decode().splitlines()}
+    res = connect(d, "curl", "-sS", "-4", "--max-time", "10", "http://app.test:8080/hello.txt",
+                  timeout=60)
+    assert res.returncode == 0 and res.stdout == b"hello by name\n", res
+    # --no-dns: the host's resolv.conf, whose servers the namespace cannot reach here.
+    res = connect(d, "getent", "hosts", "app.test", options=("--no-dns",), timeout=60)
+    assert res.returncode == 2, res
