@@ -75,13 +75,14 @@ EDNS_UDP_SIZE = 1232
 
 # IANA's "Resource Record (RR) TYPEs" (the ones worth a name in an audit record).
 TYPE_NAMES: dict[int, str] = {
-    1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 12: "PTR", 13: "HINFO", 15: "MX", 16: "TXT", 17: "RP",
-    18: "AFSDB", 24: "SIG", 25: "KEY", 28: "AAAA", 29: "LOC", 33: "SRV", 35: "NAPTR", 36: "KX",
-    37: "CERT", 39: "DNAME", 41: "OPT", 42: "APL", 43: "DS", 44: "SSHFP", 45: "IPSECKEY", 46: "RRSIG",
-    47: "NSEC", 48: "DNSKEY", 49: "DHCID", 50: "NSEC3", 51: "NSEC3PARAM", 52: "TLSA", 53: "SMIMEA",
-    55: "HIP", 59: "CDS", 60: "CDNSKEY", 61: "OPENPGPKEY", 62: "CSYNC", 63: "ZONEMD", 64: "SVCB",
-    65: "HTTPS", 99: "SPF", 249: "TKEY", 250: "TSIG", 251: "IXFR", 252: "AXFR", 253: "MAILB",
-    254: "MAILA", 255: "ANY", 256: "URI", 257: "CAA", 32768: "TA", 32769: "DLV",
+    1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 10: "NULL", 12: "PTR", 13: "HINFO", 15: "MX", 16: "TXT",
+    17: "RP", 18: "AFSDB", 24: "SIG", 25: "KEY", 28: "AAAA", 29: "LOC", 33: "SRV", 35: "NAPTR",
+    36: "KX", 37: "CERT", 38: "A6", 39: "DNAME", 41: "OPT", 42: "APL", 43: "DS", 44: "SSHFP",
+    45: "IPSECKEY", 46: "RRSIG", 47: "NSEC", 48: "DNSKEY", 49: "DHCID", 50: "NSEC3", 51: "NSEC3PARAM",
+    52: "TLSA", 53: "SMIMEA", 55: "HIP", 59: "CDS", 60: "CDNSKEY", 61: "OPENPGPKEY", 62: "CSYNC",
+    63: "ZONEMD", 64: "SVCB", 65: "HTTPS", 99: "SPF", 108: "EUI48", 109: "EUI64", 249: "TKEY",
+    250: "TSIG", 251: "IXFR", 252: "AXFR", 253: "MAILB", 254: "MAILA", 255: "ANY", 256: "URI",
+    257: "CAA", 32768: "TA", 32769: "DLV",
 }
 
 # IANA's "DNS RCODEs" up to the extended ones an OPT record can carry in a response.
@@ -98,7 +99,7 @@ MALFORMED_REASONS = frozenset({
     "bad_opcode",      # not a standard QUERY (NOTIFY, UPDATE, IQUERY, ...)
     "no_question",     # QDCOUNT 0
     "many_questions",  # QDCOUNT > 1
-    "bad_name",        # reserved label type, pointer not strictly backwards, over 255 bytes, dot in a label
+    "bad_name",        # reserved label type, pointer not back before its name, over 255 bytes, dot in label
     "bad_edns",        # more than one OPT record, or one whose owner is not the root
     "bad_rdata",       # parse_answer: an IN A record whose data is not 4 bytes, AAAA not 16
 })
@@ -195,12 +196,13 @@ def _label_text(label: bytes) -> str:
 def _read_name(data: bytes, offset: int) -> tuple[str, int]:
     """The name at ``offset`` as text, and the offset after it (after the first pointer, if any).
 
-    Pointers must point strictly backwards from where they are, which bounds the walk.
+    A pointer must point strictly before the start of the labels that lead to it (the name's own
+    start, or the previous pointer's target): each jump goes further back, so the walk ends.
     """
     labels: list[str] = []
     wire_length = 1  # the root's zero byte
     end = -1
-    pos = offset
+    pos = start = offset
     limit = len(data)
     while True:
         if pos >= limit:
@@ -211,11 +213,11 @@ def _read_name(data: bytes, offset: int) -> tuple[str, int]:
             if pos + 2 > limit:
                 raise _Bad("truncated")
             target = ((length & 0x3F) << 8) | data[pos + 1]
-            if target >= pos:
+            if target >= start:
                 raise _Bad("bad_name")
             if end < 0:
                 end = pos + 2
-            pos = target
+            pos = start = target
             continue
         if kind:
             raise _Bad("bad_name")  # 0x40 and 0x80: extended and reserved label types
@@ -305,9 +307,9 @@ def _read_opt(data: bytes, pos: int, count: int) -> tuple[int, int] | None:
 
 
 def parse_query(data: bytes) -> DnsQuery | Malformed:
-    """``data`` as a standard query with exactly one question, or why it is not one."""
+    """``data`` (any bytes-like) as a standard query with exactly one question, or why it is not one."""
     try:
-        return _parse_query(data)
+        return _parse_query(bytes(data))
     except _Bad as bad:
         return Malformed(bad.reason)
 
@@ -330,9 +332,9 @@ def _parse_query(data: bytes) -> DnsQuery:
 
 
 def parse_answer(data: bytes) -> DnsAnswer | Malformed:
-    """``data`` as a response to a one-question query, or why it is not one."""
+    """``data`` (any bytes-like) as a response to a one-question query, or why it is not one."""
     try:
-        return _parse_answer(data)
+        return _parse_answer(bytes(data))
     except _Bad as bad:
         return Malformed(bad.reason)
 
@@ -459,10 +461,10 @@ def valid_domain_pattern(pattern: str) -> str | None:
     text = pattern[:-1] if pattern.endswith(".") else pattern
     if not text:
         return "empty"
+    if text == "*":
+        return "'*' needs a suffix after it, as in '*.example.com'"
     if text.startswith("*."):
         text = text[2:]
-        if not text:
-            return "'*.' needs a suffix after it"
     if len(text) > _MAX_PATTERN:
         return f"longer than {_MAX_PATTERN} characters"
     if not text.isascii():
