@@ -74,3 +74,42 @@ class FlowEnd:
     payload_bytes: tuple[int, int]
     duration: float
     close_reason: str
+
+
+@dataclass(frozen=True)
+class DnsQueryStart:
+    """What ``on_dns_query`` sees of a query to the daemon's resolver: who asks (the flow's
+    tenant, source and tunnel context), for what name (lowercase, no trailing dot) and type."""
+
+    tenant: str
+    src: str
+    sport: int
+    name: str
+    type: str  # "A", "AAAA", "TXT", ... (the number for a type without a name)
+    context: TunnelContext
+
+
+@dataclass(frozen=True)
+class DnsDecision:
+    """``allow``: forward to the host's resolver; ``nxdomain`` / ``refused``: answer so;
+    ``answer``: answer ``address`` (an A or AAAA record, TTL 60) without asking anyone."""
+
+    action: str  # "allow" | "nxdomain" | "refused" | "answer"
+    address: str | None = None
+    reason: str = ""
+
+    @classmethod
+    def allow(cls, reason: str = "") -> DnsDecision:
+        return cls("allow", None, reason)
+
+    @classmethod
+    def nxdomain(cls, reason: str = "") -> DnsDecision:
+        return cls("nxdomain", None, reason)
+
+    @classmethod
+    def refused(cls, reason: str = "") -> DnsDecision:
+        return cls("refused", None, reason)
+
+    @classmethod
+    def answer(cls, address: str, reason: str = "") -> DnsDecision:
+        return cls("answer", address, reason)

@@ -71,6 +71,7 @@ class RuleSettings(_Strict):
     ports: tuple[int, int] | None  # inclusive
     upstream: tuple[str, int] | None
     layer: Literal["ip", "stream"] | None = None  # how an allowed flow is carried (Decision.layer)
+    domain: str | None = None  # a rule for DNS queries to the daemon's resolver
 
 
 class GueSettings(_Strict):

@@ -47,6 +47,7 @@ from ipferry.runtime.settings import (
     TcpOnrampSettings,
     WorkerSettings,
 )
+from ipferry.wire.dnsmsg import valid_domain_pattern
 from ipferry.worker.app import TENANT_PATTERN, import_application
 
 MAX_WORKERS = 128
@@ -463,6 +464,24 @@ class Rule(_Strict):
     ports: str | None = None  # "80" or "8000-8080"
     upstream: str | None = None  # HOST:PORT to off-ramp to instead of the original destination
     layer: Literal["ip", "stream"] | None = None  # how an allowed flow is carried
+    # A rule for queries to the daemon's resolver instead of flows: "corp.example" (that name)
+    # or "*.corp.example" (any name under it); deny answers NXDOMAIN.
+    domain: str | None = None
+
+    @field_validator("domain")
+    @classmethod
+    def _domain(cls, v: str | None) -> str | None:
+        if v is not None and (why := valid_domain_pattern(v)) is not None:
+            raise ValueError(why)
+        return v
+
+    @model_validator(mode="after")
+    def _domain_alone(self) -> Rule:
+        if self.domain is not None and (self.cidr or self.ports or self.protocol or self.upstream
+                                        or self.layer):
+            raise ValueError("a rule with a domain decides DNS queries: it takes no cidr, "
+                             "ports, protocol, upstream or layer")
+        return self
 
     @field_validator("cidr")
     @classmethod
@@ -504,7 +523,7 @@ class Rule(_Strict):
                             tenant=self.tenant, protocol=self.protocol, cidr=self.cidr,
                             ports=self.port_range(),
                             upstream=_host_port(self.upstream) if self.upstream else None,
-                            layer=self.layer)
+                            layer=self.layer, domain=self.domain)
 
 
 

@@ -67,7 +67,7 @@ HOOK_DRAIN = 2.0  # at stop, how long on_flow_end calls may still take
 
 def build_application(settings: WorkerSettings) -> Application:
     rules = [Rule(r.action, r.tenant, r.cidr, r.ports, r.protocol, r.upstream, r.name,
-                  layer=r.layer)
+                  layer=r.layer, domain=r.domain)
              for r in settings.rules]
     return load_application(settings.app.cls, rules=rules,
                             default_action=settings.app.default_action)

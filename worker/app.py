@@ -25,7 +25,15 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ipferry.engine.decisions import Decision, FlowEnd, FlowStart, TunnelContext
+from ipferry.engine.decisions import (
+    Decision,
+    DnsDecision,
+    DnsQueryStart,
+    FlowEnd,
+    FlowStart,
+    TunnelContext,
+)
+from ipferry.wire.dnsmsg import domain_matches
 
 MAX_TENANT = 64
 # A tenant names flows in rules, audit records, logs and the admin API: a bounded, printable
@@ -36,8 +44,8 @@ MAX_CONTEXT = 4096  # bytes of a context the default application reads
 MAX_CONTEXT_DEPTH = 16  # nesting of its objects and arrays
 MAX_ROUTES = 64  # prefixes one tunnel's context may claim (``routes``)
 
-__all__ = ["Application", "Decision", "FlowEnd", "FlowStart", "Rule", "RulesApplication",
-           "TunnelContext", "load_application"]
+__all__ = ["Application", "Decision", "DnsDecision", "DnsQueryStart", "FlowEnd", "FlowStart",
+           "Rule", "RulesApplication", "TunnelContext", "load_application"]
 
 
 def valid_tenant(tenant) -> bool:
@@ -121,6 +129,9 @@ class Rule:
     upstream: tuple[str, int] | None = None
     name: str = ""
     layer: str | None = field(default=None, kw_only=True)  # None | "ip" | "stream"
+    # A rule for queries to the daemon's resolver ("corp.example" or "*.corp.example"): it
+    # decides those (deny: NXDOMAIN), never a flow.
+    domain: str | None = field(default=None, kw_only=True)
     network: ipaddress.IPv4Network | ipaddress.IPv6Network | None = field(init=False,
                                                                           compare=False)
 
@@ -130,7 +141,7 @@ class Rule:
         object.__setattr__(self, "network", net)
 
     def matches(self, flow: FlowStart) -> bool:
-        if self.tenant is not None and flow.tenant != self.tenant:
+        if self.domain is not None or (self.tenant is not None and flow.tenant != self.tenant):
             return False
         if self.protocol is not None and flow.protocol != self.protocol:
             return False
@@ -199,6 +210,17 @@ class RulesApplication:
 
     def on_flow_end(self, flow: FlowEnd) -> None:
         pass
+
+    def on_dns_query(self, query: DnsQueryStart) -> DnsDecision:
+        """A query to the daemon's resolver: the first rule with a ``domain`` matching its name
+        (and its tenant, if the rule names one) decides (``deny``: NXDOMAIN); else it goes on."""
+        for rule in self.rules:
+            if (rule.domain is not None and (rule.tenant is None or rule.tenant == query.tenant)
+                    and domain_matches(rule.domain, query.name)):
+                if rule.action == "deny":
+                    return DnsDecision.nxdomain(f"denied by rule {rule.name}")
+                return DnsDecision.allow(f"allowed by rule {rule.name}")
+        return DnsDecision.allow("allowed by default")
 
 
 def load_application(spec: str | None, **kwargs: Any) -> Application:

@@ -52,11 +52,12 @@ from ipferry.engine.core import (
     flow_fields,
     flow_start,
 )
-from ipferry.engine.decisions import Decision, FlowEnd, TunnelContext
+from ipferry.engine.decisions import Decision, DnsDecision, DnsQueryStart, FlowEnd, TunnelContext
 from ipferry.engine.flows import Flow, FlowKey, FlowTable
 from ipferry.engine.legs import AcceptedLeg, DatagramLeg, DowngradedLeg, StreamLeg, TunnelLeg
 from ipferry.engine.routes import RouteTable
 from ipferry.runtime import fdpass
+from ipferry.wire.dns import DNS_ADDRESSES, DNS_PORT
 from ipferry.wire.nat import NatPool
 from ipferry.wire.vnet import HEADER_SIZE as HEADER
 from ipferry.wire.vnet import PLAIN, is_gso, is_partial, segment
@@ -66,6 +67,7 @@ from .app import Application, RulesApplication
 from .audit import AuditLog, Refusals
 from .connector import Connector
 from .datagram_flows import DatagramUpstream, PingNotPermitted, open_upstream
+from .dns import DnsForwarder
 from .relay import abort
 from .streams import StreamHandler, UpgradedStream, application_handler
 from .tun import TunDevice
@@ -552,13 +554,30 @@ class DataPath:
             kind = UNREACHABLE.get(exc.errno or 0, "host")
             self.carry(self.engine.datagram_failed(flow, "unreachable", kind, now))
             return
-        server.handle = DatagramUpstream(sock, functools.partial(self._upstream_reply, flow),
-                                         functools.partial(self._upstream_error, flow))
+        on_reply = functools.partial(self._upstream_reply, flow)
+        on_error = functools.partial(self._upstream_error, flow)
+        key = flow.key
+        if key.dst in DNS_ADDRESSES and key.dport == DNS_PORT and server.protocol == "udp":
+            # The daemon's resolver: each query decided, forwarded and audited on its own.
+            src = addr(key.src)
+            server.handle = DnsForwarder(
+                sock, start=lambda q: DnsQueryStart(key.tenant, src, key.sport, q.name,
+                                                    q.qtype_name, flow.client.context),
+                decide=lambda q: self._dns_hook()(q), record=self.audit.record,
+                on_reply=on_reply, on_error=on_error, log=self.log)
+        else:
+            server.handle = DatagramUpstream(sock, on_reply, on_error)
         self.carry(self.engine.datagram_opened(flow, now))
+
+    def _dns_hook(self) -> Callable[[DnsQueryStart], Any]:
+        """The application's on_dns_query (read at each query: a reload's new one decides);
+        an application without one lets every query go."""
+        hook = getattr(self.app, "on_dns_query", None)
+        return hook if hook is not None else (lambda _q: DnsDecision.allow("no on_dns_query"))
 
     def _send_datagram(self, a: SendDatagram) -> None:
         handle = a.flow.server.handle  # type: ignore[union-attr]
-        assert isinstance(handle, DatagramUpstream)
+        assert isinstance(handle, DatagramUpstream | DnsForwarder)
         handle.send(a.payload)
 
     def _upstream_reply(self, flow: Flow, data: bytes) -> None:
@@ -591,7 +610,7 @@ class DataPath:
             client.handle = None
         server = flow.server
         if isinstance(server, DatagramLeg):
-            if isinstance(server.handle, DatagramUpstream):
+            if isinstance(server.handle, DatagramUpstream | DnsForwarder):
                 server.handle.close()
         elif isinstance(server, StreamLeg):
             self._nat_gauge()

@@ -62,6 +62,10 @@ FLOWS_DOWNGRADED = Counter("ipferry_flows_downgraded", "Flows whose server leg i
                            "downgraded into a device's tunnel.", registry=registry)
 ROUTES = Gauge("ipferry_routes", "Routes of tenants' private networks this worker knows "
                "(claimed by tunnels, configured for sites).", registry=registry)
+DNS_QUERIES = Counter("ipferry_dns_queries", "Queries to the daemon's resolver, by result: the "
+                      "upstream's code (noerror, nxdomain, servfail, ...), or denied, refused, "
+                      "answered (by the application), timeout, malformed.", ["result"],
+                      registry=registry)
 DROPS = Counter("ipferry_drops", "Packets dropped, by reason.", ["reason"], registry=registry)
 FLOWS_STARTED = Counter("ipferry_flows_started", "Flows started, by protocol.", ["protocol"],
                         registry=registry)

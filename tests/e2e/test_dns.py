@@ -101,3 +101,45 @@ upstreams = ["{resolver}"]
     # --no-dns: the host's resolv.conf, whose servers the namespace cannot reach here.
     res = connect(d, "getent", "hosts", "app.test", options=("--no-dns",), timeout=60)
     assert res.returncode == 2, res
+
+
+POLICY = """
+[[rules]]
+action = "deny"
+domain = "blocked.test"
+
+[[rules]]
+action = "deny"
+tenant = "acme"
+domain = "*.corp.test"
+"""
+
+
+def test_denied_names_get_nxdomain_and_every_query_an_audit_record(daemon_factory, resolver,
+                                                                   tmp_path):
+    d = daemon_factory("--workers", "1", config=config(tmp_path, f"""
+[dns]
+upstreams = ["{resolver}"]
+""" + POLICY))
+    res = connect(d, "dig", "+time=3", "+tries=1", "@100.100.100.100", "blocked.test", timeout=60)
+    assert res.returncode == 0 and b"status: NXDOMAIN" in res.stdout, res.stdout
+    res = connect(d, "dig", "+time=3", "+tries=1", "@100.100.100.100", "x.corp.test", timeout=60)
+    assert b"status: NXDOMAIN" in res.stdout, res.stdout
+    # Another tenant's names are not acme's rules' business; the allowed name is forwarded.
+    res = connect(d, "dig", "+short", "+time=3", "+tries=1", "@100.100.100.100", "app.test",
+                  tenant="globex", timeout=60)
+    assert res.stdout.strip() == b"198.18.0.1", res.stdout
+    queries = wait_for(lambda: len([r for r in audit_records(tmp_path / "audit.jsonl")
+                                    if r["audit"] == "dns_query"]) >= 3
+                       and [r for r in audit_records(tmp_path / "audit.jsonl")
+                            if r["audit"] == "dns_query"], 10, "dns_query records")
+    by_name = {r["name"]: r for r in queries}
+    assert by_name["blocked.test"]["decision"] == "nxdomain"
+    assert by_name["blocked.test"]["rcode"] == "NXDOMAIN" and by_name["blocked.test"]["type"] == "A"
+    assert by_name["x.corp.test"]["tenant"] == "acme"
+    app = by_name["app.test"]
+    assert (app["decision"], app["rcode"], app["answers"], app["tenant"]) == (
+        "allow", "NOERROR", ["198.18.0.1"], "globex")
+    assert app["latency"] > 0
+    results = counter(d, "ipferry_dns_queries_total", "result")
+    assert results.get("denied") == 2 and results.get("noerror") == 1, results

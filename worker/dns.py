@@ -1,0 +1,168 @@
+"""The daemon's resolver for its tunnels: per-query policy, forwarding and audit (UDP).
+
+A UDP flow to the daemon's DNS address (:mod:`ipferry.wire.dns`) gets a :class:`DnsForwarder`
+as the socket of its datagram leg: each query the client sends is parsed (a malformed one is
+dropped and counted), put to the application (``on_dns_query``: allow, NXDOMAIN, REFUSED, or a
+fixed address), and, when allowed, forwarded to the host's resolver; an upstream that does not
+answer in time gets the client a SERVFAIL. Every query leaves one ``dns_query`` audit record
+(tenant, source, name, type, decision, result code, answer addresses, latency) and is counted in
+``ipferry_dns_queries_total{result}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ipferry.engine.decisions import DnsDecision, DnsQueryStart
+from ipferry.wire import dnsmsg
+
+from . import metrics
+from .datagram_flows import DatagramUpstream
+
+TIMEOUT = 3.0  # for the upstream's answer, then SERVFAIL
+MAX_PENDING = 256  # queries of one flow awaiting their answer (or their decision)
+
+
+class DnsForwarder:
+    """Quacks like :class:`~ipferry.worker.datagram_flows.DatagramUpstream` (send, close)."""
+
+    def __init__(self, sock: socket.socket, *, start: Callable[[dnsmsg.DnsQuery], DnsQueryStart],
+                 decide: Callable[[DnsQueryStart], Any], record: Callable[..., Any],
+                 on_reply: Callable[[bytes], None], on_error: Callable[[str], None],
+                 log: Any, timeout: float = TIMEOUT) -> None:
+        self.upstream = DatagramUpstream(sock, self._answer, on_error)
+        self.start = start  # a query as the application sees it (the flow's tenant, source ...)
+        self.decide = decide  # the application's on_dns_query (plain or async)
+        self.record = record  # the audit log's
+        self.on_reply = on_reply  # a DNS message back to the client
+        self.log = log
+        self.timeout = timeout
+        self.pending: dict[int, tuple[dnsmsg.DnsQuery, DnsQueryStart, float,
+                                      asyncio.TimerHandle]] = {}
+        self.tasks: set[asyncio.Task] = set()
+        self.closed = False
+        self._loop = asyncio.get_running_loop()
+
+    # -- queries from the client ---------------------------------------------------------------
+
+    def send(self, data: bytes | memoryview) -> None:
+        query = dnsmsg.parse_query(bytes(data))
+        if isinstance(query, dnsmsg.Malformed):
+            metrics.DROPS.labels("dns_malformed").inc()
+            metrics.DNS_QUERIES.labels("malformed").inc()
+            return
+        if len(self.pending) + len(self.tasks) >= MAX_PENDING:
+            metrics.DROPS.labels("dns_pending_limit").inc()  # the client retries
+            return
+        seen = self.start(query)
+        try:
+            decision = self.decide(seen)
+        except Exception as exc:
+            self._hook_failed(query, seen, exc)
+            return
+        if inspect.isawaitable(decision):
+            task = self._loop.create_task(self._decide_later(query, seen, decision))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+            return
+        self._decided(query, seen, decision)
+
+    async def _decide_later(self, query: dnsmsg.DnsQuery, seen: DnsQueryStart,
+                            pending: Any) -> None:
+        try:
+            decision = await pending
+        except Exception as exc:
+            self._hook_failed(query, seen, exc)
+            return
+        if not self.closed:
+            self._decided(query, seen, decision)
+
+    def _hook_failed(self, query: dnsmsg.DnsQuery, seen: DnsQueryStart, exc: Exception) -> None:
+        self.log.warning("dns_hook_failed", error=repr(exc)[:200], name=query.name)
+        self._answer_now(query, seen, DnsDecision.refused(f"hook error: {exc!r}"[:200]),
+                         dnsmsg.servfail(query), "servfail")
+
+    def _decided(self, query: dnsmsg.DnsQuery, seen: DnsQueryStart, decision: object) -> None:
+        if not isinstance(decision, DnsDecision):
+            self._hook_failed(query, seen, TypeError(f"not a DnsDecision: {decision!r}"))
+            return
+        if decision.action == "allow":
+            self.upstream.send(query.raw)
+            timer = self._loop.call_later(self.timeout, self._timed_out, query.id)
+            old = self.pending.pop(query.id, None)
+            if old is not None:
+                old[3].cancel()
+            self.pending[query.id] = (query, seen, time.monotonic(), timer)
+            return
+        if decision.action == "answer" and decision.address:
+            reply, result = dnsmsg.answer_address(query, decision.address), "answered"
+        elif decision.action == "nxdomain":
+            reply, result = dnsmsg.nxdomain(query), "denied"
+        else:
+            reply, result = dnsmsg.refused(query), "refused"
+        self._answer_now(query, seen, decision, reply, result)
+
+    def _answer_now(self, query: dnsmsg.DnsQuery, seen: DnsQueryStart, decision: DnsDecision,
+                    reply: bytes, result: str) -> None:
+        metrics.DNS_QUERIES.labels(result).inc()
+        answer = dnsmsg.parse_answer(reply)
+        self._audit(seen, decision, answer, 0.0)
+        if not self.closed:
+            self.on_reply(reply)
+
+    # -- the upstream's answers ----------------------------------------------------------------
+
+    def _answer(self, data: bytes) -> None:
+        answer = dnsmsg.parse_answer(data)
+        # (an answer without its question, a SERVFAIL say, is still the client's: by its id)
+        query_id = answer.id if isinstance(answer, dnsmsg.DnsAnswer) else (
+            int.from_bytes(data[:2], "big") if len(data) >= 12 else -1)
+        if query_id not in self.pending:
+            metrics.DROPS.labels("dns_unexpected_answer").inc()
+            return
+        query, seen, started, timer = self.pending.pop(query_id)
+        timer.cancel()
+        rcode = (answer.rcode_name if isinstance(answer, dnsmsg.DnsAnswer)
+                 else dnsmsg.rcode_name(data[3] & 0x0F))
+        metrics.DNS_QUERIES.labels(rcode.lower()).inc()
+        self._audit(seen, DnsDecision.allow(), answer, time.monotonic() - started, rcode=rcode)
+        self.on_reply(data)
+
+    def _timed_out(self, query_id: int) -> None:
+        entry = self.pending.pop(query_id, None)
+        if entry is None or self.closed:
+            return
+        query, seen, started, _ = entry
+        reply = dnsmsg.servfail(query)
+        metrics.DNS_QUERIES.labels("timeout").inc()
+        self._audit(seen, DnsDecision.allow(), dnsmsg.parse_answer(reply),
+                    time.monotonic() - started, result="timeout")
+        self.on_reply(reply)
+
+    def _audit(self, seen: DnsQueryStart, decision: DnsDecision,
+               answer: dnsmsg.DnsAnswer | dnsmsg.Malformed, latency: float,
+               result: str | None = None, rcode: str | None = None) -> None:
+        addresses: list[str] = []
+        if isinstance(answer, dnsmsg.DnsAnswer):
+            rcode = rcode or answer.rcode_name
+            addresses = [a for a, _ in answer.addresses]
+        self.record("dns_query", tenant=seen.tenant, src=seen.src, sport=seen.sport,
+                    name=seen.name, type=seen.type, decision=decision.action,
+                    reason=decision.reason, rcode=rcode, answers=addresses, result=result,
+                    latency=round(latency, 6))
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for _, _, _, timer in self.pending.values():
+            timer.cancel()
+        self.pending.clear()
+        for task in list(self.tasks):
+            task.cancel()
+        self.upstream.close()
