@@ -67,7 +67,8 @@ from .app import Application, RulesApplication
 from .audit import AuditLog, Refusals
 from .connector import Connector
 from .datagram_flows import DatagramUpstream, PingNotPermitted, open_upstream
-from .dns import DnsForwarder
+from .dns import DnsForwarder, DnsStreamInspector
+from .inspect import inspect_stream
 from .relay import abort
 from .streams import StreamHandler, UpgradedStream, application_handler
 from .tun import TunDevice
@@ -512,7 +513,17 @@ class DataPath:
             self.carry(self.engine.stream_finished(flow, time.monotonic()))
 
     async def _run_stream(self, flow: Flow, conn: socket.socket, up: socket.socket) -> None:
-        await self.stream_handler(flow, conn, up)
+        key = flow.key
+        if key.dst in DNS_ADDRESSES and key.dport == DNS_PORT:
+            # DNS over TCP to the daemon's resolver: the same per-query policy and audit.
+            src = addr(key.src)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await inspect_stream(conn, up, DnsStreamInspector(
+                start=lambda q: DnsQueryStart(key.tenant, src, key.sport, q.name, q.qtype_name,
+                                              flow.client.context),
+                decide=lambda q: self._dns_hook()(q), record=self.audit.record), log=self.log)
+        else:
+            await self.stream_handler(flow, conn, up)
         self._close_sockets(flow)
 
     def _close_sockets(self, flow: Flow, _done: object = None) -> None:

@@ -23,6 +23,7 @@ from ipferry.wire import dnsmsg
 
 from . import metrics
 from .datagram_flows import DatagramUpstream
+from .inspect import CloseStream, Inspector
 
 TIMEOUT = 3.0  # for the upstream's answer, then SERVFAIL
 MAX_PENDING = 256  # queries of one flow awaiting their answer (or their decision)
@@ -166,3 +167,80 @@ class DnsForwarder:
         for task in list(self.tasks):
             task.cancel()
         self.upstream.close()
+
+
+class DnsStreamInspector(Inspector):
+    """The same policy and audit for DNS over TCP (each message behind its 2-byte length): a
+    query the application does not let go resets the connection (the client sees the stream
+    cut, not an NXDOMAIN), so TCP is no way around the policy; an allowed one passes unchanged
+    and its answer is audited as it comes back."""
+
+    def __init__(self, *, start: Callable[[dnsmsg.DnsQuery], DnsQueryStart],
+                 decide: Callable[[DnsQueryStart], Any], record: Callable[..., Any]) -> None:
+        self.start = start
+        self.decide = decide
+        self.record = record
+        self.queries = bytearray()
+        self.answers = bytearray()
+        self.pending: dict[int, tuple[DnsQueryStart, float]] = {}
+
+    @staticmethod
+    def _messages(buf: bytearray) -> list[bytes]:
+        out = []
+        while len(buf) >= 2:
+            size = int.from_bytes(buf[:2], "big")
+            if len(buf) < 2 + size:
+                break
+            out.append(bytes(buf[2:2 + size]))
+            del buf[:2 + size]
+        return out
+
+    def to_server(self, data: bytes) -> bytes | None:
+        self.queries += data
+        for message in self._messages(self.queries):
+            query = dnsmsg.parse_query(message)
+            if isinstance(query, dnsmsg.Malformed):
+                metrics.DNS_QUERIES.labels("malformed").inc()
+                raise CloseStream(f"malformed DNS query ({query.reason})")
+            seen = self.start(query)
+            decision = self.decide(seen)
+            if inspect.isawaitable(decision):  # (no awaiting in a stream's bytes: fail closed)
+                getattr(decision, "close", lambda: None)()
+                decision = DnsDecision.refused("an async on_dns_query cannot decide over TCP")
+            if not isinstance(decision, DnsDecision) or decision.action != "allow":
+                why = decision if isinstance(decision, DnsDecision) else DnsDecision.refused(
+                    f"not a DnsDecision: {decision!r}"[:200])
+                metrics.DNS_QUERIES.labels("denied" if why.action == "nxdomain"
+                                           else "refused").inc()
+                self.record("dns_query", tenant=seen.tenant, src=seen.src, sport=seen.sport,
+                            name=seen.name, type=seen.type, decision=why.action,
+                            reason=why.reason, rcode=None, answers=[], result="reset",
+                            latency=0.0)
+                raise CloseStream(f"DNS query for {seen.name} not allowed ({why.action})")
+            if len(self.pending) >= MAX_PENDING:
+                raise CloseStream("too many DNS queries awaiting their answers")
+            self.pending[query.id] = (seen, time.monotonic())
+        return None
+
+    def to_client(self, data: bytes) -> bytes | None:
+        self.answers += data
+        for message in self._messages(self.answers):
+            answer = dnsmsg.parse_answer(message)
+            query_id = answer.id if isinstance(answer, dnsmsg.DnsAnswer) else (
+                int.from_bytes(message[:2], "big") if len(message) >= 12 else -1)
+            entry = self.pending.pop(query_id, None)
+            if entry is None:
+                continue
+            seen, started = entry
+            addresses: list[str] = []
+            if isinstance(answer, dnsmsg.DnsAnswer):
+                rcode: str | None = answer.rcode_name
+                addresses = [a for a, _ in answer.addresses]
+            else:
+                rcode = dnsmsg.rcode_name(message[3] & 0x0F) if len(message) >= 4 else None
+            metrics.DNS_QUERIES.labels((rcode or "malformed").lower()).inc()
+            self.record("dns_query", tenant=seen.tenant, src=seen.src, sport=seen.sport,
+                        name=seen.name, type=seen.type, decision="allow", reason="",
+                        rcode=rcode, answers=addresses, result=None,
+                        latency=round(time.monotonic() - started, 6))
+        return None

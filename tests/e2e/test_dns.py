@@ -143,3 +143,15 @@ upstreams = ["{resolver}"]
     assert app["latency"] > 0
     results = counter(d, "ipferry_dns_queries_total", "result")
     assert results.get("denied") == 2 and results.get("noerror") == 1, results
+    # Over TCP the policy holds too: the denied name's connection is cut, the allowed answered
+    # (and both audited).
+    res = connect(d, "dig", "+tcp", "+time=3", "+tries=1", "@100.100.100.100", "blocked.test",
+                  timeout=60)
+    assert b"192.0.2.1" not in res.stdout, res.stdout  # what the upstream would have said
+    assert dig(d, "+tcp", "@100.100.100.100", "app.test") == "198.18.0.1"
+    tcp = wait_for(lambda: len([r for r in audit_records(tmp_path / "audit.jsonl")
+                                if r["audit"] == "dns_query"]) >= 5
+                   and [r for r in audit_records(tmp_path / "audit.jsonl")
+                        if r["audit"] == "dns_query"][3:], 10, "the TCP queries' records")
+    assert [(r["name"], r["decision"], r["result"]) for r in tcp] == [
+        ("blocked.test", "nxdomain", "reset"), ("app.test", "allow", None)], tcp
