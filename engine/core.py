@@ -78,6 +78,7 @@ from .legs import (
     TunnelLeg,
     same_device,
 )
+from .names import NameCache
 from .routes import NO_ROUTE, PROHIBITED, Route, RouteTable, Unrouted
 
 # ICMPv6 is "icmp" to rules and metrics: one word for ping, whichever IP version.
@@ -144,7 +145,7 @@ def flow_start(flow: Flow) -> FlowStart:
     """What the hooks see of a flow (built when asked: not kept per flow)."""
     k = flow.key
     return FlowStart(k.tenant, PROTO_NAMES.get(k.protocol, str(k.protocol)), addr(k.src),
-                     k.sport, addr(k.dst), k.dport, flow.client.context)
+                     k.sport, addr(k.dst), k.dport, flow.client.context, flow.host)
 
 
 def flow_fields(flow: Flow) -> dict[str, Any]:
@@ -171,7 +172,7 @@ def flow_fields(flow: Flow) -> dict[str, Any]:
     return {"tenant": k.tenant, "protocol": protocol,
             "src": addr(k.src), "sport": k.sport, "dst": addr(k.dst), "dport": k.dport,
             "tunnel": client.id or None, "tunnel_worker": client.origin,
-            "client_leg": client_leg, "server_leg": server_leg,
+            "host": flow.host, "client_leg": client_leg, "server_leg": server_leg,
             "destination_tunnel": destination.id if destination is not None else None,
             "destination_worker": destination.origin if destination is not None else None}
 
@@ -195,8 +196,12 @@ class FlowEngine:
     def __init__(self, *, flows: FlowTable, pools: dict[int, NatPool], local: dict[int, bytes],
                  connect_timeout: float, index: int = 0, workers: int = 1, mtu: int = 65520,
                  fail_closed: bool = False, routes: RouteTable | None = None,
-                 dns_upstreams: list[tuple[str, int]] | None = None) -> None:
+                 dns_upstreams: list[tuple[str, int]] | None = None,
+                 names: NameCache | None = None) -> None:
         self.flows = flows
+        # The names the daemon's resolver answered with, per tenant: a new flow carries its
+        # destination's (rules with ``host``, the hooks, the audit).
+        self.names = names if names is not None else NameCache()
         # Where flows to the daemon's DNS address (wire.dns) go: the host's resolvers.
         self.dns_upstreams = dns_upstreams or []
         self.routes = routes if routes is not None else RouteTable()
@@ -395,6 +400,7 @@ class FlowEngine:
             self._refuse(tunnel, p, packet, policy=False, out=out)
             return
         flow.pending = (bytes(packet) if header is None else (bytes(packet), header),)
+        flow.host = self.names.lookup(key.tenant, key.dst, now)
         out.append(FlowStarted(flow))
         out.append(DecideFlow(flow))
 
@@ -734,6 +740,8 @@ class FlowEngine:
             return out
         leg = AcceptedLeg(tenant, context, handle, onramp, self.index)
         flow = self.flows.start(key, None, now, leg)
+        if not isinstance(flow, LimitReached):
+            flow.host = self.names.lookup(tenant, upstream[0], now)
         if isinstance(flow, LimitReached):
             out.append(Count("drop", flow.value))
             out.append(RefusedPastLimit(tenant, flow.value))

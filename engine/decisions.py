@@ -24,6 +24,8 @@ class FlowStart:
     dst: str
     dport: int
     context: TunnelContext
+    # The name the daemon's resolver gave the tenant this destination for, if it did (lately).
+    host: str | None = None
 
 
 @dataclass(frozen=True)

@@ -111,7 +111,7 @@ class Flow:
     __slots__ = ("key", "decision", "started", "last_seen", "state", "packets_up",
                  "packets_down", "bytes_up", "bytes_down", "fins", "last_fin", "close_reason",
                  "client", "server", "slot", "stream", "pending", "payload_up", "payload_down",
-                 "next_seq_up", "next_seq_down", "ended", "audited", "deadline", "seq")
+                 "next_seq_up", "next_seq_down", "ended", "audited", "deadline", "seq", "host")
 
     def __init__(self, key: FlowKey, decision: Decision | None, started: float,
                  client: TunnelLeg | None = None) -> None:
@@ -140,6 +140,7 @@ class Flow:
         self.audited = False  # its flow_start record was written: a flow_end follows
         self.deadline = 0.0  # while the off-ramp connects: when it is given up
         self.seq = 0  # its place in start order (the admin API's pages)
+        self.host: str | None = None  # its destination's name, if the daemon's resolver gave it
 
     @property
     def packets(self) -> list[int]:

@@ -72,6 +72,7 @@ class RuleSettings(_Strict):
     upstream: tuple[str, int] | None
     layer: Literal["ip", "stream"] | None = None  # how an allowed flow is carried (Decision.layer)
     domain: str | None = None  # a rule for DNS queries to the daemon's resolver
+    host: str | None = None  # flows to addresses the resolver gave for matching names
 
 
 class GueSettings(_Strict):

@@ -467,8 +467,11 @@ class Rule(_Strict):
     # A rule for queries to the daemon's resolver instead of flows: "corp.example" (that name)
     # or "*.corp.example" (any name under it); deny answers NXDOMAIN.
     domain: str | None = None
+    # Flows to the addresses the daemon's resolver answered a matching name with (the same
+    # patterns): "allow *.corp.example" for IP flows.
+    host: str | None = None
 
-    @field_validator("domain")
+    @field_validator("domain", "host")
     @classmethod
     def _domain(cls, v: str | None) -> str | None:
         if v is not None and (why := valid_domain_pattern(v)) is not None:
@@ -478,9 +481,9 @@ class Rule(_Strict):
     @model_validator(mode="after")
     def _domain_alone(self) -> Rule:
         if self.domain is not None and (self.cidr or self.ports or self.protocol or self.upstream
-                                        or self.layer):
+                                        or self.layer or self.host):
             raise ValueError("a rule with a domain decides DNS queries: it takes no cidr, "
-                             "ports, protocol, upstream or layer")
+                             "ports, protocol, upstream, layer or host")
         return self
 
     @field_validator("cidr")
@@ -523,7 +526,7 @@ class Rule(_Strict):
                             tenant=self.tenant, protocol=self.protocol, cidr=self.cidr,
                             ports=self.port_range(),
                             upstream=_host_port(self.upstream) if self.upstream else None,
-                            layer=self.layer, domain=self.domain)
+                            layer=self.layer, domain=self.domain, host=self.host)
 
 
 

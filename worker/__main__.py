@@ -67,7 +67,7 @@ HOOK_DRAIN = 2.0  # at stop, how long on_flow_end calls may still take
 
 def build_application(settings: WorkerSettings) -> Application:
     rules = [Rule(r.action, r.tenant, r.cidr, r.ports, r.protocol, r.upstream, r.name,
-                  layer=r.layer, domain=r.domain)
+                  layer=r.layer, domain=r.domain, host=r.host)
              for r in settings.rules]
     return load_application(settings.app.cls, rules=rules,
                             default_action=settings.app.default_action)
@@ -230,6 +230,7 @@ class Worker:
                                      routes=RouteTable((n.tenant, n.cidr)
                                                        for n in self.settings.networks),
                                      dns_upstreams=list(self.settings.dns_upstreams))
+            self.datapath.share_names = self.share_names
             self.routes = DeviceRoutes(self.datapath.routes, self.index, self.log,
                                        control=self.control, remote=self.remote_tunnel,
                                        forget=self.forget_remote)
@@ -445,7 +446,22 @@ class Worker:
             if link.opened.pop(tunnel.id, None) is not None:
                 link.send_message("tunnel_closed", {"tunnel": tunnel.id})
 
+    def share_names(self, tenant: str, name: str, addresses: list[tuple[str, int]]) -> None:
+        """What the resolver answered, to every other worker: a flow to one of the addresses
+        may be any worker's to own."""
+        body = {"tenant": tenant, "name": name, "addresses": [list(a) for a in addresses[:64]]}
+        for link in self.mesh.values():
+            link.send_message("names", body)
+
     def on_mesh_message(self, link: MeshLink, msg: fdpass.Message) -> None:
+        if msg.type == "names":
+            if self.datapath is not None and isinstance(msg.get("addresses"), list):
+                try:
+                    self.datapath.remember_names(str(msg["tenant"]), str(msg["name"]),
+                                                 [(str(a), int(t)) for a, t in msg["addresses"]])
+                except (KeyError, TypeError, ValueError):
+                    metrics.DROPS.labels("mesh_bad_message").inc()
+            return
         if msg.type == "ping":
             link.reply(msg, "pong", {"worker": self.index})
         elif msg.type == "tunnel_open":

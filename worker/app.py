@@ -132,6 +132,9 @@ class Rule:
     # A rule for queries to the daemon's resolver ("corp.example" or "*.corp.example"): it
     # decides those (deny: NXDOMAIN), never a flow.
     domain: str | None = field(default=None, kw_only=True)
+    # A flow's destination by the name the daemon's resolver gave the tenant for it (as
+    # ``domain``): a flow to an address no name was answered with never matches.
+    host: str | None = field(default=None, kw_only=True)
     network: ipaddress.IPv4Network | ipaddress.IPv6Network | None = field(init=False,
                                                                           compare=False)
 
@@ -146,6 +149,9 @@ class Rule:
         if self.protocol is not None and flow.protocol != self.protocol:
             return False
         if self.network is not None and ipaddress.ip_address(flow.dst) not in self.network:
+            return False
+        if self.host is not None and (flow.host is None or not domain_matches(self.host,
+                                                                              flow.host)):
             return False
         return self.ports is None or self.ports[0] <= flow.dport <= self.ports[1]
 

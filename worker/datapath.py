@@ -144,6 +144,8 @@ class DataPath:
                                  dns_upstreams=dns_upstreams)
         self.routes = self.engine.routes
         self.nsd: fdpass.AsyncChannel | None = None  # the worker's link: downgraded sockets
+        # (tenant, name, addresses): tell the other workers what the resolver answered
+        self.share_names: Callable[[str, str, list[tuple[str, int]]], None] | None = None
         self.index = index
         self.forward = forward  # (owner, tunnel, packet): hands a packet to its flow's owner
         self.app = app
@@ -521,7 +523,8 @@ class DataPath:
             await inspect_stream(conn, up, DnsStreamInspector(
                 start=lambda q: DnsQueryStart(key.tenant, src, key.sport, q.name, q.qtype_name,
                                               flow.client.context),
-                decide=lambda q: self._dns_hook()(q), record=self.audit.record), log=self.log)
+                decide=lambda q: self._dns_hook()(q), record=self.audit.record,
+                learned=self.learned), log=self.log)
         else:
             await self.stream_handler(flow, conn, up)
         self._close_sockets(flow)
@@ -575,10 +578,27 @@ class DataPath:
                 sock, start=lambda q: DnsQueryStart(key.tenant, src, key.sport, q.name,
                                                     q.qtype_name, flow.client.context),
                 decide=lambda q: self._dns_hook()(q), record=self.audit.record,
-                on_reply=on_reply, on_error=on_error, log=self.log)
+                on_reply=on_reply, on_error=on_error, log=self.log, learned=self.learned)
         else:
             server.handle = DatagramUpstream(sock, on_reply, on_error)
         self.carry(self.engine.datagram_opened(flow, now))
+
+    def learned(self, tenant: str, name: str, addresses: list[tuple[str, int]]) -> None:
+        """The resolver answered ``name`` with ``addresses`` (and TTLs) for ``tenant``: flows
+        to them carry the name, here and (told over the mesh) in every other worker."""
+        self.remember_names(tenant, name, addresses)
+        if self.share_names is not None:
+            self.share_names(tenant, name, addresses)
+
+    def remember_names(self, tenant: str, name: str, addresses: list[tuple[str, int]]) -> None:
+        packed = []
+        for address, ttl in addresses[:64]:
+            try:
+                packed.append((socket.inet_pton(socket.AF_INET6 if ":" in address
+                                                else socket.AF_INET, address), float(ttl)))
+            except (OSError, TypeError, ValueError):
+                continue
+        self.engine.names.add(tenant, name, packed, time.monotonic())
 
     def _dns_hook(self) -> Callable[[DnsQueryStart], Any]:
         """The application's on_dns_query (read at each query: a reload's new one decides);

@@ -35,8 +35,10 @@ class DnsForwarder:
     def __init__(self, sock: socket.socket, *, start: Callable[[dnsmsg.DnsQuery], DnsQueryStart],
                  decide: Callable[[DnsQueryStart], Any], record: Callable[..., Any],
                  on_reply: Callable[[bytes], None], on_error: Callable[[str], None],
-                 log: Any, timeout: float = TIMEOUT) -> None:
+                 log: Any, learned: Callable[[str, str, list[tuple[str, int]]], None],
+                 timeout: float = TIMEOUT) -> None:
         self.upstream = DatagramUpstream(sock, self._answer, on_error)
+        self.learned = learned  # (tenant, name, [(address, ttl)]): an answer's addresses
         self.start = start  # a query as the application sees it (the flow's tenant, source ...)
         self.decide = decide  # the application's on_dns_query (plain or async)
         self.record = record  # the audit log's
@@ -132,6 +134,8 @@ class DnsForwarder:
                  else dnsmsg.rcode_name(data[3] & 0x0F))
         metrics.DNS_QUERIES.labels(rcode.lower()).inc()
         self._audit(seen, DnsDecision.allow(), answer, time.monotonic() - started, rcode=rcode)
+        if isinstance(answer, dnsmsg.DnsAnswer) and answer.addresses:
+            self.learned(seen.tenant, seen.name, list(answer.addresses))
         self.on_reply(data)
 
     def _timed_out(self, query_id: int) -> None:
@@ -176,7 +180,9 @@ class DnsStreamInspector(Inspector):
     and its answer is audited as it comes back."""
 
     def __init__(self, *, start: Callable[[dnsmsg.DnsQuery], DnsQueryStart],
-                 decide: Callable[[DnsQueryStart], Any], record: Callable[..., Any]) -> None:
+                 decide: Callable[[DnsQueryStart], Any], record: Callable[..., Any],
+                 learned: Callable[[str, str, list[tuple[str, int]]], None]) -> None:
+        self.learned = learned
         self.start = start
         self.decide = decide
         self.record = record
@@ -236,6 +242,8 @@ class DnsStreamInspector(Inspector):
             if isinstance(answer, dnsmsg.DnsAnswer):
                 rcode: str | None = answer.rcode_name
                 addresses = [a for a, _ in answer.addresses]
+                if answer.addresses:
+                    self.learned(seen.tenant, seen.name, list(answer.addresses))
             else:
                 rcode = dnsmsg.rcode_name(message[3] & 0x0F) if len(message) >= 4 else None
             metrics.DNS_QUERIES.labels((rcode or "malformed").lower()).inc()

@@ -155,3 +155,54 @@ upstreams = ["{resolver}"]
                         if r["audit"] == "dns_query"][3:], 10, "the TCP queries' records")
     assert [(r["name"], r["decision"], r["result"]) for r in tcp] == [
         ("blocked.test", "nxdomain", "reset"), ("app.test", "allow", None)], tcp
+
+
+def test_host_rules_apply_to_flows_by_the_names_the_resolver_gave(daemon_factory, netns,
+                                                                   tmp_path):
+    """A rule `host = "evil.test"` refuses flows to the address the daemon's resolver answered
+    that name with, and lets flows to another name's address go; the flows' audit records carry
+    the name. Two workers: the query and the flow need not have the same owner."""
+    subprocess.run(["ip", "-n", netns.name, "addr", "add", "198.18.0.2/32", "dev", "lo"],
+                   check=True)
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "ok.txt").write_text("good\n")
+    server = subprocess.Popen(["nsenter", f"--net={netns.path}", "python3", "-m", "http.server",
+                               "--bind", "198.18.0.2", "8081"], cwd=www,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    records = ["--host-record=evil.test,198.18.0.1", "--host-record=good.test,198.18.0.2"]
+    dnsmasq = subprocess.Popen(["nsenter", f"--net={netns.path}", "dnsmasq",
+                                "--keep-in-foreground", "--no-resolv", "--no-hosts",
+                                f"--listen-address={DNSMASQ_ADDR}", "--bind-interfaces",
+                                "--port=53", "--user=root", "--pid-file=", *records],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        d = daemon_factory("--workers", "2", config=config(tmp_path, f"""
+[dns]
+upstreams = ["{DNSMASQ_ADDR}"]
+
+[[rules]]
+action = "deny"
+host = "evil.test"
+"""))
+        wait_for(lambda: dig(d, "@100.100.100.100", "good.test") == "198.18.0.2", 10,
+                 "dnsmasq through the daemon")
+        res = connect(d, "curl", "-sS", "--max-time", "10", "http://good.test:8081/ok.txt",
+                      timeout=60)
+        assert res.returncode == 0 and res.stdout == b"good\n", res
+        res = connect(d, "curl", "-sS", "--max-time", "10", "http://evil.test:8081/ok.txt",
+                      timeout=60)
+        assert res.returncode == 7, res  # refused: "administratively prohibited"
+        # The same address without the name (asked by number) is not the rule's.
+        res = connect(d, "curl", "-sS", "--max-time", "10", "http://198.18.0.2:8081/ok.txt",
+                      tenant="globex", timeout=60)
+        assert res.returncode == 0, res
+        starts = wait_for(lambda: [r for r in audit_records(tmp_path / "audit.jsonl")
+                                   if r["audit"] == "flow_start" and r["dport"] == 8081]
+                          or None, 10, "flow_start records")
+        assert {(r["host"], r["decision"]) for r in starts} == {
+            ("good.test", "upgrade"), ("evil.test", "drop"), (None, "upgrade")}, starts
+    finally:
+        for proc in (server, dnsmasq):
+            proc.kill()
+            proc.wait(5)

@@ -218,7 +218,7 @@ def test_hook_failure_resets_and_audits_start_and_end(pb, engine, tunnel, answer
             << Audit("flow_start", {"decision": "drop", "reason": reason, "upstream": None,
                                     "tenant": "acme", "protocol": "tcp", "src": "10.0.0.2",
                                     "sport": 40000, "dst": "198.18.0.1", "dport": 80,
-                                    "tunnel": 1, "tunnel_worker": 0, "client_leg": "ip",
+                                    "tunnel": 1, "tunnel_worker": 0, "host": None, "client_leg": "ip",
                                     "server_leg": None, "destination_tunnel": None,
                                     "destination_worker": None})
             << Audit("flow_end", Has(decision="drop", reason=reason, close_reason="evicted"))

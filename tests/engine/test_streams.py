@@ -74,7 +74,7 @@ def test_connect_before_accept_holds_the_syn_until_the_offramp_connects(pb, engi
             << AuditFlowStart(flow, {"decision": "upgrade", "reason": "", "upstream": None,
                                      "tenant": "acme", "protocol": "tcp", "src": text(c),
                                      "sport": 40000, "dst": text(s), "dport": 80, "tunnel": 1,
-                                     "tunnel_worker": 0, "client_leg": "tcp:upgraded",
+                                     "tunnel_worker": 0, "host": None, "client_leg": "tcp:upgraded",
                                      "server_leg": "tcp", "destination_tunnel": None,
                                      "destination_worker": None})
             >> audit_written(flow, True) << ConnectOfframp(flow)
