@@ -12,7 +12,9 @@ from tests.e2e.dataplane import audit_records, config, connect, counter
 from tests.helpers import wait_for
 
 DNSMASQ_ADDR = "127.0.0.53"
-RECORDS = ["--host-record=app.test,198.18.0.1,fd18::1", "--address=/blocked.test/192.0.2.1"]
+RECORDS = ["--host-record=app.test,198.18.0.1,fd18::1", "--address=/blocked.test/192.0.2.1",
+           # 3 KB of answer: more than a plain UDP answer (512) or dig's default EDNS size
+           *(f"--txt-record=big.test,{i:02d}{'x' * 250}" for i in range(12))]
 
 
 @pytest.fixture
@@ -22,7 +24,7 @@ def resolver(netns):
     proc = subprocess.Popen(["nsenter", f"--net={netns.path}", "dnsmasq", "--keep-in-foreground",
                              "--no-resolv", "--no-hosts", f"--listen-address={DNSMASQ_ADDR}",
                              "--bind-interfaces", "--port=53", "--user=root", "--pid-file=",
-                             "--log-facility=-", *RECORDS],
+                             "--log-facility=-", "--edns-packet-max=4096", *RECORDS],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         def answers() -> bool:
@@ -206,3 +208,51 @@ host = "evil.test"
         for proc in (server, dnsmasq):
             proc.kill()
             proc.wait(5)
+
+
+SINK = """
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("127.0.0.54", 53))
+print("listening", flush=True)
+while True:
+    s.recv(65535)  # a resolver that never answers
+"""
+
+
+def test_big_answers_and_bad_queries(daemon_factory, netns, resolver, tmp_path):
+    """A 3 KB EDNS answer comes back whole over UDP; a datagram that is no query is dropped
+    and counted."""
+    d = daemon_factory("--workers", "1", config=config(tmp_path, f"""
+[dns]
+upstreams = ["{resolver}"]
+"""))
+    res = connect(d, "dig", "+bufsize=4096", "+ignore", "+time=3", "+tries=1",
+                  "@100.100.100.100", "big.test", "TXT", timeout=60)
+    assert res.returncode == 0 and b"status: NOERROR" in res.stdout, res.stdout
+    assert b" tc" not in res.stdout.split(b"flags:")[1][:30], res.stdout  # not truncated
+    assert res.stdout.count(b"big.test.") >= 12, res.stdout  # 3 KB of TXT records
+    garbage = ("import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+               "s.sendto(b'\\x00' * 5, ('100.100.100.100', 53))")
+    assert connect(d, "python3", "-c", garbage, timeout=60).returncode == 0
+    wait_for(lambda: counter(d, "ipferry_drops_total", "reason").get("dns_malformed"),
+             10, "the malformed query counted")
+
+
+def test_an_upstream_that_never_answers_gets_the_client_a_servfail(daemon_factory, netns,
+                                                                   tmp_path):
+    sink = subprocess.Popen(["nsenter", f"--net={netns.path}", "python3", "-c", SINK],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert sink.stdout is not None and sink.stdout.readline().strip() == b"listening"
+        d = daemon_factory("--workers", "1", config=config(tmp_path, """
+[dns]
+upstreams = ["127.0.0.54"]
+"""))
+        res = connect(d, "dig", "+time=8", "+tries=1", "@100.100.100.100", "app.test",
+                      timeout=60)
+        assert b"status: SERVFAIL" in res.stdout, res.stdout
+        assert counter(d, "ipferry_dns_queries_total", "result").get("timeout") == 1
+    finally:
+        sink.kill()
+        sink.wait(5)
