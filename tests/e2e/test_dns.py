@@ -256,3 +256,35 @@ upstreams = ["127.0.0.54"]
     finally:
         sink.kill()
         sink.wait(5)
+
+
+DNS_APP = """
+from ipferry.worker.app import DnsDecision, RulesApplication
+
+
+class App(RulesApplication):
+    def on_dns_query(self, query):
+        if query.name == "magic.test":
+            return DnsDecision.answer("198.18.0.9" if query.type == "A" else "fd18::9", "magic")
+        if query.name == "nope.test":
+            return DnsDecision.refused("not here")
+        return super().on_dns_query(query)
+"""
+
+
+def test_an_application_answers_or_refuses_queries_itself(daemon_factory, resolver, tmp_path):
+    (tmp_path / "dnsapp.py").write_text(DNS_APP)
+    d = daemon_factory("--workers", "1", config=config(tmp_path, f"""
+[app]
+class = "dnsapp:App"
+
+[dns]
+upstreams = ["{resolver}"]
+"""), env={"PYTHONPATH": str(tmp_path)})
+    assert dig(d, "@100.100.100.100", "magic.test", "A") == "198.18.0.9"
+    assert dig(d, "@100.100.100.100", "magic.test", "AAAA") == "fd18::9"
+    res = connect(d, "dig", "+time=3", "+tries=1", "@100.100.100.100", "nope.test", timeout=60)
+    assert b"status: REFUSED" in res.stdout, res.stdout
+    assert dig(d, "@100.100.100.100", "app.test") == "198.18.0.1"  # the rest: forwarded
+    results = counter(d, "ipferry_dns_queries_total", "result")
+    assert (results.get("answered"), results.get("refused"), results.get("noerror")) == (2, 1, 1)
