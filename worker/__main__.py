@@ -459,7 +459,7 @@ class Worker:
                 try:
                     self.datapath.remember_names(str(msg["tenant"]), str(msg["name"]),
                                                  [(str(a), int(t)) for a, t in msg["addresses"]])
-                except (KeyError, TypeError, ValueError):
+                except (KeyError, TypeError, ValueError, OverflowError):
                     metrics.DROPS.labels("mesh_bad_message").inc()
             return
         if msg.type == "ping":

@@ -578,10 +578,18 @@ class DataPath:
                 sock, start=lambda q: DnsQueryStart(key.tenant, src, key.sport, q.name,
                                                     q.qtype_name, flow.client.context),
                 decide=lambda q: self._dns_hook()(q), record=self.audit.record,
-                on_reply=on_reply, on_error=on_error, log=self.log, learned=self.learned)
+                on_reply=on_reply, on_error=on_error, log=self.log, learned=self.learned,
+                done=lambda: self._dns_answered(flow))
         else:
             server.handle = DatagramUpstream(sock, on_reply, on_error)
         self.carry(self.engine.datagram_opened(flow, now))
+
+    def _dns_answered(self, flow: Flow) -> None:
+        """Every query of a flow to the resolver is answered: the flow ends (a stub sends its
+        next lookup from a new port anyway), so lookups do not hold the tenant's datagram
+        flows for the two minutes of a replied UDP flow."""
+        if not flow.ended:
+            self.carry(self.engine.end(flow, "dns_answered", time.monotonic()))
 
     def learned(self, tenant: str, name: str, addresses: list[tuple[str, int]]) -> None:
         """The resolver answered ``name`` with ``addresses`` (and TTLs) for ``tenant``: flows
@@ -596,7 +604,7 @@ class DataPath:
             try:
                 packed.append((socket.inet_pton(socket.AF_INET6 if ":" in address
                                                 else socket.AF_INET, address), float(ttl)))
-            except (OSError, TypeError, ValueError):
+            except (OSError, TypeError, ValueError, OverflowError):
                 continue
         self.engine.names.add(tenant, name, packed, time.monotonic())
 

@@ -29,6 +29,24 @@ TIMEOUT = 3.0  # for the upstream's answer, then SERVFAIL
 MAX_PENDING = 256  # queries of one flow awaiting their answer (or their decision)
 
 
+RCODE_LABELS = frozenset({"noerror", "formerr", "servfail", "nxdomain", "notimp", "refused"})
+
+
+def rcode_label(rcode: str | None) -> str:
+    """An answer code as a metric label: the common ones by name, the rest "other" (an
+    upstream must not mint label values)."""
+    label = (rcode or "malformed").lower()
+    return label if label in RCODE_LABELS or label == "malformed" else "other"
+
+
+def answers_query(answer: dnsmsg.DnsAnswer | dnsmsg.Malformed, query: dnsmsg.DnsQuery) -> bool:
+    """Is this answer about this query's question (not only its id)? An answer without its
+    question (a bare SERVFAIL) is taken on its id, but names nothing."""
+    if not isinstance(answer, dnsmsg.DnsAnswer):
+        return True
+    return answer.name == query.name and answer.qtype == query.qtype
+
+
 class DnsForwarder:
     """Quacks like :class:`~ipferry.worker.datagram_flows.DatagramUpstream` (send, close)."""
 
@@ -36,7 +54,8 @@ class DnsForwarder:
                  decide: Callable[[DnsQueryStart], Any], record: Callable[..., Any],
                  on_reply: Callable[[bytes], None], on_error: Callable[[str], None],
                  log: Any, learned: Callable[[str, str, list[tuple[str, int]]], None],
-                 timeout: float = TIMEOUT) -> None:
+                 done: Callable[[], None] = lambda: None, timeout: float = TIMEOUT) -> None:
+        self.done = done  # every query answered: the flow may end (a stub's next is new)
         self.upstream = DatagramUpstream(sock, self._answer, on_error)
         self.learned = learned  # (tenant, name, [(address, ttl)]): an answer's addresses
         self.start = start  # a query as the application sees it (the flow's tenant, source ...)
@@ -46,7 +65,7 @@ class DnsForwarder:
         self.log = log
         self.timeout = timeout
         self.pending: dict[int, tuple[dnsmsg.DnsQuery, DnsQueryStart, float,
-                                      asyncio.TimerHandle]] = {}
+                                      asyncio.TimerHandle, DnsDecision]] = {}
         self.tasks: set[asyncio.Task] = set()
         self.closed = False
         self._loop = asyncio.get_running_loop()
@@ -61,6 +80,11 @@ class DnsForwarder:
             return
         if len(self.pending) + len(self.tasks) >= MAX_PENDING:
             metrics.DROPS.labels("dns_pending_limit").inc()  # the client retries
+            return
+        if query.id in self.pending:
+            # A second question under an id still awaiting its answer: that answer would be
+            # taken for this one (and name the wrong addresses). The client retries.
+            metrics.DROPS.labels("dns_duplicate_id").inc()
             return
         seen = self.start(query)
         try:
@@ -95,15 +119,21 @@ class DnsForwarder:
             self._hook_failed(query, seen, TypeError(f"not a DnsDecision: {decision!r}"))
             return
         if decision.action == "allow":
+            if query.id in self.pending:  # (an async decision came late: see send)
+                metrics.DROPS.labels("dns_duplicate_id").inc()
+                return
             self.upstream.send(query.raw)
             timer = self._loop.call_later(self.timeout, self._timed_out, query.id)
-            old = self.pending.pop(query.id, None)
-            if old is not None:
-                old[3].cancel()
-            self.pending[query.id] = (query, seen, time.monotonic(), timer)
+            self.pending[query.id] = (query, seen, time.monotonic(), timer, decision)
             return
         if decision.action == "answer" and decision.address:
-            reply, result = dnsmsg.answer_address(query, decision.address), "answered"
+            try:
+                reply, result = dnsmsg.answer_address(query, decision.address), "answered"
+            except ValueError as exc:  # not an address: the application's mistake
+                self._hook_failed(query, seen, exc)
+                return
+            if decision.address:
+                self.learned(seen.tenant, seen.name, [(decision.address, 60)])
         elif decision.action == "nxdomain":
             reply, result = dnsmsg.nxdomain(query), "denied"
         else:
@@ -117,6 +147,11 @@ class DnsForwarder:
         self._audit(seen, decision, answer, 0.0)
         if not self.closed:
             self.on_reply(reply)
+            self._maybe_done()
+
+    def _maybe_done(self) -> None:
+        if not self.pending and not self.tasks and not self.closed:
+            self.done()
 
     # -- the upstream's answers ----------------------------------------------------------------
 
@@ -125,29 +160,33 @@ class DnsForwarder:
         # (an answer without its question, a SERVFAIL say, is still the client's: by its id)
         query_id = answer.id if isinstance(answer, dnsmsg.DnsAnswer) else (
             int.from_bytes(data[:2], "big") if len(data) >= 12 else -1)
-        if query_id not in self.pending:
+        entry = self.pending.get(query_id)
+        if entry is None or not answers_query(answer, entry[0]):
             metrics.DROPS.labels("dns_unexpected_answer").inc()
             return
-        query, seen, started, timer = self.pending.pop(query_id)
+        del self.pending[query_id]
+        query, seen, started, timer, decision = entry
         timer.cancel()
         rcode = (answer.rcode_name if isinstance(answer, dnsmsg.DnsAnswer)
                  else dnsmsg.rcode_name(data[3] & 0x0F))
-        metrics.DNS_QUERIES.labels(rcode.lower()).inc()
-        self._audit(seen, DnsDecision.allow(), answer, time.monotonic() - started, rcode=rcode)
+        metrics.DNS_QUERIES.labels(rcode_label(rcode)).inc()
+        self._audit(seen, decision, answer, time.monotonic() - started, rcode=rcode)
         if isinstance(answer, dnsmsg.DnsAnswer) and answer.addresses:
             self.learned(seen.tenant, seen.name, list(answer.addresses))
         self.on_reply(data)
+        self._maybe_done()
 
     def _timed_out(self, query_id: int) -> None:
         entry = self.pending.pop(query_id, None)
         if entry is None or self.closed:
             return
-        query, seen, started, _ = entry
+        query, seen, started, _, decision = entry
         reply = dnsmsg.servfail(query)
         metrics.DNS_QUERIES.labels("timeout").inc()
-        self._audit(seen, DnsDecision.allow(), dnsmsg.parse_answer(reply),
+        self._audit(seen, decision, dnsmsg.parse_answer(reply),
                     time.monotonic() - started, result="timeout")
         self.on_reply(reply)
+        self._maybe_done()
 
     def _audit(self, seen: DnsQueryStart, decision: DnsDecision,
                answer: dnsmsg.DnsAnswer | dnsmsg.Malformed, latency: float,
@@ -165,8 +204,8 @@ class DnsForwarder:
         if self.closed:
             return
         self.closed = True
-        for _, _, _, timer in self.pending.values():
-            timer.cancel()
+        for entry in self.pending.values():
+            entry[3].cancel()
         self.pending.clear()
         for task in list(self.tasks):
             task.cancel()
@@ -188,7 +227,7 @@ class DnsStreamInspector(Inspector):
         self.record = record
         self.queries = bytearray()
         self.answers = bytearray()
-        self.pending: dict[int, tuple[DnsQueryStart, float]] = {}
+        self.pending: dict[int, tuple[DnsQueryStart, float, dnsmsg.DnsQuery, DnsDecision]] = {}
 
     @staticmethod
     def _messages(buf: bytearray) -> list[bytes]:
@@ -209,7 +248,10 @@ class DnsStreamInspector(Inspector):
                 metrics.DNS_QUERIES.labels("malformed").inc()
                 raise CloseStream(f"malformed DNS query ({query.reason})")
             seen = self.start(query)
-            decision = self.decide(seen)
+            try:
+                decision = self.decide(seen)
+            except Exception as exc:  # the application's: refused, recorded, the stream reset
+                decision = DnsDecision.refused(f"hook error: {exc!r}"[:200])
             if inspect.isawaitable(decision):  # (no awaiting in a stream's bytes: fail closed)
                 getattr(decision, "close", lambda: None)()
                 decision = DnsDecision.refused("an async on_dns_query cannot decide over TCP")
@@ -225,7 +267,9 @@ class DnsStreamInspector(Inspector):
                 raise CloseStream(f"DNS query for {seen.name} not allowed ({why.action})")
             if len(self.pending) >= MAX_PENDING:
                 raise CloseStream("too many DNS queries awaiting their answers")
-            self.pending[query.id] = (seen, time.monotonic())
+            if query.id in self.pending:  # its answer would be taken for this one
+                raise CloseStream("a second DNS query under an id awaiting its answer")
+            self.pending[query.id] = (seen, time.monotonic(), query, decision)
         return None
 
     def to_client(self, data: bytes) -> bytes | None:
@@ -234,10 +278,11 @@ class DnsStreamInspector(Inspector):
             answer = dnsmsg.parse_answer(message)
             query_id = answer.id if isinstance(answer, dnsmsg.DnsAnswer) else (
                 int.from_bytes(message[:2], "big") if len(message) >= 12 else -1)
-            entry = self.pending.pop(query_id, None)
-            if entry is None:
+            entry = self.pending.get(query_id)
+            if entry is None or not answers_query(answer, entry[2]):
                 continue
-            seen, started = entry
+            del self.pending[query_id]
+            seen, started, _, allowed = entry
             addresses: list[str] = []
             if isinstance(answer, dnsmsg.DnsAnswer):
                 rcode: str | None = answer.rcode_name
@@ -246,9 +291,9 @@ class DnsStreamInspector(Inspector):
                     self.learned(seen.tenant, seen.name, list(answer.addresses))
             else:
                 rcode = dnsmsg.rcode_name(message[3] & 0x0F) if len(message) >= 4 else None
-            metrics.DNS_QUERIES.labels((rcode or "malformed").lower()).inc()
+            metrics.DNS_QUERIES.labels(rcode_label(rcode)).inc()
             self.record("dns_query", tenant=seen.tenant, src=seen.src, sport=seen.sport,
-                        name=seen.name, type=seen.type, decision="allow", reason="",
+                        name=seen.name, type=seen.type, decision="allow", reason=allowed.reason,
                         rcode=rcode, answers=addresses, result=None,
                         latency=round(time.monotonic() - started, 6))
         return None
