@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 # (openssh-server, redis-server, dnsmasq: the end-to-end tests run sshd, redis and a resolver in their own
 # namespaces; no service of theirs is started on the host, see policy-rc.d below.)
 debs=(libcap-dev iproute2 iperf3 iputils-ping procps util-linux gcc python3-dev curl
-      openssh-server openssh-client redis-server redis-tools dnsmasq-base bind9-dnsutils)
+      openssh-server openssh-client redis-server redis-tools dnsmasq-base bind9-dnsutils
+      systemd)  # (systemd-analyze: the install test verifies the units)
 missing=()
 for p in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
