@@ -102,20 +102,8 @@ if [ "$action" = uninstall ]; then
 fi
 
 # Debian packages the venv builds with (python-prctl needs libcap-dev and a compiler).
-debs=(libcap-dev gcc python3-dev python3-venv)
-missing=()
-for p in "${debs[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    if [ "$(id -u)" -ne 0 ]; then
-        echo "install: missing Debian packages: ${missing[*]}; run as root or apt-get install them" >&2
-        exit 1
-    fi
-    say "installing Debian packages ${missing[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+. "$src/deploy/debs.sh"
+ensure_debs install libcap-dev gcc python3-dev python3-venv
 
 # The virtualenv: rebuilt only when the package sources differ from what it was built from.
 digest=$(cd "$src" && find "${sources[@]}" -name __pycache__ -prune -o -type f -print \

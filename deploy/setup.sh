@@ -6,30 +6,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # (openssh-server, redis-server, dnsmasq: the end-to-end tests run sshd, redis and a resolver in their own
-# namespaces; no service of theirs is started on the host, see policy-rc.d below.)
+# namespaces; no service of theirs is started on the host, see deploy/debs.sh.)
 debs=(libcap-dev iproute2 iperf3 iputils-ping procps util-linux gcc python3-dev curl
       openssh-server openssh-client redis-server redis-tools dnsmasq-base bind9-dnsutils
       systemd)  # (systemd-analyze: the install test verifies the units)
-missing=()
-for p in "${debs[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    if [ "$(id -u)" -ne 0 ]; then
-        echo "setup: missing Debian packages: ${missing[*]}; run this script as root or apt-get install them" >&2
-        exit 1
-    fi
-    echo "setup: installing ${missing[*]}" >&2
-    apt-get update -qq
-    # Install services without starting them on the host (sshd would listen on every address).
-    policy=/usr/sbin/policy-rc.d
-    ours=0
-    if [ ! -e "$policy" ]; then
-        printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod +x "$policy" && ours=1
-    fi
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-    if [ "$ours" = 1 ]; then rm -f "$policy"; fi
-fi
+. deploy/debs.sh
+ensure_debs setup "${debs[@]}"
 
 python=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
