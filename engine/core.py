@@ -484,15 +484,20 @@ class FlowEngine:
         """A flow the application let go whose destination no device of its tenant holds (any
         more), or that is another tenant's: refused as a router would."""
         out.append(Count("drop", verdict.value))
+        self._refuse_decided(flow, verdict.value, "admin" if verdict is PROHIBITED else "host",
+                             now, out)
+
+    def _refuse_decided(self, flow: Flow, reason: str, kind: str, now: float,
+                        out: list[Action]) -> None:
+        """Refuse a flow the application let go but that cannot go (``reason``): its first
+        packet is answered with the ICMP unreachable ``kind``, and its records say why."""
         held = self._first_held(flow)
         if held is not None:
-            self._unreachable(flow.client, *held, "admin" if verdict is PROHIBITED else "host",
-                              out)
+            self._unreachable(flow.client, *held, kind, out)
             assert flow.pending is not None
             flow.pending = flow.pending[1:]
-        flow.decision = Decision.drop(verdict.value)
-        self._end(flow, CloseReason.EVICTED, now, out, audit_start=True,
-                  close_reason=verdict.value)
+        flow.decision = Decision.drop(reason)
+        self._end(flow, CloseReason.EVICTED, now, out, audit_start=True, close_reason=reason)
 
     def _to_device_leg(self, flow: Flow, decision: Decision, route: Route, dst: bytes,
                        port: int, layer3: bool, now: float, out: list[Action]) -> bool:
@@ -501,21 +506,21 @@ class FlowEngine:
         key = flow.key
         if same_device(route.target, flow.client):
             out.append(Count("drop", "route_loop"))
-            self._unroutable_end(flow, "route_loop", now, out)
+            self._refuse_decided(flow, "route_loop", "admin", now, out)
             return False
         if not isinstance(flow.client, AcceptedLeg) and not self._holds_source(flow.client,
                                                                                 key.src):
             # (a re-route: the destination the packet named was no device's, so _starts_flow
             # did not ask; the device must not see a connection from another device's address)
             out.append(Count("drop", "source_not_held"))
-            self._unroutable_end(flow, "source_not_held", now, out)
+            self._refuse_decided(flow, "source_not_held", "admin", now, out)
             return False
         upstream = (addr(dst), port)
         if layer3:
             answers = self._answer_key(key)
             if answers in self.from_device:  # another flow takes the device's answers
                 out.append(Count("drop", "duplicate_flow"))
-                self._unroutable_end(flow, "duplicate_flow", now, out)
+                self._refuse_decided(flow, "duplicate_flow", "admin", now, out)
                 return False
             flow.server = RoutedLeg(route.target, upstream, rebuild=key.protocol == IPPROTO_UDP
                                     and decision.layer == "stream")
@@ -530,7 +535,7 @@ class FlowEngine:
             peer = self.local[version]
         else:
             out.append(Count("drop", "address_family_mismatch"))
-            self._unroutable_end(flow, "address_family_mismatch", now, out)
+            self._refuse_decided(flow, "address_family_mismatch", "admin", now, out)
             return False
         peer_port = self._peer_port(flow, peer, dst, port)
         if peer_port is None:
@@ -546,15 +551,6 @@ class FlowEngine:
         self.from_device[FlowKey(key.tenant, IPPROTO_TCP, dst, port, peer, peer_port)] = flow
         out.append(Count("downgraded"))
         return True
-
-    def _unroutable_end(self, flow: Flow, reason: str, now: float, out: list[Action]) -> None:
-        held = self._first_held(flow)
-        if held is not None:
-            self._unreachable(flow.client, *held, "admin", out)
-            assert flow.pending is not None
-            flow.pending = flow.pending[1:]
-        flow.decision = Decision.drop(reason)
-        self._end(flow, CloseReason.EVICTED, now, out, audit_start=True, close_reason=reason)
 
     def _peer_port(self, flow: Flow, peer: bytes, dst: bytes, port: int) -> int | None:
         """The port a downgraded connection comes from, as the device sees it: the client's own
@@ -594,14 +590,7 @@ class FlowEngine:
         destination). None (refused: "port unreachable") when the daemon knows no resolver."""
         if flow.key.protocol not in (IPPROTO_UDP, IPPROTO_TCP) or not self.dns_upstreams:
             out.append(Count("drop", "no_dns_upstream"))
-            held = self._first_held(flow)
-            if held is not None:
-                self._unreachable(flow.client, *held, "port", out)
-                assert flow.pending is not None
-                flow.pending = flow.pending[1:]
-            flow.decision = Decision.drop("no_dns_upstream")
-            self._end(flow, CloseReason.EVICTED, now, out, audit_start=True,
-                      close_reason="no_dns_upstream")
+            self._refuse_decided(flow, "no_dns_upstream", "port", now, out)
             return None
         return Decision(decision.action, self.dns_upstreams[0],
                         decision.reason or "the daemon's resolver", decision.layer)
