@@ -70,9 +70,13 @@ class RuleSettings(_Strict):
     cidr: str | None
     ports: tuple[int, int] | None  # inclusive
     upstream: tuple[str, int] | None
-    layer: Literal["ip", "stream"] | None = None  # how an allowed flow is carried (Decision.layer)
+    layer: Literal["ip", "stream", "http"] | None = None  # how an allowed flow is carried
     domain: str | None = None  # a rule for DNS queries to the daemon's resolver
-    host: str | None = None  # flows to addresses the resolver gave for matching names
+    # Flows to addresses the resolver gave for matching names; HTTP requests for such a Host.
+    host: str | None = None
+    path: str | None = None  # HTTP requests whose path starts so ("/admin")
+    method: str | None = None  # HTTP requests of this method ("POST")
+    sni: str | None = None  # TLS streams whose ClientHello names a matching server
 
 
 class GueSettings(_Strict):
@@ -112,6 +116,32 @@ class TcpOnrampSettings(_Strict):
     address: tuple[str, int]  # where it listens
 
 
+class Http(_Strict):
+    """The HTTP layer's limits: streams carried as HTTP (``layer = "http"``), HTTP on-ramps, and
+    the TLS ClientHello read on streams to the ``tls_ports``."""
+
+    header_timeout: Annotated[float, Field(gt=0, le=300)] = 10.0  # a request's head, or 408
+    idle_timeout: Annotated[float, Field(gt=0, le=3600)] = 60.0  # between keep-alive requests
+    max_header_bytes: Annotated[int, Field(ge=1024, le=1 << 20)] = 65536  # request head, or 431
+    pool_per_upstream: Annotated[int, Field(ge=0, le=1024)] = 8  # idle connections kept each
+    pool_total: Annotated[int, Field(ge=0, le=65536)] = 256  # idle connections kept, per worker
+    pool_idle_timeout: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    tls_ports: Annotated[list[Annotated[int, Field(ge=1, le=65535)]],
+                         Field(max_length=64)] = [443, 8443, 853]
+    client_hello_timeout: Annotated[float, Field(gt=0, le=60)] = 5.0
+
+
+class HttpOnrampSettings(_Strict):
+    """A ``kind = "http"`` on-ramp (a forward proxy): who may connect, and the tenant each
+    client is (``tenant``, or the one its ``Proxy-Authorization`` token maps to)."""
+
+    tenant: str | None  # None: a client must name its tenant with a token
+    # sha256 (hex) of each token: the tenant it maps to (the secrets stay in the supervisor)
+    tokens: dict[str, str]
+    allow: list[str]  # source networks; [] = any
+    address: tuple[str, int]  # where it listens
+
+
 class WorkerSettings(_Strict):
     workers: int  # how many workers the daemon runs (the flow-ownership hash spans them)
     mtu: int
@@ -122,6 +152,8 @@ class WorkerSettings(_Strict):
     rules: list[RuleSettings]
     gue: dict[str, GueSettings]  # by on-ramp name
     tcp: dict[str, TcpOnrampSettings] = {}  # by on-ramp name
+    http_onramps: dict[str, HttpOnrampSettings] = {}  # by on-ramp name
+    http: Http = Http()
     networks: list[NetworkSettings] = []
     sites: list[SiteSettings] = []
     # Where the daemon forwards the DNS its tunnels send to its resolver address (the host's
