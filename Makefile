@@ -1,5 +1,5 @@
 # The targets people expect; each sets the machine up first (deploy/setup.sh is idempotent).
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test lint bench bench-http clean
 
 setup:
 	bash deploy/setup.sh
@@ -21,3 +21,8 @@ clean:
 bench: setup
 	bench/run $(BENCH_ARGS)
 	.venv/bin/python bench/startup.py
+
+# HTTP req/s and latency (wrk) direct, through ipferry (splice, HTTP layer, HTTP on-ramp), squid
+# and nginx; installs wrk, nginx, squid if missing (about 8 minutes; BENCH_ARGS=--quick).
+bench-http: setup
+	.venv/bin/python bench/httpbench.py $(BENCH_ARGS)
