@@ -7,12 +7,14 @@ A refused config names the key, the value, the reason and, where the file has it
 Every key declares, next to it, what a reload does with it (:class:`Reload`: ``LIVE`` or kept
 until a restart); :meth:`Config.reloaded` and the table in docs/configuration.md are worked out
 from those declarations (``python -m ipferry.supervisor.config --reload-table``). The sections only
-the workers use (``[flows]``, ``[audit]``, ``[app]``) are those of ``ipferry.runtime.settings``.
+the workers use (``[flows]``, ``[audit]``, ``[app]``, ``[http]``) are those of
+``ipferry.runtime.settings``. Secrets (``admin.token``, HTTP on-ramp tokens) are never echoed.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import ipaddress
 import os
 import re
@@ -28,6 +30,8 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    PrivateAttr,
+    SecretStr,
     Tag,
     ValidationError,
     field_validator,
@@ -41,6 +45,8 @@ from ipferry.runtime.settings import (
     Audit,
     Flows,
     GueSettings,
+    Http,
+    HttpOnrampSettings,
     NetworkSettings,
     RuleSettings,
     SiteSettings,
@@ -101,9 +107,10 @@ KEPT = Reload("restart", "Keep their running values until the next restart, in w
 FIXED_FOR_WORKERS = Reload(
     "restart", "Fixed at daemon start: the supervisor gives every worker, running or started "
     "after the reload (crash restart, `ipferry restart-worker`), the limits, timeouts, connect "
-    "timeout and audit sink the daemon started with, so all workers run alike. A reload that "
-    "changes them names `flows` / `audit` in its reply; they apply at the next daemon restart. "
-    "(A new `audit.sink` is still opened once, to check it.)")
+    "timeout, audit sink, DNS upstreams and HTTP limits the daemon started with, so all workers "
+    "run alike. A reload that changes them names the section (`flows`, `audit`, `dns`, `http`) "
+    "in its reply; they apply at the next daemon restart. (A new `audit.sink` is still opened "
+    "once, to check it.)")
 LIVE_TOKEN = Reload("live", "The next mutating request is checked against the new setting.")
 LIVE_LOG_LEVEL = Reload("live", "The supervisor, nsd and every worker (and children started "
                         "later). A `--log-level` given on the command line still wins.")
@@ -287,10 +294,165 @@ class TcpOnramp(_Strict):
         return _host_port(self.upstream)
 
 
+MIN_TOKEN = 16
+MAX_TOKEN = 1024
+MAX_TOKENS = 256  # per HTTP on-ramp
+MAX_ALL_TOKENS = 512  # over all HTTP on-ramps: the workers' settings fit one control message
+
+
+def _token_problem(token: str) -> str | None:
+    """What is wrong with a proxy token (never quoting it), or None."""
+    if len(token) < MIN_TOKEN:
+        return f"the token must have at least {MIN_TOKEN} characters"
+    if len(token) > MAX_TOKEN:
+        return f"the token must have at most {MAX_TOKEN} characters"
+    if not all("!" <= c <= "~" for c in token):
+        return ("the token must be printable ASCII without spaces (a client sends it in a "
+                "Proxy-Authorization header)")
+    return None
+
+
+class ProxyToken(_Strict):
+    """A credential of an HTTP on-ramp: a client presenting ``token`` (as the password of
+    ``Proxy-Authorization: Basic``, or as ``Proxy-Authorization: Bearer``) is of ``tenant``.
+    The secret is ``token`` or the content of ``token_file`` (read at start and at every reload,
+    :meth:`Config.check_runtime`); workers are given only its SHA-256."""
+
+    tenant: Tenant
+    token: SecretStr | None = None
+    token_file: Path | None = None
+    _read: SecretStr | None = PrivateAttr(None)  # token_file's content, as read at start
+
+    @field_validator("token")
+    @classmethod
+    def _token(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and (why := _token_problem(v.get_secret_value())) is not None:
+            raise ValueError(why)
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ProxyToken:
+        if self.token is not None and self.token_file is not None:
+            raise Located([(("token_file",), str(self.token_file),
+                            "set token or token_file, not both")])
+        if self.token is None and self.token_file is None:
+            raise Located([(("token",), NO_VALUE,
+                            "set token or token_file: the secret a client presents")])
+        return self
+
+    def read_file(self) -> str:
+        """``token_file``'s token, read now (stripped), else a ConfigError's reason."""
+        assert self.token_file is not None
+        try:
+            token = self.token_file.read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"cannot read ({exc.strerror})") from None
+        except UnicodeDecodeError:
+            raise ValueError("not text: the token must be printable ASCII") from None
+        if (why := _token_problem(token)) is not None:
+            raise ValueError(why)
+        return token
+
+    def secret(self) -> str:
+        """The token: ``token``, or ``token_file``'s as first read (kept: a file rewritten later
+        counts at the next restart, as the on-ramp's other keys)."""
+        if self.token is not None:
+            return self.token.get_secret_value()
+        if self._read is None:
+            self._read = SecretStr(self.read_file())
+        return self._read.get_secret_value()
+
+    def digest(self) -> str:
+        """What workers are given: the SHA-256 (hex) of the token."""
+        return hashlib.sha256(self.secret().encode()).hexdigest()
+
+
+class HttpOnramp(_Strict):
+    """A forward proxy: every request (or ``CONNECT`` tunnel) a client sends through it is a
+    flow of ``tenant``, or of the tenant its ``Proxy-Authorization`` token maps to. Whoever can
+    connect opens flows as the tenant: it listens on loopback unless an ``allow`` list of source
+    networks says who may connect."""
+
+    kind: Literal["http"]
+    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")] = "http"
+    listen: str = "127.0.0.1:3128"
+    tenant: Tenant | None = None  # clients without a token; None: a token is required
+    tokens: Annotated[list[ProxyToken], Field(max_length=MAX_TOKENS)] = []
+    allow: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []  # source networks; [] = any
+    backlog: Annotated[int, Field(ge=1, le=65535)] = 1024
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        return _ip_port(v, "127.0.0.1:3128 or [::1]:3128")
+
+    @field_validator("allow", mode="before")
+    @classmethod
+    def _networks(cls, v):
+        return _network_list(v)
+
+    @model_validator(mode="after")
+    def _checks(self) -> HttpOnramp:
+        if self.tenant is None and not self.tokens:
+            raise Located([(("tenant",), NO_VALUE,
+                            "an HTTP on-ramp needs a tenant or tokens: tenant = \"...\" for "
+                            "every client, or [[onramps.tokens]] (tenant, token or token_file) "
+                            "for clients presenting a Proxy-Authorization token")])
+        problems: list[tuple[tuple, Any, str]] = []
+        seen: dict[str, int] = {}
+        for i, t in enumerate(self.tokens):
+            if t.token is None:
+                continue  # a file's token is read at start (check_runtime)
+            secret = t.token.get_secret_value()
+            if secret in seen:
+                problems.append((("tokens", i, "token"), NO_VALUE,
+                                 f"the same token as tokens[{seen[secret]}]: each token names "
+                                 f"one tenant"))
+            seen.setdefault(secret, i)
+        if not ipaddress.ip_address(self.address()[0]).is_loopback and not self.allow:
+            who = (f"opens flows as tenant {self.tenant}" if self.tenant is not None else
+                   "may try tokens, which cross the network in clear")
+            problems.append((("listen",), self.listen,
+                             f"an HTTP on-ramp on {self.listen} (not loopback) needs an allow "
+                             f"list of source networks: whoever can connect to it {who}"))
+        if problems:
+            raise Located(problems)
+        return self
+
+    def address(self) -> tuple[str, int]:
+        return _host_port(self.listen)
+
+    def token_problems(self, index: int) -> list[str]:
+        """Each token file that cannot be read, or holds a bad or repeated token, as
+        ``onramps[INDEX].tokens[I].token_file = 'PATH': REASON`` (``index``: the on-ramp's)."""
+        problems = []
+        seen: dict[str, int] = {}
+        for i, t in enumerate(self.tokens):
+            try:
+                secret = t.secret()
+            except ValueError as exc:
+                problems.append(f"onramps[{index}].tokens[{i}].token_file = "
+                                f"{str(t.token_file)!r}: {exc}")
+                continue
+            if secret in seen:
+                key = "token_file" if t.token_file is not None else "token"
+                shown = f" = {str(t.token_file)!r}" if t.token_file is not None else ""
+                problems.append(f"onramps[{index}].tokens[{i}].{key}{shown}: the same token as "
+                                f"tokens[{seen[secret]}]: each token names one tenant")
+            seen.setdefault(secret, i)
+        return problems
+
+    def settings(self) -> HttpOnrampSettings:
+        """What workers are given: the tokens' hashes, never the tokens."""
+        return HttpOnrampSettings(tenant=self.tenant,
+                                  tokens={t.digest(): t.tenant for t in self.tokens},
+                                  allow=[str(n) for n in self.allow], address=self.address())
+
+
 Onramp = Annotated[Annotated[TunnelOnramp, Tag("tunnel")] | Annotated[GueOnramp, Tag("gue")]
-                   | Annotated[TcpOnramp, Tag("tcp")],
+                   | Annotated[TcpOnramp, Tag("tcp")] | Annotated[HttpOnramp, Tag("http")],
                    Discriminator(_onramp_kind)]
-ONRAMP_KINDS = ("tunnel", "gue", "tcp")
+ONRAMP_KINDS = ("tunnel", "gue", "tcp", "http")
 
 
 class Admin(_Strict):
@@ -453,6 +615,11 @@ def host_resolvers(path: Path) -> list[tuple[str, int]]:
     return out[:3]
 
 
+MAX_RULE_PATH = 1024
+MAX_RULE_METHOD = 32
+_HTTP_TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+\-.^_`|~]+")  # RFC 9110's token
+
+
 class Rule(_Strict):
     """One policy rule; the first that matches a new flow decides it."""
 
@@ -463,27 +630,82 @@ class Rule(_Strict):
     cidr: str | None = None
     ports: str | None = None  # "80" or "8000-8080"
     upstream: str | None = None  # HOST:PORT to off-ramp to instead of the original destination
-    layer: Literal["ip", "stream"] | None = None  # how an allowed flow is carried
+    layer: Literal["ip", "stream", "http"] | None = None  # how an allowed flow is carried
     # A rule for queries to the daemon's resolver instead of flows: "corp.example" (that name)
     # or "*.corp.example" (any name under it); deny answers NXDOMAIN.
     domain: str | None = None
     # Flows to the addresses the daemon's resolver answered a matching name with (the same
-    # patterns): "allow *.corp.example" for IP flows.
+    # patterns): "allow *.corp.example" for IP flows; HTTP requests with such a Host.
     host: str | None = None
+    path: str | None = None  # HTTP requests whose path starts so ("/admin")
+    method: str | None = None  # HTTP requests of this method ("POST"), upper case
+    sni: str | None = None  # TLS streams whose ClientHello names a matching server
 
-    @field_validator("domain", "host")
+    @field_validator("domain", "host", "sni")
     @classmethod
     def _domain(cls, v: str | None) -> str | None:
         if v is not None and (why := valid_domain_pattern(v)) is not None:
             raise ValueError(why)
         return v
 
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not v.startswith("/"):
+            raise ValueError('expected a path starting with "/", e.g. "/admin" (it matches '
+                             'request paths by prefix)')
+        if len(v) > MAX_RULE_PATH:
+            raise ValueError(f"longer than {MAX_RULE_PATH} characters")
+        if not all("!" <= c <= "~" for c in v):
+            raise ValueError("printable ASCII only, no spaces (percent-encode others, as "
+                             "requests send them: %20)")
+        return v
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not _HTTP_TOKEN.fullmatch(v) or len(v) > MAX_RULE_METHOD:
+            raise ValueError(f"expected an HTTP method, e.g. \"GET\" or \"POST\" (1-"
+                             f"{MAX_RULE_METHOD} letters, digits or !#$%&'*+-.^_`|~)")
+        return v.upper()
+
     @model_validator(mode="after")
     def _domain_alone(self) -> Rule:
         if self.domain is not None and (self.cidr or self.ports or self.protocol or self.upstream
-                                        or self.layer or self.host):
+                                        or self.layer or self.host or self.path or self.method
+                                        or self.sni):
             raise ValueError("a rule with a domain decides DNS queries: it takes no cidr, "
-                             "ports, protocol, upstream, layer or host")
+                             "ports, protocol, upstream, layer, host, path, method or sni")
+        return self
+
+    @model_validator(mode="after")
+    def _http_keys(self) -> Rule:
+        """sni decides TLS streams, path and method HTTP requests: none decides how a flow is
+        carried, so none takes ``layer`` or ``upstream``."""
+        if self.domain is not None:
+            return self  # refused above if it has any
+        problems: list[tuple[tuple, Any, str]] = []
+        if self.sni is not None:
+            for key in ("path", "method", "host", "upstream", "layer"):
+                if (value := getattr(self, key)) is not None:
+                    problems.append(((key,), value, "a rule with sni decides TLS streams by "
+                                     "their ClientHello: it takes no path, method, host, "
+                                     "upstream or layer"))
+        elif self.path is not None or self.method is not None:
+            for key in ("layer", "upstream"):
+                if (value := getattr(self, key)) is not None:
+                    problems.append(((key,), value, "a rule with path or method decides HTTP "
+                                     "requests, not flows: it takes no layer or upstream"))
+        if (self.sni is not None or self.path is not None or self.method is not None) and \
+                self.protocol not in (None, "tcp"):
+            problems.append((("protocol",), self.protocol, "a rule with sni, path or method "
+                             "matches TCP streams only: protocol can only be \"tcp\""))
+        if problems:
+            raise Located(problems)
         return self
 
     @field_validator("cidr")
@@ -526,7 +748,8 @@ class Rule(_Strict):
                             tenant=self.tenant, protocol=self.protocol, cidr=self.cidr,
                             ports=self.port_range(),
                             upstream=_host_port(self.upstream) if self.upstream else None,
-                            layer=self.layer, domain=self.domain, host=self.host)
+                            layer=self.layer, domain=self.domain, host=self.host,
+                            path=self.path, method=self.method, sni=self.sni)
 
 
 
@@ -598,6 +821,7 @@ class Config(_Strict):
     networks: Annotated[list[Network], Field(max_length=MAX_NETWORKS), KEPT_ROUTES] = []
     sites: Annotated[list[Site], Field(max_length=MAX_SITES), KEPT_ROUTES] = []
     dns: Annotated[Dns, FIXED_FOR_WORKERS] = Dns()
+    http: Annotated[Http, FIXED_FOR_WORKERS] = Http()
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
@@ -607,7 +831,14 @@ class Config(_Strict):
         if self.workers and self.workers > self.namespace.max_workers():
             raise ValueError(f"{self.workers} workers need more blocks than namespace pools "
                              f"hold ({self.namespace.max_workers()})")
-        if problems := self._private_network_problems():
+        problems = self._private_network_problems()
+        tokens = [(i, o) for i, o in enumerate(self.onramps) if isinstance(o, HttpOnramp)]
+        if sum(len(o.tokens) for _, o in tokens) > MAX_ALL_TOKENS:
+            i, o = tokens[-1]
+            problems.append((("onramps", i, "tokens"), NO_VALUE,
+                             f"{sum(len(o.tokens) for _, o in tokens)} tokens over all HTTP "
+                             f"on-ramps, over {MAX_ALL_TOKENS}"))
+        if problems:
             raise Located(problems)
         return self
 
@@ -678,7 +909,18 @@ class Config(_Strict):
         """What only the running daemon can check (at start and reload): the token file, and
         what :meth:`check_startable` checks."""
         self.admin.check_token_file()
+        self.check_token_files()
         self.check_startable()
+
+    def check_token_files(self) -> None:
+        """The HTTP on-ramps' token files (at start and reload, as ``admin.token_file``; not in
+        check-config: a credential may exist only for the service): each readable, holding a
+        token of at least 16 characters no other token of its on-ramp has. Each is read once:
+        the token the daemon started with is kept until a restart."""
+        problems = [problem for i, o in enumerate(self.onramps) if isinstance(o, HttpOnramp)
+                    for problem in o.token_problems(i)]
+        if problems:
+            raise ConfigError("\n".join(problems))
 
     def check_startable(self) -> None:
         """What ``run`` refuses that the file alone does not show, checked by ``check-config``
@@ -693,7 +935,9 @@ class Config(_Strict):
             check_audit_sink(self.audit.sink)
 
     def worker_settings(self, workers: int) -> WorkerSettings:
-        """What the workers are given of this config (``workers``: how many the daemon runs)."""
+        """What the workers are given of this config (``workers``: how many the daemon runs).
+        Of an HTTP on-ramp's tokens, only their SHA-256: the secrets stay here."""
+        self.check_token_files()  # read already at start (check_runtime): kept, not re-read
         return WorkerSettings(
             workers=workers, mtu=self.namespace.mtu, offload=self.namespace.offload,
             flows=self.flows, audit=self.audit, app=self.app,
@@ -705,6 +949,8 @@ class Config(_Strict):
                                            proxy_protocol=o.proxy_protocol,
                                            allow=[str(n) for n in o.allow], address=o.address())
                  for o in self.onramps if isinstance(o, TcpOnramp)},
+            http_onramps={o.name: o.settings() for o in self.onramps if isinstance(o, HttpOnramp)},
+            http=self.http,
             networks=[NetworkSettings(tenant=n.tenant, cidr=str(n.cidr)) for n in self.networks],
             sites=[SiteSettings(name=s.name, tenant=s.tenant, prefixes=[str(p) for p in s.prefixes],
                                 sender=s.sender_address(), onramp=self.site_onramp(s))
@@ -834,8 +1080,10 @@ def _find_line(text: str, loc: tuple) -> int | None:
     keys = [k for k in loc if isinstance(k, str)]
     if not keys:
         return None
-    table, key = keys[:-1], keys[-1]
     lines = text.splitlines()
+    if sum(isinstance(k, int) for k in loc) > 1 and isinstance(loc[0], str):
+        return _find_nested_line(lines, loc)
+    table, key = keys[:-1], keys[-1]
     start = 0
     if table:
         header = re.compile(r"^\s*\[\[?\s*" + re.escape(".".join(table)) + r"\s*\]\]?\s*$")
@@ -857,6 +1105,40 @@ def _find_line(text: str, loc: tuple) -> int | None:
         if key_re.match(lines[i]):
             return i + 1
     return start + 1 if table else None
+
+
+def _find_nested_line(lines: list[str], loc: tuple) -> int | None:
+    """:func:`_find_line` of a key in an array of tables in an array of tables
+    (``("onramps", 1, "tokens", 0, "token")``: ``[[onramps.tokens]]`` headers after the second
+    ``[[onramps]]``), or an element of an array in one (``("sites", 1, "prefixes", 0)``: the
+    line of ``prefixes =``)."""
+    lo, hi, table = 0, len(lines), ""
+    parts = list(loc)
+    while parts:
+        name = parts.pop(0)
+        if not isinstance(name, str):
+            continue
+        index = parts.pop(0) if parts and isinstance(parts[0], int) else None
+        path = f"{table}.{name}" if table else name
+        header = re.compile(r"^\s*\[\[?\s*" + re.escape(path) + r"\s*\]\]?\s*$")
+        hits = [i for i in range(lo, hi) if header.match(lines[i])]
+        if len(hits) > (index or 0):  # a table (of an array): its lines
+            lo = hits[index or 0]
+            if not parts:
+                return lo + 1
+            inside = re.compile(r"^\s*\[\[?\s*" + re.escape(path) + r"\.")
+            hi = next((i for i in range(lo + 1, hi) if lines[i].lstrip().startswith("[")
+                       and not inside.match(lines[i])), hi)
+            table = path
+            continue
+        key_re = re.compile(r"^\s*" + re.escape(name) + r"\s*=")
+        for i in range(lo + 1 if table else 0, hi):
+            if table and lines[i].lstrip().startswith("["):
+                break
+            if key_re.match(lines[i]):
+                return i + 1
+        break
+    return lo + 1 if table else None
 
 
 def _dotted(loc: tuple) -> str:
@@ -894,7 +1176,8 @@ def parse(text: str, source: str = "<config>") -> Config:
                 where = f"{source}:{line}" if line else source
                 shown = f" = {value!r}" if value is not NO_VALUE and not isinstance(
                     value, dict | list) else ""
-                if "token" in where_loc:
+                if shown and ("token" in where_loc or (
+                        "tokens" in where_loc and where_loc[-1] not in ("tenant", "token_file"))):
                     shown = " = <redacted>"  # never echo a secret into logs
                 problems.append(f"{where}: {_dotted(where_loc)}{shown}: {msg}")
         raise ConfigError("\n".join(problems)) from None

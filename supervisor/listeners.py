@@ -1,7 +1,8 @@
 """On-ramp listeners: bound once by the supervisor (or taken from systemd) and shared by workers.
 
 A tunnel on-ramp is one SOCK_SEQPACKET listener every worker accepts on; a TCP on-ramp (a
-published service) one TCP listener, likewise. A GUE on-ramp is a
+published service) or an HTTP on-ramp (a forward proxy) one TCP listener, likewise. A GUE on-ramp
+is a
 SO_REUSEPORT group of UDP sockets, one per worker, bound in worker order: the group's steering
 program returns a worker index, which is the socket's place in the group. The supervisor holds
 every socket for the daemon's life, so a restarted worker gets its predecessor's socket (and the
@@ -27,7 +28,7 @@ from typing import ClassVar, TypeVar
 from ipferry.runtime import fdnames
 from ipferry.wire.steering import Insn, program
 
-from .config import GueOnramp, TcpOnramp, TunnelOnramp
+from .config import GueOnramp, HttpOnramp, TcpOnramp, TunnelOnramp
 
 SD_LISTEN_FDS_START = 3
 SO_ATTACH_REUSEPORT_CBPF = 51  # asm-generic/socket.h; the socket module does not name it
@@ -285,8 +286,10 @@ def bind_gue_group(onramp: GueOnramp, workers: int) -> GueListener:
 class TcpListener(Listener):
     """A TCP on-ramp (a published service): one TCP listener every worker accepts on."""
 
+    label: ClassVar[str] = "TCP on-ramp"
+
     @classmethod
-    def open(cls, onramp: TcpOnramp, workers: int,
+    def open(cls, onramp: TcpOnramp | HttpOnramp, workers: int,
              passed: dict[str, socket.socket]) -> TcpListener:
         if onramp.name in passed:
             sock = passed.pop(onramp.name)
@@ -298,11 +301,11 @@ class TcpListener(Listener):
                 listening = False
             if not listening:
                 sock.close()
-                raise ListenerError(f"TCP on-ramp {onramp.name}: the socket systemd passed by that "
-                                    f"name is not a listening TCP socket; give it "
+                raise ListenerError(f"{cls.label} {onramp.name}: the socket systemd passed by "
+                                    f"that name is not a listening TCP socket; give it "
                                     f"ListenStream={onramp.listen} in the .socket unit")
             return cls(onramp.name, sock, from_systemd=True, address=_tcp_where(sock))
-        sock = bind_tcp(onramp)
+        sock = bind_tcp(onramp, cls.label)
         return cls(onramp.name, sock, address=_tcp_where(sock))
 
     @staticmethod
@@ -310,8 +313,27 @@ class TcpListener(Listener):
         return f"tcp {onramp.listen} -> {onramp.upstream} (tenant {onramp.tenant})"
 
 
-def bind_tcp(onramp: TcpOnramp) -> socket.socket:
-    """A TCP on-ramp's listener: bound, listening, non-blocking."""
+@register("http")
+@dataclass
+class HttpListener(TcpListener):
+    """An HTTP on-ramp (a forward proxy): one TCP listener every worker accepts on, bound (or
+    taken from systemd by the on-ramp's name) as a TCP on-ramp's."""
+
+    label: ClassVar[str] = "HTTP on-ramp"
+
+    @staticmethod
+    def where(onramp: HttpOnramp) -> str:  # type: ignore[override]
+        """Who its clients are, never a token: ``http proxy 127.0.0.1:3128 (tenant acme, 2
+        tokens)``."""
+        who = [f"tenant {onramp.tenant}"] if onramp.tenant is not None else []
+        if onramp.tokens:
+            n = len(onramp.tokens)
+            who.append(f"{n} token" if n == 1 else f"{n} tokens")
+        return f"http proxy {onramp.listen} ({', '.join(who)})"
+
+
+def bind_tcp(onramp: TcpOnramp | HttpOnramp, label: str = "TCP on-ramp") -> socket.socket:
+    """A TCP (or HTTP) on-ramp's listener: bound, listening, non-blocking."""
     host, port = onramp.address()
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -323,7 +345,7 @@ def bind_tcp(onramp: TcpOnramp) -> socket.socket:
         sock.listen(onramp.backlog)
     except OSError as exc:
         sock.close()
-        raise ListenerError(f"TCP on-ramp {onramp.name} at {onramp.listen}: cannot listen "
+        raise ListenerError(f"{label} {onramp.name} at {onramp.listen}: cannot listen "
                             f"({exc.strerror}); {_bind_fix(exc.errno, host, port)}") from None
     sock.setblocking(False)
     return sock
@@ -347,7 +369,7 @@ def _tcp_where(sock: socket.socket) -> str:
     return f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}"
 
 
-def open_onramps(onramps: list[TunnelOnramp | GueOnramp | TcpOnramp],
+def open_onramps(onramps: list[TunnelOnramp | GueOnramp | TcpOnramp | HttpOnramp],
                  workers: int = 1) -> list[Listener]:
     passed = systemd_sockets()
     out: list[Listener] = []
