@@ -477,7 +477,7 @@ class FlowEngine:
         address, and always for an accepted client (it has no packets)."""
         key = flow.key
         return key.protocol == IPPROTO_TCP and (
-            decision.layer == "stream" or isinstance(flow.client, AcceptedLeg)
+            decision.layer in ("stream", "http") or isinstance(flow.client, AcceptedLeg)
             or dst != key.dst or port != key.dport)
 
     def _unroutable(self, flow: Flow, verdict: Unrouted, now: float, out: list[Action]) -> None:
@@ -523,7 +523,7 @@ class FlowEngine:
                 self._refuse_decided(flow, "duplicate_flow", "admin", now, out)
                 return False
             flow.server = RoutedLeg(route.target, upstream, rebuild=key.protocol == IPPROTO_UDP
-                                    and decision.layer == "stream")
+                                    and decision.layer in ("stream", "http"))
             self.from_device[answers] = flow
             return True
         version = 4 if len(dst) == 4 else 6

@@ -38,12 +38,14 @@ class Decision:
     upgraded to a stream or datagrams and off-ramped by a socket; ``"ip"`` asks for IP packets
     (a destination that is no device is then off-ramped as by default); ``"stream"`` always
     upgrades a TCP flow to a stream (so :meth:`on_stream_start` may inspect it) and, towards a
-    device, downgrades it back into that device's tunnel."""
+    device, downgrades it back into that device's tunnel; ``"http"`` does the same and carries
+    the stream as HTTP/1.1: each request is decided by ``on_request`` and the rules' HTTP keys
+    (see :class:`HttpRequest`)."""
 
     action: str  # "upgrade" | "drop"
     upstream: tuple[str, int] | None = None
     reason: str = ""
-    layer: str | None = None  # None | "ip" | "stream"
+    layer: str | None = None  # None | "ip" | "stream" | "http"
 
     @classmethod
     def upgrade(cls, upstream: tuple[str, int] | None = None, reason: str = "",
@@ -65,6 +67,10 @@ class StreamStart:
     upstream: tuple[str, int]
     downgraded: bool = False
     destination_tunnel: int | None = None
+    # The server name of the TLS ClientHello the client began with, on a stream to one of the
+    # ``[http] tls_ports`` (None: none read, or no SNI in it).
+    sni: str | None = None
+    layer: str | None = None  # the flow's decision's layer ("http": carried as HTTP)
 
 
 @dataclass(frozen=True)
@@ -115,3 +121,82 @@ class DnsDecision:
     @classmethod
     def answer(cls, address: str, reason: str = "") -> DnsDecision:
         return cls("answer", address, reason)
+
+
+Headers = tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class HttpRequest:
+    """What ``on_request`` sees of one HTTP request, before anything of it went on.
+
+    ``flow`` is the stream's flow (an HTTP on-ramp's: the client, its tenant, and the
+    destination the request names). ``host`` is the Host header's (or an absolute-form or
+    CONNECT target's) name, lowercase, without the port; ``port`` the port it names (else the
+    flow's destination port). ``target`` is the request target as it came; ``path`` its path
+    (no query). ``headers`` are as they came (names lowercase), hop-by-hop ones included.
+    ``upstream`` is where it goes unless a decision says otherwise: the flow's destination, or
+    the on-ramp's resolved target (None while a name is not resolved yet)."""
+
+    flow: FlowStart
+    method: str
+    target: str
+    host: str
+    port: int
+    path: str
+    headers: Headers
+    upstream: tuple[str, int] | None = None
+    onramp: str | None = None  # the HTTP on-ramp's name; None for a stream carried as HTTP
+
+    def header(self, name: str) -> str | None:
+        """The first value of header ``name`` (any case), if there is one."""
+        name = name.lower()
+        return next((v for k, v in self.headers if k == name), None)
+
+
+@dataclass(frozen=True)
+class HttpDecision:
+    """``allow``: send the request on, to ``upstream`` (None: where it was going; a device
+    address of the tenant's network is reached by downgrade), with ``target`` instead of its
+    request target and its headers changed (``set_headers`` replace every header of the name
+    or add it, ``remove_headers`` remove them; ``host`` is a header like the others); ``deny``:
+    answer ``status`` (403 by default) with a short body saying ``reason``.
+
+    ``on_response`` may answer one too: ``deny`` replaces the response (before any of it went
+    to the client), ``allow`` changes its headers."""
+
+    action: str  # "allow" | "deny"
+    status: int = 403
+    reason: str = ""
+    upstream: tuple[str, int] | None = None
+    target: str | None = None
+    set_headers: Headers = ()
+    remove_headers: tuple[str, ...] = ()
+
+    @classmethod
+    def allow(cls, reason: str = "", *, upstream: tuple[str, int] | None = None,
+              target: str | None = None, set_headers: Headers | dict[str, str] = (),
+              remove_headers: tuple[str, ...] | list[str] = ()) -> HttpDecision:
+        if isinstance(set_headers, dict):
+            set_headers = tuple(set_headers.items())
+        return cls("allow", 200, reason, upstream, target, tuple(set_headers),
+                   tuple(remove_headers))
+
+    @classmethod
+    def deny(cls, reason: str = "", status: int = 403) -> HttpDecision:
+        return cls("deny", status, reason)
+
+
+@dataclass(frozen=True)
+class HttpResponse:
+    """What ``on_response`` sees: the request it answers, its status and headers (names
+    lowercase), before any of it went to the client."""
+
+    request: HttpRequest
+    status: int
+    reason: str
+    headers: Headers
+
+    def header(self, name: str) -> str | None:
+        name = name.lower()
+        return next((v for k, v in self.headers if k == name), None)

@@ -67,7 +67,8 @@ HOOK_DRAIN = 2.0  # at stop, how long on_flow_end calls may still take
 
 def build_application(settings: WorkerSettings) -> Application:
     rules = [Rule(r.action, r.tenant, r.cidr, r.ports, r.protocol, r.upstream, r.name,
-                  layer=r.layer, domain=r.domain, host=r.host)
+                  layer=r.layer, domain=r.domain, host=r.host, path=r.path, method=r.method,
+                  sni=r.sni)
              for r in settings.rules]
     return load_application(settings.app.cls, rules=rules,
                             default_action=settings.app.default_action)
@@ -229,7 +230,8 @@ class Worker:
                                      refusals_interval=self.settings.audit.refusals_interval,
                                      routes=RouteTable((n.tenant, n.cidr)
                                                        for n in self.settings.networks),
-                                     dns_upstreams=list(self.settings.dns_upstreams))
+                                     dns_upstreams=list(self.settings.dns_upstreams),
+                                     http=self.settings.http)
             self.datapath.share_names = self.share_names
             self.routes = DeviceRoutes(self.datapath.routes, self.index, self.log,
                                        control=self.control, remote=self.remote_tunnel,
@@ -259,7 +261,8 @@ class Worker:
                         parse_context=self.parse_context,
                         app_parse_context=lambda raw: self.app.parse_context(raw),
                         on_packet=self.dp.on_tunnel_packet, on_close=self.tunnel_closed,
-                        on_stream=self.dp.on_stream, claim_routes=self.claim_routes)
+                        on_stream=self.dp.on_stream, claim_routes=self.claim_routes,
+                        serve_http=self.dp.http.serve)
         for name, (cls, sock) in self.onramp_socks.items():
             if name in self.onramps:
                 continue

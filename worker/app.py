@@ -31,6 +31,10 @@ from ipferry.engine.decisions import (
     DnsQueryStart,
     FlowEnd,
     FlowStart,
+    HttpDecision,
+    HttpRequest,
+    HttpResponse,
+    StreamStart,
     TunnelContext,
 )
 from ipferry.wire.dnsmsg import domain_matches
@@ -45,7 +49,9 @@ MAX_CONTEXT_DEPTH = 16  # nesting of its objects and arrays
 MAX_ROUTES = 64  # prefixes one tunnel's context may claim (``routes``)
 
 __all__ = ["Application", "Decision", "DnsDecision", "DnsQueryStart", "FlowEnd", "FlowStart",
-           "Rule", "RulesApplication", "TunnelContext", "load_application"]
+           "HttpDecision", "HttpRequest", "HttpResponse", "Rule", "RulesApplication",
+           "StreamStart", "TunnelContext", "load_application"]
+_ALLOW_REQUEST = HttpDecision.allow("allowed by default")
 
 
 def valid_tenant(tenant) -> bool:
@@ -135,6 +141,11 @@ class Rule:
     # A flow's destination by the name the daemon's resolver gave the tenant for it (as
     # ``domain``): a flow to an address no name was answered with never matches.
     host: str | None = field(default=None, kw_only=True)
+    # HTTP requests (of streams carried as HTTP, and HTTP on-ramps): a path prefix, a method.
+    path: str | None = field(default=None, kw_only=True)
+    method: str | None = field(default=None, kw_only=True)
+    # TLS streams by their ClientHello's server name (the same patterns as ``domain``).
+    sni: str | None = field(default=None, kw_only=True)
     network: ipaddress.IPv4Network | ipaddress.IPv6Network | None = field(init=False,
                                                                           compare=False)
 
@@ -143,8 +154,17 @@ class Rule:
         net = ipaddress.ip_network(self.cidr, strict=False) if self.cidr else None
         object.__setattr__(self, "network", net)
 
+    @property
+    def for_requests(self) -> bool:
+        """Does this rule decide HTTP requests (it has a host, path or method)?"""
+        return self.domain is None and self.sni is None and (
+            self.path is not None or self.method is not None or self.host is not None)
+
     def matches(self, flow: FlowStart) -> bool:
-        if self.domain is not None or (self.tenant is not None and flow.tenant != self.tenant):
+        if (self.domain is not None or self.sni is not None or self.path is not None
+                or self.method is not None):
+            return False  # decided later: at a query, a TLS stream's start, a request
+        if self.tenant is not None and flow.tenant != self.tenant:
             return False
         if self.protocol is not None and flow.protocol != self.protocol:
             return False
@@ -154,6 +174,36 @@ class Rule:
                                                                               flow.host)):
             return False
         return self.ports is None or self.ports[0] <= flow.dport <= self.ports[1]
+
+    def _matches_where(self, tenant: str, dst: str | None, port: int) -> bool:
+        """Tenant, protocol (TCP), destination network and port."""
+        if self.tenant is not None and tenant != self.tenant:
+            return False
+        if self.protocol not in (None, "tcp"):
+            return False
+        if self.network is not None and (not dst or ipaddress.ip_address(dst)
+                                         not in self.network):
+            return False
+        return self.ports is None or self.ports[0] <= port <= self.ports[1]
+
+    def matches_request(self, request: HttpRequest) -> bool:
+        """An HTTP request: its tenant, where it goes, its Host, path (prefix) and method."""
+        upstream = request.upstream
+        if not self._matches_where(request.flow.tenant, upstream[0] if upstream else None,
+                                   upstream[1] if upstream else request.port):
+            return False
+        if self.host is not None and not domain_matches(self.host, request.host):
+            return False
+        if self.method is not None and request.method != self.method:
+            return False
+        return self.path is None or request.path.startswith(self.path)
+
+    def matches_stream(self, stream: StreamStart) -> bool:
+        """A TLS stream by its ClientHello's server name (a stream without one never matches)."""
+        flow = stream.flow
+        return (self.sni is not None and stream.sni is not None
+                and self._matches_where(flow.tenant, flow.dst, flow.dport)
+                and domain_matches(self.sni, stream.sni))
 
 
 class RulesApplication:
@@ -216,6 +266,36 @@ class RulesApplication:
 
     def on_flow_end(self, flow: FlowEnd) -> None:
         pass
+
+    def on_request(self, request: HttpRequest) -> HttpDecision:
+        """An HTTP request: the first rule with a ``host``, ``path`` or ``method`` that matches
+        it decides (``deny``: 403 naming the rule); else it goes on (its flow was allowed)."""
+        for rule in self._request_rules:
+            if rule.matches_request(request):
+                if rule.action == "deny":
+                    return HttpDecision.deny(f"denied by rule {rule.name}")
+                return HttpDecision.allow(f"allowed by rule {rule.name}")
+        return _ALLOW_REQUEST
+
+    def on_stream_start(self, stream: StreamStart) -> Decision | None:
+        """A stream's start: the first rule with an ``sni`` matching its TLS server name
+        decides (``deny``: both ends reset); else the stream goes as its flow's decision says."""
+        if stream.sni is None:
+            return None
+        for rule in self._stream_rules:
+            if rule.matches_stream(stream):
+                if rule.action == "deny":
+                    return Decision.drop(f"denied by rule {rule.name}")
+                return Decision.upgrade(reason=f"allowed by rule {rule.name}")
+        return None
+
+    @functools.cached_property
+    def _request_rules(self) -> list[Rule]:
+        return [r for r in self.rules if r.for_requests]
+
+    @functools.cached_property
+    def _stream_rules(self) -> list[Rule]:
+        return [r for r in self.rules if r.sni is not None]
 
     def on_dns_query(self, query: DnsQueryStart) -> DnsDecision:
         """A query to the daemon's resolver: the first rule with a ``domain`` matching its name

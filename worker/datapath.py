@@ -57,7 +57,9 @@ from ipferry.engine.flows import Flow, FlowKey, FlowTable
 from ipferry.engine.legs import AcceptedLeg, DatagramLeg, DowngradedLeg, StreamLeg, TunnelLeg
 from ipferry.engine.routes import RouteTable
 from ipferry.runtime import fdpass
+from ipferry.runtime.settings import Http
 from ipferry.wire.dns import DNS_ADDRESSES, DNS_PORT
+from ipferry.wire.httpmsg import plain_response
 from ipferry.wire.nat import NatPool
 from ipferry.wire.vnet import HEADER_SIZE as HEADER
 from ipferry.wire.vnet import PLAIN, is_gso, is_partial, segment
@@ -68,15 +70,56 @@ from .audit import AuditLog, Refusals
 from .connector import Connector
 from .datagram_flows import DatagramUpstream, PingNotPermitted, open_upstream
 from .dns import DnsForwarder, DnsStreamInspector
+from .http.pool import Dialed
+from .http.session import HttpLayer, Refused
 from .inspect import inspect_stream
 from .relay import abort
-from .streams import StreamHandler, UpgradedStream, application_handler
+from .streams import StreamHandler, StreamHandlers, UpgradedStream, splice
 from .tun import TunDevice
 from .tunnels import Tunnel
 from .views import FlowIndex, tenant_text
 
 PING_LOG_INTERVAL = 60.0  # how often "ping sockets not permitted" (or an internal error) is logged
 _LINGER_RST = struct.pack("ii", 1, 0)  # close() sends RST instead of FIN
+HTTP_ONRAMP = "http"  # the on-ramp name of the HTTP layer's own upstream streams
+CONNECTED = b"HTTP/1.1 200 Connection established\r\n\r\n"
+
+
+class Watch:
+    """What an on-ramp that handed over a socket wants to hear of its flow's start.
+
+    ``started`` gets (status, reason, flow fields): 200 once the flow relays; else 403 (refused
+    by policy or a limit), 502 (the upstream failed) or 504 (it did not answer). With a
+    ``greeting`` (a CONNECT's 200), the client is sent it just before the relay starts, and a
+    refusal is answered in HTTP before the socket is closed. ``first``: bytes for the server
+    before the relay (what the client sent past its CONNECT). ``raw``: relay without stream
+    hooks (the HTTP layer's upstreams: their requests were decided already)."""
+
+    __slots__ = ("started", "greeting", "first", "raw")
+
+    def __init__(self, started: asyncio.Future, *, greeting: bytes = b"", first: bytes = b"",
+                 raw: bool = False) -> None:
+        self.started = started
+        self.greeting = greeting
+        self.first = first
+        self.raw = raw
+
+    def refused(self, flow: Flow | None, why: str) -> tuple[int, str]:
+        """The flow will not relay (``why``: its close reason): tell the watcher, and say what
+        the client is answered."""
+        if why.startswith("upstream_timeout"):
+            status, reason = 504, "the upstream did not answer"
+        elif why.startswith("upstream_"):
+            status, reason = 502, f"the upstream failed ({why.removeprefix('upstream_')})"
+        else:
+            decision = flow.decision if flow is not None else None
+            status = 403
+            reason = decision.reason if isinstance(decision, Decision) and decision.reason \
+                else why
+        fields = flow_fields(flow) if flow is not None else {}
+        if not self.started.done():
+            self.started.set_result((status, reason, fields))
+        return status, reason
 
 PKT_IN = metrics.PACKETS.labels("from_tunnel")
 PKT_OUT = metrics.PACKETS.labels("to_tunnel")
@@ -137,7 +180,8 @@ class DataPath:
                  refusals_interval: float = 10.0,
                  stream_handler: StreamHandler | None = None,
                  routes: RouteTable | None = None,
-                 dns_upstreams: list[tuple[str, int]] | None = None) -> None:
+                 dns_upstreams: list[tuple[str, int]] | None = None,
+                 http: Http | None = None) -> None:
         self.engine = FlowEngine(flows=flows, pools=pools, local=local,
                                  connect_timeout=connect_timeout, index=index, workers=workers,
                                  mtu=mtu, fail_closed=audit_on_error == "refuse", routes=routes,
@@ -154,8 +198,16 @@ class DataPath:
         self.flows = flows
         # The application's on_stream_start picks splice or an inspector, stream by stream
         # (read at each stream: a reload's new application decides the streams after it).
+        http = http if http is not None else Http()
+        self.http = HttpLayer(http, get_app=lambda: self.app, audit=audit, log=log,
+                              dial=self.dial, hand_connect=self.hand_connect)
         self.stream_handler = stream_handler if stream_handler is not None \
-            else application_handler(lambda: self.app, log)
+            else StreamHandlers(lambda: self.app, log, audit=audit, http=self.http,
+                                tls_ports=http.tls_ports, hello_timeout=http.client_hello_timeout)
+        # Accepted sockets whose on-ramp waits to hear how their flow starts (a CONNECT's
+        # answer, the HTTP layer's dialed upstreams), until it relays or ends.
+        self._watched: dict[socket.socket, Watch] = {}
+        self._dial_serial = 0
         self.entries: dict[FlowKey, Flow] = self.engine.by_key
         self.flow_index = FlowIndex()  # live flows in start order: the admin API's pages
         self.connector: Connector[Flow] = Connector(self._offramp_ready)
@@ -471,9 +523,12 @@ class DataPath:
     # -- accepted clients (TCP on-ramps) -------------------------------------------------------
 
     def on_stream(self, tenant: str, sock: socket.socket, client: tuple[str, int],
-                  upstream: tuple[str, int], onramp: str) -> None:
+                  upstream: tuple[str, int], onramp: str, watch: Watch | None = None) -> None:
         """A ``kind = "tcp"`` on-ramp accepted ``sock`` (ours from now on) from ``client``, for
-        ``upstream``: a flow, decided, audited and off-ramped like a tunnel's."""
+        ``upstream``: a flow, decided, audited and off-ramped like a tunnel's. ``watch`` hears
+        how the flow starts (see :class:`Watch`)."""
+        if watch is not None:
+            self._watched[sock] = watch
         try:
             src = socket.inet_pton(socket.AF_INET6 if ":" in client[0] else socket.AF_INET,
                                    client[0])
@@ -490,8 +545,73 @@ class DataPath:
 
     def _close_accepted(self, a: CloseAccepted) -> None:
         if isinstance(a.handle, socket.socket):
-            abort(a.handle)
-            a.handle.close()
+            self._refuse_accepted(a.handle, None, "refused")
+
+    def _refuse_accepted(self, sock: socket.socket, flow: Flow | None, why: str) -> None:
+        """An accepted client whose flow will not relay: reset, or, when its on-ramp watches
+        (a CONNECT), answered in HTTP (403, 502, 504) and closed."""
+        watch = self._watched.pop(sock, None)
+        if watch is None:
+            abort(sock)
+            sock.close()
+            return
+        status, reason = watch.refused(flow, why)
+        if watch.greeting:
+            try:
+                sock.send(plain_response(status, reason))  # short: a fresh socket takes it
+            except OSError:
+                pass
+        sock.close()
+
+    async def dial(self, tenant: str, client: tuple[str, int],
+                   upstream: tuple[str, int]) -> Dialed:
+        """A stream to ``upstream`` as a flow of ``tenant`` from ``client``'s address: decided
+        by the flow rules and hooks, audited, downgraded into a device's tunnel when the address
+        is one, and spliced to our end of a socketpair, which is returned once the off-ramp is
+        connected. Raises :class:`~ipferry.worker.http.session.Refused` (403: refused by policy
+        or a limit; 502/504: the upstream failed)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        for s in (ours, theirs):
+            s.setblocking(False)
+        started: asyncio.Future[tuple[int, str, dict]] = self._loop.create_future()
+        port = self._dial_port(tenant, client[0], upstream)
+        self.on_stream(tenant, theirs, (client[0], port), upstream, HTTP_ONRAMP,
+                       Watch(started, raw=True))
+        try:
+            status, reason, fields = await started
+        except BaseException:
+            ours.close()
+            raise
+        if status != 200:
+            ours.close()
+            raise Refused(status, reason)
+        return Dialed(ours, fields)
+
+    def _dial_port(self, tenant: str, client: str, upstream: tuple[str, int]) -> int:
+        """A source port no flow of the tenant from ``client`` to ``upstream`` has: dialed
+        streams are flows keyed like any other, and several may go from one client."""
+        family = socket.AF_INET6 if ":" in client else socket.AF_INET
+        src = socket.inet_pton(family, client)
+        dst = socket.inet_pton(socket.AF_INET6 if ":" in upstream[0] else socket.AF_INET,
+                               upstream[0])
+        for _ in range(64):
+            self._dial_serial = self._dial_serial % 64511 + 1
+            port = 1024 + self._dial_serial
+            if FlowKey(tenant, 6, src, port, dst, upstream[1]) not in self.entries:
+                return port
+        return port  # a duplicate is refused by the engine: the request gets its 403
+
+    async def hand_connect(self, served: Any, tenant: str, sock: socket.socket,
+                           upstream: tuple[str, int], first: bytes) -> tuple[int, dict | None]:
+        """An HTTP on-ramp's CONNECT: ``sock`` (the client's, ours from now on) goes on as a TCP
+        flow to ``upstream``, decided and relayed as any on-ramp's stream, its 200 sent once
+        the off-ramp is connected (a refusal is answered 403, a failed upstream 502/504). The
+        status the client got, and the flow's fields."""
+        started: asyncio.Future[tuple[int, str, dict]] = self._loop.create_future()
+        self.on_stream(tenant, sock, served.client, upstream, served.onramp,
+                       Watch(started, greeting=CONNECTED, first=first))
+        status, _reason, fields = await started
+        return status, fields
 
     def _relay_streams(self, a: RelayStreams) -> None:
         flow = a.flow
@@ -499,11 +619,24 @@ class DataPath:
         assert isinstance(client, AcceptedLeg) and isinstance(client.handle, socket.socket)
         assert isinstance(server, StreamLeg) and isinstance(server.handle, socket.socket)
         conn, client.handle = client.handle, None
+        watch = self._watched.pop(conn, None)
+        raw = False
+        if watch is not None:
+            raw = watch.raw
+            try:
+                if watch.greeting:
+                    conn.send(watch.greeting)  # a fresh socket's buffer takes these few bytes
+                if watch.first:
+                    server.handle.send(watch.first)  # what the client sent past its request
+            except OSError:
+                pass  # the peer is gone already: the relay finds out and ends
+            if not watch.started.done():
+                watch.started.set_result((200, "", flow_fields(flow)))
         for sock in (conn, server.handle):
             # No packet of this flow is seen (it never idles out): a peer that vanishes without
             # a word is found by the kernel's keepalives, which end the relay.
             keepalive(sock)
-        task = self._loop.create_task(self._run_stream(flow, conn, server.handle))
+        task = self._loop.create_task(self._run_stream(flow, conn, server.handle, raw))
         flow.stream = UpgradedStream(conn, task)
         self.streams.add(task)
         task.add_done_callback(self.streams.discard)
@@ -514,9 +647,12 @@ class DataPath:
         if not flow.ended:
             self.carry(self.engine.stream_finished(flow, time.monotonic()))
 
-    async def _run_stream(self, flow: Flow, conn: socket.socket, up: socket.socket) -> None:
+    async def _run_stream(self, flow: Flow, conn: socket.socket, up: socket.socket,
+                          raw: bool = False) -> None:
         key = flow.key
-        if key.dst in DNS_ADDRESSES and key.dport == DNS_PORT:
+        if raw:  # the HTTP layer's own upstream: its requests were decided there
+            await splice(flow, conn, up)
+        elif key.dst in DNS_ADDRESSES and key.dport == DNS_PORT:
             # DNS over TCP to the daemon's resolver: the same per-query policy and audit.
             src = addr(key.src)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -644,8 +780,9 @@ class DataPath:
         self.flow_index.discard(flow)
         client = flow.client
         if isinstance(client, AcceptedLeg) and isinstance(client.handle, socket.socket):
-            abort(client.handle)  # refused before its relay started: the client sees a reset
-            client.handle.close()
+            # Refused before its relay started: the client sees a reset (or its watcher's
+            # answer: a CONNECT's 403 or 502).
+            self._refuse_accepted(client.handle, flow, a.why)
             client.handle = None
         server = flow.server
         if isinstance(server, DatagramLeg):
@@ -707,6 +844,7 @@ class DataPath:
         """Once a second: the engine's timer (connects given up, idle flows ended), and the
         refusals' summary when due."""
         self.carry(self.engine.timer(time.monotonic()))
+        self.http.sweep()
         if self.refusals.due(time.time()):
             self.refusals.flush()
 

@@ -7,7 +7,7 @@ vanish with it (no multiprocess files left behind).
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
 
 registry = CollectorRegistry(auto_describe=True)
@@ -112,3 +112,19 @@ def snapshot() -> list[dict]:
             "samples": [[s.name, s.labels, s.value] for s in family.samples],
         })
     return families
+
+# -- the HTTP layer ----------------------------------------------------------------------------
+HTTP_REQUESTS = Counter("ipferry_http_requests", "HTTP requests answered (streams carried as "
+                        "HTTP, HTTP on-ramps), by the status's class (1xx ... 5xx).",
+                        ["status_class"], registry=registry)
+HTTP_DURATION = Histogram("ipferry_http_request_duration_seconds", "From an HTTP request's head "
+                          "to the end of its answer.", registry=registry,
+                          buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                                   1.0, 2.5, 5.0, 10.0, 30.0, 60.0))
+HTTP_REJECTED = Counter("ipferry_http_rejected", "HTTP input refused before it went on, by "
+                        "reason: malformed, header_too_large, header_timeout, bad_target, "
+                        "proxy_auth, hook_error, source_denied, pending_limit.", ["reason"],
+                        registry=registry)
+TLS_STREAMS = Counter("ipferry_tls_streams", "Streams to a TLS port whose ClientHello was read, "
+                      "by result: allowed, denied (by its server name), not_tls, timeout.",
+                      ["result"], registry=registry)

@@ -16,18 +16,22 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, Protocol
 
 from ipferry.engine.core import flow_fields, flow_start
-from ipferry.engine.decisions import StreamStart
+from ipferry.engine.decisions import Decision, StreamStart
 from ipferry.engine.flows import Flow
+from ipferry.wire import tls
 
+from . import metrics
 from .app import call_hook
+from .http.session import HttpLayer, Served
 from .inspect import Inspector, inspect_stream
-from .relay import abort, relay
+from .relay import abort, relay, wait_fd
 
-__all__ = ["StreamHandler", "UpgradedStream", "application_handler", "splice", "stream_start"]
+__all__ = ["StreamHandler", "StreamHandlers", "UpgradedStream", "application_handler", "splice",
+           "stream_start"]
 
 
 class StreamHandler(Protocol):
@@ -40,50 +44,172 @@ async def splice(flow: Flow, client: socket.socket, server: socket.socket) -> No
     await relay(client, server)
 
 
-def stream_start(flow: Flow) -> StreamStart:
+def stream_start(flow: Flow, sni: str | None = None) -> StreamStart:
     """What ``on_stream_start`` sees of a flow's stream: the flow, where its server leg goes,
-    and the device's tunnel when that leg is downgraded into one."""
+    the device's tunnel when that leg is downgraded into one, the TLS server name the client
+    began with (if read) and the layer its decision asked for."""
     server = flow.server
     assert server is not None
     tunnel = getattr(server, "tunnel", None)
+    decision = flow.decision
     return StreamStart(flow_start(flow), server.upstream, tunnel is not None,
-                       None if tunnel is None else tunnel.id)
+                       None if tunnel is None else tunnel.id, sni,
+                       decision.layer if isinstance(decision, Decision) else None)
 
 
-def application_handler(get_app: Callable[[], object], log: Any) -> StreamHandler:
+class StreamHandlers:
     """The stream handler that lets the application choose, stream by stream.
 
-    For each stream, ``get_app()`` (called then: a reloaded application is asked from then on)
-    is asked ``on_stream_start(StreamStart)`` (plain or ``async``), if it has that method:
+    On a stream to one of the ``[http] tls_ports`` the client's TLS ClientHello is read first
+    (at most :data:`~ipferry.wire.tls.MAX_HELLO_BYTES`, for ``client_hello_timeout`` seconds; it
+    goes on to the server untouched) and its server name is :attr:`StreamStart.sni`. Then
+    ``get_app()`` (called then: a reloaded application is asked from then on) is asked
+    ``on_stream_start(StreamStart)`` (plain or ``async``), if it has that method:
 
-    - no such method, ``None`` or ``"splice"``: :func:`splice` (the default, zero copy);
+    - no such method, ``None``, ``"splice"`` or ``Decision.upgrade()``: :func:`splice` (zero
+      copy), or HTTP when the flow's decision asked for ``layer = "http"``;
+    - ``"http"`` or ``Decision.upgrade(layer="http")``: the stream is served as HTTP/1.1
+      (:mod:`ipferry.worker.http`), each request decided by ``on_request``;
     - an :class:`~ipferry.worker.inspect.Inspector`: the bytes go through it
       (:func:`~ipferry.worker.inspect.inspect_stream`);
+    - ``Decision.drop(reason)``: both ends are reset (a TLS stream's ``tls_stream`` record says
+      so, with the reason);
     - the hook raises, or answers anything else: the stream is reset (both ends get RST) and
       ``stream_hook_failed`` is logged. Fail closed: an application that inspects streams (an
       auditor) must not have one pass unseen because its hook failed.
     """
 
-    async def handle(flow: Flow, client: socket.socket, server: socket.socket) -> None:
-        hook = getattr(get_app(), "on_stream_start", None)
-        if hook is None:
-            await splice(flow, client, server)
-            return
-        try:
-            choice = await call_hook(hook, stream_start(flow))
-            if choice is not None and choice != "splice" and not isinstance(choice, Inspector):
-                raise TypeError(f"on_stream_start answered {type(choice).__name__}, not None, "
-                                "'splice' or an inspector")
-        except Exception as exc:
-            log.warning("stream_hook_failed", error=repr(exc)[:200], **flow_fields(flow))
+    def __init__(self, get_app: Callable[[], object], log: Any, *, audit: Any = None,
+                 http: HttpLayer | None = None, tls_ports: Collection[int] = (),
+                 hello_timeout: float = 5.0) -> None:
+        self.get_app = get_app
+        self.log = log
+        self.audit = audit
+        self.http = http
+        self.tls_ports = frozenset(tls_ports)
+        self.hello_timeout = hello_timeout
+
+    async def __call__(self, flow: Flow, client: socket.socket, server: socket.socket) -> None:
+        sni = None
+        if flow.key.dport in self.tls_ports:
+            hello = await self._client_hello(flow, client)
+            if hello is None:
+                abort(client, server)
+                return
+            sni, first = hello
+            if first and not await _write_all(server, first):
+                abort(client, server)
+                return
+        hook = getattr(self.get_app(), "on_stream_start", None)
+        choice: object = None
+        if hook is not None:
+            try:
+                choice = await call_hook(hook, stream_start(flow, sni))
+                if not (choice is None or choice in ("splice", "http")
+                        or isinstance(choice, Inspector | Decision)):
+                    raise TypeError(f"on_stream_start answered {type(choice).__name__}, not "
+                                    "None, 'splice', 'http', a Decision or an inspector")
+            except Exception as exc:
+                self.log.warning("stream_hook_failed", error=repr(exc)[:200], **flow_fields(flow))
+                abort(client, server)
+                return
+        if isinstance(choice, Decision) and choice.action != "upgrade":
+            if sni is not None or flow.key.dport in self.tls_ports:
+                self._tls_record(flow, sni, "deny", choice.reason)
+            self.log.info("stream_refused", reason=choice.reason, sni=sni, **flow_fields(flow))
             abort(client, server)
             return
-        if choice is None or choice == "splice":
-            await splice(flow, client, server)
-        else:
-            await inspect_stream(client, server, choice, log=log.bind(**flow_fields(flow)))
+        if flow.key.dport in self.tls_ports:
+            self._tls_record(flow, sni, "allow",
+                             choice.reason if isinstance(choice, Decision) else "")
+        if isinstance(choice, Inspector):
+            await inspect_stream(client, server, choice, log=self.log.bind(**flow_fields(flow)))
+            return
+        decision = flow.decision
+        if isinstance(choice, Decision) and choice.layer is not None:
+            http = choice.layer == "http"
+        else:  # None, a plain allow: as the flow's decision asked; "splice" / "http": so
+            http = choice == "http" or (choice != "splice" and isinstance(decision, Decision)
+                                        and decision.layer == "http")
+        if http and self.http is not None:
+            await self.http.serve(client, served_flow(flow), origin=server)
+            return
+        await splice(flow, client, server)
 
-    return handle
+    async def _client_hello(self, flow: Flow, client: socket.socket
+                            ) -> tuple[str | None, bytes] | None:
+        """The server name of the ClientHello the client begins with, and the bytes read (to
+        send on). None: the stream is cut (the client went away). A client that sends no TLS,
+        a hello without a name, or nothing for ``hello_timeout`` gets no name: its stream goes
+        on unnamed, and ``on_stream_start`` sees ``sni=None`` (an application that allows only
+        named streams refuses those)."""
+        loop = asyncio.get_running_loop()
+        buf = bytearray()
+        need = tls.RECORD_HEADER
+        deadline = loop.time() + self.hello_timeout
+        while True:
+            try:
+                chunk = client.recv(need - len(buf))
+            except (BlockingIOError, InterruptedError):
+                left = deadline - loop.time()
+                try:
+                    if left <= 0:
+                        raise TimeoutError
+                    await asyncio.wait_for(wait_fd(loop, client.fileno(), writable=False), left)
+                except TimeoutError:
+                    metrics.TLS_STREAMS.labels("timeout").inc()
+                    return None, bytes(buf)
+                continue
+            except OSError:
+                return None
+            if not chunk:
+                return (None, bytes(buf)) if buf else None
+            buf += chunk
+            try:
+                found = tls.parse_client_hello(buf)
+            except tls.NotTls:
+                metrics.TLS_STREAMS.labels("not_tls").inc()
+                return None, bytes(buf)
+            if isinstance(found, tls.NeedMore):
+                need = found.total
+                continue
+            return found.server_name, bytes(buf)
+
+    def _tls_record(self, flow: Flow, sni: str | None, decision: str, reason: str) -> None:
+        metrics.TLS_STREAMS.labels("allowed" if decision == "allow" else "denied").inc()
+        if self.audit is not None:
+            self.audit.record("tls_stream", sni=sni, decision=decision, reason=reason,
+                              **flow_fields(flow))
+
+
+def served_flow(flow: Flow) -> Served:
+    """Who a flow's stream carried as HTTP is, for the HTTP layer."""
+    start = flow_start(flow)
+    server = flow.server
+    assert server is not None
+    fields = flow_fields(flow)
+    return Served(start.tenant, (start.src, start.sport), start.context,
+                  origin=server.upstream, flow=fields)
+
+
+def application_handler(get_app: Callable[[], object], log: Any, **kwargs: Any) -> StreamHandler:
+    """The :class:`StreamHandlers` of an application (kept for callers of the first API)."""
+    return StreamHandlers(get_app, log, **kwargs)
+
+
+async def _write_all(sock: socket.socket, data: bytes) -> bool:
+    loop = asyncio.get_running_loop()
+    view = memoryview(data)
+    while view:
+        try:
+            n = sock.send(view)
+        except (BlockingIOError, InterruptedError):
+            await wait_fd(loop, sock.fileno(), writable=True)
+            continue
+        except OSError:
+            return False
+        view = view[n:]
+    return True
 
 
 class UpgradedStream:

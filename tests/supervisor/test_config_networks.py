@@ -292,7 +292,7 @@ def test_rules_have_a_layer():
     cfg = parse('[[rules]]\naction = "allow"\nlayer = "stream"\n[[rules]]\naction = "deny"\n')
     assert [r.layer for r in cfg.worker_settings(1).rules] == ["stream", None]
     assert problems('[[rules]]\naction = "allow"\n\nlayer = "tcp"\n') == [
-        "t.toml:4: rules[0].layer = 'tcp': Input should be 'ip' or 'stream'"]
+        "t.toml:4: rules[0].layer = 'tcp': Input should be 'ip', 'stream' or 'http'"]
 
 
 def test_the_default_config_has_no_private_networks():

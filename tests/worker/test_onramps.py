@@ -76,7 +76,7 @@ def config_kinds() -> set[str]:
 
 
 def test_worker_and_supervisor_know_the_configs_kinds():
-    assert config_kinds() == {"tunnel", "gue", "tcp"}
+    assert config_kinds() == {"tunnel", "gue", "tcp", "http"}
     assert set(onramps.kinds()) == config_kinds()
     assert set(listeners._KINDS) == config_kinds()
     for kind in config_kinds():

@@ -64,6 +64,9 @@ class Wiring:
     # Claim the routes a tunnel's context names (``extra["routes"]``) before it opens; raises
     # ipferry.worker.routing.RouteRefused with the reason (the tunnel is refused). None: no claims.
     claim_routes: Callable[[Tunnel], Awaitable[None]] | None = None
+    # An HTTP on-ramp's accepted connection, as serve_http(sock, served): served by the HTTP
+    # layer until the client is done; True when the socket was handed on (a CONNECT's flow).
+    serve_http: Callable[[socket.socket, Any], Awaitable[bool]] | None = None
 
 
 class Onramp(Protocol):
@@ -143,4 +146,4 @@ async def drain(tasks: set[asyncio.Task], timeout: float) -> int:
 
 
 # The kinds register themselves on import.
-from . import gue, seqpacket, tcp  # noqa: E402,F401,I001
+from . import gue, http, seqpacket, tcp  # noqa: E402,F401,I001

@@ -1,0 +1,99 @@
+"""One HTTP/1.1 connection: an h11 state machine driven over a non-blocking socket.
+
+h11 parses and frames (sans I/O); this is its driver: read when h11 needs data, write what it
+produces, wait on the event loop when the kernel says EAGAIN. Writes complete before the next
+read, so a connection holds at most one read chunk (:data:`CHUNK`) of a body: a 1 GB upload
+costs its chunk, not its size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+from typing import Any
+
+import h11
+
+from ..relay import wait_fd
+
+__all__ = ["CHUNK", "ConnectionLost", "HttpConn"]
+
+CHUNK = 64 * 1024
+_LOST = (errno.ECONNRESET, errno.ENOTCONN, errno.EPIPE, errno.ETIMEDOUT, errno.ECONNABORTED,
+         errno.EHOSTUNREACH, errno.ENETUNREACH)
+
+
+class ConnectionLost(Exception):
+    """The peer reset the connection, or it failed under us (the errno's name says which)."""
+
+
+class HttpConn:
+    """``sock`` (connected, non-blocking) spoken to as ``role`` (h11.SERVER: we answer requests;
+    h11.CLIENT: we send them). ``received``/``sent`` count bytes on the wire."""
+
+    __slots__ = ("sock", "h11", "received", "sent", "_loop")
+
+    def __init__(self, sock: socket.socket, role: Any, *, max_head: int = 65536) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.h11 = h11.Connection(role, max_incomplete_event_size=max_head)
+        self.received = 0
+        self.sent = 0
+        self._loop = asyncio.get_running_loop()
+
+    async def next_event(self) -> Any:
+        """The next h11 event (reading as needed); ``h11.PAUSED`` once the peer switched
+        protocols or waits for the next cycle. Raises h11.RemoteProtocolError for bad input,
+        :class:`ConnectionLost` for a reset."""
+        while True:
+            event = self.h11.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            await self._read()
+
+    async def _read(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv(CHUNK)
+            except (BlockingIOError, InterruptedError):
+                await wait_fd(self._loop, self.sock.fileno(), writable=False)
+                continue
+            except OSError as exc:
+                if exc.errno in _LOST:
+                    raise ConnectionLost(errno.errorcode.get(exc.errno or 0, "error")) from None
+                raise
+            self.received += len(data)
+            self.h11.receive_data(data)  # b"": EOF, which h11 turns into ConnectionClosed
+            return
+
+    async def send(self, event: Any) -> None:
+        """Frame ``event`` and write it all."""
+        data = self.h11.send(event)
+        if data:
+            await self.write(data)
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Write raw bytes (what h11 framed, or a switched connection's first bytes)."""
+        view = memoryview(data).cast("B")
+        while view:
+            try:
+                n = self.sock.send(view)
+            except (BlockingIOError, InterruptedError):
+                await wait_fd(self._loop, self.sock.fileno(), writable=True)
+                continue
+            except OSError as exc:
+                if exc.errno in _LOST:
+                    raise ConnectionLost(errno.errorcode.get(exc.errno or 0, "error")) from None
+                raise
+            self.sent += n
+            view = view[n:]
+
+    @property
+    def reusable(self) -> bool:
+        """Both sides are done with a message and neither asked to close: another may follow."""
+        return self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
+
+    def trailing(self) -> bytes:
+        """Bytes received past the last message (a switched protocol's first bytes)."""
+        return bytes(self.h11.trailing_data[0])
