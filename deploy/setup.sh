@@ -5,10 +5,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# (openssh-server, redis-server, dnsmasq: the end-to-end tests run sshd, redis and a resolver in their own
-# namespaces; no service of theirs is started on the host, see deploy/debs.sh.)
+# (openssh-server, redis-server, dnsmasq, nginx: the end-to-end tests run sshd, redis, a resolver
+# and web servers in their own namespaces; no service of theirs is started on the host, see
+# deploy/debs.sh.)
 debs=(libcap-dev iproute2 iperf3 iputils-ping procps util-linux gcc python3-dev curl
       openssh-server openssh-client redis-server redis-tools dnsmasq-base bind9-dnsutils
+      nginx openssl
       systemd)  # (systemd-analyze: the install test verifies the units)
 . deploy/debs.sh
 ensure_debs setup "${debs[@]}"

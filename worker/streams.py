@@ -40,7 +40,8 @@ class StreamHandler(Protocol):
 
 async def splice(flow: Flow, client: socket.socket, server: socket.socket) -> None:
     """Relay the two streams in the kernel (``os.splice``): the bytes never enter Python."""
-    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if client.family != socket.AF_UNIX:  # (the HTTP layer's own upstreams are socketpairs)
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     await relay(client, server)
 
 

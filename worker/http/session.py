@@ -209,6 +209,13 @@ class _Session:
         if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
             return None
         assert isinstance(event, h11.Request), event
+        # h11 bounds a head still coming; one that came whole in a read is bounded here.
+        size = len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers)
+        if size > self.settings.max_header_bytes:
+            self._reject("header_too_large")
+            await self._say(431, f"the request's head is over {self.settings.max_header_bytes} "
+                            "bytes")
+            raise _Stop
         # A body-less request's end is there already: take it now, so that a refusal keeps the
         # connection and an upstream answering at once finds the request whole. (A body's
         # first bytes, if they came with the head, wait for the upload.)
@@ -276,9 +283,13 @@ class _Session:
             named = served.authenticate(request)
             if named == "" or (named is None and tenant is None):
                 self._reject("proxy_auth")
+                record = _Record(self, request, None, started)
+                record.decision, record.reason = "deny", "proxy authentication required"
+                record.done(407, None)
                 await self._answer(407, "proxy authentication required: a token as "
                                    "Proxy-Authorization (Bearer TOKEN, or Basic with the token "
-                                   "as the password)", close=False,
+                                   "as the password)",
+                                   close=self.client.h11.their_state is not h11.DONE,
                                    extra=((b"proxy-authenticate", b'Basic realm="ipferry"'),))
                 return
             if named is not None and named != tenant:
@@ -587,7 +598,7 @@ class _Record:
     __slots__ = ("session", "request", "tenant", "started", "sent", "received", "decision",
                  "reason", "upstream", "flow", "written")
 
-    def __init__(self, session: _Session, request: HttpRequest, tenant: str,
+    def __init__(self, session: _Session, request: HttpRequest, tenant: str | None,
                  started: float) -> None:
         self.session = session
         self.request = request
