@@ -540,8 +540,7 @@ class DataPath:
                 (dst, upstream[1]), sock, onramp, time.monotonic()))
         except Exception:
             self._internal_error("stream_accepted")
-            abort(sock)
-            sock.close()
+            self._refuse_accepted(sock, None, "internal_error")
 
     def _close_accepted(self, a: CloseAccepted) -> None:
         if isinstance(a.handle, socket.socket):
@@ -855,6 +854,7 @@ class DataPath:
         """End every flow (the application hears of each), wait up to ``drain`` seconds for the
         hooks in progress, then cancel what is left (an undecided flow is already ended)."""
         self.carry(self.engine.end_all("shutdown", time.monotonic()))
+        self.http.close()  # the idle upstream connections (their flows ended just now)
         if self.hook_tasks:
             await asyncio.wait(self.hook_tasks, timeout=drain)
         for task in list(self.hook_tasks):

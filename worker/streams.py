@@ -91,13 +91,13 @@ class StreamHandlers:
         self.hello_timeout = hello_timeout
 
     async def __call__(self, flow: Flow, client: socket.socket, server: socket.socket) -> None:
-        sni = None
+        sni, named = None, False  # named: a ClientHello was read (with or without a name)
         if flow.key.dport in self.tls_ports:
             hello = await self._client_hello(flow, client)
             if hello is None:
                 abort(client, server)
                 return
-            sni, first = hello
+            named, sni, first = hello
             if first and not await _write_all(server, first):
                 abort(client, server)
                 return
@@ -115,12 +115,12 @@ class StreamHandlers:
                 abort(client, server)
                 return
         if isinstance(choice, Decision) and choice.action != "upgrade":
-            if sni is not None or flow.key.dport in self.tls_ports:
+            if named:
                 self._tls_record(flow, sni, "deny", choice.reason)
             self.log.info("stream_refused", reason=choice.reason, sni=sni, **flow_fields(flow))
             abort(client, server)
             return
-        if flow.key.dport in self.tls_ports:
+        if named:
             self._tls_record(flow, sni, "allow",
                              choice.reason if isinstance(choice, Decision) else "")
         if isinstance(choice, Inspector):
@@ -138,8 +138,8 @@ class StreamHandlers:
         await splice(flow, client, server)
 
     async def _client_hello(self, flow: Flow, client: socket.socket
-                            ) -> tuple[str | None, bytes] | None:
-        """The server name of the ClientHello the client begins with, and the bytes read (to
+                            ) -> tuple[bool, str | None, bytes] | None:
+        """Whether the client began with a ClientHello, its server name, and the bytes read (to
         send on). None: the stream is cut (the client went away). A client that sends no TLS,
         a hello without a name, or nothing for ``hello_timeout`` gets no name: its stream goes
         on unnamed, and ``on_stream_start`` sees ``sni=None`` (an application that allows only
@@ -159,22 +159,22 @@ class StreamHandlers:
                     await asyncio.wait_for(wait_fd(loop, client.fileno(), writable=False), left)
                 except TimeoutError:
                     metrics.TLS_STREAMS.labels("timeout").inc()
-                    return None, bytes(buf)
+                    return False, None, bytes(buf)
                 continue
             except OSError:
                 return None
             if not chunk:
-                return (None, bytes(buf)) if buf else None
+                return (False, None, bytes(buf)) if buf else None
             buf += chunk
             try:
                 found = tls.parse_client_hello(buf)
             except tls.NotTls:
                 metrics.TLS_STREAMS.labels("not_tls").inc()
-                return None, bytes(buf)
+                return False, None, bytes(buf)
             if isinstance(found, tls.NeedMore):
                 need = found.total
                 continue
-            return found.server_name, bytes(buf)
+            return True, found.server_name, bytes(buf)
 
     def _tls_record(self, flow: Flow, sni: str | None, decision: str, reason: str) -> None:
         metrics.TLS_STREAMS.labels("allowed" if decision == "allow" else "denied").inc()

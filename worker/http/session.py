@@ -276,7 +276,8 @@ class _Session:
             upstream = (host, port) if _is_ip(host) else None
         tenant = served.tenant
         flow = FlowStart(tenant or "", "tcp", served.client[0], served.client[1],
-                         upstream[0] if upstream else "", port or 0, served.context, host)
+                         upstream[0] if upstream else "", upstream[1] if upstream else port or 0,
+                         served.context, host)
         request = HttpRequest(flow, method, raw_target, host or "", port or 0,
                               target.path.partition("?")[0], headers, upstream, served.onramp)
         if served.authenticate is not None:
@@ -424,6 +425,7 @@ class _Session:
             upload.cancel()
             await asyncio.gather(upload, return_exceptions=True)
             self._drop(up)
+            record.done(record.status or 502, up.flow)
             raise
         if not upload.done() and self.client.h11.their_state is h11.SEND_BODY:
             upload.cancel()  # answered before the body was all there: both close after this
@@ -467,6 +469,7 @@ class _Session:
                         if self.client.h11.their_state is not h11.MIGHT_SWITCH_PROTOCOL:
                             raise h11.RemoteProtocolError("a 101 to a request that asked for "
                                                           "no upgrade")
+                        record.status = 101
                         await self.client.send(h11.InformationalResponse(
                             status_code=101, headers=list(event.headers), reason=event.reason))
                         return 101, True
@@ -474,10 +477,9 @@ class _Session:
                         status_code=event.status_code, headers=response_headers(
                             list(event.headers)), reason=event.reason))
                 elif isinstance(event, h11.Response):
-                    status = event.status_code
-                    if not await self._respond(event, request):
-                        return status, False
-                    status = event.status_code
+                    status = record.status = event.status_code
+                    if not await self._respond(event, request, record):
+                        return record.status, False
                 elif isinstance(event, h11.Data):
                     record.received += len(event.data)
                     await self.client.send(h11.Data(data=event.data))
@@ -487,21 +489,19 @@ class _Session:
                 else:  # ConnectionClosed before the response ended
                     raise ConnectionLost("the upstream closed mid-response")
         except (ConnectionLost, h11.RemoteProtocolError) as exc:
-            if isinstance(exc, ConnectionLost) and not self._client_side(exc):
-                pass
             if self.client.h11.our_state is h11.SEND_RESPONSE:  # nothing sent yet: say so
                 self.log.info("http_upstream_failed", error=str(exc)[:200],
                               host=request.host, tenant=request.flow.tenant)
                 self._drop(up)
+                record.status = 502
                 await self._answer(502, f"the upstream failed: {str(exc)[:120]}", close=True)
                 return 502, False
             abort(self.client.sock)  # cut mid-response: a reset, never a short "whole" one
+            record.reason = record.reason or "cut mid-response"
             raise _Stop from None
 
-    def _client_side(self, exc: Exception) -> bool:
-        return False
-
-    async def _respond(self, event: h11.Response, request: HttpRequest) -> bool:
+    async def _respond(self, event: h11.Response, request: HttpRequest,
+                       record: _Record) -> bool:
         """Send the response head (after ``on_response``); False if it was replaced."""
         set_h: tuple[tuple[str, str], ...] = ()
         remove_h: tuple[str, ...] = ()
@@ -519,11 +519,14 @@ class _Session:
                 self.log.warning("http_hook_failed", hook="on_response", error=repr(exc)[:200],
                                  tenant=request.flow.tenant, host=request.host)
                 self._reject("hook_error")
+                record.status = 502
                 await self._answer(502, "the proxy's response hook failed", close=True)
                 return False
             if decision is not None and decision.action != "allow":
-                await self._answer(decision.status if 400 <= decision.status < 600 else 502,
-                                   decision.reason or "response denied", close=True)
+                record.status = decision.status if 400 <= decision.status < 600 else 502
+                record.decision, record.reason = "deny", decision.reason
+                await self._answer(record.status, decision.reason or "response denied",
+                                   close=True)
                 return False
             if decision is not None:
                 set_h, remove_h = decision.set_headers, decision.remove_headers
@@ -596,7 +599,7 @@ class _Record:
     """One request's audit record and metrics, written once when its answer is known."""
 
     __slots__ = ("session", "request", "tenant", "started", "sent", "received", "decision",
-                 "reason", "upstream", "flow", "written")
+                 "reason", "upstream", "flow", "written", "status")
 
     def __init__(self, session: _Session, request: HttpRequest, tenant: str | None,
                  started: float) -> None:
@@ -610,6 +613,7 @@ class _Record:
         self.upstream: tuple[str, int] | None = request.upstream
         self.flow: dict | None = None
         self.written = False
+        self.status = 0  # the answer's, once known
 
     def done(self, status: int, flow: dict | None, **_: object) -> None:
         if self.written:
