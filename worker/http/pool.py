@@ -20,7 +20,7 @@ import h11
 
 from .conn import HttpConn
 
-__all__ = ["Dialed", "UpstreamKey", "Upstreams"]
+__all__ = ["Dialed", "UpstreamKey", "Upstreams", "alive"]
 
 
 class UpstreamKey(NamedTuple):
@@ -71,7 +71,7 @@ class Upstreams:
             idle = self._idle.pop((key, serials.pop()))
             if not serials:
                 del self._by_key[key]
-            if now - idle.since < self.idle_timeout and _alive(idle.conn.sock):
+            if now - idle.since < self.idle_timeout and alive(idle.conn.sock):
                 self.reused += 1
                 return idle.conn, idle.flow, True
             idle.conn.sock.close()
@@ -122,11 +122,13 @@ class Upstreams:
         self._by_key.clear()
 
 
-def _alive(sock: socket.socket) -> bool:
-    """An idle connection the upstream has neither closed nor written to (a peek)."""
+def alive(sock: socket.socket) -> bool:
+    """An idle connection the upstream has neither closed nor written to (a peek): bytes it
+    sent unasked, or its EOF, make it useless for a next request."""
     try:
-        return not sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) and False
+        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
     except (BlockingIOError, InterruptedError):
-        return True  # nothing to read: still open, nothing unexpected
+        return True  # nothing to read: open, and nothing unexpected
     except OSError:
         return False
+    return False

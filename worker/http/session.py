@@ -57,7 +57,7 @@ from .. import metrics
 from ..app import call_hook
 from ..relay import abort, relay
 from .conn import ConnectionLost, HttpConn
-from .pool import UpstreamKey, Upstreams
+from .pool import UpstreamKey, Upstreams, alive
 
 __all__ = ["HttpLayer", "Refused", "Served"]
 
@@ -402,7 +402,7 @@ class _Session:
     async def _upstream(self, tenant: str, upstream: tuple[str, int]) -> _Upstream:
         origin = self.origin
         if origin is not None and upstream == self.served.origin:
-            if origin.conn.h11.our_state is h11.IDLE and _peer_open(origin.conn.sock):
+            if origin.conn.h11.our_state is h11.IDLE and alive(origin.conn.sock):
                 return origin
             self.origin = None  # closed by the upstream: the next goes by the pool
         key = UpstreamKey(tenant, upstream[0], upstream[1])
@@ -675,15 +675,6 @@ def _is_ip(host: str) -> bool:
         ipaddress.ip_address(host)
         return True
     except ValueError:
-        return False
-
-
-def _peer_open(sock: socket.socket) -> bool:
-    try:
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
-    except (BlockingIOError, InterruptedError):
-        return True
-    except OSError:
         return False
 
 
