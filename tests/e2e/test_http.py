@@ -186,6 +186,8 @@ def test_uploads_and_downloads_stream_through_a_worker_of_bounded_rss(daemon_fac
     assert res.returncode == 0 and digest.hexdigest() in res.stdout.decode(), res
     assert down.returncode == 0 and down.stdout == str(size).encode(), down
     grew = mem.peak - mem.before
+    print(f"worker RSS {mem.before / 2**20:.1f} MiB, peak {mem.peak / 2**20:.1f} MiB while "
+          f"{size / 2**20:.0f} MiB went up and down")
     assert mem.peak > 0 and grew < 24 * 1024 * 1024, (mem.before, mem.peak)
     records = http_records(tmp_path, 3)
     assert [(r["method"], r["request_bytes"], r["response_bytes"] == 0) for r in records[:2]] \
@@ -384,3 +386,26 @@ max_header_bytes = 4096
     assert rejected.get("malformed") == 2 and rejected.get("header_too_large") == 1 \
         and rejected.get("header_timeout") == 1 and rejected.get("bad_target") == 1, rejected
     assert len(d.workers()) == 1 and "Traceback" not in d.logs()
+
+
+def test_a_tcp_onramps_stream_carried_as_http(daemon_factory, origin, tmp_path):
+    """A published service (a TCP on-ramp) whose flows a rule carries as HTTP: its requests are
+    decided one by one like a tunnel's."""
+    d = daemon_factory("--workers", "1", config=config(tmp_path, f"""
+[[onramps]]
+kind = "tunnel"
+
+[[onramps]]
+kind = "tcp"
+name = "web"
+listen = "127.0.0.1:8088"
+tenant = "acme"
+upstream = "{origin}"
+""" + HTTP_RULES))
+    res = host_curl(d, "-w", " %{http_code}\\n", "http://127.0.0.1:8088/hello",
+                    "http://127.0.0.1:8088/admin")
+    assert res.returncode == 0, res
+    assert res.stdout == b"hello from a\n 200\ndenied by rule no-admin\n 403\n", res
+    records = http_records(tmp_path, 2)
+    assert [(r["path"], r["status"], r["flow"]["dport"]) for r in records] == [
+        ("/hello", 200, PORT), ("/admin", 403, PORT)], records
