@@ -72,7 +72,9 @@ def _host_char(c: str) -> bool:
 
 
 def _port(text: str, whole: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
+    # ASCII digits only: str.isdigit() also takes "²" (int() refuses it) and "١" (int() reads
+    # it as 1), and a long enough string of digits is over int()'s limit
+    if not (text.isascii() and text.isdigit()) or len(text) > 5 or not 0 < int(text) < 65536:
         raise BadTarget(f"bad port in {whole[:80]!r}")
     return int(text)
 

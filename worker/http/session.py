@@ -160,6 +160,7 @@ class _Session:
         self.handed = False
         self.log = layer.log
         self.stash: Any = None  # the request's first body event, read with its head
+        self.method = b""  # the current request's (a HEAD's answer has no body)
 
     # -- the connection ----------------------------------------------------------------------------
 
@@ -195,6 +196,12 @@ class _Session:
                 await asyncio.wait_for(self._readable(), self.settings.idle_timeout)
                 wait = self.settings.header_timeout
             event = await asyncio.wait_for(self.client.next_event(), wait)
+            # A body-less request's end is there already: take it now, so that a refusal keeps
+            # the connection and an upstream answering at once finds the request whole. (A
+            # body's first bytes, if they came with the head, wait for the upload.) Bad body
+            # bytes that came with the head are bad input like a bad head.
+            following = None if not isinstance(event, h11.Request) else \
+                self.client.h11.next_event()
         except TimeoutError:
             if self.client.received == 0 and first or not self._partial():
                 return None  # nothing of a request: an idle connection, closed quietly
@@ -216,10 +223,6 @@ class _Session:
             await self._say(431, f"the request's head is over {self.settings.max_header_bytes} "
                             "bytes")
             raise _Stop
-        # A body-less request's end is there already: take it now, so that a refusal keeps the
-        # connection and an upstream answering at once finds the request whole. (A body's
-        # first bytes, if they came with the head, wait for the upload.)
-        following = self.client.h11.next_event()
         self.stash = None if following is h11.NEED_DATA else following
         return event
 
@@ -243,6 +246,7 @@ class _Session:
 
     async def _serve(self, head: h11.Request) -> None:
         started = time.monotonic()
+        self.method = head.method
         method = head.method.decode("ascii", "replace")
         raw_target = head.target.decode("latin-1")
         try:
@@ -307,9 +311,9 @@ class _Session:
         if decision.action != "allow":
             record.decision, record.reason = "deny", decision.reason
             status = decision.status if 400 <= decision.status < 600 else 403
+            record.done(status, self.served.flow)  # before the answer: a closing one raises
             await self._answer(status, decision.reason or "denied",
                                close=self.client.h11.their_state is not h11.DONE)
-            record.done(status, self.served.flow)
             return
         record.reason = decision.reason
         up_addr = decision.upstream or upstream
@@ -318,9 +322,9 @@ class _Session:
             try:
                 up_addr = (await self.layer.resolve(host, port), port)
             except OSError as exc:
+                record.done(502, None, upstream=None)
                 await self._answer(502, f"cannot resolve {host}: {exc.strerror or exc}",
                                    close=self.client.h11.their_state is not h11.DONE)
-                record.done(502, None, upstream=None)
                 return
         record.upstream = up_addr
         if target.form == "authority":
@@ -353,9 +357,9 @@ class _Session:
                        record: _Record) -> None:
         trailing = self.client.trailing()
         if self.layer.hand_connect is None or len(trailing) > 16384:
-            await self._answer(400 if trailing else 501, "CONNECT is not served here",
-                               close=True)
-            record.done(400, None)
+            status = 400 if trailing else 501
+            record.done(status, None)
+            await self._answer(status, "CONNECT is not served here", close=True)
             return
         self.handed = True  # the socket is the data path's from now on, whatever it answers
         status, flow = await self.layer.hand_connect(self.served, tenant, self.client.sock,
@@ -374,7 +378,7 @@ class _Session:
                                     remove_headers=decision.remove_headers)
         if not any(n == b"host" for n, _ in headers):  # HTTP/1.0 clients may send none
             headers.append((b"host", _host_value(request.host, request.port).encode()))
-        target = decision.target or (path if self.served.onramp is not None else request.target)
+        target = decision.target or path  # origin form (an absolute URL's path and query)
         if not target or not (target.startswith("/") or target == "*"):
             target = "/" + (target or "")
         out = h11.Request(method=head.method, target=target.encode("latin-1"), headers=headers)
@@ -383,8 +387,8 @@ class _Session:
             try:
                 up = await self._upstream(tenant, upstream)
             except Refused as exc:
-                await self._answer(exc.status, exc.reason, close=has_body)
                 record.done(exc.status, None)
+                await self._answer(exc.status, exc.reason, close=has_body)
                 return
             try:
                 await up.conn.send(out)
@@ -392,8 +396,8 @@ class _Session:
                 self._drop(up)
                 if attempt == 0 and up.reused:
                     continue  # an idle connection the upstream closed as we took it: again
-                await self._answer(502, "the upstream closed the connection", close=has_body)
                 record.done(502, up.flow)
+                await self._answer(502, "the upstream closed the connection", close=has_body)
                 return
             break
         record.flow = up.flow
@@ -419,11 +423,16 @@ class _Session:
 
     async def _exchange(self, up: _Upstream, request: HttpRequest, record: _Record) -> None:
         upload = asyncio.ensure_future(self._upload(up, record))
+        download = asyncio.ensure_future(self._download(up, request, record))
         try:
-            status, switched = await self._download(up, request, record)
+            await asyncio.wait((upload, download), return_when=asyncio.FIRST_COMPLETED)
+            if not download.done() and upload.exception() is not None:
+                await self._upload_failed(up, record, upload.exception(), download)
+            status, switched = await download
         except BaseException:
-            upload.cancel()
-            await asyncio.gather(upload, return_exceptions=True)
+            for task in (upload, download):
+                task.cancel()
+            await asyncio.gather(upload, download, return_exceptions=True)
             self._drop(up)
             record.done(record.status or 502, up.flow)
             raise
@@ -441,6 +450,25 @@ class _Session:
                 raise _Stop
             return
         self._keep(up)
+
+    async def _upload_failed(self, up: _Upstream, record: _Record, exc: BaseException | None,
+                             download: asyncio.Future) -> None:
+        """The client's body failed before the answer ended (it went away, or its framing is
+        bad): the upstream would wait for the rest forever. Both ends go."""
+        download.cancel()
+        await asyncio.gather(download, return_exceptions=True)
+        self._drop(up)
+        if isinstance(exc, h11.RemoteProtocolError) and \
+                self.client.h11.our_state is h11.SEND_RESPONSE:
+            self._reject("malformed")
+            record.done(400, up.flow)
+            await self._say(400, f"bad request body: {str(exc)[:120]}")
+        else:
+            if self.client.h11.our_state is not h11.SEND_RESPONSE:
+                abort(self.client.sock)  # part of the answer went: never a short "whole" one
+            record.reason = record.reason or "the client went away mid-request"
+            record.done(record.status or 400, up.flow)
+        raise _Stop
 
     async def _upload(self, up: _Upstream, record: _Record) -> None:
         """The request's body, client to upstream, a chunk at a time, and its end."""
@@ -577,7 +605,8 @@ class _Session:
         try:
             await self.client.send(h11.Response(status_code=status, headers=headers,
                                                 reason=_phrase(status)))
-            await self.client.send(h11.Data(data=body))
+            if self.method != b"HEAD":  # a HEAD's answer: the head only
+                await self.client.send(h11.Data(data=body))
             await self.client.send(h11.EndOfMessage())
         except h11.LocalProtocolError:
             raise _Stop from None
