@@ -1417,7 +1417,8 @@ PIECES = [b"GET / HTTP/1.1\r\n", b"POST /x HTTP/1.1\r\n", b"HEAD / HTTP/1.0\r\n"
           b"Host: a\r\n", b"Content-Length: 5\r\n", b"Content-Length: 99\r\n",
           b"Transfer-Encoding: chunked\r\n", b"Expect: 100-continue\r\n",
           b"Connection: Upgrade\r\nUpgrade: websocket\r\n", b"Connection: close\r\n",
-          b"\r\n", b"5\r\nhello\r\n", b"0\r\n\r\n", b"hello", b"\x00\xff", b"\n", b" "]
+          b"\r\n", b"5\r\nhello\r\n", b"0\r\n\r\n", b"hello", b"\x00\xff", b"\n", b" ",
+          b"zz\r\n", b"5\r\nhelloXX"]
 HOSTILE = st.one_of(st.binary(max_size=600),
                     st.lists(st.one_of(st.sampled_from(PIECES), st.binary(max_size=8)),
                              max_size=14).map(b"".join))

@@ -525,7 +525,8 @@ class _Session:
                 await self._answer(502, f"the upstream failed: {str(exc)[:120]}", close=True)
                 return 502, False
             abort(self.client.sock)  # cut mid-response: a reset, never a short "whole" one
-            record.reason = record.reason or "cut mid-response"
+            record.reason = f"cut mid-response ({record.reason})" if record.reason else \
+                "cut mid-response"
             raise _Stop from None
 
     async def _respond(self, event: h11.Response, request: HttpRequest,
