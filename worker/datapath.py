@@ -51,6 +51,7 @@ from ipferry.engine.core import (
     failure,
     flow_fields,
     flow_start,
+    forbidden_destination,
 )
 from ipferry.engine.decisions import Decision, DnsDecision, DnsQueryStart, FlowEnd, TunnelContext
 from ipferry.engine.flows import Flow, FlowKey, FlowTable
@@ -200,7 +201,8 @@ class DataPath:
         # (read at each stream: a reload's new application decides the streams after it).
         http = http if http is not None else Http()
         self.http = HttpLayer(http, get_app=lambda: self.app, audit=audit, log=log,
-                              dial=self.dial, hand_connect=self.hand_connect)
+                              dial=self.dial, hand_connect=self.hand_connect,
+                              forbidden=self.forbidden_upstream)
         self.stream_handler = stream_handler if stream_handler is not None \
             else StreamHandlers(lambda: self.app, log, audit=audit, http=self.http,
                                 tls_ports=http.tls_ports, hello_timeout=http.client_hello_timeout)
@@ -561,6 +563,17 @@ class DataPath:
             except OSError:
                 pass
         sock.close()
+
+    def forbidden_upstream(self, upstream: tuple[str, int]) -> bool:
+        """An address a client may not name as a proxy's destination, as no tunnel's flow may
+        go there: the daemon's host by loopback (its admin API), "this host", IPv6 spellings of
+        IPv4 addresses, and the daemon's own TCP on-ramps on any address."""
+        try:
+            dst = socket.inet_pton(socket.AF_INET6 if ":" in upstream[0] else socket.AF_INET,
+                                   upstream[0])
+        except OSError:
+            return True
+        return forbidden_destination(dst) or (dst, upstream[1]) in self.engine.own_tcp_endpoints
 
     async def dial(self, tenant: str, client: tuple[str, int],
                    upstream: tuple[str, int]) -> Dialed:

@@ -409,3 +409,19 @@ upstream = "{origin}"
     records = http_records(tmp_path, 2)
     assert [(r["path"], r["status"], r["flow"]["dport"]) for r in records] == [
         ("/hello", 200, PORT), ("/admin", 403, PORT)], records
+
+
+def test_the_proxy_is_no_way_into_the_daemons_host(daemon_factory, tmp_path):
+    """Loopback (the admin API listens there), the proxy itself, by address or by name: refused
+    as any flow to them is, with a 403 naming why."""
+    d = daemon_factory("--workers", "1", config=config(tmp_path, PROXY_CONFIG))
+    for url in ("http://127.0.0.1:9180/api/status", "http://localhost:9180/metrics",
+                f"http://{PROXY}/", "http://[::1]:9180/api/status"):
+        res = host_curl(d, "-x", f"http://{PROXY}", "-w", " %{http_code}", url)
+        assert res.stdout.endswith(b" 403"), (url, res)
+    res = host_curl(d, "-x", f"http://{PROXY}", "--proxytunnel", "-w", "%{http_connect}",
+                    "http://127.0.0.1:9180/api/status")
+    assert res.returncode != 0 and res.stdout.endswith(b"403"), res
+    records = http_records(tmp_path, 5)
+    assert [r["status"] for r in records] == [403] * 5, records
+    assert counter(d, "ipferry_http_requests_total", "status_class") == {"4xx": 5}

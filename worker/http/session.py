@@ -112,7 +112,8 @@ class HttpLayer:
     def __init__(self, settings: Http, *, get_app: Callable[[], object], audit: Any, log: Any,
                  dial: Callable[[str, tuple[str, int], tuple[str, int]], Awaitable[Any]],
                  hand_connect: Callable[..., Awaitable[tuple[int, dict | None]]] | None = None,
-                 resolve: Callable[[str, int], Awaitable[str]] | None = None) -> None:
+                 resolve: Callable[[str, int], Awaitable[str]] | None = None,
+                 forbidden: Callable[[tuple[str, int]], bool] | None = None) -> None:
         self.settings = settings
         self.get_app = get_app
         self.audit = audit
@@ -123,6 +124,8 @@ class HttpLayer:
                                    max_head=settings.max_header_bytes)
         self.hand_connect = hand_connect  # CONNECT: (served, tenant, sock, target) -> status
         self.resolve = resolve if resolve is not None else _resolve
+        # (address, port) no client may name: the daemon's own host (see the data path)
+        self.forbidden = forbidden if forbidden is not None else _nowhere_forbidden
         self.sessions = 0
 
     async def serve(self, sock: socket.socket, served: Served,
@@ -327,6 +330,16 @@ class _Session:
                                    close=self.client.h11.their_state is not h11.DONE)
                 return
         record.upstream = up_addr
+        if decision.upstream is None and served.onramp is not None \
+                and self.layer.forbidden(up_addr):
+            # A client's own choice of destination (an application's is its own): never the
+            # daemon's host (its admin API, its on-ramps), as no tunnel's flow may go there.
+            self._reject("forbidden_destination")
+            record.decision, record.reason = "deny", "the daemon's own host is no destination"
+            record.done(403, None)
+            await self._answer(403, record.reason,
+                               close=self.client.h11.their_state is not h11.DONE)
+            return
         if target.form == "authority":
             await self._connect(request, tenant, up_addr, record)
             return
@@ -662,6 +675,10 @@ class _Record:
             duration=round(duration, 6), decision=self.decision, reason=self.reason,
             upstream=None if self.upstream is None else _host_value(*self.upstream),
             flow={k: flow.get(k) for k in ("src", "sport", "dst", "dport")} if flow else None)
+
+
+def _nowhere_forbidden(upstream: tuple[str, int]) -> bool:
+    return False
 
 
 def _phrase(status: int) -> bytes:
