@@ -123,8 +123,8 @@ HTTP_DURATION = Histogram("ipferry_http_request_duration_seconds", "From an HTTP
                                    1.0, 2.5, 5.0, 10.0, 30.0, 60.0))
 HTTP_REJECTED = Counter("ipferry_http_rejected", "HTTP input refused before it went on, by "
                         "reason: malformed, header_too_large, header_timeout, bad_target, "
-                        "proxy_auth, forbidden_destination, hook_error, source_denied, pending_limit.", ["reason"],
-                        registry=registry)
+                        "proxy_auth, forbidden_destination, hook_error, source_denied, "
+                        "pending_limit.", ["reason"], registry=registry)
 TLS_STREAMS = Counter("ipferry_tls_streams", "Streams to a TLS port whose ClientHello was read, "
                       "by result: allowed, denied (by its server name), not_tls, timeout.",
                       ["result"], registry=registry)
