@@ -196,9 +196,11 @@ class _Session:
         wait = self.settings.header_timeout if first or buffered else None
         try:
             if wait is None:  # keep-alive: idle until the next request's first byte
-                await asyncio.wait_for(self._readable(), self.settings.idle_timeout)
+                async with asyncio.timeout(self.settings.idle_timeout):
+                    await self._readable()
                 wait = self.settings.header_timeout
-            event = await asyncio.wait_for(self.client.next_event(), wait)
+            async with asyncio.timeout(wait):  # (no task per request, unlike wait_for)
+                event = await self.client.next_event()
             # A body-less request's end is there already: take it now, so that a refusal keeps
             # the connection and an upstream answering at once finds the request whole. (A
             # body's first bytes, if they came with the head, wait for the upload.) Bad body
@@ -435,6 +437,23 @@ class _Session:
         return _Upstream(conn, flow, key, reused)
 
     async def _exchange(self, up: _Upstream, request: HttpRequest, record: _Record) -> None:
+        if isinstance(self.stash, h11.EndOfMessage):  # no body: no upload to run beside
+            self.stash = None
+            try:
+                await up.conn.send(h11.EndOfMessage())
+                status, switched = await self._download(up, request, record)
+            except BaseException:
+                self._drop(up)
+                record.done(record.status or 502, up.flow)
+                raise
+            record.done(status, up.flow)
+            if switched:
+                await self._switch(up)
+            elif up.conn.reusable:
+                self._keep(up)
+            else:
+                self._drop(up)
+            return
         upload = asyncio.ensure_future(self._upload(up, record))
         download = asyncio.ensure_future(self._download(up, request, record))
         try:
