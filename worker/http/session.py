@@ -591,7 +591,7 @@ class _Session:
                 return False
             if decision is not None:
                 set_h, remove_h = decision.set_headers, decision.remove_headers
-        await self.client.send(h11.Response(
+        self.client.hold(h11.Response(  # goes with the body's first bytes, or its end
             status_code=event.status_code, reason=event.reason,
             headers=response_headers(list(event.headers), set_h, remove_h)))
         return True
@@ -636,8 +636,8 @@ class _Session:
         if close:
             headers.append((b"connection", b"close"))
         try:
-            await self.client.send(h11.Response(status_code=status, headers=headers,
-                                                reason=_phrase(status)))
+            self.client.hold(h11.Response(status_code=status, headers=headers,
+                                          reason=_phrase(status)))
             if self.method != b"HEAD":  # a HEAD's answer: the head only
                 await self.client.send(h11.Data(data=body))
             await self.client.send(h11.EndOfMessage())
