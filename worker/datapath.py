@@ -75,7 +75,7 @@ from .http.pool import Dialed
 from .http.session import HttpLayer, Refused
 from .inspect import inspect_stream
 from .relay import abort
-from .streams import StreamHandler, StreamHandlers, UpgradedStream, splice
+from .streams import StreamHandler, StreamHandlers, UpgradedStream
 from .tun import TunDevice
 from .tunnels import Tunnel
 from .views import FlowIndex, tenant_text
@@ -86,15 +86,23 @@ HTTP_ONRAMP = "http"  # the on-ramp name of the HTTP layer's own upstream stream
 CONNECTED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 
 
+async def _until(lent: asyncio.Future) -> None:
+    """A lent socket's flow relays until its borrower hands it back."""
+    await lent
+
+
 class Watch:
     """What an on-ramp that handed over a socket wants to hear of its flow's start.
 
-    ``started`` gets (status, reason, flow fields): 200 once the flow relays; else 403 (refused
-    by policy or a limit), 502 (the upstream failed) or 504 (it did not answer). With a
+    ``started`` gets (status, reason, flow fields, socket, lent): 200 once the flow relays
+    (with ``raw``: the off-ramp's socket and a future the borrower resolves when done with it;
+    else None, None); else 403 (refused by policy or a limit), 502 (the upstream failed) or
+    504 (it did not answer). With a
     ``greeting`` (a CONNECT's 200), the client is sent it just before the relay starts, and a
     refusal is answered in HTTP before the socket is closed. ``first``: bytes for the server
-    before the relay (what the client sent past its CONNECT). ``raw``: relay without stream
-    hooks (the HTTP layer's upstreams: their requests were decided already)."""
+    before the relay (what the client sent past its CONNECT). ``raw``: no relay and no stream
+    hooks: the off-ramp's socket is lent to the watcher (the HTTP layer's upstreams: their
+    requests were decided already, and it speaks HTTP on them itself)."""
 
     __slots__ = ("started", "greeting", "first", "raw")
 
@@ -119,7 +127,7 @@ class Watch:
                 else why
         fields = flow_fields(flow) if flow is not None else {}
         if not self.started.done():
-            self.started.set_result((status, reason, fields))
+            self.started.set_result((status, reason, fields, None, None))
         return status, reason
 
 PKT_IN = metrics.PACKETS.labels("from_tunnel")
@@ -579,25 +587,27 @@ class DataPath:
                    upstream: tuple[str, int]) -> Dialed:
         """A stream to ``upstream`` as a flow of ``tenant`` from ``client``'s address: decided
         by the flow rules and hooks, audited, downgraded into a device's tunnel when the address
-        is one, and spliced to our end of a socketpair, which is returned once the off-ramp is
-        connected. Raises :class:`~ipferry.worker.http.session.Refused` (403: refused by policy
-        or a limit; 502/504: the upstream failed)."""
+        is one. Once the off-ramp is connected, its socket is lent to the caller (no relay in
+        between: the HTTP layer speaks on it) until ``release`` is called, when the flow ends
+        as a relayed one does (a flow cut short resets it under the caller). Raises
+        :class:`~ipferry.worker.http.session.Refused` (403: refused by policy or a limit;
+        502/504: the upstream failed)."""
+        # The flow's client leg is a socket nobody speaks on: an accepted flow has one.
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        for s in (ours, theirs):
-            s.setblocking(False)
-        started: asyncio.Future[tuple[int, str, dict]] = self._loop.create_future()
+        ours.close()
+        theirs.setblocking(False)
+        started: asyncio.Future[tuple] = self._loop.create_future()
         port = self._dial_port(tenant, client[0], upstream)
         self.on_stream(tenant, theirs, (client[0], port), upstream, HTTP_ONRAMP,
                        Watch(started, raw=True))
-        try:
-            status, reason, fields = await started
-        except BaseException:
-            ours.close()
-            raise
+        status, reason, fields, sock, done = await started
         if status != 200:
-            ours.close()
             raise Refused(status, reason)
-        return Dialed(ours, fields)
+
+        def release() -> None:
+            if not done.done():
+                done.set_result(None)
+        return Dialed(sock, fields, release)
 
     def _dial_port(self, tenant: str, client: str, upstream: tuple[str, int]) -> int:
         """A source port no flow of the tenant from ``client`` to ``upstream`` has: dialed
@@ -619,10 +629,10 @@ class DataPath:
         flow to ``upstream``, decided and relayed as any on-ramp's stream, its 200 sent once
         the off-ramp is connected (a refusal is answered 403, a failed upstream 502/504). The
         status the client got, and the flow's fields."""
-        started: asyncio.Future[tuple[int, str, dict]] = self._loop.create_future()
+        started: asyncio.Future[tuple] = self._loop.create_future()
         self.on_stream(tenant, sock, served.client, upstream, served.onramp,
                        Watch(started, greeting=CONNECTED, first=first))
-        status, _reason, fields = await started
+        status, _reason, fields, _sock, _lent = await started
         return status, fields
 
     def _relay_streams(self, a: RelayStreams) -> None:
@@ -642,13 +652,17 @@ class DataPath:
                     server.handle.send(watch.first)  # what the client sent past its request
             except OSError:
                 pass  # the peer is gone already: the relay finds out and ends
-            if not watch.started.done():
-                watch.started.set_result((200, "", flow_fields(flow)))
+        lent: asyncio.Future | None = None
+        if raw:  # the HTTP layer's upstream: its socket is lent, not relayed
+            lent = self._loop.create_future()
+        if watch is not None and not watch.started.done():
+            watch.started.set_result((200, "", flow_fields(flow), server.handle, lent))
         for sock in (conn, server.handle):
             # No packet of this flow is seen (it never idles out): a peer that vanishes without
             # a word is found by the kernel's keepalives, which end the relay.
             keepalive(sock)
-        task = self._loop.create_task(self._run_stream(flow, conn, server.handle, raw))
+        task = self._loop.create_task(self._run_stream(flow, conn, server.handle)
+                                      if lent is None else _until(lent))
         flow.stream = UpgradedStream(conn, task)
         self.streams.add(task)
         task.add_done_callback(self.streams.discard)
@@ -659,12 +673,9 @@ class DataPath:
         if not flow.ended:
             self.carry(self.engine.stream_finished(flow, time.monotonic()))
 
-    async def _run_stream(self, flow: Flow, conn: socket.socket, up: socket.socket,
-                          raw: bool = False) -> None:
+    async def _run_stream(self, flow: Flow, conn: socket.socket, up: socket.socket) -> None:
         key = flow.key
-        if raw:  # the HTTP layer's own upstream: its requests were decided there
-            await splice(flow, conn, up)
-        elif key.dst in DNS_ADDRESSES and key.dport == DNS_PORT:
+        if key.dst in DNS_ADDRESSES and key.dport == DNS_PORT:
             # DNS over TCP to the daemon's resolver: the same per-query policy and audit.
             src = addr(key.src)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import h11
@@ -32,15 +33,17 @@ class HttpConn:
     """``sock`` (connected, non-blocking) spoken to as ``role`` (h11.SERVER: we answer requests;
     h11.CLIENT: we send them). ``received``/``sent`` count bytes on the wire."""
 
-    __slots__ = ("sock", "h11", "received", "sent", "_loop", "_held")
+    __slots__ = ("sock", "h11", "received", "sent", "_loop", "_held", "_release")
 
-    def __init__(self, sock: socket.socket, role: Any, *, max_head: int = 65536) -> None:
+    def __init__(self, sock: socket.socket, role: Any, *, max_head: int = 65536,
+                 release: Callable[[], None] | None = None) -> None:
         sock.setblocking(False)
         if sock.family != socket.AF_UNIX:
             # Heads and bodies go as soon as they are whole: Nagle's wait for an ACK would meet
             # the peer's delayed ACK (40 ms a request on keep-alive connections).
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._held = b""  # a framed head waiting to go out with what follows it
+        self._release = release  # who closes the socket when we are done (None: we do)
         self.sock = sock
         self.h11 = h11.Connection(role, max_incomplete_event_size=max_head)
         self.received = 0
@@ -100,6 +103,14 @@ class HttpConn:
                 raise
             self.sent += n
             view = view[n:]
+
+    def close(self) -> None:
+        """Done with the connection: its owner closes it (a dialed flow's off-ramp), else we."""
+        if self._release is not None:
+            release, self._release = self._release, None
+            release()
+        else:
+            self.sock.close()
 
     @property
     def reusable(self) -> bool:

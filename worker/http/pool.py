@@ -30,10 +30,13 @@ class UpstreamKey(NamedTuple):
 
 
 class Dialed(NamedTuple):
-    """A connected stream to an upstream, and the flow that carries it (its identity fields)."""
+    """A connected stream to an upstream, and the flow that carries it (its identity fields).
+    ``release``, if given, hands the socket back to its owner (the data path, which closes it and
+    ends the flow) instead of closing it."""
 
     sock: socket.socket
     flow: dict
+    release: Callable[[], None] | None = None
 
 
 class _Idle(NamedTuple):
@@ -74,26 +77,27 @@ class Upstreams:
             if now - idle.since < self.idle_timeout and alive(idle.conn.sock):
                 self.reused += 1
                 return idle.conn, idle.flow, True
-            idle.conn.sock.close()
+            idle.conn.close()
         dialed = await self.dial(key.tenant, client, (key.address, key.port))
         self.opened += 1
-        return HttpConn(dialed.sock, h11.CLIENT, max_head=self.max_head), dialed.flow, False
+        return (HttpConn(dialed.sock, h11.CLIENT, max_head=self.max_head,
+                         release=dialed.release), dialed.flow, False)
 
     def put(self, key: UpstreamKey, conn: HttpConn, flow: dict) -> None:
         """Keep ``conn`` (its exchange done) for the next request, or close it past the limits."""
         if not conn.reusable or self.per_upstream == 0 or self.total == 0:
-            conn.sock.close()
+            conn.close()
             return
         conn.h11.start_next_cycle()
         serials = self._by_key.setdefault(key, [])
         if len(serials) >= self.per_upstream:
-            self._idle.pop((key, serials.pop(0))).conn.sock.close()
+            self._idle.pop((key, serials.pop(0))).conn.close()
         while len(self._idle) >= self.total:
             (old_key, serial), idle = self._idle.popitem(last=False)
             self._by_key[old_key].remove(serial)
             if not self._by_key[old_key]:
                 del self._by_key[old_key]
-            idle.conn.sock.close()
+            idle.conn.close()
         self._serial += 1
         serials = self._by_key.setdefault(key, [])
         serials.append(self._serial)
@@ -111,13 +115,13 @@ class Upstreams:
             self._by_key[key].remove(serial)
             if not self._by_key[key]:
                 del self._by_key[key]
-            idle.conn.sock.close()
+            idle.conn.close()
             closed += 1
         return closed
 
     def close(self) -> None:
         for idle in self._idle.values():
-            idle.conn.sock.close()
+            idle.conn.close()
         self._idle.clear()
         self._by_key.clear()
 

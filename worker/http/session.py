@@ -163,6 +163,7 @@ class _Session:
         self.handed = False
         self.log = layer.log
         self.stash: Any = None  # the request's first body event, read with its head
+        self.sticky: _Upstream | None = None  # the last pooled upstream, done, kept for the next
         self.method = b""  # the current request's (a HEAD's answer has no body)
 
     # -- the connection ----------------------------------------------------------------------------
@@ -187,8 +188,15 @@ class _Session:
             return self.handed
 
     def release(self) -> None:
-        """The origin's connection is the flow's (its driver closes it); nothing else is held."""
+        """The origin's connection is the flow's (its driver closes it); the last pooled one
+        goes back to the pool."""
         self.origin = None
+        self._unstick()
+
+    def _unstick(self) -> None:
+        sticky, self.sticky = self.sticky, None
+        if sticky is not None and sticky.key is not None:
+            self.layer.upstreams.put(sticky.key, sticky.conn, sticky.flow or {})
 
     async def _read_head(self, first: bool) -> h11.Request | None:
         """The next request's head, or None when the client is done (closed, idle too long)."""
@@ -425,6 +433,14 @@ class _Session:
                 return origin
             self.origin = None  # closed by the upstream: the next goes by the pool
         key = UpstreamKey(tenant, upstream[0], upstream[1])
+        sticky = self.sticky
+        if sticky is not None:
+            if sticky.key == key and alive(sticky.conn.sock):
+                self.sticky = None
+                sticky.conn.h11.start_next_cycle()
+                sticky.reused = True
+                return sticky
+            self._unstick()  # another upstream's (or dead: the pool's peek finds out)
         try:
             conn, flow, reused = await self.layer.upstreams.get(key, self.served.client)
         except Refused:
@@ -608,19 +624,23 @@ class _Session:
             await relay(self.client.sock, up.conn.sock)
         finally:
             if up.pooled:
-                up.conn.sock.close()
+                up.conn.close()
             self.origin = None
         raise _Stop
 
     def _keep(self, up: _Upstream) -> None:
         if up.pooled and up.key is not None:
-            self.layer.upstreams.put(up.key, up.conn, up.flow or {})
+            # Kept by this client for its next request (a keep-alive client's next request
+            # mostly goes where its last went): the pool gets it when the client goes elsewhere
+            # or away.
+            self._unstick()
+            self.sticky = up
         elif up is self.origin:
             up.conn.h11.start_next_cycle()
 
     def _drop(self, up: _Upstream) -> None:
         if up.pooled:
-            up.conn.sock.close()
+            up.conn.close()
         elif up is self.origin:
             self.origin = None  # the flow's own: its driver closes it
 
