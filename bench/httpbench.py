@@ -586,10 +586,8 @@ def run(args: argparse.Namespace) -> dict:
         "command": "bench/httpbench.py " + " ".join(sys.argv[1:]),
         "host": {"kernel": platform.release(), "python": platform.python_version(),
                  "cpus": os.cpu_count(), "loadavg_at_start": args.loadavg},
-        "versions": {"ipferry_commit": subprocess.run(
-            ["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True,
-            text=True).stdout.strip() or "unknown",
-            "wrk": deb_version("wrk"), "nginx": deb_version("nginx"), "squid": deb_version("squid")},
+        "versions": {"ipferry_commit": args.commit, "wrk": deb_version("wrk"),
+                     "nginx": deb_version("nginx"), "squid": deb_version("squid")},
         "config": {"runs": args.runs, "duration_s": args.duration, "connections": args.connections,
                    "threads": args.threads, "workers": args.workers, "warmup_s": args.warmup,
                    "files": {f: FILES[f] for f in args.files}, "origin": f"{ORIGIN}:80"},
@@ -659,7 +657,9 @@ def markdown(result: dict) -> str:
     c = result["config"]
     lines = [f"HTTP: wrk -t {c['threads']} -c {c['connections']}, {c['duration_s']} s a cell, "
              f"median of {c['runs']} run(s); nginx origin on {c['origin']}; ipferry run --workers "
-             f"{c['workers']}; {result['host']['cpus']} CPUs; {result['started']}", ""]
+             f"{c['workers']}; {result['host']['cpus']} CPUs, load average "
+             f"{result['host']['loadavg_at_start']} at the start; ipferry "
+             f"{result['versions']['ipferry_commit']}; {result['started']}", ""]
     for file in c["files"]:
         lines += [f"**{FILE_LABEL[file]}** (req/s of 2xx answers, × direct; latency ms; proxy CPU "
                   f"µs per request, keep-alive)", "",
@@ -730,6 +730,9 @@ def main() -> None:
         raise SystemExit(f"bench/httpbench: missing {', '.join(missing)} (Debian: "
                          f"{' '.join(TOOLS[c] for c in missing)})")
     args.started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    # the code the daemons run: the tree as it is when they start
+    args.commit = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
+                                 capture_output=True, text=True).stdout.strip() or "unknown"
     args.loadavg = round(os.getloadavg()[0], 2)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, interrupted)
