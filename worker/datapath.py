@@ -86,6 +86,36 @@ HTTP_ONRAMP = "http"  # the on-ramp name of the HTTP layer's own upstream stream
 CONNECTED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 
 
+class Lent:
+    """An off-ramp socket lent to the HTTP layer: the flow "relays" until the borrower hands it
+    back (:meth:`release`). Whoever is last closes it: the driver when the flow ends after the
+    release; else the borrower, woken by a shutdown when the flow is cut under it (so that no
+    fd it still waits on is closed, and reused, under it)."""
+
+    __slots__ = ("sock", "done", "returned", "ended")
+
+    def __init__(self, sock: socket.socket, done: asyncio.Future) -> None:
+        self.sock, self.done = sock, done
+        self.returned = self.ended = False
+
+    def release(self) -> None:
+        self.returned = True
+        if self.ended:
+            self.sock.close()
+        elif not self.done.done():
+            self.done.set_result(None)
+
+    def end(self) -> None:
+        self.ended = True
+        if self.returned:
+            self.sock.close()
+            return
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # the borrower's waits wake, then it closes
+        except OSError:
+            pass
+
+
 async def _until(lent: asyncio.Future) -> None:
     """A lent socket's flow relays until its borrower hands it back."""
     await lent
@@ -218,6 +248,7 @@ class DataPath:
         # answer, the HTTP layer's dialed upstreams), until it relays or ends.
         self._watched: dict[socket.socket, Watch] = {}
         self._dial_serial = 0
+        self._lent: dict[Flow, Lent] = {}  # flows whose off-ramp socket the HTTP layer borrows
         self.entries: dict[FlowKey, Flow] = self.engine.by_key
         self.flow_index = FlowIndex()  # live flows in start order: the admin API's pages
         self.connector: Connector[Flow] = Connector(self._offramp_ready)
@@ -600,14 +631,10 @@ class DataPath:
         port = self._dial_port(tenant, client[0], upstream)
         self.on_stream(tenant, theirs, (client[0], port), upstream, HTTP_ONRAMP,
                        Watch(started, raw=True))
-        status, reason, fields, sock, done = await started
+        status, reason, fields, sock, lent = await started
         if status != 200:
             raise Refused(status, reason)
-
-        def release() -> None:
-            if not done.done():
-                done.set_result(None)
-        return Dialed(sock, fields, release)
+        return Dialed(sock, fields, lent.release)
 
     def _dial_port(self, tenant: str, client: str, upstream: tuple[str, int]) -> int:
         """A source port no flow of the tenant from ``client`` to ``upstream`` has: dialed
@@ -652,9 +679,9 @@ class DataPath:
                     server.handle.send(watch.first)  # what the client sent past its request
             except OSError:
                 pass  # the peer is gone already: the relay finds out and ends
-        lent: asyncio.Future | None = None
+        lent: Lent | None = None
         if raw:  # the HTTP layer's upstream: its socket is lent, not relayed
-            lent = self._loop.create_future()
+            lent = self._lent[flow] = Lent(server.handle, self._loop.create_future())
         if watch is not None and not watch.started.done():
             watch.started.set_result((200, "", flow_fields(flow), server.handle, lent))
         for sock in (conn, server.handle):
@@ -662,7 +689,7 @@ class DataPath:
             # a word is found by the kernel's keepalives, which end the relay.
             keepalive(sock)
         task = self._loop.create_task(self._run_stream(flow, conn, server.handle)
-                                      if lent is None else _until(lent))
+                                      if lent is None else _until(lent.done))
         flow.stream = UpgradedStream(conn, task)
         self.streams.add(task)
         task.add_done_callback(self.streams.discard)
@@ -691,6 +718,10 @@ class DataPath:
     def _close_sockets(self, flow: Flow, _done: object = None) -> None:
         """(``_done``: the task, when called as its done callback.)"""
         server = flow.server
+        lent = self._lent.pop(flow, None)
+        if lent is not None and isinstance(server, StreamLeg):
+            server.handle = None  # the borrower's until it hands it back (see Lent)
+            lent.end()
         if isinstance(server, StreamLeg) and isinstance(server.handle, socket.socket):
             if not server.connected:
                 self.connector.forget(server.handle.fileno())

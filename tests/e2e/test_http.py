@@ -425,3 +425,34 @@ def test_the_proxy_is_no_way_into_the_daemons_host(daemon_factory, tmp_path):
     records = http_records(tmp_path, 5)
     assert [r["status"] for r in records] == [403] * 5, records
     assert counter(d, "ipferry_http_requests_total", "status_class") == {"4xx": 5}
+
+
+def test_a_proxied_download_cut_by_a_stopping_daemon_is_cut_not_whole(daemon_factory, origin,
+                                                                       tmp_path):
+    """The upstream connection a proxy request borrows is a flow: when the daemon stops, the
+    client's download ends in an error (never a short "complete" body) and the daemon stops
+    cleanly."""
+    d = daemon_factory("--workers", "1", config=config(tmp_path, PROXY_CONFIG))
+    size = 500 * 1024 * 1024
+    proc = subprocess.Popen(["nsenter", f"--net={d.netns.path}", "curl", "-sS", "--max-time",
+                             "60", "--limit-rate", "2M", "-x", f"http://{PROXY}", "-o",
+                             "/dev/null", "-w", "%{size_download}",
+                             f"http://{origin}/bytes/{size}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: [r for r in audit_records(tmp_path / "audit.jsonl")
+                          if r["audit"] == "flow_start" and r["dport"] == PORT] or None,
+                 10, "the proxy's upstream flow")
+        time.sleep(1)
+        assert d.terminate() == 0, d.logs()[-2000:]
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait(5)
+    assert proc.returncode != 0 and int(out or b"0") < size, (proc.returncode, out, err)
+    assert "Traceback" not in d.logs(), d.logs()[-3000:]
+    ends = [r for r in audit_records(tmp_path / "audit.jsonl")
+            if r["audit"] == "flow_end" and r["dport"] == PORT]
+    # (the on-ramp stops first: its client is reset and the borrowed flow handed back)
+    assert len(ends) == 1 and ends[0]["close_reason"] in ("fin", "shutdown"), ends
+    assert b"reset" in err.lower() or b"transfer closed" in err.lower(), err

@@ -28,6 +28,7 @@ from ipferry.engine.decisions import HttpRequest, TunnelContext
 
 from .. import metrics
 from ..http.session import Served
+from ..relay import abort
 from . import STOP_TIMEOUT, OnrampUnusable, Wiring, register
 from .tcp import _endpoint, _plain
 
@@ -151,7 +152,9 @@ class HttpOnramp:
         handed = False
         try:
             handed = await self.serve_http(sock, served)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # the worker stops: a cut answer must not look whole
+            if not handed:
+                abort(sock)
             raise
         except Exception:  # a bug of the HTTP layer: this client only
             self.log.exception("http_onramp_failed", onramp=self.name, client=served.client[0])
