@@ -284,6 +284,13 @@ action = "deny"
 name = "globex-not-8443"
 tenant = "globex"
 ports = "{TLS_PORT}"
+
+[[rules]]
+action = "deny"
+name = "globex-not-the-origin"
+tenant = "globex"
+cidr = "{SERVER_ADDR}/32"
+ports = "{PORT}"
 """
 
 
@@ -305,7 +312,11 @@ def test_a_forward_proxy_for_plain_requests_and_connect(daemon_factory, origin, 
     res = host_curl(d, "-x", f"http://{PROXY}", "-U", "someone:wrong-token-000000", "-w",
                     "%{http_code}", f"http://{origin}/hello")
     assert res.stdout.endswith(b"407"), res
-    records = http_records(tmp_path, 6)
+    # A flow rule refuses the upstream flow a plain request needs: 403, named.
+    res = host_curl(d, "-x", f"http://{PROXY}", "-U", f"someone:{TOKEN}", "-w", " %{http_code}",
+                    f"http://{origin}/hello")
+    assert res.stdout == b"denied by rule globex-not-the-origin\n 403", res
+    records = http_records(tmp_path, 7)
     got = [(r["tenant"], r["method"], r["status"], r["onramp"]) for r in records]
     assert got[:5] == [("acme", "GET", 200, "proxy"), ("acme", "GET", 403, "proxy"),
                        ("acme", "GET", 200, "proxy"), ("acme", "CONNECT", 200, "proxy"),
