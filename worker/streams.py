@@ -92,15 +92,13 @@ class StreamHandlers:
 
     async def __call__(self, flow: Flow, client: socket.socket, server: socket.socket) -> None:
         sni, named = None, False  # named: a ClientHello was read (with or without a name)
+        first = b""  # what was read of the client to find it: for whatever handles the stream
         if flow.key.dport in self.tls_ports:
             hello = await self._client_hello(flow, client)
             if hello is None:
                 abort(client, server)
                 return
             named, sni, first = hello
-            if first and not await _write_all(server, first):
-                abort(client, server)
-                return
         hook = getattr(self.get_app(), "on_stream_start", None)
         choice: object = None
         if hook is not None:
@@ -124,6 +122,18 @@ class StreamHandlers:
             self._tls_record(flow, sni, "allow",
                              choice.reason if isinstance(choice, Decision) else "")
         if isinstance(choice, Inspector):
+            if first:  # the inspector sees the client's first bytes too
+                try:
+                    shown = choice.to_server(first)
+                except Exception as exc:
+                    self.log.warning("stream_inspector_failed", error=repr(exc)[:200],
+                                     **flow_fields(flow))
+                    abort(client, server)
+                    return
+                first = first if shown is None else bytes(shown)
+                if first and not await _write_all(server, first):
+                    abort(client, server)
+                    return
             await inspect_stream(client, server, choice, log=self.log.bind(**flow_fields(flow)))
             return
         decision = flow.decision
@@ -133,7 +143,10 @@ class StreamHandlers:
             http = choice == "http" or (choice != "splice" and isinstance(decision, Decision)
                                         and decision.layer == "http")
         if http and self.http is not None:
-            await self.http.serve(client, served_flow(flow), origin=server)
+            await self.http.serve(client, served_flow(flow), origin=server, first=first)
+            return
+        if first and not await _write_all(server, first):
+            abort(client, server)
             return
         await splice(flow, client, server)
 

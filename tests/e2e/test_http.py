@@ -467,3 +467,21 @@ def test_a_proxied_download_cut_by_a_stopping_daemon_is_cut_not_whole(daemon_fac
     # (the on-ramp stops first: its client is reset and the borrowed flow handed back)
     assert len(ends) == 1 and ends[0]["close_reason"] in ("fin", "shutdown"), ends
     assert b"reset" in err.lower() or b"transfer closed" in err.lower(), err
+
+
+def test_plain_http_on_a_tls_port_is_carried_whole(daemon_factory, netns, tmp_path):
+    """A stream to a TLS port is read for a ClientHello first; when it is carried as HTTP, what
+    was read is the start of its first request, not lost nor sent around the HTTP layer."""
+    with aiohttp_upstream(netns, SERVER_ADDR, 853, "on-853") as where:
+        d = daemon_factory("--workers", "1", config=config(tmp_path, """
+[[rules]]
+action = "allow"
+protocol = "tcp"
+ports = "853"
+layer = "http"
+"""))
+        res = curl(d, f"http://{where}/hello", f"http://{where}/hello")
+        assert res.returncode == 0 and res.stdout == b"hello from on-853\n" * 2, res
+    records = http_records(tmp_path, 2)
+    assert [r["status"] for r in records] == [200, 200], records
+    assert counter(d, "ipferry_tls_streams_total", "result") == {"not_tls": 1}

@@ -129,12 +129,17 @@ class HttpLayer:
         self.sessions = 0
 
     async def serve(self, sock: socket.socket, served: Served,
-                    origin: socket.socket | None = None) -> bool:
+                    origin: socket.socket | None = None, first: bytes = b"") -> bool:
         """Serve ``sock`` until the client is done (or cut short). ``origin`` is a carried
-        flow's connected off-ramp: requests to the origin use it first. Neither socket is closed
+        flow's connected off-ramp: requests to the origin use it first. ``first``: the client's
+        bytes read already (looking for a TLS ClientHello), the start of its first request.
+        Neither socket is closed
         here; True when ``sock`` was handed on (a CONNECT) and is no longer the caller's."""
         self.sessions += 1
         session = _Session(self, sock, served, origin)
+        if first:  # the client's bytes read already (looking for a TLS ClientHello)
+            session.client.h11.receive_data(first)
+            session.client.received += len(first)
         try:
             return await session.run()
         finally:
