@@ -20,8 +20,6 @@ import binascii
 import hashlib
 import ipaddress
 import socket
-import time
-from collections.abc import Callable, Collection, Set
 from typing import TYPE_CHECKING, ClassVar
 
 from ipferry.engine.decisions import HttpRequest, TunnelContext
@@ -30,15 +28,14 @@ from .. import metrics
 from ..http.session import Served
 from ..relay import abort
 from . import STOP_TIMEOUT, OnrampUnusable, Wiring, register
+from .listening import ListeningOnramp
 from .tcp import _endpoint, _plain
 
 if TYPE_CHECKING:
-    from ..tunnels import Tunnel
     from . import Onramp
 
 BATCH = 64
 MAX_CONNECTIONS = 4096  # per worker and on-ramp: clients served at once
-LOG_EVERY = 60.0
 
 
 def token_of(header: str | None) -> str | None:
@@ -61,13 +58,16 @@ def token_of(header: str | None) -> str | None:
 
 
 @register("http")
-class HttpOnramp:
+class HttpOnramp(ListeningOnramp):
     """Accepts on a shared TCP listener; each connection is served as a forward proxy's."""
 
     kind: ClassVar[str]
+    refused_counter = metrics.HTTP_REJECTED
+    refused_event = "http_connection_refused"
 
     def __init__(self, name: str, listener: socket.socket, wiring: Wiring, *,
                  max_connections: int = MAX_CONNECTIONS) -> None:
+        super().__init__()
         conf = wiring.settings.http_onramps.get(name)
         if conf is None:
             raise OnrampUnusable(f"HTTP on-ramp {name}: no settings came with its socket")
@@ -83,34 +83,12 @@ class HttpOnramp:
         self.serve_http = wiring.serve_http
         self.max_connections = max_connections
         self.clients: set[asyncio.Task] = set()
-        self._logged: dict[str, tuple[float, int]] = {}
-        self._loop = asyncio.get_running_loop()
-        self._started = False
 
-    # -- the Onramp protocol ---------------------------------------------------------------------
-
-    def start(self) -> None:
-        self.listener.setblocking(False)
-        self._loop.add_reader(self.listener.fileno(), self._accept)
-        self._started = True
-
-    def tunnels(self) -> Collection[Tunnel]:
-        return ()
-
-    def find(self, tunnel_id: int) -> None:
-        return None
-
-    def sweep(self, in_use: Callable[[], Set[int]]) -> None:
-        """Nothing to forget: each client's task ends with its connection."""
-
-    def reset_contexts(self) -> None:
-        """Nothing to judge again: tenants come from the config and tokens."""
+    # -- the Onramp protocol (start, tunnels, find, sweep: ListeningOnramp) ----------------
 
     async def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """Accept no more; clients still served are cut (their sockets closed)."""
-        if self._started:
-            self._loop.remove_reader(self.listener.fileno())
-            self._started = False
+        self._stop_accepting()
         for task in list(self.clients):
             task.cancel()
         if self.clients:
@@ -172,17 +150,6 @@ class HttpOnramp:
         if token is None:
             return ""
         return self.tokens.get(hashlib.sha256(token.encode("utf-8", "replace")).hexdigest(), "")
-
-    def _refused(self, reason: str, **fields: object) -> None:
-        metrics.HTTP_REJECTED.labels(reason).inc()
-        now = time.monotonic()
-        last, since = self._logged.get(reason, (None, 0))
-        if last is not None and now - last < LOG_EVERY:
-            self._logged[reason] = (last, since + 1)
-            return
-        self._logged[reason] = (now, 0)
-        self.log.warning("http_connection_refused", onramp=self.name, reason=reason,
-                         unlogged_since=since, **fields)
 
 
 if TYPE_CHECKING:

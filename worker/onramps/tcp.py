@@ -19,23 +19,20 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-import time
-from collections.abc import Callable, Collection, Set
 from typing import TYPE_CHECKING, ClassVar
 
 from ipferry.wire import proxy
 
 from .. import metrics
 from . import STOP_TIMEOUT, OnrampUnusable, Wiring, register
+from .listening import ListeningOnramp
 
 if TYPE_CHECKING:
-    from ..tunnels import Tunnel
     from . import Onramp
 
 BATCH = 64
 HEADER_TIMEOUT = 5.0  # a connection whose PROXY header is not all there by then is closed
 MAX_PENDING = 1024  # per worker and on-ramp: connections waiting for their PROXY header
-LOG_EVERY = 60.0  # a refusal's warning, at most this often per reason (the counter has them all)
 
 
 def _endpoint(host: str, port: int) -> tuple[bytes | None, int]:
@@ -66,13 +63,16 @@ class _Pending:
 
 
 @register("tcp")
-class TcpOnramp:
+class TcpOnramp(ListeningOnramp):
     """Accepts on a shared TCP listener; each connection becomes one stream to ``upstream``."""
 
     kind: ClassVar[str]
+    refused_counter = metrics.TUNNELS_CLOSED
+    refused_event = "tcp_connection_refused"
 
     def __init__(self, name: str, listener: socket.socket, wiring: Wiring, *,
                  header_timeout: float = HEADER_TIMEOUT, max_pending: int = MAX_PENDING) -> None:
+        super().__init__()
         # The supervisor's settings of the on-ramp as it was bound: never serve a listener
         # without its tenant, upstream and allow list.
         conf = wiring.settings.tcp.get(name)
@@ -90,35 +90,13 @@ class TcpOnramp:
         self.header_timeout = header_timeout
         self.max_pending = max_pending
         self._pending: dict[int, _Pending] = {}  # by fd
-        self._logged: dict[str, tuple[float, int]] = {}  # reason: (last warned, refused since)
-        self._loop = asyncio.get_running_loop()
-        self._started = False
 
-    # -- the Onramp protocol ---------------------------------------------------------------------
-
-    def start(self) -> None:
-        self.listener.setblocking(False)
-        self._loop.add_reader(self.listener.fileno(), self._accept)
-        self._started = True
-
-    def tunnels(self) -> Collection[Tunnel]:
-        return ()  # streams, not IP tunnels: the data path's flows show them
-
-    def find(self, tunnel_id: int) -> None:
-        return None
-
-    def sweep(self, in_use: Callable[[], Set[int]]) -> None:
-        """Nothing to forget: a connection is the data path's once handed over."""
-
-    def reset_contexts(self) -> None:
-        """Nothing to judge again: the tenant is the config's, not a context's."""
+    # -- the Onramp protocol (start, tunnels, find, sweep: ListeningOnramp) ----------------
 
     async def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """Accept no more and close the connections still waiting for a header (those handed
         over are the data path's). No task of its own to wait for."""
-        if self._started:
-            self._loop.remove_reader(self.listener.fileno())
-            self._started = False
+        self._stop_accepting()
         for pending in list(self._pending.values()):
             self._drop(pending)
 
@@ -220,19 +198,6 @@ class TcpOnramp:
         except Exception as exc:  # the data path's bug: this connection only
             sock.close()
             self._refused("tcp_datapath_error", source=client[0], error=str(exc), exc_info=True)
-
-    def _refused(self, reason: str, **fields: object) -> None:
-        """Counted every time; warned of at most once every :data:`LOG_EVERY` seconds per reason,
-        with how many more were refused since the last warning."""
-        metrics.TUNNELS_CLOSED.labels(reason).inc()
-        now = time.monotonic()
-        last, since = self._logged.get(reason, (None, 0))
-        if last is not None and now - last < LOG_EVERY:
-            self._logged[reason] = (last, since + 1)
-            return
-        self._logged[reason] = (now, 0)
-        self.log.warning("tcp_connection_refused", onramp=self.name, reason=reason,
-                         unlogged_since=since, **fields)
 
 
 if TYPE_CHECKING:  # mypy checks that it keeps to the Protocol
