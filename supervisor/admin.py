@@ -32,6 +32,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from ipferry.worker.app import valid_tenant
 from ipferry.worker.views import MAX_PAGE, strict_dumps
 
+from . import statuspage
 from .config import Admin
 from .listeners import bind_unix
 
@@ -161,6 +162,15 @@ async def metrics(request: web.Request) -> web.Response:
     snapshots = await sup.pool.ask_workers("metrics", parts="families", timeout=1.0)
     body = sup.metrics.render({i: fams for i, fams in snapshots.items() if fams is not None})
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def summary(request: web.Request) -> web.Response:
+    """The status page's counters (``statuspage.summarize``): asked of every ready worker as
+    ``/metrics`` asks them, answered as small JSON."""
+    sup: Supervisor = request.app[SUPERVISOR]
+    live = sup.pool.live()
+    snapshots = await sup.pool.ask_workers("metrics", parts="families", timeout=1.0, workers=live)
+    return _json(statuspage.summarize(live, snapshots, time.monotonic(), time.time()))
 
 
 async def workers(request: web.Request) -> web.Response:
@@ -401,10 +411,12 @@ class AdminServer:
         self.error_logged = -ERROR_LOG_INTERVAL
         get = functools.partial(self.app.router.add_get, expect_handler=expect_continue)
         post = functools.partial(self.app.router.add_post, expect_handler=expect_continue)
+        get("/", statuspage.page)
         get("/healthz", healthz)
         get("/readyz", readyz)
         get("/metrics", metrics)
         get("/api/status", status)
+        get("/api/summary", summary)
         get("/api/workers", workers)
         get("/api/mesh", mesh)
         get("/api/flows", flows)
