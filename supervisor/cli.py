@@ -165,6 +165,37 @@ def build_parser() -> argparse.ArgumentParser:
     restart = admin_client("restart-worker", "restart one worker of the running daemon gracefully")
     restart.add_argument("index", type=int,
                          help="the worker's index, as `ipferry status` lists it (worker 0, 1, ...)")
+    top = admin_client("top", "a refreshing view of the running daemon: workers, drops by reason, "
+                              "tunnels and the busiest flows with their rates")
+    top.add_argument("--once", action="store_true",
+                     help="print one snapshot and exit (plain text when not a terminal): two "
+                          "samples --interval apart, for the rates")
+    top.add_argument("--interval", type=float, default=2.0, metavar="SECONDS",
+                     help="seconds between samples; rates are over this interval (default: "
+                          "%(default)s; with --once, 0 takes one sample and shows no rates)")
+    top.add_argument("--sort", choices=["rate", "packets", "bytes", "duration"], default="rate",
+                     help="order of the flows: byte rate, packet rate, bytes so far or age, "
+                          "largest first (default: %(default)s; keys b, p, t, d in the view)")
+    top.add_argument("--limit", type=int, default=20, metavar="N",
+                     help="show the N busiest flows, and at most N tunnels and drop reasons "
+                          "(default: %(default)s)")
+    top.add_argument("--tenant", help="only this tenant's flows and tunnels (workers and drops "
+                                      "stay those of all)")
+    top.add_argument("--max-flows", type=int, default=10_000, metavar="N",
+                     help="read at most N flows per sample (200 a request) to rank and rate "
+                          "(default: %(default)s)")
+    top.formatter_class = argparse.RawDescriptionHelpFormatter
+    top.description = textwrap.fill(
+        "A refreshing view of the running daemon, from its admin API: readiness, nsd and the "
+        "workers (flows, tunnels, bytes/s in and out, CPU, drops/s), drops by reason, the "
+        "busiest tunnels and the busiest flows with their byte and packet rates, computed from "
+        "two successive samples of /api/flows (and /metrics, /api/tunnels).", 79)
+    top.epilog = ("keys in the view: the order of the flows, b byte rate, p packet rate,\n"
+                  "  t bytes so far, d duration; q quits (Ctrl-C too)\n\n"
+                  "examples:\n"
+                  "  ipferry top\n"
+                  "  ipferry top --admin /run/ipferry/admin.sock --tenant acme --sort packets\n"
+                  "  ipferry top --once --interval 1 --limit 5 > snapshot.txt")
     return parser
 
 
@@ -392,6 +423,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_check_config(args)
     if args.command == "connect":
         return cmd_connect(args)
+    if args.command == "top":
+        from .top import cmd_top  # lazy for start-up time: only `top` needs rich
+
+        return cmd_top(args)
     return cmd_admin(args)
 
 
