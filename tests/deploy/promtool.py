@@ -109,7 +109,7 @@ def for_promtool(expr: str) -> str:
     """A dashboard expression with Grafana's variables replaced by what Prometheus would get."""
     s = re.sub(r"\$__(rate_interval|interval|range)\b|\$\{__(rate_interval|interval|range)\}",
                "5m", expr)
-    s = re.sub(r"\$\{\w+(:\w+)?\}|\$\w+", ".+", s)
+    s = re.sub(r"\$\{\w+(:\w+)?\}|\$\w+", ".*", s)  # as a variable at "All"
     return s
 
 
@@ -145,6 +145,16 @@ def variable_queries(dash: dict) -> Iterator[tuple[str, str]]:
             re.fullmatch(r"\s*query_result\((.*)\)\s*", query)
         assert m, f"variable {var['name']}: a query other than label_values/query_result: {query}"
         yield var["name"], m.group(1)
+
+
+def all_exprs(dash: dict) -> list[tuple[str, str]]:
+    """(where, PromQL) of every query: panels' targets, annotations, variables."""
+    out = [(f"panel {p['id']} {p['title']!r} target {t['refId']}", t["expr"])
+           for p, t in targets(dash)]
+    out += [(f"annotation {a['name']!r}", a["expr"])
+            for a in dash["annotations"]["list"] if "expr" in a]
+    out += [(f"variable {name}", query) for name, query in variable_queries(dash)]
+    return out
 
 
 # -- the alerting rules ------------------------------------------------------------------------

@@ -66,3 +66,10 @@ def test_alerts_select_documented_metrics_only():
         names = metric_names(expr)
         assert names, f"{name}: no metric found in {expr!r}"
         assert names <= known, f"{name}: {sorted(names - known)} not in docs/admin-api.md"
+
+
+def test_promtool_check_metrics_reports_what_it_finds():
+    """What tests/e2e/test_promtool.py relies on: problems come out, with a non-zero status."""
+    res = promtool("check", "metrics", stdin=b"# TYPE foo_bytes counter\nfoo_bytes 1\n")
+    out = (res.stdout + res.stderr).decode()
+    assert res.returncode != 0 and '"_total" suffix' in out and "no help text" in out, explain(res)

@@ -9,6 +9,7 @@ import re
 from tests.deploy.promtool import (
     DASHBOARD,
     SCRAPE_METRICS,
+    all_exprs,
     dashboard,
     documented_metrics,
     documented_sample_names,
@@ -17,21 +18,9 @@ from tests.deploy.promtool import (
     metric_names,
     panels,
     promtool,
-    targets,
-    variable_queries,
 )
 
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
-
-
-def all_exprs(dash: dict) -> list[tuple[str, str]]:
-    """(where, PromQL) of every query: panels' targets, annotations, variables."""
-    out = [(f"panel {p['id']} {p['title']!r} target {t['refId']}", t["expr"])
-           for p, t in targets(dash)]
-    out += [(f"annotation {a['name']!r}", a["expr"])
-            for a in dash["annotations"]["list"] if "expr" in a]
-    out += [(f"variable {name}", query) for name, query in variable_queries(dash)]
-    return out
 
 
 def test_the_dashboard_is_a_grafana_dashboard():
