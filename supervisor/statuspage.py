@@ -276,12 +276,17 @@ SCRIPT = r"""
     if (s < 60) return s.toFixed(s < 10 ? 1 : 0) + " s";
     const d = Math.floor(s / 86400), h = Math.floor(s % 86400 / 3600), m = Math.floor(s % 3600 / 60);
     if (d) return d + " d " + h + " h";
-    if (h) return h + " h " + m + " min";
-    return m + " min " + Math.floor(s % 60) + " s";
+    if (h) return h + " h" + (m ? " " + m + " min" : "");
+    const rest = Math.floor(s % 60);
+    return m + " min" + (rest ? " " + rest + " s" : "");
   }
   function hostport(addr, port) {
     const a = text(addr);
     return (a.includes(":") ? "[" + a + "]" : a) + ":" + text(port);
+  }
+  function serverNow() {  // uptimes by the daemon's clock (the browser's may be another's)
+    const last = samples[samples.length - 1];
+    return last ? num(last.time) + performance.now() / 1000 - last.seen : Date.now() / 1000;
   }
   function pair(v, fmt) {
     return Array.isArray(v) && v.length === 2 ? fmt(v[0]) + " / " + fmt(v[1]) : DASH;
@@ -337,7 +342,7 @@ SCRIPT = r"""
     $("status-line").textContent = text(s.status);
     const rows = [];
     const add = (term, value) => rows.push(el("dt", null, term), el("dd", null, value));
-    add("supervisor", "pid " + text(s.pid) + ", up " + duration(Date.now() / 1000 - num(s.started_at)));
+    add("supervisor", "pid " + text(s.pid) + ", up " + duration(serverNow() - num(s.started_at)));
     add("config", s.config === null ? "built-in default" : s.config);
     const nsd = s.nsd || {};
     add("nsd", "pid " + text(nsd.pid) + ", " + text(nsd.state) + ", restarts " + text(nsd.restarts));
@@ -369,7 +374,7 @@ SCRIPT = r"""
       const state = el("span", "badge " + (own(STATES, w.state) ? STATES[w.state] : "idle"), w.state);
       return el("tr", null, el("td", "num", w.index), el("td", "num", w.pid), el("td", null, state),
         el("td", "num", w.restarts), el("td", null, w.tun),
-        el("td", "num", w.pid === null ? DASH : duration(Date.now() / 1000 - num(w.started_at))),
+        el("td", "num", w.pid === null ? DASH : duration(serverNow() - num(w.started_at))),
         el("td", "num", count(flows)), el("td", "num", count(tunnels)),
         el("td", "num", inRate === null ? DASH : bits(inRate)),
         el("td", "num", outRate === null ? DASH : bits(outRate)),
