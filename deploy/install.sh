@@ -101,9 +101,10 @@ if [ "$action" = uninstall ]; then
     exit 0
 fi
 
-# Debian packages the venv builds with (python-prctl needs libcap-dev and a compiler).
+# Debian packages the venv builds with (python-prctl needs libcap-dev and a compiler), and acl:
+# the unit's ExecStartPre= runs setfacl to let the service user open a 0600 /dev/net/tun.
 . "$src/deploy/debs.sh"
-ensure_debs install libcap-dev gcc python3-dev python3-venv
+ensure_debs install libcap-dev gcc python3-dev python3-venv acl
 
 # The virtualenv: rebuilt only when the package sources differ from what it was built from.
 digest=$(cd "$src" && find "${sources[@]}" -name __pycache__ -prune -o -type f -print \
