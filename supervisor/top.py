@@ -314,14 +314,18 @@ def compute(prev: Sample | None, cur: Sample, *, sort: str = "rate",
     rate_out = rates("ipferry_bytes_total", "worker", direction="to_tunnel")
     cpu = rates("ipferry_process_cpu_seconds_total", "worker", role="worker")
     worker_drops = rates("ipferry_drops_total", "worker")
+    # Workers that answered the scrape: the per-packet counters are there from the start (the
+    # labelled series, such as flows_active{protocol}, only once used).
+    scraped = {dict(labels).get("worker") for (metric, labels) in cur.metrics
+               if metric == "ipferry_bytes_total"}
     workers = []
     for w in cur.status.get("workers", []):
         i = str(w["index"])
-        has_metrics = i in active or i in tunnels_active
+        has_metrics = i in scraped
         workers.append(WorkerRow(
             index=w["index"], pid=w.get("pid"), state=w["state"], restarts=w["restarts"],
             uptime=(cur.wall - w["started_at"]) if w.get("pid") and w.get("started_at") else None,
-            flows=int(active[i]) if i in active else None,
+            flows=int(active.get(i, 0)) if has_metrics else None,
             tunnels=int(tunnels_active.get(i, 0) + gue_active.get(i, 0)) if has_metrics else None,
             rate_in=rate_in.get(i) if rate_in is not None and has_metrics else None,
             rate_out=rate_out.get(i) if rate_out is not None and has_metrics else None,

@@ -286,6 +286,8 @@ def test_workers():
     assert w0.cpu == pytest.approx(50.0) and w1.cpu == 0.0
     assert (w0.drop_rate, w1.drop_rate) == (3.0, 1.0)
     assert view.flows_by_protocol == {"icmp": 1, "tcp": 5}
+    # No flows_active series yet (a labelled series appears on first use): no flows, not unknown.
+    assert [w.flows for w in top.compute(None, two_samples()[0]).workers] == [0, 0]
 
 
 def test_a_worker_without_metrics_shows_none():
