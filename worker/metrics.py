@@ -128,3 +128,13 @@ HTTP_REJECTED = Counter("ipferry_http_rejected", "HTTP input refused before it w
 TLS_STREAMS = Counter("ipferry_tls_streams", "Streams to a TLS port whose ClientHello was read, "
                       "by result: allowed, denied (by its server name), not_tls, timeout.",
                       ["result"], registry=registry)
+
+# Series a dashboard rates from the start: a labelled series that appears already counting
+# hides its first increments from rate() and increase(), so the known labels start at 0.
+for _label in ("1xx", "2xx", "3xx", "4xx", "5xx"):
+    HTTP_REQUESTS.labels(_label)
+for _label in ("malformed", "header_too_large", "header_timeout", "bad_target", "proxy_auth",
+               "forbidden_destination", "hook_error"):
+    HTTP_REJECTED.labels(_label)
+for _label in ("allowed", "denied", "not_tls", "timeout"):
+    TLS_STREAMS.labels(_label)

@@ -76,6 +76,11 @@ HOOKS = textwrap.dedent("""\
     """)
 
 
+def nonzero(counts: dict[str, float]) -> dict[str, float]:
+    """A counter's labels that counted (the known ones are exported from 0)."""
+    return {k: v for k, v in counts.items() if v}
+
+
 def http_records(tmp_path, n: int) -> list[dict]:
     def got() -> list[dict] | None:
         found = [r for r in audit_records(tmp_path / "audit.jsonl")
@@ -255,7 +260,8 @@ sni = "bad.test"
         10, "tls_stream records")
     assert [(r["sni"], r["decision"], r["reason"]) for r in records] == [
         ("good.test", "allow", ""), ("bad.test", "deny", "denied by rule no-bad")], records
-    assert counter(d, "ipferry_tls_streams_total", "result") == {"allowed": 1, "denied": 1}
+    assert nonzero(counter(d, "ipferry_tls_streams_total", "result")) == {"allowed": 1,
+                                                                          "denied": 1}
 
 
 # -- the HTTP on-ramp (a forward proxy) ---------------------------------------------------------
@@ -435,7 +441,7 @@ def test_the_proxy_is_no_way_into_the_daemons_host(daemon_factory, tmp_path):
     assert res.returncode != 0 and res.stdout.endswith(b"403"), res
     records = http_records(tmp_path, 5)
     assert [r["status"] for r in records] == [403] * 5, records
-    assert counter(d, "ipferry_http_requests_total", "status_class") == {"4xx": 5}
+    assert nonzero(counter(d, "ipferry_http_requests_total", "status_class")) == {"4xx": 5}
 
 
 def test_a_proxied_download_cut_by_a_stopping_daemon_is_cut_not_whole(daemon_factory, origin,
@@ -484,4 +490,4 @@ layer = "http"
         assert res.returncode == 0 and res.stdout == b"hello from on-853\n" * 2, res
     records = http_records(tmp_path, 2)
     assert [r["status"] for r in records] == [200, 200], records
-    assert counter(d, "ipferry_tls_streams_total", "result") == {"not_tls": 1}
+    assert nonzero(counter(d, "ipferry_tls_streams_total", "result")) == {"not_tls": 1}
