@@ -419,7 +419,8 @@ SCRIPT = r"""
       if (r) points.push({seen: samples[i].seen, gap: r.dt > GAP_S, in: r.in * 8, out: r.out * 8});
     }
     const now = samples.length ? samples[samples.length - 1].seen : 0;
-    const span = Math.min(WINDOW_S, Math.max(MIN_SPAN_S, samples.length ? now - samples[0].seen : 0));
+    const history = samples.length ? now - samples[0].seen : 0;  // whole minutes, up to WINDOW_S
+    const span = Math.min(WINDOW_S, Math.max(MIN_SPAN_S, Math.ceil(history / 60) * 60));
     let max = 0;
     for (const p of points) max = Math.max(max, p.in, p.out);
     const magnitude = max > 0 ? Math.pow(10, Math.floor(Math.log10(max))) : 1;
