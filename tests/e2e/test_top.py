@@ -106,14 +106,16 @@ def test_top_once_shows_the_busy_flow_and_the_drops(daemon_factory, streams):
         assert 1 <= took < 30
         lines = out.splitlines()
         assert lines[0].startswith("ready: nsd ready, 2/2 workers ready (supervisor pid "), out
-        assert re.search(r"; rates over 1\.\ds$", lines[1]), out
+        assert re.search(r"; rates over \d+\.\ds$", lines[1]), out
         for w in (0, 1):
             assert re.search(rf"^ *{w} +\d+ +ready +0 ", out, re.M), out
 
         assert re.search(r"^bad_version +3 ", out, re.M), out
         assert re.search(r"^ *\d +\d+ +tunnel +tunnel +acme ", out, re.M), out  # connect's tunnel
 
-        head = lines.index("flows: busiest 1 of 1 by byte rate")
+        head = next((i for i, line in enumerate(lines)
+                     if re.fullmatch(r"flows: busiest \d+ of \d+ by byte rate", line)), None)
+        assert head is not None, f"no flows section:\n{out}"
         assert lines[head + 1].split() == ["TENANT", "PROTO", "SOURCE", "DESTINATION", "STATE",
                                            "WORKER", "RATE", "UP/S", "DOWN/S", "PKT/S", "BYTES",
                                            "AGE"]
@@ -156,7 +158,7 @@ def test_top_live_view_sorts_on_keys_and_quits(daemon_factory, streams):
             where = f"{SERVER_ADDR}:{STREAM_PORT}"
             wait_for(lambda: shows(where) and shows("rates over"), 20,
                      f"the flow to {where} with rates on the screen")
-            assert shows("flows: busiest 1 of 1 by byte rate")
+            assert shows(" by byte rate")
             os.write(master, b"d")
             wait_for(lambda: shows("by duration"), 10, "the view sorted by duration")
             os.write(master, b"q")
