@@ -37,12 +37,19 @@ from ipferry.runtime.paths import default_runtime_dir
 from ipferry.wire import gue as gue_wire  # (``gue`` is run()'s argument: HOST:PORT)
 from ipferry.wire import vnet
 from ipferry.wire.dns import DNS_ADDRESS4, DNS_ADDRESS6
-from ipferry.wire.icmp import unreachable
-from ipferry.wire.packet import Drop, parse
+from ipferry.wire.icmp import echo_message, icmp_packet, unreachable
+from ipferry.wire.packet import Drop, Parsed, parse
 
 READ_SIZE = 65536 + 16  # a packet at the largest MTU, and a virtio-net header
 LINGER_IDLE = 0.1  # after the namespace's keeper exits, wait for this much quiet on the TUN ...
 LINGER_MAX = 1.0  # ... but no longer than this (the keeper already waited for owed data)
+# ``--gue``: how long the on-ramp has to answer the probe (GueTunnel.check) before CMD starts
+# anyway, with a warning.
+GUE_CHECK_TIMEOUT = 3.0
+# The probe goes to the daemon's own host, which no tunnel may reach whatever the rules say: the
+# daemon answers it itself ("administratively prohibited"), opening nothing, auditing nothing.
+PROBE_DST = ipaddress.IPv4Address("127.0.0.1")
+PROBE_PAYLOAD = b"ipferry connect: is this GUE tunnel carried?"
 
 
 class ConnectError(Exception):
@@ -279,6 +286,8 @@ class GueTunnel:
         self.mtu = gue_wire.room(self.headers[4], offload, family == socket.AF_INET6)
         self.tun_fd: int | None = None
         self.shut = False
+        self.where = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+        self.refused_said = False  # the daemon went away mid-run: said once
 
     def _bind(self, family: int, host: str, port: int, local_port: int) -> None:
         """Send from ``local_port`` (``--gue-port``), on the address the kernel would send from
@@ -332,20 +341,89 @@ class GueTunnel:
             try:
                 datagram = self.sock.recv(size)
             except ConnectionRefusedError:
-                continue  # an ICMP error for an earlier datagram: the tunnel itself goes on
+                # An ICMP error for an earlier datagram: nothing listens on the on-ramp's port
+                # any more. The tunnel itself goes on (a daemon started again is carrying it).
+                if not self.refused_said and not self.shut:
+                    self.refused_said = True
+                    print(f"ipferry connect: warning: the GUE on-ramp at {self.where} answered "
+                          f"ICMP port unreachable: no daemon listens there any more (stopped?); "
+                          f"CMD's packets are lost until one does", file=sys.stderr, flush=True)
+                continue
             if self.shut:
                 return b""  # we shut down: done
-            try:
-                context, data = gue_wire.decapsulate(datagram)
-            except gue_wire.BadGue:
-                continue
-            if context.startswith(gue_wire.VNET_MAGIC) == self.offload:
+            data = self._inner(datagram)
+            if data is not None:
                 return data
-            if self.offload:
-                # Plain GUE to an offload sender (a site the daemon reached before it spoke):
-                # a plain packet is a vnet one with an empty header.
-                return vnet.PLAIN + data
-            # (a superframe to a TUN without offload would be garbage: dropped)
+
+    def _inner(self, datagram: bytes) -> bytes | None:
+        """What a datagram of the daemon carries for the TUN (None: nothing usable)."""
+        try:
+            context, data = gue_wire.decapsulate(datagram)
+        except gue_wire.BadGue:
+            return None
+        if context.startswith(gue_wire.VNET_MAGIC) == self.offload:
+            return data
+        if self.offload:
+            # Plain GUE to an offload sender (a site the daemon reached before it spoke):
+            # a plain packet is a vnet one with an empty header.
+            return vnet.PLAIN + data
+        return None  # (a superframe to a TUN without offload would be garbage: dropped)
+
+    def check(self, source: ipaddress.IPv4Address, tenant: str,
+              timeout: float = GUE_CHECK_TIMEOUT) -> str | None:
+        """Is the on-ramp carrying this tunnel? None: yes; a warning to print when it does not
+        answer; ConnectError when nothing listens on its port.
+
+        GUE has no handshake, and the daemon drops a sender it does not take without a word (a
+        tenant outside the on-ramp's ``tenants``, a source outside its ``allow``, a context its
+        application refuses). So one packet of the tunnel, an ICMP echo request from ``source``
+        (the namespace's address), goes where no tunnel may go, 127.0.0.1, and the daemon
+        answers it itself with ICMP "administratively prohibited" (counted as the drop
+        ``forbidden_destination``; no flow, no audit record): that answer proves the on-ramp
+        took the context. ICMP port unreachable means that nothing listens on the port. Silence
+        means the daemon drops the tunnel, or the peer is not ipferry (a GUE endpoint of another
+        kind answers no probe): a warning, and CMD still runs. Sent again, more and more slowly,
+        until ``timeout`` (an application's asynchronous ``parse_context`` drops the first).
+        """
+        ident = random.randrange(1, 0x10000)
+        probe = (vnet.PLAIN if self.offload else b"") + icmp_packet(
+            source.packed, PROBE_DST.packed, echo_message(8, ident, 1, PROBE_PAYLOAD))
+        head = self.headers[4]
+        deadline = time.monotonic() + timeout
+        interval, next_send = 0.05, 0.0
+        try:
+            while (now := time.monotonic()) < deadline:
+                if now >= next_send:
+                    if self.offload:
+                        self.sock.sendmsg([head, probe[:vnet.HEADER_SIZE], b"\0\0",
+                                           probe[vnet.HEADER_SIZE:]])
+                    else:
+                        self.sock.send(head + probe)
+                    next_send, interval = now + interval, min(interval * 2, 1.0)
+                self.sock.settimeout(max(0.001, min(next_send, deadline) - now))
+                try:
+                    datagram = self.sock.recv(READ_SIZE)
+                except TimeoutError:
+                    continue
+                answer = self._inner(datagram)
+                if answer is not None and _answers_probe(
+                        answer[vnet.HEADER_SIZE if self.offload else 0:], source, ident):
+                    return None
+        except ConnectionRefusedError:
+            raise ConnectError(f"nothing listens on udp {self.where} (ICMP port unreachable): is "
+                               f"ipferry running there with a kind = \"gue\" on-ramp? (--gue "
+                               f"names its listen address)") from None
+        except OSError as exc:
+            raise ConnectError(f"cannot reach the GUE on-ramp at {self.where}: "
+                               f"{exc.strerror}") from None
+        finally:
+            self.sock.settimeout(None)
+        return (f"the GUE on-ramp at {self.where} did not answer in {timeout:g} s, so it likely "
+                f"drops this tunnel's datagrams: tenant {tenant!r} not in its tenants, this "
+                f"sender ({self.sock.getsockname()[0]}) outside its allow list, a context its "
+                f"application refused, or no daemon there and no ICMP error back (the daemon's "
+                f"log says gue_unknown_tenant or gue_context_refused; ipferry_drops_total counts "
+                f"gue_source_denied); running CMD anyway")
 
     def shutdown(self, how: int) -> None:
         # Unblock the reader: recv on a UDP socket returns once it is shut down.
@@ -357,6 +435,15 @@ class GueTunnel:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def _answers_probe(packet: bytes, source: ipaddress.IPv4Address, ident: int) -> bool:
+    """Is ``packet`` an ICMP error about the probe, the echo request ``ident`` from ``source``?"""
+    p = parse(packet)
+    inner = p.inner if isinstance(p, Parsed) else None
+    return (inner is not None and inner.protocol == socket.IPPROTO_ICMP
+            and inner.src == source.packed and inner.dst == PROBE_DST.packed
+            and inner.sport == ident)
 
 
 def open_gue(target: str, context: dict, offload: bool = False,
@@ -473,6 +560,13 @@ def run(command: list[str], *, tunnel_path: Path | None, context: dict, mtu: int
     tunnel: GueTunnel | socket.socket
     if gue is not None:
         tunnel = open_gue(gue, context, offload, gue_port)
+        try:
+            warning = tunnel.check(address.ip, str(context.get("tenant")))
+        except ConnectError:
+            tunnel.close()
+            raise
+        if warning is not None:
+            print(f"ipferry connect: warning: {warning}", file=sys.stderr, flush=True)
         mtu = mtu or tunnel.mtu
     else:
         tunnel = open_tunnel(tunnel_path or default_tunnel_path(), context, offload)

@@ -113,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="use the daemon's unconnected GUE on-ramp at HOST:PORT instead (UDP; "
                           "the context rides in every datagram's GUE header: at most "
                           f"{MAX_VNET_CONTEXT} bytes of JSON with offload, {MAX_CONTEXT} with "
-                          "--no-offload; it never carries routes)")
+                          "--no-offload; it never carries routes). Before CMD starts, one probe "
+                          "checks that the on-ramp carries the tunnel: nothing listening there is "
+                          "an error, no answer within 3 s a warning naming the likely causes")
     connect.add_argument("--gue-port", metavar="PORT",
                          help="with --gue: send from this local UDP port (default: any), so the "
                               "daemon's config can name this sender as a [[sites]] entry's "
