@@ -23,6 +23,7 @@ import random
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -473,13 +474,86 @@ def open_tunnel(path: Path, context: dict, offload: bool = False) -> socket.sock
     return sock
 
 
+PING_GROUP_RANGE = Path("/proc/sys/net/ipv4/ping_group_range")
+SUPERVISOR_NAME = "ipf-supervisor"  # the daemon's supervisor, as /proc/PID/comm names it
+
+
+def ping_hint(tunnel: socket.socket) -> str | None:
+    """What to say when CMD pings through the connected ``tunnel`` and the daemon cannot send
+    pings; None when it can, or when we cannot tell.
+
+    The daemon sends echo requests from unprivileged ICMP ("ping") sockets, which the kernel
+    allows only to the groups in ``net.ipv4.ping_group_range`` of the daemon's network namespace;
+    without them, it drops every echo request (``icmp_not_permitted``) and says so in its log
+    alone. We can tell when the process that listens at the tunnel's other end (SO_PEERCRED) is
+    ipferry's supervisor (its workers have its groups) in our own network namespace: the sysctl
+    is then ours to read. Not through GUE, nor for a socket systemd passed (PID 1 listens), nor
+    for a daemon whose ``/proc/PID`` we may not read.
+    """
+    try:
+        creds = tunnel.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        proc = Path(f"/proc/{struct.unpack('3i', creds)[0]}")
+        if (proc / "comm").read_text().strip() != SUPERVISOR_NAME:
+            return None
+        theirs, ours = os.stat(proc / "ns" / "net"), os.stat("/proc/self/ns/net")
+        if (theirs.st_dev, theirs.st_ino) != (ours.st_dev, ours.st_ino):
+            return None
+        groups = _groups((proc / "status").read_text())
+        low, high = map(int, PING_GROUP_RANGE.read_text().split())
+    except (OSError, ValueError, struct.error):
+        return None
+    return ping_hint_for(groups, low, high)
+
+
+def _groups(status: str) -> set[int]:
+    """The effective group and the supplementary groups of a ``/proc/PID/status``: what the
+    kernel compares with ``net.ipv4.ping_group_range``."""
+    groups: set[int] = set()
+    for line in status.splitlines():
+        key, _, value = line.partition(":")
+        if key == "Gid":
+            groups.add(int(value.split()[1]))  # real, effective, saved, file system
+        elif key == "Groups":
+            groups.update(int(g) for g in value.split())
+    if not groups:
+        raise ValueError("no Gid line")
+    return groups
+
+
+def ping_hint_for(groups: set[int], low: int, high: int) -> str | None:
+    """The hint for a daemon of ``groups`` under ``net.ipv4.ping_group_range = low high``."""
+    if any(low <= g <= high for g in groups):
+        return None
+    return (f"CMD sends pings, but the daemon cannot: net.ipv4.ping_group_range is '{low} {high}' "
+            f"here, which leaves out its groups ({', '.join(map(str, sorted(groups)))}), so it "
+            f"drops echo requests (icmp_not_permitted); fix, as root: "
+            f"sysctl -w net.ipv4.ping_group_range='0 2147483647'")
+
+
+def is_echo_request(packet: bytes, offset: int = 0) -> bool:
+    """Is ``packet`` (after ``offset`` bytes of virtio-net header) an ICMP or ICMPv6 echo
+    request?"""
+    if len(packet) <= offset:
+        return False
+    version = packet[offset] >> 4
+    if version == 4:
+        ihl = (packet[offset] & 0x0F) * 4
+        return (len(packet) > offset + ihl and packet[offset + 9] == 1
+                and packet[offset + ihl] == 8)
+    return version == 6 and len(packet) > offset + 40 and packet[offset + 6] == 58 \
+        and packet[offset + 40] == 128
+
+
 class _Activity:
     """When the last packet left the namespace: the tunnel stays until the command's last words
-    (its FINs, sent by the kernel as the command exits) have crossed."""
+    (its FINs, sent by the kernel as the command exits) have crossed. And a hint to give the
+    first time CMD sends a ping (see :func:`ping_hint`), if any."""
 
-    def __init__(self) -> None:
+    def __init__(self, ping_hint: str | None = None, offset: int = 0) -> None:
         self.last = time.monotonic()
         self.closed_by_daemon = False
+        self.ping_hint = ping_hint
+        self.offset = offset  # of the packets in the TUN: a virtio-net header with offload
 
 
 # How a connected tunnel fails once the daemon has closed its end (a worker restarted or stopped):
@@ -502,6 +576,9 @@ def _pump_tun_to_tunnel(tun_fd: int, tunnel: GueTunnel | socket.socket, stop: th
         except OSError:
             break  # the namespace is gone (the command exited)
         activity.last = time.monotonic()
+        if activity.ping_hint is not None and is_echo_request(packet, activity.offset):
+            print(f"ipferry connect: {activity.ping_hint}", file=sys.stderr, flush=True)
+            activity.ping_hint = None
         try:
             tunnel.send(packet)
         except OSError as exc:
@@ -558,6 +635,7 @@ def run(command: list[str], *, tunnel_path: Path | None, context: dict, mtu: int
     :func:`resolv_conf`); None: CMD reads the host's.
     """
     tunnel: GueTunnel | socket.socket
+    hint = None
     if gue is not None:
         tunnel = open_gue(gue, context, offload, gue_port)
         try:
@@ -570,6 +648,7 @@ def run(command: list[str], *, tunnel_path: Path | None, context: dict, mtu: int
         mtu = mtu or tunnel.mtu
     else:
         tunnel = open_tunnel(tunnel_path or default_tunnel_path(), context, offload)
+        hint = ping_hint(tunnel)
         mtu = mtu or 65520
     # CMD's resolv.conf: a file the sandbox binds over /etc/resolv.conf in its own mount
     # namespace; once it has (or could not), the file goes: the bind keeps what it holds.
@@ -617,7 +696,7 @@ def run(command: list[str], *, tunnel_path: Path | None, context: dict, mtu: int
         tunnel.tun_fd = tun_fd
 
     stop = threading.Event()
-    activity = _Activity()
+    activity = _Activity(hint, vnet.HEADER_SIZE if offload else 0)
     pumps = [threading.Thread(target=fn, args=(tun_fd, tunnel, stop, activity), daemon=True)
              for fn in (_pump_tun_to_tunnel, _pump_tunnel_to_tun)]
     for t in pumps:

@@ -1,6 +1,6 @@
 """``ipferry connect`` says why a tunnel will not carry CMD's traffic, instead of leaving CMD to
 time out without a word: a GUE on-ramp that is not there (an error) or that drops this sender (a
-warning), both found before CMD starts; a daemon gone mid-run."""
+warning), both found before CMD starts; a daemon gone mid-run; a daemon that cannot send pings."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.e2e.dataplane import SERVER_ADDR, audit_records, config, connect, drops
+from tests.e2e.dataplane import SERVER_ADDR, add_server_address, audit_records, config, connect, drops
 from tests.helpers import IPFERRY, NO_CAPS, wait_for
 
 GUE = "127.0.0.1:6080"
@@ -105,3 +105,41 @@ def test_a_gue_daemon_gone_mid_run_is_told_once(daemon_factory, tmp_path):
     assert res.stderr.decode().strip().splitlines() == [
         f"{SAID}warning: the GUE on-ramp at {GUE} answered ICMP port unreachable: no daemon "
         f"listens there any more (stopped?); CMD's packets are lost until one does"]
+
+
+def ping_range(netns, value: str) -> None:
+    subprocess.run(["ip", "netns", "exec", netns.name, "sysctl", "-qw",
+                    f"net.ipv4.ping_group_range={value}"], check=True)
+
+
+def ping_through(d) -> subprocess.CompletedProcess:
+    """ping inside ``ipferry connect`` run in the daemon's own network namespace, where it can
+    read the daemon's sysctl. (As root with capabilities: iputils ping calls setuid(), which
+    fails in a namespace made without them; see test_datagrams.PING_CLIENT.)"""
+    return subprocess.run(["nsenter", f"--net={d.netns.path}", IPFERRY, "connect", "--tunnel",
+                           str(d.runtime_dir / "tunnel.sock"), "--tenant", "acme", "--", "ping",
+                           "-c", "2", "-i", "0.2", "-W", "1", SERVER_ADDR],
+                          capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+
+
+def test_ping_the_daemon_cannot_send_is_told_with_the_fix(daemon_factory, netns, tmp_path):
+    add_server_address(netns)
+    ping_range(netns, "1 0")  # nobody: the kernel's default
+    d = daemon_factory("--workers", "1", config=config(tmp_path))
+    res = ping_through(d)
+    assert res.returncode != 0 and b"0 received" in res.stdout, res
+    said = [line for line in res.stderr.decode().splitlines() if line.startswith(SAID)]
+    assert said == [
+        f"{SAID}CMD sends pings, but the daemon cannot: net.ipv4.ping_group_range is '1 0' here, "
+        f"which leaves out its groups (0), so it drops echo requests (icmp_not_permitted); fix, "
+        f"as root: sysctl -w net.ipv4.ping_group_range='0 2147483647'"], res.stderr
+    assert drops(d)["icmp_not_permitted"] == 2
+
+
+def test_ping_the_daemon_can_send_gets_no_hint(daemon_factory, netns, tmp_path):
+    add_server_address(netns)
+    ping_range(netns, "0 0")  # the daemon's group (root's, without capabilities)
+    d = daemon_factory("--workers", "1", config=config(tmp_path))
+    res = ping_through(d)
+    assert res.returncode == 0 and b"2 received" in res.stdout, res
+    assert SAID.encode() not in res.stderr, res.stderr

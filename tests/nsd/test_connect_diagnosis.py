@@ -1,5 +1,5 @@
 """How ``ipferry connect`` tells what a tunnel will not carry, without root: the GUE on-ramp's
-check (against a stand-in on loopback).
+check (against a stand-in on loopback) and the ping hint's pieces.
 
 With the real daemon: tests/e2e/test_connect_errors.py.
 """
@@ -15,7 +15,7 @@ import pytest
 
 from ipferry.nsd import connect
 from ipferry.wire import gue, vnet
-from ipferry.wire.icmp import echo_message, icmp_packet, unreachable
+from ipferry.wire.icmp import echo_message, icmp_packet, udp_packet, unreachable
 from ipferry.wire.packet import Parsed, parse
 
 SOURCE = ipaddress.IPv4Address("10.98.1.2")
@@ -130,3 +130,52 @@ def test_check_with_nothing_on_the_port_says_so_at_once():
         t.close()
     assert str(exc.value).startswith(f"nothing listens on udp 127.0.0.1:{port} (ICMP port "
                                      f"unreachable): is ipferry running there")
+
+
+@pytest.mark.parametrize("groups, low, high, hint", [
+    ({0}, 1, 0, True),  # the kernel's default: nobody
+    ({0}, 0, 2147483647, False),
+    ({1000, 27}, 100, 999, True),
+    ({1000, 27}, 0, 30, False),  # a supplementary group is enough
+    ({1000}, 1000, 1000, False),
+])
+def test_ping_hint_for(groups, low, high, hint):
+    text = connect.ping_hint_for(groups, low, high)
+    if not hint:
+        assert text is None
+        return
+    assert text is not None
+    assert f"net.ipv4.ping_group_range is '{low} {high}'" in text
+    assert f"its groups ({', '.join(map(str, sorted(groups)))})" in text
+    assert "sysctl -w net.ipv4.ping_group_range='0 2147483647'" in text
+
+
+def test_groups_of_a_proc_status():
+    status = "Name:\tipf-supervisor\nUid:\t0\t0\t0\t0\nGid:\t5\t7\t7\t7\nGroups:\t27 100 \n"
+    assert connect._groups(status) == {7, 27, 100}
+    assert connect._groups("Gid:\t0\t0\t0\t0\nGroups:\n") == {0}
+    with pytest.raises(ValueError):
+        connect._groups("Name:\tx\n")
+
+
+def test_ping_hint_says_nothing_for_a_peer_that_is_not_the_daemon():
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with a, b:
+        assert connect.ping_hint(a) is None  # (the peer is this test, not ipf-supervisor)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        assert connect.ping_hint(udp) is None  # (no peer credentials)
+
+
+def test_is_echo_request():
+    src, dst = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])
+    src6, dst6 = socket.inet_pton(socket.AF_INET6, "fd98::1"), socket.inet_pton(
+        socket.AF_INET6, "fd98::2")
+    echo = icmp_packet(src, dst, echo_message(8, 1, 1, b"ping"))
+    echo6 = icmp_packet(src6, dst6, echo_message(128, 1, 1, b"ping"))
+    assert connect.is_echo_request(echo) and connect.is_echo_request(echo6)
+    assert connect.is_echo_request(vnet.PLAIN + echo, vnet.HEADER_SIZE)
+    assert not connect.is_echo_request(echo, vnet.HEADER_SIZE)
+    assert not connect.is_echo_request(icmp_packet(dst, src, echo_message(0, 1, 1, b"pong")))
+    assert not connect.is_echo_request(icmp_packet(dst6, src6, echo_message(129, 1, 1, b"")))
+    assert not connect.is_echo_request(udp_packet(src, 8, dst, 8, b"\x08"))
+    assert not connect.is_echo_request(b"") and not connect.is_echo_request(echo[:20])
