@@ -183,9 +183,10 @@ def test_the_status_page_shows_a_live_daemon(daemon_factory, streams, tmp_path):
         assert [w[:5] for w in workers] == [
             ["0", str(pids[0]), "ready", "0", "ipf0"], ["1", str(pids[1]), "ready", "0", "ipf1"]]
 
-        tunnels = rows(dom, "tunnels")
-        assert len(tunnels) == 1, tunnels
-        worker, _id, onramp, kind, tenant, _peer, context, packets_in, _out = tunnels[0]
+        # (The tunnels of the connects before may still be closing: find ours by its context.)
+        tunnels = [t for t in rows(dom, "tunnels") if t[6].startswith('{"device"')]
+        assert len(tunnels) == 1, rows(dom, "tunnels")
+        _worker, _id, onramp, kind, tenant, _peer, context, packets_in, _out = tunnels[0]
         assert (onramp, kind, tenant) == ("tunnel", "tunnel (vnet)", "acme")
         assert json.loads(context) == {"device": HOSTILE}  # the markup, as text
         assert int(packets_in.replace(",", "")) > 0
@@ -197,9 +198,10 @@ def test_the_status_page_shows_a_live_daemon(daemon_factory, streams, tmp_path):
         assert "live flows" in text_of(dom, "flows-note")
 
         # Rates came from several samples: the cards and the chart have them.
-        assert text_of(dom, "c-in").endswith("bit/s") and text_of(dom, "c-tunnels") == "1"
+        assert text_of(dom, "c-in").endswith("bit/s") and int(text_of(dom, "c-tunnels")) >= 1
         assert re.search(r'<polyline class="in" points="[\d., ]+"', dom), dom[:3000]
-        assert ["denied", str(int(drops(d)["denied"]))] in [r[:2] for r in rows(dom, "drops")]
+        denied = [r for r in rows(dom, "drops") if r[0] == "denied"]
+        assert denied and int(denied[0][1]) >= 1, rows(dom, "drops")
 
         shot = tmp_path / "status-page.png"
         chromium(d.netns, tmp_path, f"--screenshot={shot}")
