@@ -246,9 +246,19 @@ def cmd_run(args) -> int:
     raise_fd_limit()
     configure("supervisor", fmt=cfg.logging.format, level=cfg.logging.level)
 
+    class SayWhyFirst(Supervisor):
+        async def start(self) -> None:
+            try:
+                await super().start()
+            except StartupError as exc:
+                # The reason goes in the log before the shutdown's stopping/stopped lines; the
+                # one line below, after them, stays the last word.
+                self.log.error("cannot_start", reason=str(exc))
+                raise
+
     async def main() -> int:
-        supervisor = Supervisor(cfg, args.config, workers=args.workers,
-                                admin_listen=args.admin_listen, log_overrides=log_overrides)
+        supervisor = SayWhyFirst(cfg, args.config, workers=args.workers,
+                                 admin_listen=args.admin_listen, log_overrides=log_overrides)
         return await supervisor.run()
 
     try:
