@@ -130,6 +130,33 @@ class CappedServer:
         return handler
 
 
+_LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
+
+
+def loopback_host(host: str | None) -> bool:
+    """A Host header naming this machine by loopback (``localhost``, 127.0.0.0/8, ``[::1]``,
+    any port), or none (HTTP/1.0)."""
+    if not host:
+        return True
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    name = name.lower()
+    if name in _LOOPBACK_HOSTS:
+        return True
+    parts = name.split(".")
+    return (len(parts) == 4 and parts[0] == "127"
+            and all(p.isascii() and p.isdigit() and int(p) < 256 for p in parts))
+
+
+@web.middleware
+async def loopback_names_only(request: web.Request, handler):
+    # DNS rebinding: a web page in a local browser may point its own name at 127.0.0.1 and read
+    # this API as same-origin. Over TCP, only requests naming loopback in Host are served.
+    if not _over_unix_socket(request) and not loopback_host(request.headers.get("Host")):
+        raise web.HTTPMisdirectedRequest(text="the admin API answers requests for localhost, "
+                                              "127.0.0.1 or [::1] only\n")
+    return await handler(request)
+
+
 @web.middleware
 async def authorize_mutations(request: web.Request, handler):
     # Before anything else, routing included: a caller without the token learns nothing, not
@@ -405,7 +432,8 @@ class AdminServer:
         self.settings = settings
         self.listen = listen_override if listen_override is not None else settings.listen
         self.unix_path: Path | None = settings.unix_socket_path()
-        self.app = web.Application(middlewares=[contain_errors, authorize_mutations])
+        self.app = web.Application(middlewares=[contain_errors, loopback_names_only,
+                                                    authorize_mutations])
         self.app[SUPERVISOR] = supervisor
         self.app[SERVER] = self
         self.error_logged = -ERROR_LOG_INTERVAL

@@ -316,3 +316,18 @@ def test_thousands_of_tunnels_with_contexts_are_listed_in_parts(daemon_factory, 
         for s in socks:
             s.close()
     assert [(w["pid"], w["restarts"]) for w in d.workers()] == [(pid, 0)]
+
+
+def test_over_tcp_only_loopback_names_are_served(daemon_factory):
+    """DNS rebinding: a page whose own name resolves to 127.0.0.1 must not read the API as
+    same-origin. Over TCP the Host header must name loopback; the unix socket is not a web
+    origin and answers whatever Host says."""
+    d = daemon_factory("--workers", "1")
+    for host in ("evil.example", "evil.example:9180", "10.0.0.1:9180", "127.0.0.1.evil.example",
+                 "localhost.evil.example:9180"):
+        status, body = d.netns.http("GET", "127.0.0.1", 9180, "/api/status", {"Host": host})
+        assert status == 421 and b"localhost" in body, (host, status, body)
+    for host in ("127.0.0.1:9180", "localhost:9180", "LOCALHOST", "127.1.2.3", "[::1]:9180"):
+        status, _ = d.netns.http("GET", "127.0.0.1", 9180, "/api/status", {"Host": host})
+        assert status == 200, (host, status)
+    assert d.request("GET", "/api/status", {"Host": "evil.example"})[0] == 200  # unix socket
