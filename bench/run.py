@@ -11,7 +11,7 @@ proxy's CPU seconds per GB. Writes <out>/latest.{json,md,png} and a timestamped 
     bench/run --quick          # 1 run x 1 s a cell, smaller counts: a smoke test
     bench/run --only pasta,veth --only tcp --mtu 1500
     bench/run --gue            # also ipferry over its GUE on-ramp (if `ipferry connect` has --gue)
-    bench/run --publish        # also bench/published/ and the README's Benchmarks table
+    bench/run --publish        # also bench/published/ and docs/benchmarks.md's table
     bench/run --devices        # device to device instead (bench/devices.py): two devices of a
                                # private network through the daemon (IP packets, streams; 1 and 2
                                # workers), a veth pair between two namespaces (the limit) and
@@ -341,22 +341,23 @@ def publish(result: dict, paths: dict[str, Path]) -> None:
     if has_devices:
         say(f"{dest} updated (the README's table is the proxies', not rewritten)")
         return
-    readme = REPO / "README.md"
+    readme = REPO / "docs" / "benchmarks.md"  # (the README links it)
     text = readme.read_text()
     if README_BEGIN not in text or README_END not in text:
-        say(f"README.md has no {README_BEGIN!r} block: only bench/published/ was updated")
+        say(f"docs/benchmarks.md has no {README_BEGIN!r} block: only bench/published/ was "
+            "updated")
         return
     command = re.sub(r" --(publish|out \S+)", "", result["config"]["command"]).strip()
     block = "\n".join([
         README_BEGIN, "",
         f"The latest full run; reproduce it with `{command}`:", "",
         report.markdown(result).rstrip(), "",
-        "![throughput and connection rate](bench/published/benchmark.png)" if "png" in paths
+        "![throughput and connection rate](../bench/published/benchmark.png)" if "png" in paths
         else "", "", README_END])
     head, _, rest = text.partition(README_BEGIN)
     _, _, tail = rest.partition(README_END)
     readme.write_text(head + block + tail)
-    say("README.md Benchmarks block and bench/published/ updated")
+    say("docs/benchmarks.md's table and bench/published/ updated")
 
 
 def interrupted(signum: int, _frame) -> None:
