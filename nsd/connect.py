@@ -459,7 +459,8 @@ def open_gue(target: str, context: dict, offload: bool = False,
         raise ConnectError(f"--gue: {exc}") from None
 
 
-def open_tunnel(path: Path, context: dict, offload: bool = False) -> socket.socket:
+def connect_tunnel(path: Path) -> socket.socket:
+    """A connection to the connected tunnel on-ramp at ``path`` (nothing sent yet)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         sock.connect(str(path))
@@ -468,10 +469,64 @@ def open_tunnel(path: Path, context: dict, offload: bool = False) -> socket.sock
                            f"(--tunnel selects another)") from None
     except OSError as exc:
         raise ConnectError(f"cannot connect to the tunnel on-ramp at {path}: {exc.strerror}") from None
-    # With offload the first datagram says so before the context: every later one then carries
-    # the TUN's virtio-net header, superframes and partial checksums as they are.
-    sock.send((vnet.TUNNEL_MAGIC if offload else b"") + json.dumps(context).encode())
     return sock
+
+
+def send_context(sock: socket.socket, context: dict, offload: bool = False,
+                 attach: bool = False) -> None:
+    """The tunnel's first datagram. With offload it says so before the context: every later
+    packet then carries the TUN's virtio-net header, superframes and partial checksums as they
+    are. With ``attach`` the TUN's queues follow (:func:`attach_tun`), not packets."""
+    sock.send((vnet.ATTACH_MAGIC if attach else b"") + (vnet.TUNNEL_MAGIC if offload else b"")
+              + json.dumps(context).encode())
+
+
+def open_tunnel(path: Path, context: dict, offload: bool = False) -> socket.socket:
+    sock = connect_tunnel(path)
+    send_context(sock, context, offload)
+    return sock
+
+
+ATTACH_TIMEOUT = 15.0  # for the daemon's answer to the context (its application may be slow)
+
+
+def attach_queues(sock: socket.socket, timeout: float = ATTACH_TIMEOUT) -> int:
+    """After an attach context: how many queues the daemon wants (one per worker)."""
+    sock.settimeout(timeout)
+    try:
+        answer = sock.recv(256)
+    except TimeoutError:
+        raise ConnectError(f"the daemon did not answer the tunnel's context in {timeout:g} s") \
+            from None
+    except OSError as exc:
+        if exc.errno not in DAEMON_CLOSED:
+            raise ConnectError(f"the tunnel failed: {exc.strerror}") from None
+        answer = b""
+    finally:
+        sock.settimeout(None)
+    if not answer:
+        raise ConnectError("the daemon closed the tunnel: it refused the context (see its log: "
+                           "tunnel_refused says why)")
+    try:
+        queues = json.loads(answer)["queues"]
+    except (ValueError, KeyError, TypeError):
+        queues = None
+    if not isinstance(queues, int) or not 1 <= queues <= 64:
+        raise ConnectError(f"the daemon answered the tunnel's context with {answer[:80]!r}, "
+                           f"not the number of queues: is it ipferry of this version?")
+    return queues
+
+
+def _watch_daemon(sock: socket.socket, stop: threading.Event, activity: _Activity) -> None:
+    """An attached tunnel's connection carries nothing more: it ends when the daemon closes it
+    (or, after we shut our end, when the daemon has carried the last packets)."""
+    try:
+        while sock.recv(256):
+            pass
+    except OSError:
+        pass
+    _daemon_closed(stop, activity)
+    stop.set()
 
 
 PING_GROUP_RANGE = Path("/proc/sys/net/ipv4/ping_group_range")
@@ -624,7 +679,7 @@ def run(command: list[str], *, tunnel_path: Path | None, context: dict, mtu: int
         extra: Sequence[ipaddress.IPv4Interface | ipaddress.IPv6Interface] = (),
         local: Sequence[IPNetwork] = (),
         gue_port: int | None = None,
-        dns: Sequence[str] | None = DEFAULT_DNS) -> int:
+        dns: Sequence[str] | None = DEFAULT_DNS, attach: bool = True) -> int:
     """Run ``command`` behind a tunnel: connected at ``tunnel_path``, or GUE to ``gue``.
 
     ``mtu`` None: 65520 on a connected tunnel, the largest packet a GUE datagram carries on GUE.
@@ -632,7 +687,9 @@ def run(command: list[str], *, tunnel_path: Path | None, context: dict, mtu: int
     ``extra``, ``local``: more addresses and AnyIP prefixes in the namespace (see
     :class:`Addressing`; ``context`` carries the routes claimed). ``gue_port``: the GUE socket's
     local port. ``dns``: the nameservers of CMD's own ``/etc/resolv.conf`` (see
-    :func:`resolv_conf`); None: CMD reads the host's.
+    :func:`resolv_conf`); None: CMD reads the host's. ``attach``: on a connected tunnel, pass
+    the TUN's queues to the daemon, which then reads and writes the TUN itself (not when CMD's
+    pings need the hint :func:`ping_hint` gives: that needs to see the packets).
     """
     tunnel: GueTunnel | socket.socket
     hint = None
@@ -647,9 +704,18 @@ def run(command: list[str], *, tunnel_path: Path | None, context: dict, mtu: int
             print(f"ipferry connect: warning: {warning}", file=sys.stderr, flush=True)
         mtu = mtu or tunnel.mtu
     else:
-        tunnel = open_tunnel(tunnel_path or default_tunnel_path(), context, offload)
+        tunnel = connect_tunnel(tunnel_path or default_tunnel_path())
         hint = ping_hint(tunnel)
+        attach = attach and hint is None
+        send_context(tunnel, context, offload, attach)
         mtu = mtu or 65520
+    queues = 1
+    if attach and not isinstance(tunnel, GueTunnel):
+        try:
+            queues = attach_queues(tunnel)
+        except ConnectError:
+            tunnel.close()
+            raise
     # CMD's resolv.conf: a file the sandbox binds over /etc/resolv.conf in its own mount
     # namespace; once it has (or could not), the file goes: the bind keeps what it holds.
     scratch: str | None = None
@@ -670,7 +736,8 @@ def run(command: list[str], *, tunnel_path: Path | None, context: dict, mtu: int
             [sys.executable, "-m", "ipferry.nsd.sandbox", "--control-fd", str(theirs.fileno()),
              "--address", str(address), "--address6", str(address6 or random_address6()),
              *(f"--extra-address={a}" for a in extra), *(f"--local-route={n}" for n in local),
-             "--mtu", str(mtu), *(["--offload"] if offload else []), *resolv, "--", *command],
+             "--mtu", str(mtu), *(["--offload"] if offload else []), "--queues", str(queues),
+             *resolv, "--", *command],
             pass_fds=[theirs.fileno()])
         theirs.close()
         try:
@@ -689,14 +756,16 @@ def run(command: list[str], *, tunnel_path: Path | None, context: dict, mtu: int
         raise ConnectError(f"{msg['cause']}; fix: {msg['fix']}")
     if msg.get("dns_warning"):
         _dns_warning(msg["dns_warning"])
+    stop = threading.Event()
+    activity = _Activity(hint, vnet.HEADER_SIZE if offload else 0)
+    if attach and not isinstance(tunnel, GueTunnel):
+        return _run_attached(child, tunnel, msg, queues, stop, activity)
     tun_fd = msg.take_fd("tun")
     msg.close_fds()
     os.set_blocking(tun_fd, True)
     if isinstance(tunnel, GueTunnel):
         tunnel.tun_fd = tun_fd
 
-    stop = threading.Event()
-    activity = _Activity(hint, vnet.HEADER_SIZE if offload else 0)
     pumps = [threading.Thread(target=fn, args=(tun_fd, tunnel, stop, activity), daemon=True)
              for fn in (_pump_tun_to_tunnel, _pump_tunnel_to_tun)]
     for t in pumps:
@@ -723,5 +792,62 @@ def run(command: list[str], *, tunnel_path: Path | None, context: dict, mtu: int
         os.close(tun_fd)  # unblocks the TUN reader (the namespace is gone with the command)
     if activity.closed_by_daemon:
         raise ConnectError("the daemon closed the tunnel (a refused context, or it stopped; "
+                           "see its log)")
+    return status if status >= 0 else 128 - status
+
+
+def _wait(child: subprocess.Popen, activity: _Activity) -> int:
+    """CMD's status; ^C reaches CMD (same process group) and CMD decides. Ended when the
+    daemon closed the tunnel: with no way out any more, CMD would only hang."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        while True:
+            try:
+                return child.wait(0.2)
+            except subprocess.TimeoutExpired:
+                if activity.closed_by_daemon:
+                    child.terminate()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _run_attached(child: subprocess.Popen, tunnel: socket.socket, msg: fdpass.Message,
+                  queues: int, stop: threading.Event, activity: _Activity) -> int:
+    """The TUN's queues go to the daemon; we only wait for CMD, then for the daemon to carry
+    the namespace's last packets (it closes the tunnel when the TUN has been quiet a while)."""
+    try:
+        fds = [msg.take_fd("tun" if i == 0 else f"tun:{i}") for i in range(queues)]
+    except KeyError:
+        msg.close_fds()
+        child.kill()
+        child.wait()
+        tunnel.close()
+        raise ConnectError("the namespace helper passed fewer TUN queues than asked") from None
+    try:
+        socket.send_fds(tunnel, [b"tun"], fds)
+    except OSError as exc:
+        child.kill()
+        child.wait()
+        tunnel.close()
+        raise ConnectError(f"cannot pass the TUN to the daemon: {exc.strerror}") from None
+    finally:
+        for fd in fds:
+            os.close(fd)  # the daemon's now (the namespace lives while it holds them)
+        msg.close_fds()
+    watcher = threading.Thread(target=_watch_daemon, args=(tunnel, stop, activity), daemon=True)
+    watcher.start()
+    try:
+        status = _wait(child, activity)
+    finally:
+        stop.set()
+        try:
+            tunnel.send(b"done")  # the daemon carries the last packets, then closes
+            tunnel.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        watcher.join(LINGER_MAX + 1.0)
+        tunnel.close()
+    if activity.closed_by_daemon:
+        raise ConnectError("the daemon closed the tunnel (it stopped, or the tunnel failed; "
                            "see its log)")
     return status if status >= 0 else 128 - status

@@ -102,9 +102,11 @@ def private_resolv_conf(source: str, resolv_conf: str = RESOLV_CONF) -> str | No
 def build_network(address: ipaddress.IPv4Interface, mtu: int,
                   address6: ipaddress.IPv6Interface | None = None, offload: bool = False,
                   extra: Sequence[ipaddress.IPv4Interface | ipaddress.IPv6Interface] = (),
-                  local: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network] = ()) -> int:
+                  local: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
+                  queues: int = 1) -> list[int]:
     """In the current (new) namespace: lo up, a TUN with the addresses as default routes;
-    ``extra`` addresses on lo, ``local`` prefixes routed to lo as local (AnyIP)."""
+    ``extra`` addresses on lo, ``local`` prefixes routed to lo as local (AnyIP). Returns the
+    TUN's fds: ``queues`` of them (more than one: a multi-queue device)."""
     from pyroute2 import IPRoute  # only now: unshare needed a single-threaded process
 
     sysctls = {"net.ipv6.conf.default.router_solicitations": "0",
@@ -117,7 +119,8 @@ def build_network(address: ipaddress.IPv4Interface, mtu: int,
         # unless this says otherwise. (A server bound to :: answers the whole prefix either way.)
         sysctls["net.ipv6.ip_nonlocal_bind"] = "1"
     write_sysctls(sysctls)
-    tun_fd, name = open_tun(TUN_NAME, offload)
+    tun_fd, name = open_tun(TUN_NAME, offload, multi_queue=queues > 1)
+    fds = [tun_fd] + [open_tun(name, offload, multi_queue=True)[0] for _ in range(queues - 1)]
     with IPRoute() as ipr:
         lo = ipr.link_lookup(ifname="lo")[0]
         ipr.link("set", index=lo, state="up")
@@ -138,7 +141,7 @@ def build_network(address: ipaddress.IPv4Interface, mtu: int,
             ipr.addr("add", index=idx, address=str(address6.ip),
                      prefixlen=address6.network.prefixlen, flags=IFA_F_NODAD)
             ipr.route("add", dst="::/0", oif=idx, family=socket.AF_INET6)
-    return tun_fd
+    return fds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mtu", type=int, default=65520)
     parser.add_argument("--offload", action="store_true",
                         help="virtio-net headers, TSO and partial checksums on the TUN")
+    parser.add_argument("--queues", type=int, default=1, choices=range(1, 65), metavar="N",
+                        help="a multi-queue TUN of N queues (fds tun, tun:1, ...)")
     parser.add_argument("--resolv-conf", metavar="FILE",
                         help="bind FILE over /etc/resolv.conf in a private mount namespace")
     parser.add_argument("command", nargs=argparse.REMAINDER)
@@ -165,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.resolv_conf is not None:
             # (before build_network: unshare wants a single-threaded process)
             dns_warning = private_resolv_conf(args.resolv_conf)
-        tun_fd = build_network(args.address, args.mtu, args.address6, args.offload,
-                               args.extra_address, args.local_route)
+        tun_fds = build_network(args.address, args.mtu, args.address6, args.offload,
+                                args.extra_address, args.local_route, args.queues)
     except HostError as exc:
         fdpass.send(control, "error", {"cause": exc.cause, "fix": exc.fix})
         return 2
@@ -174,8 +179,10 @@ def main(argv: list[str] | None = None) -> int:
         fdpass.send(control, "error", {"cause": f"cannot build the namespace's network: {exc}",
                                        "fix": "see the cause"})
         return 2
-    fdpass.send(control, "tun", {"pid": os.getpid(), "dns_warning": dns_warning}, {"tun": tun_fd})
-    os.close(tun_fd)
+    fdpass.send(control, "tun", {"pid": os.getpid(), "dns_warning": dns_warning},
+                {("tun" if i == 0 else f"tun:{i}"): fd for i, fd in enumerate(tun_fds)})
+    for fd in tun_fds:
+        os.close(fd)
     control.close()
     import prctl
     prctl.set_pdeathsig(signal.SIGTERM)  # we go when ipferry connect goes

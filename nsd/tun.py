@@ -16,6 +16,7 @@ from .namespace import HostError
 TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
+IFF_MULTI_QUEUE = 0x0100
 # Offload (see :mod:`ipferry.wire.vnet`): virtio-net headers, TSO and partial checksums.
 IFF_VNET_HDR = 0x4000
 TUNSETOFFLOAD = 0x400454D0
@@ -24,10 +25,12 @@ OFFLOADS = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
 TUN_PATH = "/dev/net/tun"
 
 
-def open_tun(name: str, offload: bool = False) -> tuple[int, str]:
+def open_tun(name: str, offload: bool = False, multi_queue: bool = False) -> tuple[int, str]:
     """Create (or attach to) TUN device ``name``; returns (non-blocking fd, the kernel's name).
 
     ``offload``: virtio-net headers with TSO and partial checksums (see :mod:`ipferry.wire.vnet`).
+    ``multi_queue``: a device of many queues, one fd each (every call with the same name after
+    the first adds a queue).
     """
     try:
         fd = os.open(TUN_PATH, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -39,7 +42,8 @@ def open_tun(name: str, offload: bool = False) -> tuple[int, str]:
         raise HostError(f"cannot open {TUN_PATH}: permission denied (mode {mode})",
                         f"chmod 0666 {TUN_PATH}, the distribution default") from None
     try:
-        flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if offload else 0)
+        flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if offload else 0) | \
+            (IFF_MULTI_QUEUE if multi_queue else 0)
         ifr = struct.pack("16sH22x", name.encode(), flags)
         ifr = fcntl.ioctl(fd, TUNSETIFF, ifr)
         if offload:

@@ -147,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="plain packets through the tunnel (connected or GUE), one per MTU "
                               "(default: TSO superframes of up to 64 KB with partial checksums, "
                               "whatever the MTU; much faster at small MTUs)")
+    connect.add_argument("--no-attach", dest="attach", action="store_false",
+                         help="on a connected tunnel, copy packets between the TUN and the "
+                              "tunnel socket here (the protocol any other client speaks) "
+                              "instead of passing the TUN to the daemon, which then reads and "
+                              "writes it itself, one queue per worker (default; 2-4x less "
+                              "CPU per packet)")
     connect.add_argument("--address6", metavar="IPV6", action="append", default=[],
                          help="as --address, for an IPv6 address only")
     connect.add_argument("--dns", metavar="ADDR", action="append", default=[],
@@ -320,7 +326,8 @@ def cmd_connect(args) -> int:
         return run(command, tunnel_path=Path(args.tunnel) if args.tunnel else None,
                    context=context, mtu=args.mtu, address=claims.address,
                    address6=claims.address6, gue=args.gue, offload=args.offload,
-                   extra=claims.extra, local=claims.local, gue_port=gue_port, dns=dns)
+                   extra=claims.extra, local=claims.local, gue_port=gue_port, dns=dns,
+                   attach=args.attach)
     except ConnectError as exc:
         print(f"ipferry connect: {exc}", file=sys.stderr)
         return 1

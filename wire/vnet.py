@@ -24,6 +24,10 @@ GSO_NONE = 0x00
 # Superframes stay below what one GUE datagram carries and what the worker TUN's MTU allows.
 GSO_MAX_SIZE = 65000
 TUNNEL_MAGIC = b"\0vnet\0"
+# A connected tunnel's first datagram starting with this: the client will pass its TUN's queues
+# (SCM_RIGHTS) instead of sending packets (``ipferry connect``; see ipferry.worker.attached).
+# Then :data:`TUNNEL_MAGIC` if the TUN has virtio-net headers, then the context.
+ATTACH_MAGIC = b"\0attach\0"
 _CSUM = struct.Struct("<HH")  # csum_start, csum_offset (little-endian: the host's)
 
 

@@ -49,6 +49,7 @@ from ipferry.wire.nat import NatPool
 
 from . import metrics, views
 from .app import Application, Rule, TunnelContext, call_hook, load_application
+from .attached import AttachedTunnel, check_tun
 from .audit import AuditLog
 from .datapath import PKT_FROM_MESH, PKT_TO_MESH, DataPath
 from .mesh import PACKET, REPLY, MeshLink, RemoteTunnel
@@ -101,6 +102,21 @@ def release_memory() -> None:
         pass
 
 
+def _send_context(send, type_: str, body: dict, tunnel) -> bool:
+    """Send a message carrying ``tunnel``'s context (``body["extra"]``). An application's context
+    that is no JSON (a loop, too deep, too large) crosses made strict and bounded, rather than
+    the message being lost."""
+    try:
+        return send(type_, body)
+    except (ValueError, RecursionError, fdpass.ProtocolError):
+        body["extra"] = views.bounded_context(tunnel.context.extra)[0] or {}
+        return send(type_, body)
+
+
+def _send_fd(link: MeshLink, type_: str, body: dict, *, fd: int) -> bool:
+    return link.send_fd(type_, body, "queue", fd)
+
+
 class Worker:
     def __init__(self, index: int, control: socket.socket, log) -> None:
         self.index = index
@@ -112,7 +128,10 @@ class Worker:
         self.upgrade: dict[str, socket.socket] = {}
         self.nsd: fdpass.AsyncChannel | None = None
         self.mesh: dict[int, MeshLink] = {}
-        self.remote_tunnels: dict[tuple[int, int], RemoteTunnel] = {}  # (origin, id)
+        # (origin, id): another worker's tunnel, or our queue of it (a TUN its client passed)
+        self.remote_tunnels: dict[tuple[int, int], RemoteTunnel | AttachedTunnel] = {}
+        # Queues of TUNs clients passed, ours and the ones other workers gave us, by device
+        self.queue_tunnels: dict[tuple[int, int], AttachedTunnel] = {}
         self.datapath: DataPath | None = None
         self.routes: DeviceRoutes | None = None  # made with the data path
         self.app: Application  # made by configure(), at the first equip
@@ -262,7 +281,7 @@ class Worker:
                         app_parse_context=lambda raw: self.app.parse_context(raw),
                         on_packet=self.dp.on_tunnel_packet, on_close=self.tunnel_closed,
                         on_stream=self.dp.on_stream, claim_routes=self.claim_routes,
-                        serve_http=self.dp.http.serve)
+                        serve_http=self.dp.http.serve, share_queues=self.share_queues)
         for name, (cls, sock) in self.onramp_socks.items():
             if name in self.onramps:
                 continue
@@ -297,7 +316,7 @@ class Worker:
         await self.routes.claim(tunnel)
 
     def remote_tunnel(self, origin: int, tunnel_id: int, tenant: str,
-                      vnet: bool) -> RemoteTunnel | None:
+                      vnet: bool) -> RemoteTunnel | AttachedTunnel | None:
         """Another worker's tunnel as this worker's flows reach it (one object per tunnel)."""
         remote = self.remote_tunnels.get((origin, tunnel_id))
         if remote is None:
@@ -427,13 +446,9 @@ class Worker:
         if tunnel.id not in link.opened:
             opening = {"tunnel": tunnel.id, "tenant": tunnel.tenant,
                        "extra": tunnel.context.extra, "vnet": tunnel.vnet}
-            try:
-                sent = link.send_message("tunnel_open", opening)
-            except (ValueError, RecursionError, fdpass.ProtocolError):
-                # An application's context that is no JSON (a loop, too deep, too large): the
-                # owner gets it made strict and bounded, rather than the packet being lost.
-                opening["extra"] = views.bounded_context(tunnel.context.extra)[0] or {}
-                sent = link.send_message("tunnel_open", opening)
+            if isinstance(tunnel, AttachedTunnel):  # the owner may hold a queue of it
+                opening["device"] = list(tunnel.device)
+            sent = _send_context(link.send_message, "tunnel_open", opening, tunnel)
             if not sent:
                 metrics.DROPS.labels("owner_unreachable").inc()
                 return
@@ -448,6 +463,61 @@ class Worker:
         for link in self.mesh.values():
             if link.opened.pop(tunnel.id, None) is not None:
                 link.send_message("tunnel_closed", {"tunnel": tunnel.id})
+        if isinstance(tunnel, AttachedTunnel):
+            self.queue_tunnels.pop(tunnel.device, None)
+            for peer in tunnel.shared_with:
+                if (peer_link := self.mesh.get(peer)) is not None:
+                    peer_link.send_message("tunnel_detach", {"device": list(tunnel.device)})
+
+    # -- TUN queues: tunnels whose client passed its TUN (ipferry.worker.attached) ------------
+
+    def share_queues(self, tunnel: AttachedTunnel, fds: list[int]) -> list[int]:
+        """Give each other worker one of ``fds``, queues of the TUN of our ``tunnel``; returns
+        those no worker took (we read them)."""
+        self.queue_tunnels[tunnel.device] = tunnel
+        left = list(fds)
+        body = {"device": list(tunnel.device), "tenant": tunnel.tenant,
+                "extra": tunnel.context.extra, "vnet": tunnel.vnet}
+        for peer, link in sorted(self.mesh.items()):
+            if not left:
+                break
+            send = functools.partial(_send_fd, link, fd=left[0])
+            if _send_context(send, "tunnel_queue", body, tunnel):
+                os.close(left.pop(0))
+                tunnel.shared_with.append(peer)
+        return left
+
+    def take_queue(self, link: MeshLink, msg: fdpass.Message) -> None:
+        """A queue of a TUN another worker's client passed: read it, answer its flows on it."""
+        fd = msg.fds.pop("queue", -1)
+        msg.close_fds()
+        try:
+            device = (int(msg["device"][0]), int(msg["device"][1]))
+            context = TunnelContext(str(msg["tenant"]), msg.get("extra") or {})
+            check_tun(fd, bool(msg.get("vnet")))
+        except (KeyError, TypeError, ValueError, IndexError):
+            if fd >= 0:
+                os.close(fd)
+            metrics.DROPS.labels("mesh_bad_message").inc()
+            return
+        if self.datapath is None or device in self.queue_tunnels or device[0] != link.peer:
+            os.close(fd)
+            metrics.DROPS.labels("mesh_bad_message").inc()
+            return
+        queue = AttachedTunnel(link.peer, context, bool(msg.get("vnet")),
+                               self.dp.on_tunnel_packet, self.queue_gone, device=device)
+        queue.attach(fd)
+        self.queue_tunnels[device] = queue
+
+    def queue_gone(self, queue: AttachedTunnel) -> None:
+        """Our queue of another worker's TUN tunnel ends (detached, or the device is gone)."""
+        if self.queue_tunnels.get(queue.device) is queue:
+            del self.queue_tunnels[queue.device]
+        for key in [k for k, t in self.remote_tunnels.items() if t is queue]:
+            del self.remote_tunnels[key]
+        queue.close()
+        if self.datapath is not None:
+            self.datapath.close_tunnel(queue)
 
     def share_names(self, tenant: str, name: str, addresses: list[tuple[str, int]]) -> None:
         """What the resolver answered, to every other worker: a flow to one of the addresses
@@ -467,10 +537,21 @@ class Worker:
             return
         if msg.type == "ping":
             link.reply(msg, "pong", {"worker": self.index})
+        elif msg.type == "tunnel_queue":
+            self.take_queue(link, msg)
+        elif msg.type == "tunnel_detach":
+            queue = self.queue_tunnels.get(tuple(msg.get("device") or ()))
+            if queue is not None and queue.control is None and queue.origin == link.peer:
+                self.queue_gone(queue)
         elif msg.type == "tunnel_open":
             context = TunnelContext(msg["tenant"], msg.get("extra") or {})
+            device = msg.get("device")
+            queue = self.queue_tunnels.get(tuple(device)) if isinstance(device, list) else None
+            if queue is not None:  # a TUN we hold a queue of: its flows are answered there
+                self.remote_tunnels[(link.peer, msg["tunnel"])] = queue
+                return
             remote = self.remote_tunnels.get((link.peer, msg["tunnel"]))
-            if remote is not None and remote.link is link:  # (a route's target already)
+            if isinstance(remote, RemoteTunnel) and remote.link is link:  # (a route's target)
                 remote.context = context
                 remote.vnet = bool(msg.get("vnet"))
                 return
@@ -478,7 +559,7 @@ class Worker:
                 link, msg["tunnel"], context, bool(msg.get("vnet")))
         elif msg.type == "tunnel_closed":
             remote = self.remote_tunnels.pop((link.peer, msg["tunnel"]), None)
-            if remote is not None:
+            if isinstance(remote, RemoteTunnel):  # (our queue of it goes with tunnel_detach)
                 remote.close()
                 self.dp.close_tunnel(remote)
 
@@ -510,9 +591,14 @@ class Worker:
         # The peer is gone: the flows we owned for its tunnels go with it.
         for key in [k for k in self.remote_tunnels if k[0] == link.peer]:
             remote = self.remote_tunnels.pop(key)
-            remote.close()
-            if self.datapath is not None:
-                self.datapath.close_tunnel(remote)
+            if isinstance(remote, RemoteTunnel):
+                remote.close()
+                if self.datapath is not None:
+                    self.datapath.close_tunnel(remote)
+        # Its clients' TUN tunnels end with it (their connections were its).
+        for queue in [q for q in self.queue_tunnels.values()
+                      if q.control is None and q.origin == link.peer]:
+            self.queue_gone(queue)
 
     async def handle_mesh_check(self, msg: fdpass.Message) -> None:
         """Ping every peer over its mesh link; reply which worker answered on each."""

@@ -7,13 +7,20 @@ binary frames, a kind byte and a tunnel id before a raw packet:
 - ``P`` + tunnel id + packet: from the origin's tunnel to the flow's owner;
 - ``R`` + tunnel id + packet: from the owner back to the origin's tunnel.
 
-The owner learns a tunnel's context from ``tunnel_open`` {tunnel, tenant, extra} before its first
-packet, and forgets it on ``tunnel_closed`` {tunnel} or when the link goes down.
+The owner learns a tunnel's context from ``tunnel_open`` {tunnel, tenant, extra, vnet, device}
+before its first packet, and forgets it on ``tunnel_closed`` {tunnel} or when the link goes down.
+
+A tunnel whose client passed its TUN (:mod:`ipferry.worker.attached`) gives each worker a queue of
+it: ``tunnel_queue`` {device, tenant, extra, vnet} with the fd ``queue``, and ``tunnel_detach``
+{device} when it ends. A worker with a queue of the ``device`` a ``tunnel_open`` names answers that
+tunnel's flows on its own queue, not back over the mesh.
 """
 
 from __future__ import annotations
 
+import array
 import asyncio
+import socket
 import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -22,13 +29,15 @@ from ipferry.runtime import fdpass
 
 from . import metrics
 from .app import TunnelContext
-from .datagrams import DatagramQueue, drain
+from .attached import close_all
+from .datagrams import BATCH, READ_SIZE, DatagramQueue, at_eof
 
 if TYPE_CHECKING:
     from .tunnels import Tunnel
 
 FRAME = struct.Struct("!cI")
 PACKET, REPLY = b"P", b"R"
+_ANCILLARY = socket.CMSG_SPACE(4 * 4)  # room for the fds of one message (a queue: one)
 
 
 class MeshLink:
@@ -50,12 +59,34 @@ class MeshLink:
         self._loop.add_reader(sock.fileno(), self._read)
 
     def _read(self) -> None:
-        drain(self.sock, self._datagram, self.close, empty_reason="mesh_bad_frame")
+        # (recvmsg, not recv: a message may carry a fd. As datagrams.drain otherwise.)
+        recvmsg = self.sock.recvmsg
+        for _ in range(BATCH):
+            try:
+                data, ancdata, _flags, _ = recvmsg(READ_SIZE, _ANCILLARY, socket.MSG_CMSG_CLOEXEC)
+            except BlockingIOError:
+                return
+            except ConnectionResetError:
+                continue
+            except OSError:
+                self.close()
+                return
+            if ancdata:
+                self._datagram(data, _fds(ancdata))
+            elif data:
+                self._datagram(data)
+            elif at_eof(self.sock):
+                self.close()
+                return
+            else:
+                metrics.DROPS.labels("mesh_bad_frame").inc()
+            if self.closed:
+                return
 
-    def _datagram(self, data: bytes) -> None:
+    def _datagram(self, data: bytes, fds: list[int] | None = None) -> None:
         if data[:1] == b"{":
             try:
-                msg = fdpass.decode(data, [])
+                msg = fdpass.decode(data, fds or [])
             except fdpass.ProtocolError:
                 metrics.DROPS.labels("mesh_bad_message").inc()
                 return
@@ -66,6 +97,9 @@ class MeshLink:
                     fut.set_result(msg)
             else:
                 self.on_message(self, msg)
+        elif fds:  # (no frame carries fds)
+            close_all(fds)
+            metrics.DROPS.labels("mesh_bad_frame").inc()
         elif len(data) > FRAME.size:
             kind, tunnel = FRAME.unpack_from(data)
             self.on_frame(self, kind, tunnel, data[FRAME.size:])
@@ -74,6 +108,16 @@ class MeshLink:
 
     def send_message(self, type_: str, body: dict | None = None) -> bool:
         return self.out.send(fdpass.encode(type_, body, []), control=True)
+
+    def send_fd(self, type_: str, body: dict, name: str, fd: int) -> bool:
+        """A control message with one fd (it stays open here); False if it could not go now."""
+        if self.closed:
+            return False
+        try:
+            socket.send_fds(self.sock, [fdpass.encode(type_, body, [name])], [fd])
+        except OSError:  # full, or the peer gone: the caller keeps the fd's job
+            return False
+        return True
 
     def send_frame(self, kind: bytes, tunnel: int, packet: bytes | bytearray) -> bool:
         return self.out.send(FRAME.pack(kind, tunnel) + packet)
@@ -103,6 +147,14 @@ class MeshLink:
                 fut.set_exception(fdpass.ChannelClosed(f"mesh link to {self.peer} closed"))
         self.sock.close()
         self.on_close(self)
+
+
+def _fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds = array.array("i")
+    for level, kind, raw in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(raw[:len(raw) - len(raw) % fds.itemsize])
+    return list(fds)
 
 
 class RemoteTunnel:

@@ -16,6 +16,7 @@ import dpkt
 import pytest
 
 from ipferry.wire import vnet
+from tests.e2e.tunnelend import TunnelEnd
 from tests.nsd.test_connect import connect
 
 UDP_ECHO_CLIENT = textwrap.dedent("""\
@@ -37,14 +38,14 @@ def tunnel_end(path, seen: list, echo: bool):
 
     def serve():
         conn, _ = srv.accept()
-        conn.settimeout(30)
-        with conn:
-            first = conn.recv(65536)
+        end = TunnelEnd(conn)
+        try:
+            first = end.first
             offload = first.startswith(vnet.TUNNEL_MAGIC)  # then a header before each packet
             seen.append(first)
             while True:
                 try:
-                    pkt = conn.recv(65600)
+                    pkt = end.recv()
                 except (TimeoutError, OSError):
                     return
                 if not pkt:
@@ -59,7 +60,9 @@ def tunnel_end(path, seen: list, echo: bool):
                         sport=udp.dport, dport=udp.sport, data=b"pong:" + udp.data))
                     reply.len = 20 + 8 + len(udp.data) + 5
                     reply.data.ulen = 8 + len(udp.data) + 5
-                    conn.send((vnet.PLAIN if offload else b"") + bytes(reply))
+                    end.send((vnet.PLAIN if offload else b"") + bytes(reply))
+        finally:
+            end.close()
 
     t = threading.Thread(target=serve, daemon=True)
     t.start()
@@ -67,12 +70,14 @@ def tunnel_end(path, seen: list, echo: bool):
 
 
 @pytest.mark.parametrize("offload", [True, False])
-def test_packets_cross_both_ways_with_the_context_first(tmp_path, offload):
+@pytest.mark.parametrize("attach", [True, False], ids=["attach", "no-attach"])
+def test_packets_cross_both_ways_with_the_context_first(tmp_path, offload, attach):
     path = tmp_path / "tunnel.sock"
     seen: list[bytes] = []
     srv, t = tunnel_end(path, seen, echo=True)
     res = connect("--tunnel", str(path), "--tenant", "acme", "--context", '{"device": "d1"}',
-                  "--source", "10.98.1.2", *([] if offload else ["--no-offload"]), "--",
+                  "--source", "10.98.1.2", *([] if offload else ["--no-offload"]),
+                  *([] if attach else ["--no-attach"]), "--",
                   "python3", "-c", UDP_ECHO_CLIENT)
     srv.close()
     t.join(10)

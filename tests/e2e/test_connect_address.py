@@ -18,6 +18,7 @@ import dpkt
 import pytest
 
 from ipferry.wire import gue, vnet
+from tests.e2e.tunnelend import TunnelEnd
 from tests.nsd.test_connect import connect
 
 # Run inside the namespace: its addresses, its local routes, the source address the kernel picks
@@ -89,13 +90,19 @@ def tunnel_end(path) -> tuple[socket.socket, threading.Thread, list[bytes]]:
         except OSError:
             return
         conn.settimeout(30)
-        with conn:
-            try:
-                seen.append(conn.recv(65536))
-                while conn.recv(65600):
-                    pass
-            except OSError:
-                return
+        try:
+            end = TunnelEnd(conn)
+        except OSError:
+            conn.close()
+            return
+        try:
+            seen.append(end.first)
+            while end.recv():
+                pass
+        except OSError:
+            return
+        finally:
+            end.close()
 
     t = threading.Thread(target=serve, daemon=True)
     t.start()

@@ -53,7 +53,7 @@ def test_connect_ends_its_command_when_a_restart_closes_a_busy_tunnel(daemon_fac
                 proc.communicate()
         assert proc.returncode == 1, (trial, proc.returncode, err)
         assert err.decode().strip() == (
-            "ipferry connect: the daemon closed the tunnel (a refused context, or it stopped; "
+            "ipferry connect: the daemon closed the tunnel (it stopped, or the tunnel failed; "
             "see its log)"), (trial, err)
         assert took < 5, (trial, took)  # the worker's graceful stop, then a fraction of a second
         wait_for(lambda old=pid: (w := d.workers()[0])["state"] == "ready"

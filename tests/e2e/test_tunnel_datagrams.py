@@ -96,8 +96,9 @@ def test_empty_datagrams_do_not_close_a_tunnel(daemon_factory, streams, tmp_path
     # A transfer through ipferry connect with empty datagrams slipped into its tunnel.
     relay = EmptyInjector(str(tmp_path / "relay.sock"), str(d.runtime_dir / "tunnel.sock"), 4)
     try:
+        # (--no-attach: the packets cross the tunnel socket, where the empty datagrams go)
         res = subprocess.run([*NO_CAPS, IPFERRY, "connect", "--tunnel", str(tmp_path / "relay.sock"),
-                              "--tenant", "acme", "--", "python3", STREAMS, "put", SERVER_ADDR,
+                              "--no-attach", "--tenant", "acme", "--", "python3", STREAMS, "put", SERVER_ADDR,
                               str(STREAM_PORT), str(16 << 20)],
                              capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
     finally:

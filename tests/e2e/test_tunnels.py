@@ -143,9 +143,10 @@ def test_connect_ends_its_command_when_the_daemon_closes_the_tunnel(daemon_facto
     started = time.monotonic()
     res = connect(d, "sleep", "60", tenant="")  # the default application refuses it
     assert res.returncode == 1
+    # (It passes its TUN only once the context is accepted: the refusal comes before CMD runs.)
     assert res.stderr.decode().strip() == (
-        "ipferry connect: the daemon closed the tunnel (a refused context, or it stopped; "
-        "see its log)")
+        "ipferry connect: the daemon closed the tunnel: it refused the context (see its log: "
+        "tunnel_refused says why)")
     assert time.monotonic() - started < 10
 
 

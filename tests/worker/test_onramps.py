@@ -166,7 +166,7 @@ def wiring(log: Log, *, parse_context=None, app_parse_context=None, settings=Non
     async def accept(raw: bytes) -> TunnelContext:
         return TunnelContext("acme", {"raw": raw.decode()})
 
-    return Wiring(worker=3, log=log, settings=settings or WorkerSettings.model_construct(gue={}),
+    return Wiring(worker=3, log=log, settings=settings or WorkerSettings.model_construct(gue={}, workers=4),
                   parse_context=parse_context or accept,
                   app_parse_context=app_parse_context or (lambda raw: TunnelContext("acme")),
                   on_packet=lambda t, p: (packets if packets is not None else []).append((t, p)),

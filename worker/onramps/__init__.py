@@ -67,6 +67,9 @@ class Wiring:
     # An HTTP on-ramp's accepted connection, as serve_http(sock, served): served by the HTTP
     # layer until the client is done; True when the socket was handed on (a CONNECT's flow).
     serve_http: Callable[[socket.socket, Any], Awaitable[bool]] | None = None
+    # A tunnel whose client passed its TUN: give the other workers one queue each, as
+    # share_queues(tunnel, fds) (the fds become the callee's); returns those nobody took.
+    share_queues: Callable[[Any, list[int]], list[int]] | None = None
 
 
 class Onramp(Protocol):

@@ -11,13 +11,24 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import Callable, Collection, Set
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ipferry.wire.vnet import TUNNEL_MAGIC
+from ipferry.wire.vnet import ATTACH_MAGIC, TUNNEL_MAGIC
 
 from .. import metrics
 from ..app import TunnelContext
+from ..attached import (
+    LINGER_IDLE,
+    LINGER_MAX,
+    MAX_QUEUES,
+    AttachedTunnel,
+    NotATun,
+    check_tun,
+    close_all,
+    recv_fds,
+)
 from ..datagrams import READ_SIZE, DatagramQueue, at_eof, drain
 from ..tunnels import next_id
 from . import STOP_TIMEOUT, Wiring, register
@@ -78,12 +89,13 @@ class SeqpacketTunnel:
 class _Starting:
     """An accepted tunnel whose context is not accepted yet."""
 
-    __slots__ = ("sock", "timer", "task")
+    __slots__ = ("sock", "timer", "task", "attach")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.timer: asyncio.TimerHandle | None = None
         self.task: asyncio.Task | None = None
+        self.attach = False  # the client will pass its TUN (ATTACH_MAGIC)
 
 
 @register("tunnel")
@@ -102,7 +114,9 @@ class SeqpacketOnramp:
         self.on_packet = wiring.on_packet
         self.on_close = wiring.on_close
         self.claim_routes = wiring.claim_routes
-        self._tunnels: dict[int, SeqpacketTunnel] = {}
+        self.share_queues = wiring.share_queues
+        self.workers = wiring.settings.workers
+        self._tunnels: dict[int, SeqpacketTunnel | AttachedTunnel] = {}
         self._starting: set[_Starting] = set()  # accepted, context not yet accepted
         self._tasks: set[asyncio.Task] = set()
         self._loop = asyncio.get_running_loop()
@@ -113,10 +127,10 @@ class SeqpacketOnramp:
         self._loop.add_reader(self.listener.fileno(), self._accept)
         self._started = True
 
-    def tunnels(self) -> Collection[SeqpacketTunnel]:
+    def tunnels(self) -> Collection[SeqpacketTunnel | AttachedTunnel]:
         return self._tunnels.values()
 
-    def find(self, tunnel_id: int) -> SeqpacketTunnel | None:
+    def find(self, tunnel_id: int) -> SeqpacketTunnel | AttachedTunnel | None:
         return self._tunnels.get(tunnel_id)
 
     def sweep(self, in_use: Callable[[], Set[int]]) -> None:
@@ -179,6 +193,9 @@ class SeqpacketOnramp:
             self._give_up(starting)
             return
         # An empty first datagram is an (empty) context: the application refuses it or not.
+        starting.attach = raw.startswith(ATTACH_MAGIC)
+        if starting.attach:  # the client will hand over its TUN rather than send packets
+            raw = raw[len(ATTACH_MAGIC):]
         vnet = raw.startswith(TUNNEL_MAGIC)
         if vnet:  # the client speaks offload framing; the rest is context
             raw = raw[len(TUNNEL_MAGIC):]
@@ -198,7 +215,12 @@ class SeqpacketOnramp:
             return
         if starting not in self._starting:
             return  # timed out while the application decided
-        tunnel = SeqpacketTunnel(starting.sock, self.name, self.worker, context, vnet)
+        tunnel: SeqpacketTunnel | AttachedTunnel
+        if starting.attach:
+            tunnel = AttachedTunnel(self.worker, context, vnet, self.on_packet, self._tun_gone,
+                                    onramp=self.name, control=starting.sock)
+        else:
+            tunnel = SeqpacketTunnel(starting.sock, self.name, self.worker, context, vnet)
         if context.extra.get("routes"):
             # A device: its addresses are claimed before it opens (refused: it never does).
             reason = await self._claim(tunnel)
@@ -217,10 +239,99 @@ class SeqpacketOnramp:
             starting.timer.cancel()
         self._tunnels[tunnel.id] = tunnel
         metrics.TUNNELS.inc()  # inc/dec: every on-ramp of the worker adds to the one gauge
+        if isinstance(tunnel, AttachedTunnel):
+            self.log.info("tunnel_open", tunnel=tunnel.id, onramp=self.name,
+                          tenant=tunnel.tenant, attach=True)
+            # How many queues to make: one per worker. (The socket is empty: it cannot be full.)
+            try:
+                starting.sock.send(b'{"queues":%d}' % self.workers)
+            except OSError:  # gone already
+                self.close(tunnel, "closed_by_peer")
+                return
+            self._loop.add_reader(starting.sock.fileno(), self._read_control, tunnel)
+            return
         self.log.info("tunnel_open", tunnel=tunnel.id, onramp=self.name, tenant=tunnel.tenant)
         self._loop.add_reader(tunnel.sock.fileno(), self._read_packets, tunnel)
 
-    async def _claim(self, tunnel: SeqpacketTunnel) -> str | None:
+    # -- a tunnel whose client passes its TUN ------------------------------------------------
+
+    def _read_control(self, tunnel: AttachedTunnel) -> None:
+        """The client's connection of an attached tunnel: its queues once (``tun`` with the fds),
+        then ``done`` when its command has exited, or the end if it was killed."""
+        sock = tunnel.control
+        assert sock is not None
+        while not tunnel.closed:
+            try:
+                data, fds, too_many = recv_fds(sock)
+            except BlockingIOError:
+                return
+            except ConnectionResetError:
+                continue  # (as drain: what the client sent first is still ours)
+            except OSError:
+                self.close(tunnel, "closed_by_peer")
+                return
+            if too_many:
+                self._bad_attach(tunnel, f"more than {MAX_QUEUES} queues")
+                return
+            if data == b"done" and not fds:
+                self._linger(tunnel)  # CMD exited: its namespace's last packets cross, then we
+                return
+            if fds or data:
+                self._take_queues(tunnel, data, fds)
+            elif at_eof(sock):  # (connect gone without "done": killed; nothing to wait for)
+                self.close(tunnel, "closed_by_peer")
+                return
+            else:
+                metrics.DROPS.labels("empty_datagram").inc()
+
+    def _take_queues(self, tunnel: AttachedTunnel, data: bytes, fds: list[int]) -> None:
+        if tunnel.attached or data != b"tun" or not fds:
+            close_all(fds)
+            why = ("queues passed twice" if tunnel.attached else
+                   "expected the message 'tun' with the TUN's queues")
+            return self._bad_attach(tunnel, why)
+        try:
+            for fd in fds:
+                check_tun(fd, tunnel.vnet)
+        except NotATun as exc:
+            close_all(fds)
+            return self._bad_attach(tunnel, f"a passed fd is {exc}")
+        tunnel.queues = len(fds)
+        tunnel.attach(fds[0])
+        left = self.share_queues(tunnel, fds[1:]) if self.share_queues else fds[1:]
+        for fd in left:  # no other worker took it: read here, every queue must be read
+            tunnel.attach(fd)
+        self.log.info("tunnel_attached", tunnel=tunnel.id, queues=len(fds),
+                      shared=len(fds) - 1 - len(left))
+
+    def _bad_attach(self, tunnel: AttachedTunnel, reason: str) -> None:
+        self.log.warning("tunnel_refused", onramp=self.name, tenant=tunnel.tenant, reason=reason)
+        self.close(tunnel, "bad_attach")
+
+    def _tun_gone(self, tunnel: AttachedTunnel) -> None:
+        self.close(tunnel, "tun_gone")
+
+    def _linger(self, tunnel: AttachedTunnel) -> None:
+        """The client is done (its command exited): carry the last packets (FINs, their ACKs)
+        until its TUN is quiet, then close."""
+        assert tunnel.control is not None
+        self._loop.remove_reader(tunnel.control.fileno())
+        if not tunnel.attached:
+            self.close(tunnel, "closed_by_peer")
+            return
+        deadline = self._loop.time() + LINGER_MAX
+
+        def check() -> None:
+            if tunnel.closed:
+                return
+            if time.monotonic() - tunnel.last >= LINGER_IDLE or self._loop.time() >= deadline:
+                self.close(tunnel, "closed_by_peer")
+            else:
+                self._loop.call_later(LINGER_IDLE / 4, check)
+
+        check()
+
+    async def _claim(self, tunnel: SeqpacketTunnel | AttachedTunnel) -> str | None:
         """Claim the tunnel's routes: None when they are its, else why not."""
         if self.claim_routes is None:
             return "this on-ramp takes no routes"
@@ -237,7 +348,7 @@ class SeqpacketOnramp:
 
         drain(tunnel.sock, packet, lambda: self.close(tunnel, "closed_by_peer"))
 
-    def close(self, tunnel: SeqpacketTunnel, reason: str) -> None:
+    def close(self, tunnel: SeqpacketTunnel | AttachedTunnel, reason: str) -> None:
         if self._tunnels.pop(tunnel.id, None) is None:
             return
         tunnel.close()
@@ -260,5 +371,6 @@ class SeqpacketOnramp:
 
 
 if TYPE_CHECKING:  # mypy checks that both keep to their Protocols
-    def _conforms(onramp: SeqpacketOnramp, tunnel: SeqpacketTunnel) -> tuple[Onramp, Tunnel]:
-        return onramp, tunnel
+    def _conforms(onramp: SeqpacketOnramp, tunnel: SeqpacketTunnel,
+                  attached: AttachedTunnel) -> tuple[Onramp, Tunnel, Tunnel]:
+        return onramp, tunnel, attached
