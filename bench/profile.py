@@ -5,7 +5,7 @@ iperf3 run through ``ipferry connect``; py-spy samples the worker and the connec
 run and prints the functions with the most samples (self time, then inclusive).
 
     .venv/bin/python bench/profile.py [--mtu 1500] [--seconds 8] [--reverse] [--out DIR]
-                                      [--workload iperf3|connrate|latency]
+                                      [--workload iperf3|connrate|latency] [--gil]
 """
 
 from __future__ import annotations
@@ -53,6 +53,9 @@ def main() -> None:
     parser.add_argument("--reverse", action="store_true", help="download (iperf3 -R)")
     parser.add_argument("--workload", choices=["iperf3", "connrate", "latency"], default="iperf3",
                         help="iperf3 (bulk), or bench/rr.py's connection rate or latency")
+    parser.add_argument("--gil", action="store_true",
+                        help="sample only while holding the GIL: Python's own CPU, without the "
+                             "time spent in system calls")
     parser.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp()))
     args = parser.parse_args()
     bed = Testbed()
@@ -80,7 +83,7 @@ def main() -> None:
             [*NO_CAPS, IPFERRY, "connect", "--tunnel", str(run / "tunnel.sock"), "--mtu",
              str(args.mtu), "--", *cmd], stdout=subprocess.PIPE, text=True)
         time.sleep(1.5)
-        spies = [subprocess.Popen([PY_SPY, "record", "--nonblocking", "-r", "200", "-d",
+        spies = [subprocess.Popen([PY_SPY, "record", "--nonblocking", *(["--gil"] if args.gil else []), "-r", "200", "-d",
                                    str(args.seconds), "-f", "raw", "-o",
                                    str(args.out / f"{name}.txt"), "-p", str(pid)],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -105,7 +105,7 @@ class StreamHandlers:
             try:
                 choice = await call_hook(hook, stream_start(flow, sni))
                 if not (choice is None or choice in ("splice", "http")
-                        or isinstance(choice, Inspector | Decision)):
+                        or isinstance(choice, Decision | Inspector)):
                     raise TypeError(f"on_stream_start answered {type(choice).__name__}, not "
                                     "None, 'splice', 'http', a Decision or an inspector")
             except Exception as exc:
@@ -121,7 +121,8 @@ class StreamHandlers:
         if named:
             self._tls_record(flow, sni, "allow",
                              choice.reason if isinstance(choice, Decision) else "")
-        if isinstance(choice, Inspector):
+        if choice is not None and not isinstance(choice, str | Decision) \
+                and isinstance(choice, Inspector):  # (a Protocol's isinstance is slow: last)
             if first:  # the inspector sees the client's first bytes too
                 try:
                     shown = choice.to_server(first)
