@@ -5,7 +5,7 @@ iperf3 run through ``ipferry connect``; py-spy samples the worker and the connec
 run and prints the functions with the most samples (self time, then inclusive).
 
     .venv/bin/python bench/profile.py [--mtu 1500] [--seconds 8] [--reverse] [--out DIR]
-                                      [--workload iperf3|connrate|latency] [--gil]
+                                      [--workload iperf3|udp|connrate|latency] [--gil]
 """
 
 from __future__ import annotations
@@ -51,8 +51,9 @@ def main() -> None:
     parser.add_argument("--mtu", type=int, default=1500)
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--reverse", action="store_true", help="download (iperf3 -R)")
-    parser.add_argument("--workload", choices=["iperf3", "connrate", "latency"], default="iperf3",
-                        help="iperf3 (bulk), or bench/rr.py's connection rate or latency")
+    parser.add_argument("--workload", choices=["iperf3", "udp", "connrate", "latency"], default="iperf3",
+                        help="iperf3 (bulk), udp (iperf3 -u, 64 B datagrams), or bench/rr.py's "
+                             "connection rate or latency")
     parser.add_argument("--gil", action="store_true",
                         help="sample only while holding the GIL: Python's own CPU, without the "
                              "time spent in system calls")
@@ -69,9 +70,10 @@ def main() -> None:
         worker = d.workers()[0]["pid"]
         rr = str(Path(__file__).with_name("rr.py"))
         server = None
-        if args.workload == "iperf3":
+        if args.workload in ("iperf3", "udp"):
             cmd = ["iperf3", "-c", SERVER, "-t", str(args.seconds + 2),
-                   *(["-R"] if args.reverse else [])]
+                   *(["-R"] if args.reverse else []),
+                   *(["-u", "-b", "0", "-l", "64"] if args.workload == "udp" else [])]
         else:
             server = subprocess.Popen(["nsenter", f"--net={bed.server.path}", sys.executable, rr,
                                        "serve", "--host", SERVER, "--port", "5300"])
@@ -83,14 +85,15 @@ def main() -> None:
             [*NO_CAPS, IPFERRY, "connect", "--tunnel", str(run / "tunnel.sock"), "--mtu",
              str(args.mtu), "--", *cmd], stdout=subprocess.PIPE, text=True)
         time.sleep(1.5)
-        spies = [subprocess.Popen([PY_SPY, "record", "--nonblocking", *(["--gil"] if args.gil else []), "-r", "200", "-d",
+        gil = ["--gil"] if args.gil else []
+        spies = [subprocess.Popen([PY_SPY, "record", "--nonblocking", *gil, "-r", "200", "-d",
                                    str(args.seconds), "-f", "raw", "-o",
                                    str(args.out / f"{name}.txt"), "-p", str(pid)],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                  for name, pid in (("worker", worker), ("connect", client.pid))]
         for spy in spies:
             spy.wait()
-        if args.workload != "iperf3":
+        if args.workload not in ("iperf3", "udp"):
             client.terminate()
         out, _ = client.communicate(timeout=60)
         if server is not None:

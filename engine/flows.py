@@ -16,7 +16,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from ipferry.wire.packet import IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
 
@@ -31,8 +31,10 @@ if TYPE_CHECKING:
 Held = bytes | tuple[bytes, bytes]
 
 
-@dataclass(frozen=True, slots=True)
-class FlowKey:
+class FlowKey(NamedTuple):
+    """A flow's identity. A tuple, not a frozen dataclass: every packet builds one to look its
+    flow up, and a tuple is made, hashed and compared in C (about 5x faster)."""
+
     tenant: str
     protocol: int
     src: bytes

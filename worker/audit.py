@@ -20,16 +20,43 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import time
 from collections.abc import Callable
+from typing import Any
+
+import msgspec
 
 from . import metrics
 
 LOG_INTERVAL = 10.0  # seconds between two "audit_write_failed" log lines
 REFUSALS_INTERVAL = 10.0  # seconds a flows_refused record covers at most
 
-_dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False, default=str).encode
+# msgspec: a record in about 0.5 µs, where the standard library takes 4; a value it does not know
+# is written as its str(), NaN and the infinities as null (as most JSON encoders do).
+_encode = msgspec.json.Encoder(enc_hook=str).encode
+_slow = json.JSONEncoder(separators=(",", ":"), allow_nan=False, default=str).encode
+
+
+def encode(record: dict[str, Any]) -> bytes:
+    """One record as a JSON line."""
+    try:
+        return _encode(record) + b"\n"
+    except (TypeError, ValueError, OverflowError):
+        # What msgspec refuses (keys that are not strings or numbers, integers past 64 bits):
+        # the standard library's encoder, every key and odd value as its str().
+        return (_slow(_plain(record)) + "\n").encode()
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value if isinstance(value, str | int | float | bool | None) else str(value)
 
 
 class AuditLog:
@@ -57,13 +84,8 @@ class AuditLog:
 
     def record(self, event: str, **fields) -> bool:
         """Write one record; False when it was lost (the sink is degraded)."""
-        line = {"audit": event, "ts": round(time.time(), 6), "worker": self.worker, **fields}
-        try:
-            data = (_dumps(line) + "\n").encode()
-        except ValueError as exc:  # NaN from an application's values: write what is valid
-            data = (_dumps({**line, **{k: str(v) for k, v in fields.items()}}) + "\n").encode()
-            if self.log is not None:
-                self.log.warning("audit_value_not_json", audit=event, error=str(exc))
+        data = encode({"audit": event, "ts": round(time.time(), 6), "worker": self.worker,
+                       **fields})
         if self._torn:
             data = b"\n" + data
         try:

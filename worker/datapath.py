@@ -421,7 +421,7 @@ class DataPath:
         except Exception as exc:
             self._hook_failed(flow, exc)
             return
-        if inspect.isawaitable(decision):
+        if type(decision) is not Decision and inspect.isawaitable(decision):
             task = self._loop.create_task(self._decide_later(flow, decision))
             self.hook_tasks.add(task)
             task.add_done_callback(self.hook_tasks.discard)
@@ -544,7 +544,8 @@ class DataPath:
             except OSError as exc:
                 self.log.warning("upgrade_accept_failed", error=exc.strerror)
                 return
-            flow = self.engine.stream_for(socket.inet_pton(listener.family, peer[0]), peer[1])
+            family = socket.AF_INET6 if ":" in peer[0] else socket.AF_INET  # (.family is slow)
+            flow = self.engine.stream_for(socket.inet_pton(family, peer[0]), peer[1])
             if flow is None:
                 metrics.DROPS.labels("upgrade_no_flow").inc()
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
@@ -874,8 +875,9 @@ class DataPath:
         except Exception as exc:
             self.log.warning("flow_end_hook_failed", error=repr(exc))
             return
-        if inspect.isawaitable(result):  # a task only for an async hook (a mass end of
-            task = self._loop.create_task(self._flow_end_hook(result))  # flows is many)
+        # A task only for an async hook (a mass end of flows is many).
+        if result is not None and inspect.isawaitable(result):
+            task = self._loop.create_task(self._flow_end_hook(result))
             self.hook_tasks.add(task)
             task.add_done_callback(self.hook_tasks.discard)
 

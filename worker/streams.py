@@ -40,8 +40,10 @@ class StreamHandler(Protocol):
 
 async def splice(flow: Flow, client: socket.socket, server: socket.socket) -> None:
     """Relay the two streams in the kernel (``os.splice``): the bytes never enter Python."""
-    if client.family != socket.AF_UNIX:  # (the HTTP layer's own upstreams are socketpairs)
+    try:
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:  # the HTTP layer's own upstreams are socketpairs: no Nagle to turn off
+        pass
     await relay(client, server)
 
 
