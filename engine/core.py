@@ -84,7 +84,7 @@ from .routes import NO_ROUTE, PROHIBITED, Route, RouteTable, Unrouted
 # ICMPv6 is "icmp" to rules and metrics: one word for ping, whichever IP version.
 PROTO_NAMES = {IPPROTO_TCP: "tcp", IPPROTO_UDP: "udp", IPPROTO_ICMP: "icmp", IPPROTO_ICMPV6: "icmp"}
 ECHO_REQUEST = {IPPROTO_ICMP: 8, IPPROTO_ICMPV6: 128}
-ECHO_REPLY = {0, 129}
+ECHO_REPLY = (0, 129)  # IPv4's, IPv6's: a reply of the other's kind is not the flow's
 DEST_UNREACHABLE = {IPPROTO_ICMP: 3, IPPROTO_ICMPV6: 1}
 LAST_KEPT = 1280  # of a datagram flow's last client packet: all an ICMP error embeds
 MAX_UDP_PAYLOAD = {4: 65535 - 28, 6: 65535 - 8}
@@ -820,7 +820,7 @@ class FlowEngine:
         else:
             start, end = p.ihl, p.total_length
         flow.payload_up += end - p.payload_offset
-        out.append(SendDatagram(flow, memoryview(packet)[start:end]))
+        out.append(_tuple(SendDatagram, (flow, memoryview(packet)[start:end])))
 
     # -- layer 3: IP packets between two devices of a tenant ------------------------------------
 
@@ -958,7 +958,7 @@ class FlowEngine:
                 return out
             packet = udp_packet(key.dst, key.dport, key.src, key.sport, data)
             flow.payload_down += len(data)
-        elif len(data) >= 8 and data[0] in ECHO_REPLY:
+        elif len(data) >= 8 and data[0] == ECHO_REPLY[len(key.src) == 16]:
             # The kernel put its own identifier in; the client gets back the one it sent.
             seq = int.from_bytes(data[6:8], "big")
             packet = icmp_packet(key.dst, key.src, echo_message(data[0], key.sport, seq, data[8:]))

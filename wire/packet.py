@@ -133,6 +133,26 @@ def _parsed_tcp(src: bytes, dst: bytes, sport: int, dport: int, ihl: int, total_
     return p
 
 
+def _parsed_udp(src: bytes, dst: bytes, sport: int, dport: int, ihl: int, total_length: int,
+                version: int) -> Parsed:
+    p = _new(Parsed)
+    _set_protocol(p, IPPROTO_UDP)
+    _set_src(p, src)
+    _set_dst(p, dst)
+    _set_sport(p, sport)
+    _set_dport(p, dport)
+    _set_ihl(p, ihl)
+    _set_total_length(p, total_length)
+    _set_tcp_flags(p, 0)
+    _set_payload_offset(p, ihl + 8)
+    _set_seq(p, 0)
+    _set_version(p, version)
+    _set_icmp_type(p, -1)
+    _set_icmp_code(p, -1)
+    _set_inner(p, None)
+    return p
+
+
 def parse(packet: bytes | bytearray | memoryview) -> Parsed | Drop:
     n = len(packet)
     if n < 1:
@@ -230,7 +250,7 @@ def _parse_l4(packet: bytes | bytearray | memoryview, version: int, proto: int, 
         sport, dport, udp_length = _UDP.unpack_from(packet, ihl)
         if udp_length < 8 or ihl + udp_length > total_length:
             return Drop.BAD_UDP_HEADER
-        return Parsed(proto, src, dst, sport, dport, ihl, total_length, 0, ihl + 8, 0, version)
+        return _parsed_udp(src, dst, sport, dport, ihl, total_length, version)
     icmp_type = packet[ihl]
     icmp_code = packet[ihl + 1]
     if (proto, icmp_type) in _ICMP_ECHO:

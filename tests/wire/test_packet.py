@@ -54,6 +54,15 @@ def test_tcp_fast_path_builds_the_same_value_as_the_constructor():
         assert [getattr(p, f) for f in Parsed.__slots__] == [getattr(expected, f) for f in Parsed.__slots__]
 
 
+def test_udp_fast_path_builds_the_same_value_as_the_constructor():
+    for p, expected in ((parse(udp(C4, S4, 5000, 53, b"query")),
+                         Parsed(17, C4, S4, 5000, 53, 20, 33, 0, 28, 0)),
+                        (parse(udp(C6, S6, 5000, 53, b"query")),
+                         Parsed(17, C6, S6, 5000, 53, 40, 53, 0, 48, 0, version=6))):
+        assert p == expected and hash(p) == hash(expected)
+        assert [getattr(p, f) for f in Parsed.__slots__] == [getattr(expected, f) for f in Parsed.__slots__]
+
+
 def test_tcp_options_move_the_payload():
     raw = tcp(C4, S4, opts=b"\x02\x04\xff\xd7\x01\x01\x04\x02", payload=b"hello")
     p = parse(raw)
