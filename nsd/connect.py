@@ -575,11 +575,16 @@ def _groups(status: str) -> set[int]:
     return groups
 
 
-def ping_hint_for(groups: set[int], low: int, high: int) -> str | None:
+PING_HINT_LEAD = "CMD sends pings, but the daemon cannot: "
+PING_NOTE_LEAD = "the daemon cannot send CMD's pings: "  # said up front, when attached
+
+
+def ping_hint_for(groups: set[int], low: int, high: int,
+                  lead: str = PING_HINT_LEAD) -> str | None:
     """The hint for a daemon of ``groups`` under ``net.ipv4.ping_group_range = low high``."""
     if any(low <= g <= high for g in groups):
         return None
-    return (f"CMD sends pings, but the daemon cannot: net.ipv4.ping_group_range is '{low} {high}' "
+    return (f"{lead}net.ipv4.ping_group_range is '{low} {high}' "
             f"here, which leaves out its groups ({', '.join(map(str, sorted(groups)))}), so it "
             f"drops echo requests (icmp_not_permitted); fix, as root: "
             f"sysctl -w net.ipv4.ping_group_range='0 2147483647'")
@@ -688,8 +693,8 @@ def run(command: list[str], *, tunnel_path: Path | None, context: dict, mtu: int
     :class:`Addressing`; ``context`` carries the routes claimed). ``gue_port``: the GUE socket's
     local port. ``dns``: the nameservers of CMD's own ``/etc/resolv.conf`` (see
     :func:`resolv_conf`); None: CMD reads the host's. ``attach``: on a connected tunnel, pass
-    the TUN's queues to the daemon, which then reads and writes the TUN itself (not when CMD's
-    pings need the hint :func:`ping_hint` gives: that needs to see the packets).
+    the TUN's queues to the daemon, which then reads and writes the TUN itself (the hint
+    :func:`ping_hint` gives is then said up front, since no ping of CMD's is seen here).
     """
     tunnel: GueTunnel | socket.socket
     hint = None
@@ -706,7 +711,12 @@ def run(command: list[str], *, tunnel_path: Path | None, context: dict, mtu: int
     else:
         tunnel = connect_tunnel(tunnel_path or default_tunnel_path())
         hint = ping_hint(tunnel)
-        attach = attach and hint is None
+        if attach and hint is not None:
+            # The daemon reads CMD's TUN itself: no ping of CMD's is seen here, so the hint is
+            # said up front (once), and the packets still take the fast way.
+            print(f"ipferry connect: note: {PING_NOTE_LEAD}{hint.removeprefix(PING_HINT_LEAD)}",
+                  file=sys.stderr, flush=True)
+            hint = None
         send_context(tunnel, context, offload, attach)
         mtu = mtu or 65520
     queues = 1

@@ -112,27 +112,36 @@ def ping_range(netns, value: str) -> None:
                     f"net.ipv4.ping_group_range={value}"], check=True)
 
 
-def ping_through(d) -> subprocess.CompletedProcess:
+def ping_through(d, *flags: str) -> subprocess.CompletedProcess:
     """ping inside ``ipferry connect`` run in the daemon's own network namespace, where it can
     read the daemon's sysctl. (As root with capabilities: iputils ping calls setuid(), which
     fails in a namespace made without them; see test_datagrams.PING_CLIENT.)"""
-    return subprocess.run(["nsenter", f"--net={d.netns.path}", IPFERRY, "connect", "--tunnel",
-                           str(d.runtime_dir / "tunnel.sock"), "--tenant", "acme", "--", "ping",
-                           "-c", "2", "-i", "0.2", "-W", "1", SERVER_ADDR],
+    return subprocess.run(["nsenter", f"--net={d.netns.path}", IPFERRY, "connect", *flags,
+                           "--tunnel", str(d.runtime_dir / "tunnel.sock"), "--tenant", "acme",
+                           "--", "ping", "-c", "2", "-i", "0.2", "-W", "1", SERVER_ADDR],
                           capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
 
 
-def test_ping_the_daemon_cannot_send_is_told_with_the_fix(daemon_factory, netns, tmp_path):
+WHY = ("net.ipv4.ping_group_range is '1 0' here, which leaves out its groups (0), so it drops "
+       "echo requests (icmp_not_permitted); fix, as root: sysctl -w "
+       "net.ipv4.ping_group_range='0 2147483647'")
+
+
+@pytest.mark.parametrize("flags, hint", [
+    # attached (the daemon reads CMD's TUN): said up front, before any ping
+    ((), f"{SAID}note: the daemon cannot send CMD's pings: {WHY}"),
+    # packets through connect: said when CMD's first ping goes by
+    (("--no-attach",), f"{SAID}CMD sends pings, but the daemon cannot: {WHY}"),
+], ids=["attach", "no-attach"])
+def test_ping_the_daemon_cannot_send_is_told_with_the_fix(daemon_factory, netns, tmp_path,
+                                                           flags, hint):
     add_server_address(netns)
     ping_range(netns, "1 0")  # nobody: the kernel's default
     d = daemon_factory("--workers", "1", config=config(tmp_path))
-    res = ping_through(d)
+    res = ping_through(d, *flags)
     assert res.returncode != 0 and b"0 received" in res.stdout, res
     said = [line for line in res.stderr.decode().splitlines() if line.startswith(SAID)]
-    assert said == [
-        f"{SAID}CMD sends pings, but the daemon cannot: net.ipv4.ping_group_range is '1 0' here, "
-        f"which leaves out its groups (0), so it drops echo requests (icmp_not_permitted); fix, "
-        f"as root: sysctl -w net.ipv4.ping_group_range='0 2147483647'"], res.stderr
+    assert said == [hint], res.stderr
     assert drops(d)["icmp_not_permitted"] == 2
 
 
