@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import ipaddress
 import os
 import resource
@@ -215,6 +216,10 @@ class Worker:
             return
         self.log.info("equipped" if first else "re_equipped", tun=msg["block"]["tun"],
                       onramps=sorted(self.onramps), mesh=sorted(self.mesh), nsd_pid=pong["pid"])
+        if first:
+            # What start-up made (modules, the application, settings) lives as long as we do:
+            # out of the collector's sight, so that its full passes walk the flows' objects only.
+            gc.freeze()
         self.control.send("ready", {"pid": os.getpid()})
 
     def configure(self, settings: WorkerSettings) -> None:
