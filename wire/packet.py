@@ -105,7 +105,7 @@ class Parsed:
 
 
 # A frozen dataclass's __init__ calls object.__setattr__ once per field, most of parse's time;
-# the TCP paths set the slots through their descriptors instead (a third cheaper). Unpacking
+# the TCP and UDP paths set the slots through their descriptors instead (a third cheaper). Unpacking
 # fails at import if a field is added; test_packet checks the value equals the constructor's.
 (_set_protocol, _set_src, _set_dst, _set_sport, _set_dport, _set_ihl, _set_total_length,
  _set_tcp_flags, _set_payload_offset, _set_seq, _set_version, _set_icmp_type, _set_icmp_code,
@@ -113,10 +113,12 @@ class Parsed:
 _new = object.__new__
 
 
-def _parsed_tcp(src: bytes, dst: bytes, sport: int, dport: int, ihl: int, total_length: int,
-                tcp_flags: int, payload_offset: int, seq: int, version: int) -> Parsed:
+def _parsed(protocol: int, src: bytes, dst: bytes, sport: int, dport: int, ihl: int,
+            total_length: int, tcp_flags: int, payload_offset: int, seq: int,
+            version: int) -> Parsed:
+    """A TCP or UDP packet's Parsed (no ICMP fields), made through the slots."""
     p = _new(Parsed)
-    _set_protocol(p, IPPROTO_TCP)
+    _set_protocol(p, protocol)
     _set_src(p, src)
     _set_dst(p, dst)
     _set_sport(p, sport)
@@ -126,26 +128,6 @@ def _parsed_tcp(src: bytes, dst: bytes, sport: int, dport: int, ihl: int, total_
     _set_tcp_flags(p, tcp_flags)
     _set_payload_offset(p, payload_offset)
     _set_seq(p, seq)
-    _set_version(p, version)
-    _set_icmp_type(p, -1)
-    _set_icmp_code(p, -1)
-    _set_inner(p, None)
-    return p
-
-
-def _parsed_udp(src: bytes, dst: bytes, sport: int, dport: int, ihl: int, total_length: int,
-                version: int) -> Parsed:
-    p = _new(Parsed)
-    _set_protocol(p, IPPROTO_UDP)
-    _set_src(p, src)
-    _set_dst(p, dst)
-    _set_sport(p, sport)
-    _set_dport(p, dport)
-    _set_ihl(p, ihl)
-    _set_total_length(p, total_length)
-    _set_tcp_flags(p, 0)
-    _set_payload_offset(p, ihl + 8)
-    _set_seq(p, 0)
     _set_version(p, version)
     _set_icmp_type(p, -1)
     _set_icmp_code(p, -1)
@@ -185,8 +167,8 @@ def parse(packet: bytes | bytearray | memoryview) -> Parsed | Drop:
     data_offset = (packet[ihl + 12] >> 4) * 4
     if data_offset < 20 or ihl + data_offset > total_length:
         return Drop.BAD_TCP_HEADER
-    return _parsed_tcp(bytes(src), bytes(dst), sport, dport, ihl, total_length, packet[ihl + 13],
-                       ihl + data_offset, seq, 4)
+    return _parsed(IPPROTO_TCP, bytes(src), bytes(dst), sport, dport, ihl, total_length,
+                   packet[ihl + 13], ihl + data_offset, seq, 4)
 
 
 def _parse_ipv6(packet: bytes | bytearray | memoryview, n: int, lenient: bool) -> Parsed | Drop:
@@ -244,13 +226,13 @@ def _parse_l4(packet: bytes | bytearray | memoryview, version: int, proto: int, 
         data_offset = (packet[ihl + 12] >> 4) * 4
         if data_offset < 20 or ihl + data_offset > total_length:
             return Drop.BAD_TCP_HEADER
-        return _parsed_tcp(src, dst, sport, dport, ihl, total_length, packet[ihl + 13],
-                           ihl + data_offset, seq, version)
+        return _parsed(proto, src, dst, sport, dport, ihl, total_length, packet[ihl + 13],
+                       ihl + data_offset, seq, version)
     if proto == IPPROTO_UDP:
         sport, dport, udp_length = _UDP.unpack_from(packet, ihl)
         if udp_length < 8 or ihl + udp_length > total_length:
             return Drop.BAD_UDP_HEADER
-        return _parsed_udp(src, dst, sport, dport, ihl, total_length, version)
+        return _parsed(proto, src, dst, sport, dport, ihl, total_length, 0, ihl + 8, 0, version)
     icmp_type = packet[ihl]
     icmp_code = packet[ihl + 1]
     if (proto, icmp_type) in _ICMP_ECHO:

@@ -19,25 +19,7 @@ import pytest
 from ipferry.worker import relay as relay_mod
 from ipferry.worker.relay import SPLICE_AFTER, relay
 
-try:
-    import uvloop
-except ImportError:  # pragma: no cover (a Linux install has it)
-    uvloop = None
-
 pytestmark = pytest.mark.timeout(60)
-
-LOOPS = ["asyncio"] + (["uvloop"] if uvloop is not None else [])
-
-
-@pytest.fixture(params=LOOPS)
-def run(request):
-    def runner(coro, timeout: float = 30.0):
-        async def bounded():
-            return await asyncio.wait_for(coro, timeout)
-        if request.param == "uvloop":
-            return uvloop.run(bounded())
-        return asyncio.run(bounded())
-    return runner
 
 
 def tcp_pair(bufsize: int | None = None) -> tuple[socket.socket, socket.socket]:
