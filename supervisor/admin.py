@@ -344,7 +344,30 @@ async def tunnels(request: web.Request) -> web.Response:
     """Every ready worker's tunnels, collected in parts (each fits one control message)."""
     sup: Supervisor = request.app[SUPERVISOR]
     parts = await sup.pool.ask_workers("tunnels", parts="tunnels")
-    return _json([{**t, "worker": i} for i, rows in parts.items() if rows for t in rows])
+    return _json(fold_queues(parts))
+
+
+def fold_queues(parts: dict[int, list | None]) -> list[dict]:
+    """The workers' tunnel rows, each with its worker; a worker's queue of another worker's
+    attached tunnel (``queue_of``: the holder's worker and tunnel id) is no row of its own:
+    its packets count into the holder's row (left out when the holder did not answer)."""
+    tunnels: list[dict] = []
+    queues: list[dict] = []
+    for worker, rows in parts.items():
+        for row in rows or ():
+            if not isinstance(row, dict):
+                continue
+            (queues if "queue_of" in row else tunnels).append({**row, "worker": worker})
+    holders = {(t["worker"], t.get("id")): t for t in tunnels if "device" in t}
+    for queue in queues:
+        try:
+            holder = holders.get(tuple(queue["queue_of"]))
+        except TypeError:
+            continue
+        if holder is not None:
+            holder["packets_in"] += queue.get("packets_in", 0)
+            holder["packets_out"] += queue.get("packets_out", 0)
+    return tunnels
 
 
 def encode_route_cursor(tenant: str, prefix: str) -> str:

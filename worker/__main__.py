@@ -419,7 +419,9 @@ class Worker:
 
     async def handle_tunnels(self, msg: fdpass.Message) -> None:
         def take() -> list:
-            return [t for o in self.onramps.values() for t in o.tunnels()]
+            # Our queues of other workers' devices too: their packets count into the holder's row.
+            return [*(t for o in self.onramps.values() for t in o.tunnels()),
+                    *(q for q in self.queue_tunnels.values() if q.control is None)]
 
         part = self.snapshots.part(msg.body, take, views.tunnel_row)
         await self.control.reply_when_ready(msg, "tunnels", {**part, "tunnels": part.pop("rows")})

@@ -187,6 +187,9 @@ class AttachedTunnel:
         self.packets_out += 1
 
     def as_dict(self) -> dict[str, Any]:
+        if self.control is None:  # our queue of another worker's device: counted into its row
+            return {"queue_of": list(self.device), "packets_in": self.packets_in,
+                    "packets_out": self.packets_out}
         return {"id": self.id, "onramp": self.onramp, "kind": "tunnel", "offload": self.vnet,
                 "attached": self.queues or 1, "device": list(self.device),
                 "tenant": self.tenant, "context": self.context.extra,

@@ -232,6 +232,8 @@ def tunnel_row(tunnel) -> dict | None:
     if getattr(tunnel, "closed", False):
         return None
     row = tunnel.as_dict()
+    if "queue_of" in row:  # a queue of another worker's attached tunnel: counts only
+        return row
     row["tenant"] = tenant_text(row.get("tenant"))
     context = row.get("context")
     if context is not None:

@@ -7,9 +7,11 @@ from __future__ import annotations
 import hashlib
 import json
 import textwrap
+import threading
 
 from tests.e2e.dataplane import SERVER_ADDR, STREAM_PORT, config, connect, counter
 from tests.e2e.streams import pattern
+from tests.helpers import wait_for
 
 # 24 concurrent GETs of 2 MB each; prints the sha256 of each body and the bytes.
 MANY_GETS = textwrap.dedent(f"""
@@ -49,6 +51,41 @@ def test_two_workers_each_read_a_queue_and_flows_bypass_the_mesh(daemon_factory,
     assert packets["from_tunnel"] > 500 and packets["to_tunnel"] > 500, packets
     assert crossed <= 4 * sum(started.values()) and crossed * 10 < packets["from_tunnel"], packets
     assert counter(d, "ipferry_tunnels_closed_total", "reason") == {"closed_by_peer": 1.0}
+
+
+def test_the_tunnels_row_counts_the_packets_of_every_workers_queue(daemon_factory, streams,
+                                                                   tmp_path):
+    """/api/tunnels shows an attached tunnel once, on its holder, with the packets every worker
+    read from its queue (the kernel hands each worker's flows to that worker's queue)."""
+    d = daemon_factory("--workers", "2", config=config(tmp_path))
+    done, stop = tmp_path / "gets-done", tmp_path / "stop"
+    script = MANY_GETS + textwrap.dedent(f"""
+        import os, time
+        open("{done}", "w").close()
+        deadline = time.monotonic() + 60
+        while not os.path.exists("{stop}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+    """)
+    result: dict = {}
+    client = threading.Thread(target=lambda: result.update(res=connect(d, "python3", "-c", script,
+                                                                       timeout=120)))
+    client.start()
+    try:
+        wait_for(done.exists, 90, "the 24 GETs")
+        started = counter(d, "ipferry_flows_started_total", "worker")
+        assert started.get("0", 0) > 0 and started.get("1", 0) > 0, started
+        rows = d.get_json("/api/tunnels")
+        read = counter(d, "ipferry_packets_total", "direction")["from_tunnel"]
+    finally:
+        stop.touch()
+        client.join(130)
+    assert result["res"].returncode == 0, result["res"].stderr.decode()[-2000:]
+    assert len(rows) == 1 and not any("queue_of" in r for r in rows), rows
+    row = rows[0]
+    assert row["attached"] == 2 and row["device"] == [row["worker"], row["id"]], row
+    # Both queues' packets: the holder's alone would be about half (its flows' share).
+    assert read > 500 and row["packets_in"] >= 0.9 * read, (row, read)
+    assert row["packets_out"] > 500, row
 
 
 def test_no_attach_carries_packets_over_the_socket(daemon_factory, streams, tmp_path):
