@@ -41,6 +41,7 @@ class QuietTunnel:
 
     local = True
     steered = False
+    anycast = False
     mtu = 65535
     vnet = False
     id = 1

@@ -45,6 +45,7 @@ LOCAL4 = "100.64.0.1"
 class NullTunnel:
     local = True
     steered = False
+    anycast = False
     mtu = 65535
     vnet = False
     id = 1

@@ -346,9 +346,10 @@ class FlowEngine:
         if p.protocol == IPPROTO_TCP:
             if p.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN:
                 return True
-            # Not the start of a flow we know (e.g. ours died with a worker): reset it so the
-            # client fails fast instead of retransmitting into the void.
-            out.append(Count("drop", "no_flow"))
+            # Not the start of a flow we know (e.g. ours died with a worker, or behind ECMP
+            # another node's, moved here by a change of nodes): reset it so the client fails
+            # fast instead of retransmitting into the void.
+            out.append(Count("drop", "not_this_node" if tunnel.anycast else "no_flow"))
             if not p.tcp_flags & TCP_RST:
                 out.append(SendToTunnel(tunnel, reset_for(p, packet)))
             return False

@@ -59,6 +59,8 @@ class TunnelLeg(Protocol):
     def local(self) -> bool: ...  # held by this worker (else: reached over the mesh)
     @property
     def steered(self) -> bool: ...  # the kernel's steering program picked this worker
+    @property
+    def anycast(self) -> bool: ...  # one node of several behind ECMP hears it (GUE)
 
     def send(self, packet: bytes | bytearray) -> None:
         """The driver's (the engine never sends): one datagram in the tunnel's framing."""
@@ -146,6 +148,7 @@ class AcceptedLeg:
     vnet = False
     local = True
     steered = True  # accepted by its owner: never forwarded
+    anycast = False
 
     def __init__(self, tenant: str, context: TunnelContext, handle: object, onramp: str,
                  origin: int) -> None:

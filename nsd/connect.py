@@ -15,11 +15,13 @@ nothing on the host changed) naming the daemon's resolver inside the tunnel netw
 
 from __future__ import annotations
 
+import collections
 import errno
 import ipaddress
 import json
 import os
 import random
+import select
 import shutil
 import signal
 import socket
@@ -47,6 +49,7 @@ LINGER_MAX = 1.0  # ... but no longer than this (the keeper already waited for o
 # ``--gue``: how long the on-ramp has to answer the probe (GueTunnel.check) before CMD starts
 # anyway, with a warning.
 GUE_CHECK_TIMEOUT = 3.0
+DEFAULT_GUE_PORTS = gue_wire.DEFAULT_SENDER_PORTS
 # The probe goes to the daemon's own host, which no tunnel may reach whatever the rules say: the
 # daemon answers it itself ("administratively prohibited"), opening nothing, auditing nothing.
 PROBE_DST = ipaddress.IPv4Address("127.0.0.1")
@@ -262,26 +265,38 @@ def tunnel_context(extra: dict, tenant: str, claims: Addressing, gue: bool) -> d
 
 
 class GueTunnel:
-    """The unconnected tunnel: a UDP socket towards the daemon's GUE on-ramp.
+    """The unconnected tunnel: UDP sockets towards the daemon's GUE on-ramp.
 
     Quacks like the SEQPACKET socket the pumps use (send, recv, shutdown, close). A packet too big
     for one datagram is answered into the TUN with ICMP "fragmentation needed" / "packet too big",
     as a router would, so the command's TCP lowers its segment size.
+
+    Source ports (RFC 8086's entropy): up to ``ports`` sockets, each on its own local port, and
+    each inner flow's datagrams leave from the one its symmetric hash picks
+    (:func:`ipferry.wire.gue.flow_entropy`), opened when a flow first needs it. A router's ECMP
+    hash over the outer ports then spreads the flows over the nodes behind the on-ramp's
+    address, and keeps each on one. One socket (``ports`` = 1, or a fixed ``local_port``) is a
+    single sender, as a ``[[sites]]`` entry names it.
     """
 
     def __init__(self, host: str, port: int, context: bytes, offload: bool = False,
-                 local_port: int | None = None) -> None:
+                 local_port: int | None = None, ports: int = 1) -> None:
         self.offload = offload  # TUN reads and writes carry a virtio-net header: so do datagrams
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_DGRAM)
-        try:
-            if local_port is not None:
-                self._bind(family, host, port, local_port)
-            self.sock.connect((host, port))
-        except OSError as exc:
-            self.sock.close()
-            raise ConnectError(f"cannot reach the GUE on-ramp at {host}:{port}: "
-                               f"{exc.strerror}") from None
+        self.family, self.target = family, (host, port)
+        self.sock = self._open(local_port)  # the first: the probe's, and every flow's at ports=1
+        self.socks: list[socket.socket | None] = \
+            [self.sock] + [None] * ((ports if local_port is None else 1) - 1)
+        self._poll: select.epoll | None = None
+        self._wake = (-1, -1)
+        if len(self.socks) > 1:  # the reader waits on them all, and on shutdown's wake-up
+            self._poll = select.epoll()
+            self._wake = os.pipe()
+            self._poll.register(self._wake[0], select.EPOLLIN)
+            self._poll.register(self.sock.fileno(), select.EPOLLIN)
+        self._by_fd = {self.sock.fileno(): self.sock}
+        self._ready: collections.deque[bytes] = collections.deque()
+        self._opening = threading.Lock()
         self.headers = {4: gue_wire.header(context, 4, offload), 6: gue_wire.header(context, 6, offload)}
         # The largest inner packet (superframes are kept below it: vnet.GSO_MAX_SIZE).
         self.mtu = gue_wire.room(self.headers[4], offload, family == socket.AF_INET6)
@@ -290,16 +305,33 @@ class GueTunnel:
         self.where = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
         self.refused_said = False  # the daemon went away mid-run: said once
 
-    def _bind(self, family: int, host: str, port: int, local_port: int) -> None:
+    def _open(self, local_port: int | None = None) -> socket.socket:
+        """A socket connected to the on-ramp, from ``local_port`` or one the kernel picks."""
+        host, port = self.target
+        sock = socket.socket(self.family, socket.SOCK_DGRAM)
+        try:
+            if local_port is not None:
+                self._bind(sock, local_port)
+            sock.connect((host, port))
+        except ConnectError:
+            sock.close()
+            raise
+        except OSError as exc:
+            sock.close()
+            raise ConnectError(f"cannot reach the GUE on-ramp at {host}:{port}: "
+                               f"{exc.strerror}") from None
+        return sock
+
+    def _bind(self, sock: socket.socket, local_port: int) -> None:
         """Send from ``local_port`` (``--gue-port``), on the address the kernel would send from
-        to ``host`` (no wildcard: the port is taken on that address only)."""
+        to the on-ramp (no wildcard: the port is taken on that address only)."""
+        family = self.family
         with socket.socket(family, socket.SOCK_DGRAM) as probe:
-            probe.connect((host, port))  # (a UDP connect sends nothing: it picks the route)
+            probe.connect(self.target)  # (a UDP connect sends nothing: it picks the route)
             local = probe.getsockname()[0]
         try:
-            self.sock.bind((local, local_port))
+            sock.bind((local, local_port))
         except OSError as exc:
-            self.sock.close()
             where = f"[{local}]:{local_port}" if family == socket.AF_INET6 else \
                 f"{local}:{local_port}"
             if exc.errno == errno.EADDRINUSE:
@@ -307,6 +339,24 @@ class GueTunnel:
                                    f"there?); pick another port") from None
             raise ConnectError(f"--gue-port {local_port}: cannot bind {where}: "
                                f"{exc.strerror}") from None
+
+    def _socket_of(self, data: bytes, offset: int) -> socket.socket:
+        """The socket (so the source port) of the packet's flow: opened on its first use."""
+        index = gue_wire.flow_entropy(data, offset) % len(self.socks)
+        sock = self.socks[index]
+        if sock is None:
+            with self._opening:
+                if (sock := self.socks[index]) is not None:
+                    return sock
+                try:
+                    sock = self._open()
+                except ConnectError:
+                    return self.sock  # (out of fds, say): the first port carries it
+                self.socks[index] = sock
+                self._by_fd[sock.fileno()] = sock
+                assert self._poll is not None
+                self._poll.register(sock.fileno(), select.EPOLLIN)
+        return sock
 
     def send(self, data: bytes) -> None:
         offset = vnet.HEADER_SIZE if self.offload else 0
@@ -316,11 +366,12 @@ class GueTunnel:
         if len(data) - offset > self.mtu:
             self._too_big(data[offset:])
             return
+        sock = self.sock if len(self.socks) == 1 else self._socket_of(data, offset)
         try:
             if self.offload:  # the header goes in the GUE option, the packet where Hlen says
-                self.sock.sendmsg([head, data[:offset], b"\0\0", memoryview(data)[offset:]])
+                sock.sendmsg([head, data[:offset], b"\0\0", memoryview(data)[offset:]])
             else:
-                self.sock.send(head + data)
+                sock.send(head + data)
         except OSError as exc:
             if exc.errno == errno.EBADF:
                 raise  # closed: we are done
@@ -338,23 +389,51 @@ class GueTunnel:
             os.write(self.tun_fd, (vnet.PLAIN if self.offload else b"") + answer)
 
     def recv(self, size: int) -> bytes:
+        if self._poll is not None:
+            return self._recv_any(size)
         while True:
             try:
                 datagram = self.sock.recv(size)
             except ConnectionRefusedError:
-                # An ICMP error for an earlier datagram: nothing listens on the on-ramp's port
-                # any more. The tunnel itself goes on (a daemon started again is carrying it).
-                if not self.refused_said and not self.shut:
-                    self.refused_said = True
-                    print(f"ipferry connect: warning: the GUE on-ramp at {self.where} answered "
-                          f"ICMP port unreachable: no daemon listens there any more (stopped?); "
-                          f"CMD's packets are lost until one does", file=sys.stderr, flush=True)
+                self._refused()
                 continue
             if self.shut:
                 return b""  # we shut down: done
             data = self._inner(datagram)
             if data is not None:
                 return data
+
+    def _recv_any(self, size: int) -> bytes:
+        """The next packet from any of the sockets (a batch read from each one ready)."""
+        assert self._poll is not None
+        while not self._ready:
+            if self.shut:
+                return b""
+            for fd, _ in self._poll.poll():
+                sock = self._by_fd.get(fd)
+                if sock is None:  # the wake-up: shut down
+                    return b""
+                for _ in range(64):
+                    try:
+                        datagram = sock.recv(size, socket.MSG_DONTWAIT)
+                    except BlockingIOError:
+                        break
+                    except ConnectionRefusedError:
+                        self._refused()
+                        continue
+                    data = self._inner(datagram)
+                    if data is not None:
+                        self._ready.append(data)
+        return b"" if self.shut else self._ready.popleft()
+
+    def _refused(self) -> None:
+        """An ICMP error for an earlier datagram: nothing listens on the on-ramp's port any
+        more. The tunnel itself goes on (a daemon started again is carrying it)."""
+        if not self.refused_said and not self.shut:
+            self.refused_said = True
+            print(f"ipferry connect: warning: the GUE on-ramp at {self.where} answered ICMP port "
+                  f"unreachable: no daemon listens there any more (stopped?); CMD's packets are "
+                  f"lost until one does", file=sys.stderr, flush=True)
 
     def _inner(self, datagram: bytes) -> bytes | None:
         """What a datagram of the daemon carries for the TUN (None: nothing usable)."""
@@ -427,15 +506,26 @@ class GueTunnel:
                 f"gue_source_denied); running CMD anyway")
 
     def shutdown(self, how: int) -> None:
-        # Unblock the reader: recv on a UDP socket returns once it is shut down.
+        # Unblock the reader: recv on a UDP socket returns once it is shut down (and the epoll
+        # of several wakes on the pipe).
         self.shut = True
+        if self._poll is not None:
+            os.write(self._wake[1], b"x")
+            return
         try:
             self.sock.shutdown(how)
         except OSError:
             pass
 
     def close(self) -> None:
-        self.sock.close()
+        for sock in self.socks:
+            if sock is not None:
+                sock.close()
+        if self._poll is not None:
+            self._poll.close()
+            for fd in self._wake:
+                os.close(fd)
+            self._poll = None
 
 
 def _answers_probe(packet: bytes, source: ipaddress.IPv4Address, ident: int) -> bool:
@@ -448,13 +538,13 @@ def _answers_probe(packet: bytes, source: ipaddress.IPv4Address, ident: int) -> 
 
 
 def open_gue(target: str, context: dict, offload: bool = False,
-             local_port: int | None = None) -> GueTunnel:
+             local_port: int | None = None, ports: int = 1) -> GueTunnel:
     host, sep, port = target.rpartition(":")
     if not sep or not port.isdigit():
         raise ConnectError(f"--gue {target!r}: expected HOST:PORT, e.g. 127.0.0.1:6080")
     raw = json.dumps(context, separators=(",", ":")).encode()
     try:
-        return GueTunnel(host.strip("[]"), int(port), raw, offload, local_port)
+        return GueTunnel(host.strip("[]"), int(port), raw, offload, local_port, ports)
     except ValueError as exc:
         raise ConnectError(f"--gue: {exc}") from None
 
@@ -683,7 +773,7 @@ def run(command: list[str], *, tunnel_path: Path | None, context: dict, mtu: int
         gue: str | None = None, offload: bool = True,
         extra: Sequence[ipaddress.IPv4Interface | ipaddress.IPv6Interface] = (),
         local: Sequence[IPNetwork] = (),
-        gue_port: int | None = None,
+        gue_port: int | None = None, gue_ports: int = DEFAULT_GUE_PORTS,
         dns: Sequence[str] | None = DEFAULT_DNS, attach: bool = True) -> int:
     """Run ``command`` behind a tunnel: connected at ``tunnel_path``, or GUE to ``gue``.
 
@@ -691,7 +781,8 @@ def run(command: list[str], *, tunnel_path: Path | None, context: dict, mtu: int
     ``offload``: TSO superframes with partial checksums through the tunnel (virtio-net headers).
     ``extra``, ``local``: more addresses and AnyIP prefixes in the namespace (see
     :class:`Addressing`; ``context`` carries the routes claimed). ``gue_port``: the GUE socket's
-    local port. ``dns``: the nameservers of CMD's own ``/etc/resolv.conf`` (see
+    local port; else ``gue_ports``: how many source ports the flows spread over (ECMP).
+    ``dns``: the nameservers of CMD's own ``/etc/resolv.conf`` (see
     :func:`resolv_conf`); None: CMD reads the host's. ``attach``: on a connected tunnel, pass
     the TUN's queues to the daemon, which then reads and writes the TUN itself (the hint
     :func:`ping_hint` gives is then said up front, since no ping of CMD's is seen here).
@@ -699,7 +790,7 @@ def run(command: list[str], *, tunnel_path: Path | None, context: dict, mtu: int
     tunnel: GueTunnel | socket.socket
     hint = None
     if gue is not None:
-        tunnel = open_gue(gue, context, offload, gue_port)
+        tunnel = open_gue(gue, context, offload, gue_port, gue_ports)
         try:
             warning = tunnel.check(address.ip, str(context.get("tenant")))
         except ConnectError:

@@ -38,11 +38,12 @@ def start(role: str, argv: list[str] | None, description: str | None, *,
     parser.add_argument("--parent-pid", type=int, required=True)
     parser.add_argument("--log-format", default="json")
     parser.add_argument("--log-level", default="info")
+    parser.add_argument("--node", default=None)  # the config's node name: in every log line
     args = parser.parse_args(argv)
 
     index = args.index if indexed else None
     become_child(f"ipferry: {role}" if index is None else f"ipferry: {role} {index}", args.parent_pid)
-    log = logs.configure(role, index, fmt=args.log_format, level=args.log_level)
+    log = logs.configure(role, index, fmt=args.log_format, level=args.log_level, node=args.node)
     return Child(args, socket.socket(fileno=args.control_fd), log)
 
 

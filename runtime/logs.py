@@ -12,8 +12,9 @@ LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNI
 
 
 def configure(role: str, worker: int | None = None, *, fmt: str = "json",
-              level: str = "info") -> structlog.stdlib.BoundLogger:
-    """Configure structlog for this process and return its logger, bound to role (and worker)."""
+              level: str = "info", node: str | None = None) -> structlog.stdlib.BoundLogger:
+    """Configure structlog for this process and return its logger, bound to role (and worker,
+    and the daemon's node name in a fleet)."""
     renderer = (structlog.processors.JSONRenderer() if fmt == "json"
                 else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()))
     structlog.configure(
@@ -31,6 +32,8 @@ def configure(role: str, worker: int | None = None, *, fmt: str = "json",
     )
     structlog.contextvars.clear_contextvars()
     bound: dict[str, object] = {"role": role}
+    if node:
+        bound["node"] = node
     if worker is not None:
         bound["worker"] = worker
     structlog.contextvars.bind_contextvars(**bound)

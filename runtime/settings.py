@@ -85,6 +85,7 @@ class GueSettings(_Strict):
     allow: list[str]  # source networks; [] = any
     tenants: list[str]  # [] = any
     address: tuple[str, int]  # where it listens (flows to it are refused)
+    anycast: bool = False  # one node of several behind ECMP (see GueOnramp.anycast)
 
 
 class NetworkSettings(_Strict):
@@ -144,6 +145,7 @@ class HttpOnrampSettings(_Strict):
 
 class WorkerSettings(_Strict):
     workers: int  # how many workers the daemon runs (the flow-ownership hash spans them)
+    node: str = ""  # the daemon's node name (audit records carry it); "" none
     mtu: int
     offload: bool  # TUNs with vnet headers
     flows: Flows

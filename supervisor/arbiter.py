@@ -71,7 +71,8 @@ class Supervisor:
         self.workers = self.pool.slots
         self.reloader = Reloader(self)
         self.metrics = SupervisorMetrics(self.processes, self.pool.ready_count,
-                                         lambda: 1 if self.nsd.ready else 0)
+                                         lambda: 1 if self.nsd.ready else 0,
+                                         node=self.config.node)
         self.metrics.workers_configured.set(self.worker_count)
         for slot in self.workers:
             self.metrics.worker_restarts.labels(str(slot.index))
@@ -119,7 +120,9 @@ class Supervisor:
         return line
 
     def log_args(self) -> list[str]:
-        return ["--log-format", self.config.logging.format, "--log-level", self.config.logging.level]
+        node = ["--node", self.config.node] if self.config.node else []
+        return ["--log-format", self.config.logging.format, "--log-level",
+                self.config.logging.level, *node]
 
     def worker_settings(self) -> WorkerSettings:
         """What workers are given of the running config (on-ramps as bound: they change only

@@ -11,7 +11,12 @@ import textwrap
 from pydantic import ValidationError
 
 from ipferry.wire.dns import DNS_ADDRESS4, DNS_ADDRESS6
-from ipferry.wire.gue import MAX_CONTEXT, MAX_VNET_CONTEXT
+from ipferry.wire.gue import (
+    DEFAULT_SENDER_PORTS,
+    MAX_CONTEXT,
+    MAX_SENDER_PORTS,
+    MAX_VNET_CONTEXT,
+)
 
 from . import config as configmod
 
@@ -119,7 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     connect.add_argument("--gue-port", metavar="PORT",
                          help="with --gue: send from this local UDP port (default: any), so the "
                               "daemon's config can name this sender as a [[sites]] entry's "
-                              "HOST:PORT")
+                              "HOST:PORT; every flow then leaves from it")
+    connect.add_argument("--gue-ports", metavar="N", type=int,
+                         help=f"with --gue: spread the flows over N local UDP ports (default "
+                              f"{DEFAULT_SENDER_PORTS}, at most {MAX_SENDER_PORTS}; 1 is a single "
+                              f"sender), each flow on the one its hash picks (RFC 8086's "
+                              f"entropy), so that a router's ECMP hash in front of several "
+                              f"ipferry nodes spreads the flows over them and keeps each on one")
     connect.add_argument("--tenant", default="default",
                          help="tenant of the tunnel's context (default: %(default)s)")
     connect.add_argument("--context", metavar="JSON", default="{}",
@@ -250,7 +261,7 @@ def cmd_run(args) -> int:
 
     set_title("ipferry: supervisor")
     raise_fd_limit()
-    configure("supervisor", fmt=cfg.logging.format, level=cfg.logging.level)
+    configure("supervisor", fmt=cfg.logging.format, level=cfg.logging.level, node=cfg.node)
 
     class SayWhyFirst(Supervisor):
         async def start(self) -> None:
@@ -313,6 +324,17 @@ def cmd_connect(args) -> int:
             if not args.gue_port.isdigit() or not 1 <= int(args.gue_port) <= 65535:
                 raise ValueError(f"--gue-port {args.gue_port}: not a port (1..65535)")
             gue_port = int(args.gue_port)
+        gue_ports = DEFAULT_SENDER_PORTS
+        if args.gue_ports is not None:
+            if args.gue is None:
+                raise ValueError(f"--gue-ports {args.gue_ports}: only with --gue HOST:PORT")
+            if gue_port is not None and args.gue_ports != 1:
+                raise ValueError(f"--gue-ports {args.gue_ports} and --gue-port {gue_port}: a "
+                                 f"fixed port is one sender (a site): give one of them")
+            if not 1 <= args.gue_ports <= MAX_SENDER_PORTS:
+                raise ValueError(f"--gue-ports {args.gue_ports}: must be within "
+                                 f"1..{MAX_SENDER_PORTS}")
+            gue_ports = args.gue_ports
         if args.no_dns and args.dns:
             raise ValueError(f"--dns {args.dns[0]} and --no-dns: give one of them")
         dns = None if args.no_dns else (parse_dns(args.dns) if args.dns else list(DEFAULT_DNS))
@@ -326,7 +348,8 @@ def cmd_connect(args) -> int:
         return run(command, tunnel_path=Path(args.tunnel) if args.tunnel else None,
                    context=context, mtu=args.mtu, address=claims.address,
                    address6=claims.address6, gue=args.gue, offload=args.offload,
-                   extra=claims.extra, local=claims.local, gue_port=gue_port, dns=dns,
+                   extra=claims.extra, local=claims.local, gue_port=gue_port,
+                   gue_ports=gue_ports, dns=dns,
                    attach=args.attach)
     except ConnectError as exc:
         print(f"ipferry connect: {exc}", file=sys.stderr)

@@ -214,6 +214,9 @@ class GueOnramp(_Strict):
     allow: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []  # source networks; [] = any
     tenants: list[Tenant] = []  # accepted tenants; [] = any
     receive_buffer: Annotated[int, Field(ge=65536, le=1 << 30)] = 4 << 20
+    # One of several nodes behind ECMP on the same address (docs/scale-out.md): a mid-flow TCP
+    # packet of a flow this node never saw is another node's (reset, counted not_this_node).
+    anycast: bool = False
 
     @field_validator("listen")
     @classmethod
@@ -808,6 +811,10 @@ class Config(_Strict):
     # At most 128: a worker's equip message carries a mesh fd per peer (SCM_MAX_FD is 253).
     workers: Annotated[Annotated[int, Field(ge=1, le=MAX_WORKERS)] | None,
                        KEPT] = None  # default: the CPUs
+    # This daemon's name in a fleet: a `node` label on every metric, a field in every log line
+    # and audit record (docs/scale-out.md). None: no such label or field.
+    node: Annotated[Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")] | None,
+                    KEPT] = None
     onramps: Annotated[list[Onramp], Field(max_length=32), KEPT] = Field(
         default_factory=_one_tunnel_onramp)
     admin: Admin = Admin()
@@ -939,11 +946,12 @@ class Config(_Strict):
         Of an HTTP on-ramp's tokens, only their SHA-256: the secrets stay here."""
         self.check_token_files()  # read already at start (check_runtime): kept, not re-read
         return WorkerSettings(
-            workers=workers, mtu=self.namespace.mtu, offload=self.namespace.offload,
+            workers=workers, node=self.node or "", mtu=self.namespace.mtu,
+            offload=self.namespace.offload,
             flows=self.flows, audit=self.audit, app=self.app,
             rules=[r.for_workers(i) for i, r in enumerate(self.rules)],
             gue={o.name: GueSettings(allow=[str(n) for n in o.allow], tenants=list(o.tenants),
-                                     address=o.address())
+                                     address=o.address(), anycast=o.anycast)
                  for o in self.onramps if isinstance(o, GueOnramp)},
             tcp={o.name: TcpOnrampSettings(tenant=o.tenant, upstream=o.upstream_address(),
                                            proxy_protocol=o.proxy_protocol,

@@ -95,10 +95,27 @@ class WorkerSnapshotCollector(Collector):
         yield from merged.values()
 
 
+class NodeLabelled:
+    """A registry's metrics with a ``node`` label on every sample: a fleet's nodes scraped into
+    one Prometheus stay apart, whatever the scrape job's target labels say."""
+
+    def __init__(self, registry: CollectorRegistry, node: str) -> None:
+        self.registry = registry
+        self.node = node
+
+    def collect(self) -> Iterable[Metric]:
+        for metric in self.registry.collect():
+            metric.samples = [s._replace(labels={**s.labels, "node": self.node})
+                              for s in metric.samples]
+            yield metric
+
+
 class SupervisorMetrics:
     def __init__(self, processes: Callable[[], Iterable[ProcessInfo]],
-                 workers_ready: Callable[[], float], nsd_up: Callable[[], float]) -> None:
+                 workers_ready: Callable[[], float], nsd_up: Callable[[], float], *,
+                 node: str | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.exposed = NodeLabelled(self.registry, node) if node else self.registry
         self.worker_restarts = Counter(
             "ipferry_worker_restarts", "Times a worker was restarted, by worker index.",
             ["worker"], registry=self.registry)
@@ -124,6 +141,6 @@ class SupervisorMetrics:
         """The exposition with these worker snapshots (by index; fetched for this scrape)."""
         self.workers.snapshots = snapshots  # no await from here to the end: this scrape's own
         try:
-            return generate_latest(self.registry)
+            return generate_latest(self.exposed)
         finally:
             self.workers.snapshots = {}

@@ -22,10 +22,16 @@ Offload (as on connected tunnels, see :mod:`ipferry.wire.vnet`): private data th
 virtio-net header and 2 zero bytes; the inner packet may then be a TCP superframe with a partial
 checksum. Replies to such a sender carry ``\0vnet\0\0\0`` and a header the same way (Hlen = 5).
 The inner packet stays where Hlen says, so the kernel's steering is the same.
+
+Source port (RFC 8086, 5.1): a sender puts a hash of the inner flow in the outer UDP source
+port, so that a router's ECMP hash over the outer addresses and ports spreads flows over the
+nodes behind one address and keeps each flow on one (:func:`flow_entropy`; Linux's own GUE
+encapsulation does the same with ``encap-sport auto``).
 """
 
 from __future__ import annotations
 
+from .sharding import flow_hash
 from .vnet import HEADER_SIZE as VNET_HEADER
 
 PROTO_IPV4 = 4
@@ -35,6 +41,10 @@ VNET_MAGIC = b"\0vnet\0"
 VNET_OPTION = VNET_HEADER + 2  # a virtio-net header and padding, ending the private data
 MAX_VNET_CONTEXT = MAX_CONTEXT - len(VNET_MAGIC) - VNET_OPTION - 2
 HEADER = 4
+# Source ports a sender's flows spread over (each flow on one, by its hash): entropy for a
+# router's ECMP hash in front of several nodes.
+DEFAULT_SENDER_PORTS = 32
+MAX_SENDER_PORTS = 4096
 # The largest UDP payload over IPv4 (65535 - 20 - 8); over loopback IPv6 (MTU 65536) a little less.
 MAX_DATAGRAM = {4: 65507, 6: 65536 - 40 - 8}
 
@@ -106,3 +116,37 @@ def decapsulate(datagram: bytes) -> tuple[bytes, bytes]:
         context = VNET_MAGIC + datagram[HEADER + len(VNET_MAGIC):option].rstrip(b"\0")
         return context, datagram[option:option + VNET_HEADER] + datagram[start:]
     return datagram[HEADER:start].rstrip(b"\0"), datagram[start:]
+
+
+# ICMP errors (by protocol: their types) quote the packet they are about after 8 bytes.
+_ICMP_ERRORS = {1: frozenset({3, 4, 5, 11, 12}), 58: frozenset({1, 2, 3, 4})}
+
+
+def flow_entropy(packet: bytes | memoryview, offset: int = 0) -> int:
+    """The inner flow's symmetric hash (:func:`ipferry.wire.sharding.flow_hash`: both directions
+    alike) of the IP packet at ``offset``: what a sender spreads its source ports by. Ports
+    count for TCP and UDP (not in a later fragment); other protocols hash by addresses, but an
+    ICMP error hashes as the packet it quotes, so it travels with that packet's flow."""
+    if len(packet) < offset + 20:
+        return 0
+    version = packet[offset] >> 4
+    if version == 4:
+        ihl = (packet[offset] & 0x0F) * 4
+        protocol = packet[offset + 9]
+        src, dst = bytes(packet[offset + 12:offset + 16]), bytes(packet[offset + 16:offset + 20])
+        at = offset + ihl
+        later_fragment = (packet[offset + 6] & 0x1F) or packet[offset + 7]
+    elif version == 6 and len(packet) >= offset + 40:
+        protocol = packet[offset + 6]
+        src, dst = bytes(packet[offset + 8:offset + 24]), bytes(packet[offset + 24:offset + 40])
+        at, later_fragment = offset + 40, 0
+    else:
+        return 0
+    if protocol in _ICMP_ERRORS and not later_fragment and len(packet) >= at + 8 + 20 \
+            and packet[at] in _ICMP_ERRORS[protocol]:
+        return flow_entropy(packet, at + 8)
+    sport = dport = 0
+    if protocol in (6, 17) and not later_fragment and len(packet) >= at + 4:
+        sport = (packet[at] << 8) | packet[at + 1]
+        dport = (packet[at + 2] << 8) | packet[at + 3]
+    return flow_hash(protocol, src, sport, dst, dport)

@@ -227,7 +227,7 @@ class Worker:
         self.app = build_application(settings)
         if self.audit is None:
             self.audit = AuditLog(settings.audit.sink, self.index, log=self.log,
-                                  on_state=self.audit_state)
+                                  on_state=self.audit_state, node=settings.node)
 
     def start_datapath(self, block: dict) -> None:
         assert self.tun is not None and self.audit is not None  # made by equip and configure()

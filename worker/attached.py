@@ -113,6 +113,7 @@ class AttachedTunnel:
     """
 
     local = True  # read by this worker
+    anycast = False
     steered = False  # the kernel's queue choice is a hint: flows are still owned by their hash
     mtu = 65535
 

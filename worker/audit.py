@@ -63,9 +63,12 @@ class AuditLog:
     """Writes to stdout (``"stdout"``) or appends to a JSON-lines file (any other value)."""
 
     def __init__(self, sink: str, worker: int, *, log=None,
-                 on_state: Callable[[str | None], None] | None = None) -> None:
+                 on_state: Callable[[str | None], None] | None = None, node: str = "") -> None:
         self.sink = sink
         self.worker = worker
+        # Who wrote a record, in a fleet's merged stream: the node, then its worker.
+        self._who: dict[str, object] = {"node": node, "worker": worker} if node else \
+            {"worker": worker}
         self.log = log
         self.on_state = on_state  # called with the error (degraded) or None (healthy again)
         self.error: str | None = None  # why the sink is degraded; None while it is healthy
@@ -84,8 +87,7 @@ class AuditLog:
 
     def record(self, event: str, **fields) -> bool:
         """Write one record; False when it was lost (the sink is degraded)."""
-        data = encode({"audit": event, "ts": round(time.time(), 6), "worker": self.worker,
-                       **fields})
+        data = encode({"audit": event, "ts": round(time.time(), 6), **self._who, **fields})
         if self._torn:
             data = b"\n" + data
         try:

@@ -73,6 +73,7 @@ class FakeTunnel:
     vnet: bool = False
     local: bool = True
     steered: bool = False
+    anycast: bool = False
     context: TunnelContext = field(default=None)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:

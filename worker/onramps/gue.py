@@ -50,8 +50,9 @@ class GueTunnel:
     site: str | None = None  # the configured site it is (see GueOnramp.site_tunnel)
 
     def __init__(self, onramp: str, origin: int, sock: socket.socket, peer: tuple,
-                 context: TunnelContext, vnet: bool = False) -> None:
+                 context: TunnelContext, vnet: bool = False, anycast: bool = False) -> None:
         self.vnet = vnet  # the sender's datagrams carry the offload option (see gue)
+        self.anycast = anycast  # other nodes share the on-ramp's address (ECMP)
         self.id = next_id()
         self.onramp = onramp
         self.origin = origin
@@ -126,6 +127,7 @@ class GueOnramp:
         self.log = wiring.log
         self.allow = [ipaddress.ip_network(n) for n in conf.allow]
         self.tenants = set(conf.tenants)
+        self.anycast = conf.anycast
         self.endpoints = (_endpoint(*conf.address),)
         self.parse_context = wiring.app_parse_context  # the application's (sync or async)
         self.on_packet = wiring.on_packet
@@ -208,7 +210,7 @@ class GueOnramp:
             metrics.DROPS.labels(context).inc()
             return None
         tunnel = GueTunnel(self.name, self.worker, self.sock, peer, context,
-                           vnet=raw.startswith(gue.VNET_MAGIC))
+                           vnet=raw.startswith(gue.VNET_MAGIC), anycast=self.anycast)
         site = self._sites.get(_sender(peer[0], peer[1])) if self._sites else None
         if site is not None and site.tenant == tunnel.tenant:
             tunnel.site = site.site  # the site's device: its answers are its routes' flows'
@@ -228,7 +230,7 @@ class GueOnramp:
         if family == socket.AF_INET6 and ":" not in host:
             peer = (f"::ffff:{host}", port, 0, 0)
         tunnel = GueTunnel(self.name, self.worker, self.sock, peer,
-                           TunnelContext(tenant, {"site": name}))
+                           TunnelContext(tenant, {"site": name}), anycast=self.anycast)
         tunnel.site = name
         self._sites[_sender(host, port)] = tunnel
         return tunnel

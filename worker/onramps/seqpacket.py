@@ -47,6 +47,7 @@ class SeqpacketTunnel:
     """A connected tunnel whose context the application accepted."""
 
     local = True  # accepted by this worker (a RemoteTunnel is another worker's)
+    anycast = False
     steered = False  # packets arrive at whichever worker accepted it: foreign flows cross the mesh
     mtu = 65535  # the largest packet it carries
 
