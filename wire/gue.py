@@ -125,7 +125,7 @@ _ICMP_ERRORS = {1: frozenset({3, 4, 5, 11, 12}), 58: frozenset({1, 2, 3, 4})}
 def flow_entropy(packet: bytes | memoryview, offset: int = 0) -> int:
     """The inner flow's symmetric hash (:func:`ipferry.wire.sharding.flow_hash`: both directions
     alike) of the IP packet at ``offset``: what a sender spreads its source ports by. Ports
-    count for TCP and UDP (not in a later fragment); other protocols hash by addresses, but an
+    count for TCP and UDP (not in fragments); other protocols hash by addresses, but an
     ICMP error hashes as the packet it quotes, so it travels with that packet's flow."""
     if len(packet) < offset + 20:
         return 0
@@ -135,18 +135,20 @@ def flow_entropy(packet: bytes | memoryview, offset: int = 0) -> int:
         protocol = packet[offset + 9]
         src, dst = bytes(packet[offset + 12:offset + 16]), bytes(packet[offset + 16:offset + 20])
         at = offset + ihl
-        later_fragment = (packet[offset + 6] & 0x1F) or packet[offset + 7]
+        # Any fragment (more to come, or not the first) hashes without ports, as the kernel's
+        # flow dissector does: all of a datagram's fragments leave from one port.
+        fragment = (packet[offset + 6] & 0x3F) or packet[offset + 7]
     elif version == 6 and len(packet) >= offset + 40:
         protocol = packet[offset + 6]
         src, dst = bytes(packet[offset + 8:offset + 24]), bytes(packet[offset + 24:offset + 40])
-        at, later_fragment = offset + 40, 0
+        at, fragment = offset + 40, 0  # (a fragment header: protocol 44)
     else:
         return 0
-    if protocol in _ICMP_ERRORS and not later_fragment and len(packet) >= at + 8 + 20 \
+    if protocol in _ICMP_ERRORS and not fragment and len(packet) >= at + 8 + 20 \
             and packet[at] in _ICMP_ERRORS[protocol]:
         return flow_entropy(packet, at + 8)
     sport = dport = 0
-    if protocol in (6, 17) and not later_fragment and len(packet) >= at + 4:
+    if protocol in (6, 17) and not fragment and len(packet) >= at + 4:
         sport = (packet[at] << 8) | packet[at + 1]
         dport = (packet[at + 2] << 8) | packet[at + 3]
     return flow_hash(protocol, src, sport, dst, dport)

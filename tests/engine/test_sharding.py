@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from ipferry.engine.actions import Count, DecideFlow, FlowStarted, Forward
+from ipferry.engine.actions import Count, DecideFlow, FlowStarted, Forward, SendToTunnel
 from ipferry.wire.packet import IPPROTO_TCP, IPPROTO_UDP
 from ipferry.wire.sharding import owner
 from ipferry.wire.vnet import PLAIN
@@ -20,6 +20,7 @@ from .kit import (
     Playbook,
     icmp_error,
     packet,
+    rst_for,
     tcp,
     udp,
 )
@@ -77,3 +78,15 @@ def test_a_packet_from_the_mesh_is_never_forwarded_again(pb):
 def test_one_worker_hashes_nothing(tunnel):
     pb = Playbook(make_engine())
     assert pb >> packet(tunnel, tcp(sport=sport_owned_by(1))) << FlowStarted << DecideFlow
+
+
+def test_behind_ecmp_a_mid_flow_packet_of_no_flow_is_another_nodes(pb):
+    """On an anycast GUE on-ramp, a segment of no flow we know (not a SYN) was another node's
+    until the router's group changed: reset, counted not_this_node (elsewhere no_flow)."""
+    stray = tcp(sport=sport_owned_by(0), flags=ACK, seq=1000, ack=2000)
+    anycast, plain = FakeTunnel(anycast=True, steered=True), FakeTunnel(steered=True)
+    assert (pb >> packet(anycast, stray) << Count("drop", "not_this_node")
+            << SendToTunnel(anycast, rst_for(stray), None)
+            >> packet(plain, stray) << Count("drop", "no_flow")
+            << SendToTunnel(plain, rst_for(stray), None))
+    assert len(pb.engine.flows) == 0
