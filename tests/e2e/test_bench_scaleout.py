@@ -1,0 +1,54 @@
+"""bench/scaleout.py keeps working, CI size: 1 and 2 nodes behind the ECMP router, 1 s iperf3
+cells and 300 connections, figures for every cell, the 2-node run's connections on both nodes,
+nothing left behind. It runs as a process of its own (as by hand); if it overruns, it is
+stopped (SIGTERM: its own cleanup), then killed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = str(Path(__file__).resolve().parents[2] / "bench" / "scaleout.py")
+
+
+def fleet_namespaces() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.startswith("ipff-")}
+
+
+@pytest.mark.timeout(200)
+def test_scaleout_benchmark_gives_figures_per_node_count(tmp_path):
+    before = fleet_namespaces()
+    out = tmp_path / "scaleout.json"
+    proc = subprocess.Popen([sys.executable, SCRIPT, "--quick", "--nodes", "1,2", "--json",
+                             str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=170)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            log, _ = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            log, _ = proc.communicate()
+        raise AssertionError(f"bench/scaleout.py overran:\n{log.decode()[-3000:]}") from None
+    text = log.decode()
+    assert proc.returncode == 0, text[-4000:]
+    result = json.loads(out.read_text())
+    assert sorted(result["samples"]) == ["1", "2"]
+    for nodes, samples in result["samples"].items():
+        assert len(samples) == 1
+        s = samples[0]
+        assert s["gbps_up"] > 0 and s["gbps_down"] > 0 and s["conn_rate"] > 0, s
+        assert len(s["cores_up"]) == len(s["cpu_per_1k_conns"]) == int(nodes), s
+        assert sum(s["conns_by_node"]) >= 300, s  # (rr.py's ping, if any, on top)
+    assert all(n > 0 for n in result["samples"]["2"][0]["conns_by_node"]), result["samples"]["2"]
+    assert "| 2 | " in text and "ratio to 1 node(s)" in text
+    assert fleet_namespaces() == before, "namespaces left behind"
