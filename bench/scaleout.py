@@ -14,6 +14,12 @@ nodes, not a speed-up (docs/scale-out.md says what the figures mean on bigger ma
     bench/scaleout.py                       # 1, 2, 3 nodes; 5 s iperf3 cells; 2000 connections
     bench/scaleout.py --quick               # 1 s cells, 300 connections: CI size
     bench/scaleout.py --nodes 1,3 --json out.json
+    bench/scaleout.py --churn               # what a change of nodes moves, resilient or not
+
+``--churn``: 3 nodes, 300 long-lived TCP flows (tests/e2e/fleetclient.py); node 3 leaves the
+group, then joins again; after each change every flow sends a block and checks its echo. A
+flow that moved to a node that never saw it is reset there. Once with the resilient group,
+once with a plain multipath route (hash-threshold), as a router without resilient groups has.
 """
 
 from __future__ import annotations
@@ -38,7 +44,10 @@ from testbed import (
     wait_for_keeper,
 )
 
-from tests.e2e.fleet import SERVER, Fleet  # (testbed put the repository on sys.path)
+from tests.e2e.dataplane import STREAM_PORT  # (testbed put the repo on sys.path)
+from tests.e2e.fleet import SERVER, Fleet, wait_file
+
+HERE = Path(__file__).resolve().parent
 
 KEEPER = ["sleep", "infinity"]
 
@@ -105,6 +114,68 @@ def measure(nodes: int, args: argparse.Namespace, reaper: Reaper) -> dict:
         fleet.close()
 
 
+def churn(resilient: bool, flows: int, reaper: Reaper) -> dict:
+    """Flows moved by node 3 leaving and joining again (see the module's docstring)."""
+    tmp = reaper.tmpdir()
+    tmp.chmod(0o755)
+    fleet = Fleet(3, tmp, resilient=resilient)
+    try:
+        reaper.popen(in_netns(fleet.server.path, PYTHON, str(HERE.parent / "tests" / "e2e" /
+                                                             "streams.py"),
+                              "serve", SERVER, str(STREAM_PORT)), log=tmp / "streams.log")
+        fleet.start()
+        out = tmp / "client"
+        out.mkdir()
+        out.chmod(0o777)
+        client = reaper.popen(fleet.connect("python3", str(HERE.parent / "tests" / "e2e" /
+                                                           "fleetclient.py"),
+                                            SERVER, str(STREAM_PORT), str(flows), str(out), "3",
+                                            ports=1024), log=tmp / "client.log")
+        first = wait_file(out / "phase-1.json", 120, client)["flows"]
+        owner = {}
+        for i in (1, 2, 3):
+            for r in fleet.audit(i):
+                if r["audit"] == "flow_start" and r["dport"] == STREAM_PORT:
+                    owner[str(r["sport"])] = i
+        fleet.set_group([1, 2])
+        (out / "go-1").touch()
+        second = wait_file(out / "phase-2.json", 120, client)["flows"]
+        fleet.set_group([1, 2, 3])
+        (out / "go-2").touch()
+        third = wait_file(out / "phase-3.json", 120, client)["flows"]
+        ok = [p for p, s in first.items() if s == "ok"]
+        on3 = [p for p in ok if owner.get(p) == 3]
+        others = [p for p in ok if owner.get(p) in (1, 2)]
+        survivors = [p for p in others if second[p] == "ok"]
+        return {"group": "resilient" if resilient else "multipath", "flows": len(ok),
+                "on_node_3": len(on3),
+                "leave_moved_node_3s": sum(1 for p in on3 if second[p] != "ok"),
+                "leave_moved_others": len(others) - len(survivors),
+                "join_moved": sum(1 for p in survivors if third[p] != "ok"),
+                "survivors": len(survivors)}
+    finally:
+        for proc in list(reaper.procs):
+            reaper.stop(proc, grace=1)
+        fleet.close()
+
+
+def churn_main(args: argparse.Namespace) -> int:
+    reaper = Reaper()
+    try:
+        rows = [churn(resilient, args.flows, reaper) for resilient in (True, False)]
+    finally:
+        reaper.close()
+    print("| group | flows | on node 3 | node 3 leaves: its flows moved | ... others moved | "
+          "node 3 joins: flows moved (of those left) |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['group']} | {r['flows']} | {r['on_node_3']} | {r['leave_moved_node_3s']} | "
+              f"{r['leave_moved_others']} | {r['join_moved']} of {r['survivors']} |")
+    if args.json:
+        args.json.write_text(json.dumps({"churn": rows}, indent=1))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -117,7 +188,12 @@ def main() -> int:
     parser.add_argument("--ports", type=int, default=32, help="connect's --gue-ports")
     parser.add_argument("--quick", action="store_true", help="1 s cells, 300 connections")
     parser.add_argument("--json", type=Path, help="write every figure here")
+    parser.add_argument("--churn", action="store_true",
+                        help="instead: what node 3 leaving and joining moves (3 nodes)")
+    parser.add_argument("--flows", type=int, default=300, help="--churn's long-lived flows")
     args = parser.parse_args()
+    if args.churn:
+        return churn_main(args)
     if args.quick:
         args.duration, args.conns = 1, 300
     counts = [int(n) for n in args.nodes.split(",")]

@@ -64,9 +64,12 @@ anycast = true
 
 
 class Fleet:
-    """``count`` nodes behind the router, all in the group; :meth:`close` removes everything."""
+    """``count`` nodes behind the router, all in the group; :meth:`close` removes everything.
+    ``resilient`` False: a plain multipath group (hash-threshold), to compare what a change
+    of nodes moves."""
 
-    def __init__(self, count: int, tmp: Path, workers: int = 1) -> None:
+    def __init__(self, count: int, tmp: Path, workers: int = 1, resilient: bool = True) -> None:
+        self.resilient = resilient
         tag = uuid.uuid4().hex[:6]
         self.tmp = tmp
         self.namespaces: list[NetNs] = []
@@ -112,9 +115,7 @@ class Fleet:
             self._link(f"n{i}", node, i)
             ip(node, "addr", "add", f"{ANYCAST}/32", "dev", "lo")
             ip(self.router, "nexthop", "add", "id", str(i), "via", f"10.200.{i}.2", "dev", f"n{i}")
-        members = "/".join(str(i) for i in range(1, len(self.nodes) + 1))
-        ip(self.router, "nexthop", "add", "id", str(GROUP), "group", members, "type", "resilient",
-           "buckets", str(BUCKETS), "idle_timer", "0")
+        self.set_group(list(range(1, len(self.nodes) + 1)), verb="add")
         ip(self.router, "route", "add", f"{ANYCAST}/32", "nhid", str(GROUP))
 
     def start(self) -> None:
@@ -132,12 +133,13 @@ class Fleet:
         for d in self.daemons:
             d.wait_ready(60)
 
-    def set_group(self, members: list[int]) -> None:
+    def set_group(self, members: list[int], verb: str = "replace") -> None:
         """The nodes (1-based) the router spreads over now (resilient: only the buckets of a
         node that leaves or joins move)."""
-        ip(self.router, "nexthop", "replace", "id", str(GROUP), "group",
-           "/".join(map(str, members)), "type", "resilient", "buckets", str(BUCKETS),
-           "idle_timer", "0")
+        kind = ["type", "resilient", "buckets", str(BUCKETS), "idle_timer", "0"] \
+            if self.resilient else []
+        ip(self.router, "nexthop", verb, "id", str(GROUP), "group", "/".join(map(str, members)),
+           *kind)
 
     def buckets(self) -> list[int]:
         """Each bucket's node (1-based), by bucket index."""
