@@ -412,7 +412,8 @@ async def status(request: web.Request) -> web.Response:
     sup: Supervisor = request.app[SUPERVISOR]
     nsd = sup.nsd
     return _json({
-        "ready": sup.is_ready(), "status": sup.status_line(), "pid": os.getpid(),
+        "ready": sup.is_ready(), "status": sup.status_line(), "node": sup.config.node,
+        "pid": os.getpid(),
         "started_at": sup.started_at, "config": sup.config_path,
         "nsd": {"pid": nsd.child.pid if nsd.child else None, "state": str(nsd.state),
                 "restarts": nsd.restart_count, "started_at": nsd.started_at, **nsd.namespaces},

@@ -80,6 +80,7 @@ def test_flows_spread_over_three_nodes_and_stay_on_theirs_as_nodes_leave_and_joi
             assert {r.get("node") for r in fleet.audit(i)} == {f"node-{i}"}
             lines = fleet.daemons[i - 1].log_events()
             assert lines and all(e.get("node") == f"node-{i}" for e in lines), lines[:3]
+            assert fleet.daemons[i - 1].status()["node"] == f"node-{i}"
 
         # Node 3 leaves: only its buckets move; its flows are reset where they land.
         before = fleet.buckets()
