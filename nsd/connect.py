@@ -289,14 +289,20 @@ class GueTunnel:
             [self.sock] + [None] * ((ports if local_port is None else 1) - 1)
         self._poll: select.epoll | None = None
         self._wake = (-1, -1)
-        if len(self.socks) > 1:  # the reader waits on them all, and on shutdown's wake-up
-            self._poll = select.epoll()
-            self._wake = os.pipe()
-            self._poll.register(self._wake[0], select.EPOLLIN)
-            self._poll.register(self.sock.fileno(), select.EPOLLIN)
+        self.closed = False
         self._by_fd = {self.sock.fileno(): self.sock}
         self._ready: collections.deque[bytes] = collections.deque()
-        self._opening = threading.Lock()
+        self._opening = threading.Lock()  # (the sender opens sockets; close() ends that)
+        if len(self.socks) > 1:  # the reader waits on them all, and on shutdown's wake-up
+            try:
+                self._poll = select.epoll()
+                self._wake = os.pipe()
+                self._poll.register(self._wake[0], select.EPOLLIN)
+                self._poll.register(self.sock.fileno(), select.EPOLLIN)
+            except OSError as exc:
+                self.close()
+                raise ConnectError(f"cannot open the GUE tunnel's sockets: {exc.strerror}") \
+                    from None
         self.headers = {4: gue_wire.header(context, 4, offload), 6: gue_wire.header(context, 6, offload)}
         # The largest inner packet (superframes are kept below it: vnet.GSO_MAX_SIZE).
         self.mtu = gue_wire.room(self.headers[4], offload, family == socket.AF_INET6)
@@ -308,7 +314,10 @@ class GueTunnel:
     def _open(self, local_port: int | None = None) -> socket.socket:
         """A socket connected to the on-ramp, from ``local_port`` or one the kernel picks."""
         host, port = self.target
-        sock = socket.socket(self.family, socket.SOCK_DGRAM)
+        try:
+            sock = socket.socket(self.family, socket.SOCK_DGRAM)
+        except OSError as exc:  # (out of fds)
+            raise ConnectError(f"cannot open a socket: {exc.strerror}") from None
         try:
             if local_port is not None:
                 self._bind(sock, local_port)
@@ -348,14 +357,21 @@ class GueTunnel:
             with self._opening:
                 if (sock := self.socks[index]) is not None:
                     return sock
+                if self.closed or self._poll is None:
+                    return self.sock  # (closed: its send fails, and the sender stops)
                 try:
-                    sock = self._open()
-                except ConnectError:
-                    return self.sock  # (out of fds, say): the first port carries it
-                self.socks[index] = sock
-                self._by_fd[sock.fileno()] = sock
-                assert self._poll is not None
-                self._poll.register(sock.fileno(), select.EPOLLIN)
+                    opened = self._open()
+                except ConnectError:  # (out of fds, say): the first port carries this bucket
+                    opened = self.sock
+                else:
+                    try:
+                        self._poll.register(opened.fileno(), select.EPOLLIN)
+                    except OSError:
+                        opened.close()
+                        opened = self.sock
+                self.socks[index] = opened  # for good: a flow never changes its port
+                self._by_fd[opened.fileno()] = opened
+                return opened
         return sock
 
     def send(self, data: bytes) -> None:
@@ -397,6 +413,10 @@ class GueTunnel:
             except ConnectionRefusedError:
                 self._refused()
                 continue
+            except OSError as exc:
+                if exc.errno == errno.EBADF or self.shut:
+                    raise
+                continue  # an ICMP error for an earlier datagram (no route for a moment): lost
             if self.shut:
                 return b""  # we shut down: done
             data = self._inner(datagram)
@@ -421,6 +441,10 @@ class GueTunnel:
                     except ConnectionRefusedError:
                         self._refused()
                         continue
+                    except OSError as exc:
+                        if exc.errno == errno.EBADF:
+                            raise
+                        break  # an ICMP error for an earlier datagram: that one is lost
                     data = self._inner(datagram)
                     if data is not None:
                         self._ready.append(data)
@@ -518,14 +542,18 @@ class GueTunnel:
             pass
 
     def close(self) -> None:
-        for sock in self.socks:
-            if sock is not None:
-                sock.close()
-        if self._poll is not None:
-            self._poll.close()
+        with self._opening:
+            self.closed = True
+            for sock in self.socks:
+                if sock is not None:
+                    sock.close()
+            if self._poll is not None:
+                self._poll.close()
+                self._poll = None
             for fd in self._wake:
-                os.close(fd)
-            self._poll = None
+                if fd >= 0:
+                    os.close(fd)
+            self._wake = (-1, -1)
 
 
 def _answers_probe(packet: bytes, source: ipaddress.IPv4Address, ident: int) -> bool:

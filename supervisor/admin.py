@@ -365,8 +365,9 @@ def fold_queues(parts: dict[int, list | None]) -> list[dict]:
         except TypeError:
             continue
         if holder is not None:
-            holder["packets_in"] += queue.get("packets_in", 0)
-            holder["packets_out"] += queue.get("packets_out", 0)
+            for key in ("packets_in", "packets_out"):
+                if isinstance(holder.get(key), int) and isinstance(queue.get(key), int):
+                    holder[key] += queue[key]
     return tunnels
 
 

@@ -120,9 +120,10 @@ def decapsulate(datagram: bytes) -> tuple[bytes, bytes]:
 
 # ICMP errors (by protocol: their types) quote the packet they are about after 8 bytes.
 _ICMP_ERRORS = {1: frozenset({3, 4, 5, 11, 12}), 58: frozenset({1, 2, 3, 4})}
+_ICMP = {4: 1, 6: 58}
 
 
-def flow_entropy(packet: bytes | memoryview, offset: int = 0) -> int:
+def flow_entropy(packet: bytes | memoryview, offset: int = 0, quoted: bool = False) -> int:
     """The inner flow's symmetric hash (:func:`ipferry.wire.sharding.flow_hash`: both directions
     alike) of the IP packet at ``offset``: what a sender spreads its source ports by. Ports
     count for TCP and UDP (not in fragments); other protocols hash by addresses, but an
@@ -144,9 +145,9 @@ def flow_entropy(packet: bytes | memoryview, offset: int = 0) -> int:
         at, fragment = offset + 40, 0  # (a fragment header: protocol 44)
     else:
         return 0
-    if protocol in _ICMP_ERRORS and not fragment and len(packet) >= at + 8 + 20 \
-            and packet[at] in _ICMP_ERRORS[protocol]:
-        return flow_entropy(packet, at + 8)
+    if protocol == _ICMP[version] and not quoted and not fragment \
+            and len(packet) >= at + 8 + 20 and packet[at] in _ICMP_ERRORS[protocol]:
+        return flow_entropy(packet, at + 8, quoted=True)  # (one level: an error's error is not)
     sport = dport = 0
     if protocol in (6, 17) and not fragment and len(packet) >= at + 4:
         sport = (packet[at] << 8) | packet[at + 1]

@@ -4,6 +4,7 @@ fixed --gue-port is a single sender. Real UDP sockets on loopback."""
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 
@@ -98,5 +99,37 @@ def test_a_fixed_port_is_one_sender(onramp):
             t.send(packet(sport))
         assert {port for port, _ in received(onramp, 20)} == {free}
         assert len(t.socks) == 1
+    finally:
+        t.close()
+
+
+def test_out_of_fds_a_bucket_falls_back_to_the_first_port_for_good(onramp):
+    import resource
+
+    t = connect.GueTunnel("127.0.0.1", onramp.getsockname()[1], b'{"tenant":"acme"}', ports=16)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        # A limit with exactly 3 free fd numbers below it (a new fd takes the lowest free).
+        taken = {int(fd) for fd in os.listdir("/proc/self/fd")}
+        limit, free = 0, 0
+        while free < 3:
+            free += limit not in taken
+            limit += 1
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+        flows = range(40000, 40064)
+        for _ in range(2):
+            for sport in flows:
+                t.send(packet(sport))  # never raises: the sender goes on
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        port_of: dict[int, set[int]] = {}
+        for port, inner in received(onramp, 2 * len(flows)):
+            port_of.setdefault(dpkt.ip.IP(inner).data.sport, set()).add(port)
+        assert len(port_of) == len(flows) and all(len(p) == 1 for p in port_of.values())
+        first = t.sock.getsockname()[1]
+        used = set().union(*port_of.values())
+        assert first in used and 1 < len(used) <= 5, used  # some opened, the rest on the first
+        assert all(s is not None for s in t.socks)  # every bucket pinned
     finally:
         t.close()

@@ -79,3 +79,12 @@ def test_every_fragment_of_a_datagram_hashes_alike():
 @given(st.binary(max_size=80))
 def test_garbage_never_raises(data):
     assert flow_entropy(data) >= 0
+
+
+def test_an_error_quoting_an_error_is_followed_one_level_only():
+    client, server = socket.inet_aton("10.0.0.1"), socket.inet_aton("198.18.0.1")
+    packet = ip4(client, server, 17, dpkt.udp.UDP(sport=40000, dport=53, data=b"q"))
+    for _ in range(1200):  # 33 KB of nested errors: no recursion to speak of
+        packet = ip4(client, server, 1, dpkt.icmp.ICMP(type=3, code=1,
+                                                       data=dpkt.icmp.ICMP.Unreach(data=packet)))
+    assert flow_entropy(packet) == flow_hash(1, client, 0, server, 0)
