@@ -262,3 +262,28 @@ class Daemon:
             self.proc.kill()
             self.proc.wait(5)
         self.log.close()
+
+
+def run_script(argv: list[str], timeout: float, what: str, grace: float = 20) -> str:
+    """Run a bench/ script as a process of its own (as by hand) and return its output; one that
+    overruns ``timeout`` is asked to stop (SIGTERM: its own cleanup of daemons and namespaces),
+    killed after ``grace`` seconds more, and fails the test; one that fails, fails it."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            log, _ = proc.communicate(timeout=grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            log, _ = proc.communicate()
+        raise AssertionError(f"{what} overran:\n{log.decode()[-3000:]}") from None
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = log.decode()
+    assert proc.returncode == 0, text[-4000:]
+    return text

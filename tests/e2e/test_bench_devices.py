@@ -10,13 +10,13 @@ stopped (SIGTERM: its own cleanup), then killed.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import run_script
 
 RUN = str(Path(__file__).resolve().parents[2] / "bench" / "run.py")
 PEERS = ["devices-ip-w1", "devices-stream-w1", "devices-veth"]
@@ -24,25 +24,17 @@ METRICS = ["tcp_up_1", "tcp_up_4", "tcp_down_1", "tcp_down_4", "lat_p50", "lat_p
            "udp_kpps"]
 
 
+def bench_namespaces() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.startswith("ipfbench-")}
+
+
 @pytest.mark.timeout(150)
 def test_device_to_device_benchmark_gives_figures_and_ratios(tmp_path):
-    proc = subprocess.Popen([sys.executable, RUN, "--quick", "--no-chart", "--mtu", "1500",
-                             "--only", ",".join([*PEERS, "devices-wireguard"]),
-                             "--only", "tcp,latency,udp", "--out", str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGTERM)  # its finally: daemons, devices, namespaces
-        try:
-            log, _ = proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            log, _ = proc.communicate()
-        raise AssertionError(f"bench/run overran:\n{log.decode()[-3000:]}") from None
-    text = log.decode()
-    assert proc.returncode == 0, text[-4000:]
+    before = bench_namespaces()
+    run_script([sys.executable, RUN, "--quick", "--no-chart", "--mtu", "1500",
+                "--only", ",".join([*PEERS, "devices-wireguard"]),
+                "--only", "tcp,latency,udp", "--out", str(tmp_path)], 120, "bench/run")
     result = json.loads((tmp_path / "latest.json").read_text())
 
     ids = [t["id"] for t in result["transports"]]
@@ -73,5 +65,4 @@ def test_device_to_device_benchmark_gives_figures_and_ratios(tmp_path):
     md = (tmp_path / "latest.md").read_text()
     assert "| workload | MTU | ipferry IP packets w=1 | ipferry streams w=1 | veth (limit) |" in md
     assert "· " in md and "×" in md
-    leftover = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert f"ipfbench-{proc.pid}-" not in leftover, leftover
+    assert bench_namespaces() == before, "namespaces left behind"

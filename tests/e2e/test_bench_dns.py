@@ -8,35 +8,21 @@ cleanup), then killed.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import run_script
+
 BENCH = str(Path(__file__).resolve().parents[2] / "bench" / "dns.py")
 
 
 @pytest.mark.timeout(60)
 def test_dns_benchmark_answers_every_query_on_both_paths(tmp_path):
-    proc = subprocess.Popen([sys.executable, BENCH, "--queries", "200", "--concurrency", "16",
-                             "--warmup", "20", "--out", str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGTERM)  # its finally: daemon, dnsmasq, namespace
-        try:
-            log, _ = proc.communicate(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            log, _ = proc.communicate()
-        raise AssertionError(f"bench/dns.py overran:\n{log.decode()[-3000:]}") from None
-    text = log.decode()
-    assert proc.returncode == 0, text[-4000:]
+    run_script([sys.executable, BENCH, "--queries", "200", "--concurrency", "16",
+                       "--warmup", "20", "--out", str(tmp_path)], 30, "bench/dns.py", grace=15)
     result = json.loads((tmp_path / "dns.json").read_text())
     assert (tmp_path / "dns.md").read_text().startswith("DNS: 200 A queries")
 

@@ -9,14 +9,13 @@ cleanup), then killed.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import run_script
 
 BENCH = str(Path(__file__).resolve().parents[2] / "bench" / "httpbench.py")
 ROWS = {"direct", "splice", "http-layer", "http-onramp", "squid", "nginx-rp"}
@@ -26,22 +25,8 @@ ROWS = {"direct", "splice", "http-layer", "http-onramp", "squid", "nginx-rp"}
 def test_http_benchmark_answers_on_every_path(tmp_path):
     missing = [t for t in ("wrk", "squid", "nginx") if shutil.which(t) is None]
     assert not missing, f"bench/httpbench.py needs {missing}: run deploy/setup.sh"
-    proc = subprocess.Popen([sys.executable, BENCH, "--quick", "--files", "1k", "--warmup", "0",
-                             "--out", str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=150)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGTERM)  # its finally: daemons, servers, namespace
-        try:
-            log, _ = proc.communicate(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            log, _ = proc.communicate()
-        raise AssertionError(f"bench/httpbench.py overran:\n{log.decode()[-3000:]}") from None
-    text = log.decode()
-    assert proc.returncode == 0, text[-4000:]
+    text = run_script([sys.executable, BENCH, "--quick", "--files", "1k", "--warmup", "0",
+                       "--out", str(tmp_path)], 150, "bench/httpbench.py", grace=15)
     result = json.loads((tmp_path / "http.json").read_text())
     rows = {r["id"]: r for r in result["rows"]}
     assert set(rows) >= ROWS, (set(rows), text[-3000:])

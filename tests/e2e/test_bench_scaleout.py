@@ -6,13 +6,13 @@ stopped (SIGTERM: its own cleanup), then killed."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import run_script
 
 SCRIPT = str(Path(__file__).resolve().parents[2] / "bench" / "scaleout.py")
 
@@ -26,21 +26,8 @@ def fleet_namespaces() -> set[str]:
 def test_scaleout_benchmark_gives_figures_per_node_count(tmp_path):
     before = fleet_namespaces()
     out = tmp_path / "scaleout.json"
-    proc = subprocess.Popen([sys.executable, SCRIPT, "--quick", "--nodes", "1,2", "--json",
-                             str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=170)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            log, _ = proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            log, _ = proc.communicate()
-        raise AssertionError(f"bench/scaleout.py overran:\n{log.decode()[-3000:]}") from None
-    text = log.decode()
-    assert proc.returncode == 0, text[-4000:]
+    text = run_script([sys.executable, SCRIPT, "--quick", "--nodes", "1,2", "--json", str(out)],
+                      170, "bench/scaleout.py")
     result = json.loads(out.read_text())
     assert sorted(result["samples"]) == ["1", "2"]
     for nodes, samples in result["samples"].items():
