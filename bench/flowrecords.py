@@ -42,6 +42,7 @@ class QuietTunnel:
     local = True
     steered = False
     anycast = False
+    lands = False
     mtu = 65535
     vnet = False
     id = 1

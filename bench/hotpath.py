@@ -46,6 +46,7 @@ class NullTunnel:
     local = True
     steered = False
     anycast = False
+    lands = False
     mtu = 65535
     vnet = False
     id = 1

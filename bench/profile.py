@@ -45,6 +45,18 @@ def top(collapsed: Path, n: int = 25) -> str:
     return "\n".join(lines)
 
 
+def ensure_py_spy() -> None:
+    """py-spy in the venv (pip), or exit saying why not."""
+    if Path(PY_SPY).exists():
+        return
+    print("profile: installing py-spy into the venv (pip)", file=sys.stderr, flush=True)
+    res = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "py-spy"],
+                         capture_output=True, text=True)
+    if res.returncode != 0 or not Path(PY_SPY).exists():
+        sys.exit(f"profile: py-spy is needed and could not be installed: "
+                 f"{res.stderr.strip()[-300:]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -59,8 +71,11 @@ def main() -> None:
                              "time spent in system calls")
     parser.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp()))
     args = parser.parse_args()
+    ensure_py_spy()
     bed = Testbed()
     tmp = Path(tempfile.mkdtemp())
+    server = client = None
+    d = None
     try:
         run = tmp / "run"
         run.mkdir()
@@ -69,7 +84,6 @@ def main() -> None:
         d.wait_ready()
         worker = d.workers()[0]["pid"]
         rr = str(Path(__file__).with_name("rr.py"))
-        server = None
         if args.workload in ("iperf3", "udp"):
             cmd = ["iperf3", "-c", SERVER, "-t", str(args.seconds + 2),
                    *(["-R"] if args.reverse else []),
@@ -96,13 +110,16 @@ def main() -> None:
         if args.workload not in ("iperf3", "udp"):
             client.terminate()
         out, _ = client.communicate(timeout=60)
-        if server is not None:
-            server.kill()
         print("\n".join(line for line in out.splitlines() if "sender" in line or "receiver" in line))
         for name in ("worker", "connect"):
             print(f"\n== {name} ==\n{top(args.out / f'{name}.txt')}")
-        d.destroy()
     finally:
+        for proc in (client, server):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if d is not None:
+            d.destroy()
         bed.close()
 
 

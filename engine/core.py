@@ -84,6 +84,14 @@ from .routes import NO_ROUTE, PROHIBITED, Route, RouteTable, Unrouted
 # ICMPv6 is "icmp" to rules and metrics: one word for ping, whichever IP version.
 PROTO_NAMES = {IPPROTO_TCP: "tcp", IPPROTO_UDP: "udp", IPPROTO_ICMP: "icmp", IPPROTO_ICMPV6: "icmp"}
 ECHO_REQUEST = {IPPROTO_ICMP: 8, IPPROTO_ICMPV6: 128}
+
+
+def _opens_flow(p: Parsed) -> bool:
+    """Can only be a new flow's first packet: a TCP SYN, an echo request. (A UDP datagram may
+    be a device's answer in a flow another worker routed to it.)"""
+    if p.protocol == IPPROTO_TCP:
+        return p.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN
+    return p.protocol != IPPROTO_UDP and p.icmp_type == ECHO_REQUEST[p.protocol]
 ECHO_REPLY = (0, 129)  # IPv4's, IPv6's: a reply of the other's kind is not the flow's
 DEST_UNREACHABLE = {IPPROTO_ICMP: 3, IPPROTO_ICMPV6: 1}
 LAST_KEPT = 1280  # of a datagram flow's last client packet: all an ICMP error embeds
@@ -279,13 +287,22 @@ class FlowEngine:
             # Only flows we own are here: hash only for the others (and new ones).
             h = p.inner or p
             o = owner(h.protocol, h.src, h.sport, h.dst, h.dport, self.workers)
-            if o != self.index:
-                if not tunnel.steered:
+            if tunnel.lands and p.inner is not None:
+                if not self._quoted_here(tunnel, p.inner):
+                    # Its flow may be served where its first packet landed: every worker looks.
+                    out.extend(Forward(w, tunnel, data) for w in range(self.workers)
+                               if w != self.index)
+                    return out
+            elif o != self.index:
+                if tunnel.steered:
+                    # The kernel's steering program disagrees with us: serve it where it landed
+                    # (every packet of the flow lands here alike), but count it: it should not.
+                    out.append(Count("gue_missteered"))
+                elif not (tunnel.lands and _opens_flow(p) and not self._in_networks(tunnel, p)):
                     out.append(Forward(o, tunnel, data))
                     return out
-                # The kernel's steering program disagrees with us: serve it where it landed
-                # (every packet of the flow lands here alike), but count it: it should not be.
-                out.append(Count("gue_missteered"))
+                # (else: a TUN queue's new flow, served where the kernel put it: our answers,
+                # written to this queue, keep the flow's later packets here)
         if key is None:
             self._tunnel_icmp_error(tunnel, p, packet, now, out)
             return out
@@ -1012,6 +1029,21 @@ class FlowEngine:
         rewrite_tcp(buf, p, slot.address, slot.port, self.local[p.version], UPGRADE_PORT,
                     partial=header is not None and is_partial(header))
         out.append(_tuple(WriteTun, (buf, header)))
+
+    def _in_networks(self, tunnel: TunnelLeg, p: Parsed) -> bool:
+        """Is ``p`` for a private network (``[[networks]]``)? Such a flow stays with its hash's owner:
+        the device's answers reach whichever worker wrote to it, and are sent on by hash."""
+        return bool(self.routes.private()) and self.routes.lookup(tunnel.tenant, p.dst) is not None
+
+    def _quoted_here(self, tunnel: TunnelLeg, q: Parsed) -> bool:
+        """Is the flow an ICMP error quotes (``q``: the quoted packet) one of ours, either way
+        (see :meth:`_tunnel_icmp_error`)?"""
+        sport = q.sport if q.protocol in ECHO_REQUEST else q.dport
+        dport = 0 if q.protocol in ECHO_REQUEST else q.sport
+        theirs = FlowKey(tunnel.tenant, q.protocol, q.dst, sport, q.src, dport)
+        mine = FlowKey(tunnel.tenant, q.protocol, q.src, q.sport, q.dst,
+                       0 if q.protocol in ECHO_REQUEST else q.dport)
+        return theirs in self.by_key or mine in self.by_key
 
     def _tunnel_icmp_error(self, tunnel: TunnelLeg, p: Parsed, packet: bytes | memoryview,
                            now: float, out: list[Action]) -> None:

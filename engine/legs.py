@@ -61,6 +61,8 @@ class TunnelLeg(Protocol):
     def steered(self) -> bool: ...  # the kernel's steering program picked this worker
     @property
     def anycast(self) -> bool: ...  # one node of several behind ECMP hears it (GUE)
+    @property
+    def lands(self) -> bool: ...  # a TUN queue: new flows are served where they land
 
     def send(self, packet: bytes | bytearray) -> None:
         """The driver's (the engine never sends): one datagram in the tunnel's framing."""
@@ -149,6 +151,7 @@ class AcceptedLeg:
     local = True
     steered = True  # accepted by its owner: never forwarded
     anycast = False
+    lands = False
 
     def __init__(self, tenant: str, context: TunnelContext, handle: object, onramp: str,
                  origin: int) -> None:

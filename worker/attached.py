@@ -114,7 +114,11 @@ class AttachedTunnel:
 
     local = True  # read by this worker
     anycast = False
-    steered = False  # the kernel's queue choice is a hint: flows are still owned by their hash
+    steered = False  # the kernel's queue choice is not our hash: ...
+    # ... so a new flow (a SYN, an echo request) is served by the worker whose queue it reached,
+    # and the kernel keeps its later packets there (a TUN sends a flow's packets to the queue
+    # its answers were written to); other packets of unknown flows go to their hash's owner.
+    lands = True
     mtu = 65535
 
     def __init__(self, origin: int, context: TunnelContext, vnet: bool,

@@ -164,6 +164,7 @@ class RemoteTunnel:
     local = False
     steered = False
     anycast = False
+    lands = False
     mtu = 65535
 
     def __init__(self, link: MeshLink, tunnel_id: int, context: TunnelContext,

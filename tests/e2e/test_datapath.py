@@ -107,7 +107,8 @@ def test_half_close_keeps_the_other_direction_flowing(daemon_factory, streams, t
 
 def test_200_concurrent_flows_spread_over_two_workers(daemon_factory, streams, tmp_path):
     d = daemon_factory("--workers", "2", config=config(tmp_path))
-    r = stream_client(d, "many", 200, 10000)
+    # The packet protocol: the tunnel's worker hands the other worker's flows over the mesh.
+    r = stream_client(d, "many", 200, 10000, options=["--no-attach"])
     assert r["ok"] == 200, r
     ends = wait_for(lambda: (e := [x for x in audit_records(tmp_path / "audit.jsonl")
                                    if x["audit"] == "flow_end"]) and len(e) >= 200 and e, 20,
@@ -129,7 +130,7 @@ def test_kill_9_of_one_worker_spares_the_flows_of_the_other(daemon_factory, stre
     d = daemon_factory("--workers", "2", config=config(tmp_path))
     client = subprocess.Popen(
         [*NO_CAPS, IPFERRY, "connect", "--tunnel", str(d.runtime_dir / "tunnel.sock"),
-         "--source", "10.98.7.7", "--", "python3", STREAMS, "many", SERVER_ADDR,
+         "--source", "10.98.7.7", "--no-attach", "--", "python3", STREAMS, "many", SERVER_ADDR,
          str(STREAM_PORT), "16", str(40 << 20), "5"],  # the dead worker's flows stall: 5 s
         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:

@@ -74,6 +74,7 @@ class FakeTunnel:
     local: bool = True
     steered: bool = False
     anycast: bool = False
+    lands: bool = False
     context: TunnelContext = field(default=None)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:

@@ -90,3 +90,30 @@ def test_behind_ecmp_a_mid_flow_packet_of_no_flow_is_another_nodes(pb):
             >> packet(plain, stray) << Count("drop", "no_flow")
             << SendToTunnel(plain, rst_for(stray), None))
     assert len(pb.engine.flows) == 0
+
+
+def test_a_tun_queue_serves_new_flows_where_they_land_and_forwards_the_rest(pb):
+    """An attached TUN's queue (``lands``): the kernel's queue choice is not our hash, so a
+    SYN or an echo request is served by the worker it reached (the answers keep the flow's
+    later packets there); a stray segment or a UDP datagram still goes to its hash's owner
+    (a device's answer in a flow another worker routed to it)."""
+    queue = FakeTunnel(lands=True)
+    theirs = sport_owned_by(1)
+    syn = tcp(sport=theirs)
+    stray = tcp(sport=next(p for p in range(41000, 42000)
+                           if owner(IPPROTO_TCP, C4, p, S4, 80, WORKERS) == 1), flags=ACK)
+    datagram = udp(sport=sport_owned_by(1, IPPROTO_UDP, 53))
+    assert (pb >> packet(queue, syn) << FlowStarted << DecideFlow
+            >> packet(queue, stray) << Forward(1, queue, stray)
+            >> packet(queue, datagram) << Forward(1, queue, datagram))
+    assert len(pb.engine.flows) == 1
+
+
+def test_a_tun_queues_icmp_error_is_served_here_or_asked_of_every_worker(pb):
+    queue = FakeTunnel(lands=True)
+    ours = sport_owned_by(1)  # hashed to worker 1, but it landed here: ours
+    assert pb >> packet(queue, tcp(sport=ours)) << FlowStarted << DecideFlow
+    about_ours = icmp_error(C4, S4, 3, 4, tcp(S4, C4, 80, ours, ACK), mtu=1400)
+    about_none = icmp_error(C4, S4, 3, 4, tcp(S4, C4, 80, sport_owned_by(0), ACK), mtu=1400)
+    assert (pb >> packet(queue, about_ours) << Count("drop", "icmp_error_no_flow")  # undecided
+            >> packet(queue, about_none) << Forward(1, queue, about_none))

@@ -53,6 +53,7 @@ class GueTunnel:
                  context: TunnelContext, vnet: bool = False, anycast: bool = False) -> None:
         self.vnet = vnet  # the sender's datagrams carry the offload option (see gue)
         self.anycast = anycast  # other nodes share the on-ramp's address (ECMP)
+        self.lands = False  # (steered instead: the kernel delivers each flow to its owner)
         self.id = next_id()
         self.onramp = onramp
         self.origin = origin

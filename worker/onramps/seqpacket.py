@@ -48,6 +48,7 @@ class SeqpacketTunnel:
 
     local = True  # accepted by this worker (a RemoteTunnel is another worker's)
     anycast = False
+    lands = False
     steered = False  # packets arrive at whichever worker accepted it: foreign flows cross the mesh
     mtu = 65535  # the largest packet it carries
 
