@@ -104,8 +104,7 @@ def measure(nodes: int, args: argparse.Namespace, reaper: Reaper) -> dict:
         cpu = [cpu_seconds(node_pids(fleet, i)) - b for i, b in enumerate(before)]
         out["cpu_per_1k_conns"] = [round(c / (res["ok"] / 1000), 3) for c in cpu]
         # Where the connections went: each node's flow_start records on the rr port.
-        out["conns_by_node"] = [sum(1 for r in fleet.audit(i + 1) if r["audit"] == "flow_start"
-                                    and r.get("dport") == RR_PORT) for i in range(nodes)]
+        out["conns_by_node"] = [len(s) for s in fleet.flow_starts(RR_PORT).values()]
         reaper.stop(launcher)
         return out
     finally:
@@ -132,11 +131,8 @@ def churn(resilient: bool, flows: int, reaper: Reaper) -> dict:
                                             SERVER, str(STREAM_PORT), str(flows), str(out), "3",
                                             ports=1024), log=tmp / "client.log")
         first = wait_file(out / "phase-1.json", 120, client)["flows"]
-        owner = {}
-        for i in (1, 2, 3):
-            for r in fleet.audit(i):
-                if r["audit"] == "flow_start" and r["dport"] == STREAM_PORT:
-                    owner[str(r["sport"])] = i
+        owner = {str(r["sport"]): i for i, starts in fleet.flow_starts(STREAM_PORT).items()
+                 for r in starts}
         fleet.set_group([1, 2])
         (out / "go-1").touch()
         second = wait_file(out / "phase-2.json", 120, client)["flows"]

@@ -86,6 +86,17 @@ PROTO_NAMES = {IPPROTO_TCP: "tcp", IPPROTO_UDP: "udp", IPPROTO_ICMP: "icmp", IPP
 ECHO_REQUEST = {IPPROTO_ICMP: 8, IPPROTO_ICMPV6: 128}
 
 
+def _quoted_keys(tunnel: TunnelLeg, q: Parsed) -> tuple[FlowKey, FlowKey]:
+    """The flows an ICMP error from ``tunnel`` quoting ``q`` may be about: one whose packet went
+    to the client (the quoted packet's source is the flow's destination), and one the client's
+    packet (``q`` as sent) started, e.g. routed to the device that answers with the error."""
+    if q.protocol in ECHO_REQUEST:
+        return (FlowKey(tunnel.tenant, q.protocol, q.dst, q.sport, q.src, 0),
+                FlowKey(tunnel.tenant, q.protocol, q.src, q.sport, q.dst, 0))
+    return (FlowKey(tunnel.tenant, q.protocol, q.dst, q.dport, q.src, q.sport),
+            FlowKey(tunnel.tenant, q.protocol, q.src, q.sport, q.dst, q.dport))
+
+
 def _opens_flow(p: Parsed) -> bool:
     """Can only be a new flow's first packet: a TCP SYN, an echo request. (A UDP datagram may
     be a device's answer in a flow another worker routed to it.)"""
@@ -1038,12 +1049,7 @@ class FlowEngine:
     def _quoted_here(self, tunnel: TunnelLeg, q: Parsed) -> bool:
         """Is the flow an ICMP error quotes (``q``: the quoted packet) one of ours, either way
         (see :meth:`_tunnel_icmp_error`)?"""
-        sport = q.sport if q.protocol in ECHO_REQUEST else q.dport
-        dport = 0 if q.protocol in ECHO_REQUEST else q.sport
-        theirs = FlowKey(tunnel.tenant, q.protocol, q.dst, sport, q.src, dport)
-        mine = FlowKey(tunnel.tenant, q.protocol, q.src, q.sport, q.dst,
-                       0 if q.protocol in ECHO_REQUEST else q.dport)
-        return theirs in self.by_key or mine in self.by_key
+        return any(key in self.by_key for key in _quoted_keys(tunnel, q))
 
     def _tunnel_icmp_error(self, tunnel: TunnelLeg, p: Parsed, packet: bytes | memoryview,
                            now: float, out: list[Action]) -> None:
@@ -1055,10 +1061,7 @@ class FlowEngine:
         """
         q = p.inner
         assert q is not None
-        if q.protocol in ECHO_REQUEST:
-            key = FlowKey(tunnel.tenant, q.protocol, q.dst, q.sport, q.src, 0)
-        else:  # the embedded packet went to the client: its source is the flow's destination
-            key = FlowKey(tunnel.tenant, q.protocol, q.dst, q.dport, q.src, q.sport)
+        key, mine = _quoted_keys(tunnel, q)
         flow = self.by_key.get(key)
         if flow is not None and flow.client is tunnel and isinstance(flow.server, RoutedLeg):
             # About a device's packet, from the client: to the device, as it came.
@@ -1066,10 +1069,6 @@ class FlowEngine:
             return
         if flow is None or flow.client is not tunnel or flow.decision is None:
             # About a client's packet, from the device it was routed to?
-            if q.protocol in ECHO_REQUEST:
-                mine = FlowKey(tunnel.tenant, q.protocol, q.src, q.sport, q.dst, 0)
-            else:
-                mine = FlowKey(tunnel.tenant, q.protocol, q.src, q.sport, q.dst, q.dport)
             routed = self.by_key.get(mine)
             if (routed is not None and isinstance(routed.server, RoutedLeg)
                     and same_device(routed.server.tunnel, tunnel)):

@@ -287,3 +287,9 @@ def run_script(argv: list[str], timeout: float, what: str, grace: float = 20) ->
     text = log.decode()
     assert proc.returncode == 0, text[-4000:]
     return text
+
+
+def namespaces(prefix: str) -> set[str]:
+    """The network namespaces whose names start with ``prefix`` (a script's leftovers)."""
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.startswith(prefix)}

@@ -163,6 +163,11 @@ class Fleet:
         return [json.loads(line) for line in path.read_text().splitlines()] \
             if path.exists() else []
 
+    def flow_starts(self, dport: int) -> dict[int, list[dict]]:
+        """Each node's (1-based) flow_start records of flows to ``dport``."""
+        return {i: [r for r in self.audit(i) if r["audit"] == "flow_start"
+                    and r.get("dport") == dport] for i in range(1, len(self.nodes) + 1)}
+
     def close(self) -> None:
         for d in self.daemons:
             d.destroy()

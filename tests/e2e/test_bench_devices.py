@@ -10,13 +10,12 @@ stopped (SIGTERM: its own cleanup), then killed.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import run_script
+from tests.helpers import namespaces, run_script
 
 RUN = str(Path(__file__).resolve().parents[2] / "bench" / "run.py")
 PEERS = ["devices-ip-w1", "devices-stream-w1", "devices-veth"]
@@ -24,14 +23,9 @@ METRICS = ["tcp_up_1", "tcp_up_4", "tcp_down_1", "tcp_down_4", "lat_p50", "lat_p
            "udp_kpps"]
 
 
-def bench_namespaces() -> set[str]:
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    return {line.split()[0] for line in out.splitlines() if line.startswith("ipfbench-")}
-
-
 @pytest.mark.timeout(150)
 def test_device_to_device_benchmark_gives_figures_and_ratios(tmp_path):
-    before = bench_namespaces()
+    before = namespaces("ipfbench-")
     run_script([sys.executable, RUN, "--quick", "--no-chart", "--mtu", "1500",
                 "--only", ",".join([*PEERS, "devices-wireguard"]),
                 "--only", "tcp,latency,udp", "--out", str(tmp_path)], 120, "bench/run")
@@ -65,4 +59,4 @@ def test_device_to_device_benchmark_gives_figures_and_ratios(tmp_path):
     md = (tmp_path / "latest.md").read_text()
     assert "| workload | MTU | ipferry IP packets w=1 | ipferry streams w=1 | veth (limit) |" in md
     assert "· " in md and "×" in md
-    assert bench_namespaces() == before, "namespaces left behind"
+    assert namespaces("ipfbench-") == before, "namespaces left behind"

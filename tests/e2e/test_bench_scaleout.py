@@ -6,25 +6,19 @@ stopped (SIGTERM: its own cleanup), then killed."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import run_script
+from tests.helpers import namespaces, run_script
 
 SCRIPT = str(Path(__file__).resolve().parents[2] / "bench" / "scaleout.py")
 
 
-def fleet_namespaces() -> set[str]:
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    return {line.split()[0] for line in out.splitlines() if line.startswith("ipff-")}
-
-
 @pytest.mark.timeout(200)
 def test_scaleout_benchmark_gives_figures_per_node_count(tmp_path):
-    before = fleet_namespaces()
+    before = namespaces("ipff-")
     out = tmp_path / "scaleout.json"
     text = run_script([sys.executable, SCRIPT, "--quick", "--nodes", "1,2", "--json", str(out)],
                       170, "bench/scaleout.py")
@@ -38,4 +32,4 @@ def test_scaleout_benchmark_gives_figures_per_node_count(tmp_path):
         assert sum(s["conns_by_node"]) >= 300, s  # (rr.py's ping, if any, on top)
     assert all(n > 0 for n in result["samples"]["2"][0]["conns_by_node"]), result["samples"]["2"]
     assert "| 2 | " in text and "ratio to 1 node(s)" in text
-    assert fleet_namespaces() == before, "namespaces left behind"
+    assert namespaces("ipff-") == before, "namespaces left behind"

@@ -25,17 +25,11 @@ FLOWS = 300
 def by_node(fleet: Fleet) -> dict[int, int]:
     """Each flow's node, by the client's local port, from the nodes' flow_start records."""
     owner: dict[int, int] = {}
-    for i in range(1, len(fleet.nodes) + 1):
-        for r in fleet.audit(i):
-            if r["audit"] == "flow_start" and r["dport"] == STREAM_PORT:
-                assert r["sport"] not in owner, f"flow {r['sport']} started on two nodes"
-                owner[r["sport"]] = i
+    for i, starts in fleet.flow_starts(STREAM_PORT).items():
+        for r in starts:
+            assert r["sport"] not in owner, f"flow {r['sport']} started on two nodes"
+            owner[r["sport"]] = i
     return owner
-
-
-def by_node_of(fleet: Fleet, index: int) -> list[dict]:
-    return [r for r in fleet.audit(index)
-            if r["audit"] == "flow_start" and r["dport"] == STREAM_PORT]
 
 
 def metric(fleet: Fleet, index: int, name: str, **labels) -> float:
@@ -119,13 +113,13 @@ def test_flows_spread_over_three_nodes_and_stay_on_theirs_as_nodes_leave_and_joi
         assert client.wait(60) == 0, client.stdout.read().decode(errors="replace")[-3000:]
 
         # New flows reach node 3 again (and all three nodes).
-        started = {i: len(by_node_of(fleet, i)) for i in (1, 2, 3)}
+        started = {i: len(s) for i, s in fleet.flow_starts(STREAM_PORT).items()}
         res = subprocess.run(fleet.connect("python3", str(HERE / "streams.py"), "many", SERVER,
                                            str(STREAM_PORT), "90", "100000", ports=1024),
                              capture_output=True, timeout=120)
         assert res.returncode == 0, res.stderr.decode()[-2000:]
         assert json.loads(res.stdout)["ok"] == 90
-        new = {i: len(by_node_of(fleet, i)) - started[i] for i in (1, 2, 3)}
+        new = {i: len(s) - started[i] for i, s in fleet.flow_starts(STREAM_PORT).items()}
         assert sum(new.values()) == 90 and all(n > 0 for n in new.values()), new
         report = {"flows": FLOWS, "by_node": counts, "moved_on_leave": len(moved),
                   "moved_on_join": len(lost), "survivors": len(survivors),

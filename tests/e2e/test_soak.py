@@ -16,6 +16,8 @@ import sys
 import uuid
 from pathlib import Path
 
+from tests.helpers import run_script
+
 SOAK = str(Path(__file__).resolve().parents[2] / "bench" / "soak.py")
 
 
@@ -24,24 +26,11 @@ def test_a_minute_of_churn_and_kills_leaves_no_growth_and_no_corruption(tmp_path
     out = tmp_path / "soak.json"
     # A worker restarted 20 s before the end is judged on its first half-minute, while its heap
     # warms up under full load (about 10 MiB): a minute's bound is looser than a long run's 16.
-    proc = subprocess.Popen([sys.executable, SOAK, "--duration", "60", "--kill-every", "20",
-                             "--max-rss-growth", "24", "--netns", name, "--json", str(out)],
-                            stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        log, _ = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGTERM)  # its finally: daemon, clients, servers, namespace
-        try:
-            log, _ = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            log, _ = proc.communicate()
-        raise AssertionError(f"the soak overran:\n{log.decode()[-3000:]}") from None
+        text = run_script([sys.executable, SOAK, "--duration", "60", "--kill-every", "20",
+                           "--max-rss-growth", "24", "--netns", name, "--json", str(out)],
+                          240, "the soak", grace=60)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
         leftover = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True)
         for pid in leftover.stdout.split():
             try:
@@ -49,8 +38,6 @@ def test_a_minute_of_churn_and_kills_leaves_no_growth_and_no_corruption(tmp_path
             except ProcessLookupError:
                 pass
         subprocess.run(["ip", "netns", "del", name], capture_output=True)
-    text = log.decode()
-    assert proc.returncode == 0, text[-4000:]
     result = json.loads(out.read_text())
     assert not result["problems"], text[-4000:]
     assert len(result["kills"]) == 2 and all(k["back_after"] for k in result["kills"]), text
