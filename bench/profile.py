@@ -69,9 +69,13 @@ def main() -> None:
     parser.add_argument("--gil", action="store_true",
                         help="sample only while holding the GIL: Python's own CPU, without the "
                              "time spent in system calls")
+    parser.add_argument("--perf", action="store_true",
+                        help="also sample the worker with perf (kernel and native frames): where "
+                             "the system calls' time goes")
     parser.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp()))
     args = parser.parse_args()
     ensure_py_spy()
+    args.out.mkdir(parents=True, exist_ok=True)
     bed = Testbed()
     tmp = Path(tempfile.mkdtemp())
     server = client = None
@@ -105,6 +109,11 @@ def main() -> None:
                                    str(args.out / f"{name}.txt"), "-p", str(pid)],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                  for name, pid in (("worker", worker), ("connect", client.pid))]
+        if args.perf:
+            spies.append(subprocess.Popen(["perf", "record", "-q", "-F", "999", "-o",
+                                           str(args.out / "worker.perf"), "-p", str(worker), "--",
+                                           "sleep", str(args.seconds)],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         for spy in spies:
             spy.wait()
         if args.workload not in ("iperf3", "udp"):
@@ -113,6 +122,12 @@ def main() -> None:
         print("\n".join(line for line in out.splitlines() if "sender" in line or "receiver" in line))
         for name in ("worker", "connect"):
             print(f"\n== {name} ==\n{top(args.out / f'{name}.txt')}")
+        if args.perf:
+            report = subprocess.run(["perf", "report", "-i", str(args.out / "worker.perf"),
+                                     "--no-children", "--sort", "sym", "--stdio", "-q"],
+                                    capture_output=True, text=True).stdout
+            print("\n== worker (perf, self) ==\n" + "\n".join(
+                line for line in report.splitlines() if line.strip())[:4000])
     finally:
         for proc in (client, server):
             if proc is not None and proc.poll() is None:

@@ -12,7 +12,7 @@ PEERS = ("pasta", "slirp4netns")
 DEVICES_LIMIT = "devices-veth"  # device to device (bench/devices.py): its own table, its own limit
 DEVICES_PEERS = ("devices-wireguard",)
 COLORS = {"ipferry-w1": "#1f77b4", "ipferry-w2": "#17becf", "ipferry-gue": "#9467bd",
-          "pasta": "#ff7f0e", "slirp4netns": "#d62728", "veth": "#2ca02c",
+          "pasta": "#ff7f0e", "slirp4netns": "#d62728", "veth": "#2ca02c", "haproxy": "#bcbd22",
           "devices-ip-w1": "#1f77b4", "devices-ip-w2": "#17becf", "devices-stream-w1": "#8c564b",
           "devices-stream-w2": "#e377c2", "devices-veth": "#2ca02c",
           "devices-wireguard": "#7f7f7f"}  # the same every run

@@ -55,7 +55,8 @@ REPO = HERE.parent
 GUE_LISTEN = "127.0.0.1:6080"  # in the server namespace; the GUE row's daemon listens there
 PACKAGES = {"iperf3": "iperf3", "pasta": "passt", "slirp4netns": "slirp4netns", "ip": "iproute2",
             "nsenter": "util-linux", "unshare": "util-linux", "setpriv": "util-linux",
-            "sysctl": "procps", "ss": "iproute2", "wg": "wireguard-tools"}
+            "sysctl": "procps", "ss": "iproute2", "wg": "wireguard-tools",
+            "haproxy": "haproxy"}
 README_BEGIN = "<!-- bench/run: begin (bench/run --publish rewrites this block) -->"
 README_END = "<!-- bench/run: end -->"
 
@@ -163,13 +164,14 @@ def build_transports(args, reaper, server, tmp, notes: list[str]):
             notes.append("GUE row skipped: `ipferry connect --help` does not list --gue yet.")
             say(notes[-1])
     candidates += [testbed.Pasta(server, reaper, tmp), testbed.Slirp4netns(server, reaper, tmp),
-                   testbed.Veth(server, reaper)]
+                   testbed.Relay(server, reaper, tmp), testbed.Veth(server, reaper)]
     return candidates
 
 
 def run(args) -> dict:
     groups = list(workloads.GROUPS)
-    transport_ids = ["ipferry-w1", "ipferry-w2", "ipferry-gue", "pasta", "slirp4netns", "veth"]
+    transport_ids = ["ipferry-w1", "ipferry-w2", "ipferry-gue", "pasta", "slirp4netns", "haproxy",
+                     "veth"]
     patterns = [p for arg in args.only for p in arg.split(",") if p]
     if args.devices:
         patterns.append("devices-*")
@@ -281,6 +283,8 @@ def measure_cell(t, mtu: int, steps, server, samples: dict, errors: dict, where:
     try:
         workloads.ready(client)
         for group, name, fn in steps:
+            if group in getattr(t, "without", ()):
+                continue
             for attempt in (1, 2):
                 try:
                     values = fn(client)
@@ -374,7 +378,7 @@ def main() -> None:
     parser.add_argument("--mtu", type=int, action="append",
                         help="client MTU, repeatable (default 65520 and 1500)")
     parser.add_argument("--only", action="append", default=[], metavar="PATTERN[,PATTERN]",
-                        help="transports (ipferry-w1, ipferry-w2, ipferry-gue, pasta, slirp4netns, "
+                        help="transports (ipferry-w1, ipferry-w2, ipferry-gue, pasta, slirp4netns, haproxy, "
                              "veth; devices-ip-w1, devices-ip-w2, devices-stream-w1, "
                              "devices-stream-w2, devices-veth, devices-wireguard) and/or workloads "
                              "(tcp, connrate, latency, udp) to run; glob patterns, repeatable "
