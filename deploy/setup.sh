@@ -12,6 +12,7 @@ debs=(libcap-dev iproute2 iperf3 iputils-ping procps util-linux gcc python3-dev 
       openssh-server openssh-client redis-server redis-tools dnsmasq-base bind9-dnsutils
       nginx openssl
       wrk squid  # (the HTTP benchmark's CI run: a load generator and a proxy to compare with)
+      haproxy  # (bench/run's relay floor: kernel TCP on both sides, a relay in C)
       prometheus  # (promtool: the tests check the alert rules, the dashboard and a live scrape)
       chromium fonts-dejavu-core  # (headless: the e2e test renders the admin status page)
       systemd)  # (systemd-analyze: the install test verifies the units)
