@@ -188,14 +188,22 @@ class DatagramLeg:
 ServerLeg = StreamLeg | DatagramLeg | RoutedLeg
 
 
+def device_of(leg: TunnelLeg) -> tuple[int, int]:
+    """The tunnel ``leg`` reaches, as (the worker that holds it, its id there). A worker's own
+    queue of another worker's TUN has an id of this worker's: it names the holder's tunnel in
+    ``device``. (Ids are per worker, so an id alone names nothing across workers.)"""
+    return getattr(leg, "device", None) or (leg.origin, leg.id)
+
+
 def same_device(a: TunnelLeg | None, b: TunnelLeg) -> bool:
     """Do two tunnel legs reach the same device? The same object, the same tunnel of the same
-    worker (another worker's, seen over the mesh), or the same configured GUE site."""
+    worker (another worker's, seen over the mesh or through our queue of its TUN), or the same
+    configured GUE site."""
     if a is b:
         return True
     if a is None:
         return False
-    if a.origin == b.origin and a.id == b.id and a.id:
+    if a.id and device_of(a) == device_of(b):
         return True
     site = getattr(a, "site", None)
     return site is not None and site == getattr(b, "site", None) and a.tenant == b.tenant

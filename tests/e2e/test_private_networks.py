@@ -7,13 +7,16 @@ the test's own network namespace."""
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import signal
+import socket
 import subprocess
 import sys
 
 import pytest
 
+from ipferry.wire.sharding import owner
 from tests.e2e.dataplane import audit_records, config, counter
 from tests.e2e.devices import (
     NETWORKS,
@@ -40,11 +43,12 @@ def records(tmp_path, event: str) -> list[dict]:
     return [r for r in audit_records(tmp_path / "audit.jsonl") if r["audit"] == event]
 
 
-def transfer_both_ways(d, tmp_path, host: str, size: int, **kw) -> None:
+def transfer_both_ways(d, tmp_path, host: str, size: int, curl: tuple[str, ...] = (),
+                       **kw) -> None:
     """``size`` bytes from the device at ``host`` and ``size`` bytes to it, each checked by
     sha256 (the device sums what it received)."""
-    res = run_in_device(d, "sh", "-c", f"curl -sS -g --max-time 120 http://{host}:8000/{size}"
-                        " | sha256sum", **kw)
+    res = run_in_device(d, "bash", "-c", f"set -o pipefail; curl -sS -g --max-time 60 {' '.join(curl)}"
+                        f" http://{host}:8000/{size} | sha256sum", **kw)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split()[0].decode() == expected_sha256(size)
     payload = tmp_path / f"up-{size}.bin"
@@ -53,7 +57,7 @@ def transfer_both_ways(d, tmp_path, host: str, size: int, **kw) -> None:
             for i in range(size // MB):
                 f.write(hashlib.sha256(str(i).encode()).digest() * (MB // 32))
     want = hashlib.sha256(payload.read_bytes()).hexdigest()
-    res = run_in_device(d, "curl", "-sS", "-g", "--max-time", "120", "-T", str(payload),
+    res = run_in_device(d, "curl", "-sS", "-g", "--max-time", "60", *curl, "-T", str(payload),
                         f"http://{host}:8000/", **kw)
     assert res.returncode == 0, res.stderr
     assert res.stdout.decode() == want
@@ -103,6 +107,17 @@ sender = "127.0.0.1:{SITE_PORT}"
 """
 
 
+def port_owned_away(d, workers: int, src: str, dst: str, dport: int) -> int:
+    """A TCP source port that puts the flow ``src`` -> ``dst``:``dport`` on a worker other than
+    the one holding the tunnel of the device at ``dst`` (the hash the kernel steers GUE by)."""
+    rows = d.get_json("/api/tunnels")
+    holders = [r["worker"] for r in rows if f"{dst}/32" in (r.get("context") or {}).get("routes", ())]
+    assert len(holders) == 1, rows
+    s, t = ipaddress.ip_address(src).packed, ipaddress.ip_address(dst).packed
+    return next(p for p in range(40000, 41000)
+                if owner(socket.IPPROTO_TCP, s, p, t, dport, workers) != holders[0])
+
+
 @pytest.mark.parametrize("layer", ["ip", "stream"])
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_gue_site_and_a_connected_device_reach_each_other(daemon_factory, tmp_path, layer,
@@ -117,7 +132,12 @@ def test_a_gue_site_and_a_connected_device_reach_each_other(daemon_factory, tmp_
         transfer_both_ways(d, tmp_path, "10.77.1.2", 100 * MB)
         transfer_both_ways(d, tmp_path, "[fd77::1:2]", 4 * MB)
     with serve_files(d, ("10.77.0.2", "fd77::2")):
-        transfer_both_ways(d, tmp_path, "10.77.0.2", 20 * MB, gue=GUE,
+        # With two workers, the site's flow is owned away from the worker holding the device's
+        # tunnel: the owner writes to the device and reads its answers on its own queue of the
+        # device's TUN (or they cross the mesh), never the same tunnel object as the route's.
+        curl = ("--local-port", str(port_owned_away(d, workers, "10.77.1.3", "10.77.0.2", 8000)),
+                ) if workers > 1 else ()
+        transfer_both_ways(d, tmp_path, "10.77.0.2", 20 * MB, curl=curl, gue=GUE,
                            options=("--address", "10.77.1.3", *site))
     ends = wait_for(lambda: [r for r in records(tmp_path, "flow_end") if r["dport"] == 8000]
                     or None, 10, "flow_end records")

@@ -76,6 +76,7 @@ class FakeTunnel:
     anycast: bool = False
     lands: bool = False
     context: TunnelContext = field(default=None)  # type: ignore[assignment]
+    device: tuple[int, int] | None = None  # a queue of another worker's TUN: (holder, its id)
 
     def __post_init__(self) -> None:
         if self.context is None:

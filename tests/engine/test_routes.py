@@ -169,6 +169,21 @@ def test_a_blind_reset_from_the_device_passes_but_does_not_end_the_flow(pb, clie
             << Count << SendToTunnel << Audit << FlowEnded(flow, "rst", False))
 
 
+def test_a_device_answers_through_our_queue_of_its_tun_and_no_other_device_does(pb, client,
+                                                                                device):
+    """The route names another worker's tunnel; the device's answers may reach us through our
+    own queue of its TUN, whose id is this worker's: the device decides, not the id. A queue of
+    another device whose id happens to equal the route's tunnel's is not it."""
+    flow = open_routed(pb, client, device)
+    queue = FakeTunnel(id=9, lands=True, device=(device.origin, device.id))
+    impostor = FakeTunnel(id=device.id, lands=True, device=(device.origin, 5))
+    synack = tcp(B4, A4, 22, 40000, SYN | ACK, DEVICE_SEQ, 1001)
+    assert pb >> packet(impostor, synack) << Count("drop", "tunnel_mismatch")
+    assert flow.state is TcpState.SYN_SENT
+    assert (pb >> packet(queue, synack)
+            << Count("routed", "to_client") << SendToTunnel(client, synack, None))
+
+
 def test_udp_and_ping_between_devices(pb, client, device):
     query = udp(A4, B4, 5353, 53, b"q")
     flow = Placeholder("flow")
