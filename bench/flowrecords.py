@@ -47,6 +47,7 @@ class QuietTunnel:
     vnet = False
     id = 1
     origin = 0
+    device = (0, 1)
     onramp = "bench"
 
     def __init__(self) -> None:

@@ -51,6 +51,7 @@ class NullTunnel:
     vnet = False
     id = 1
     origin = 0
+    device = (0, 1)
     onramp = "bench"
     closed = False
 

@@ -48,6 +48,8 @@ class TunnelLeg(Protocol):
     @property
     def origin(self) -> int: ...  # the worker that holds it
     @property
+    def device(self) -> tuple[int, int]: ...  # what it reaches: (origin, the id there)
+    @property
     def tenant(self) -> str: ...
     @property
     def context(self) -> TunnelContext: ...
@@ -161,6 +163,10 @@ class AcceptedLeg:
         self.onramp = onramp
         self.origin = origin
 
+    @property
+    def device(self) -> tuple[int, int]:
+        return (self.origin, 0)
+
     def send(self, packet: bytes | bytearray) -> None:
         """A stream takes no packets (an answer to a held packet never comes here)."""
 
@@ -188,13 +194,6 @@ class DatagramLeg:
 ServerLeg = StreamLeg | DatagramLeg | RoutedLeg
 
 
-def device_of(leg: TunnelLeg) -> tuple[int, int]:
-    """The tunnel ``leg`` reaches, as (the worker that holds it, its id there). A worker's own
-    queue of another worker's TUN has an id of this worker's: it names the holder's tunnel in
-    ``device``. (Ids are per worker, so an id alone names nothing across workers.)"""
-    return getattr(leg, "device", None) or (leg.origin, leg.id)
-
-
 def same_device(a: TunnelLeg | None, b: TunnelLeg) -> bool:
     """Do two tunnel legs reach the same device? The same object, the same tunnel of the same
     worker (another worker's, seen over the mesh or through our queue of its TUN), or the same
@@ -203,7 +202,7 @@ def same_device(a: TunnelLeg | None, b: TunnelLeg) -> bool:
         return True
     if a is None:
         return False
-    if a.id and device_of(a) == device_of(b):
+    if a.id and a.device == b.device:  # (ids are per worker: a queue of another's TUN has ours)
         return True
     site = getattr(a, "site", None)
     return site is not None and site == getattr(b, "site", None) and a.tenant == b.tenant

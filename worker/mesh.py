@@ -177,6 +177,10 @@ class RemoteTunnel:
         self.closed = False
 
     @property
+    def device(self) -> tuple[int, int]:
+        return (self.origin, self.id)
+
+    @property
     def tenant(self) -> str:
         return self.context.tenant
 

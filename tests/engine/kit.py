@@ -76,11 +76,14 @@ class FakeTunnel:
     anycast: bool = False
     lands: bool = False
     context: TunnelContext = field(default=None)  # type: ignore[assignment]
-    device: tuple[int, int] | None = None  # a queue of another worker's TUN: (holder, its id)
+    # What it reaches: (origin, id), or a queue of another worker's TUN's (holder, its id).
+    device: tuple[int, int] = field(default=None)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         if self.context is None:
             self.context = TunnelContext(self.tenant)
+        if self.device is None:
+            self.device = (self.origin, self.id)
 
 
 # -- packets ------------------------------------------------------------------------------------

@@ -69,6 +69,10 @@ class GueTunnel:
         self.closed = False
 
     @property
+    def device(self) -> tuple[int, int]:
+        return (self.origin, self.id)
+
+    @property
     def tenant(self) -> str:
         return self.context.tenant
 

@@ -67,6 +67,10 @@ class SeqpacketTunnel:
         self._loop = asyncio.get_running_loop()
 
     @property
+    def device(self) -> tuple[int, int]:
+        return (self.origin, self.id)
+
+    @property
     def tenant(self) -> str:
         return self.context.tenant
 
