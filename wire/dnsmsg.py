@@ -99,7 +99,8 @@ MALFORMED_REASONS = frozenset({
     "bad_opcode",      # not a standard QUERY (NOTIFY, UPDATE, IQUERY, ...)
     "no_question",     # QDCOUNT 0
     "many_questions",  # QDCOUNT > 1
-    "bad_name",        # reserved label type, pointer not back before its name, over 255 bytes, dot in label
+    "bad_name",        # reserved label type, pointer not back before its name or into the header,
+                       # over 255 bytes, dot in label
     "bad_edns",        # more than one OPT record, or one whose owner is not the root
     "bad_rdata",       # parse_answer: an IN A record whose data is not 4 bytes, AAAA not 16
 })
@@ -197,7 +198,9 @@ def _read_name(data: bytes, offset: int) -> tuple[str, int]:
     """The name at ``offset`` as text, and the offset after it (after the first pointer, if any).
 
     A pointer must point strictly before the start of the labels that lead to it (the name's own
-    start, or the previous pointer's target): each jump goes further back, so the walk ends.
+    start, or the previous pointer's target): each jump goes further back, so the walk ends. And
+    never into the header, which holds no name: copied into an answer (a question goes back as it
+    came), such a pointer would name the answer's header instead.
     """
     labels: list[str] = []
     wire_length = 1  # the root's zero byte
@@ -213,7 +216,7 @@ def _read_name(data: bytes, offset: int) -> tuple[str, int]:
             if pos + 2 > limit:
                 raise _Bad("truncated")
             target = ((length & 0x3F) << 8) | data[pos + 1]
-            if target >= start:
+            if target >= start or target < _HEADER.size:
                 raise _Bad("bad_name")
             if end < 0:
                 end = pos + 2

@@ -104,11 +104,11 @@ def test_names_as_text():
     assert parse_query(upper).name == "a\\201z"
 
 
-def test_a_query_may_point_backwards_and_carry_other_records():
-    # The question's name points into the header (legal, if odd): the id's first byte, 0, is the root.
+def test_a_query_may_carry_other_records_but_not_point_into_its_header():
+    # The question's name points into the header, where the id's first byte, 0, reads as the
+    # root: refused, as an answer copying the question would point at the answer's header.
     raw = struct.pack("!H", 0x0000) + header()[2:] + b"\xc0\x00" + struct.pack("!HH", 1, 1)
-    q = parse_query(raw)
-    assert isinstance(q, DnsQuery) and q.name == ""
+    assert parse_query(raw) == Malformed("bad_name")
     # Answer and authority records in a query are skipped; records after the OPT too.
     other = DNS.RR(name="x.example", type=1, cls=1, ttl=5, ip=b"\x01\x02\x03\x04")
     raw = query(an=[other], ns=[other], edns=True, do=True)
@@ -146,6 +146,8 @@ NAME_253 = b"".join(b"\x3f" + b"a" * 63 for _ in range(3)) + b"\x3d" + b"a" * 61
     (header() + b"\x81" + b"a" * 65 + b"\x00\x00\x01\x00\x01", "bad_name"),  # label type 10
     (header() + b"\xc0\x0c\x00\x01\x00\x01", "bad_name"),  # points at itself
     (header() + b"\x01a\xc0\x0e\x00\x01\x00\x01", "bad_name"),  # points forwards
+    # Into the header: hypothesis found that an answer copying this question changed its name.
+    (header() + b"\xc0\x00\x00\x03ww" + b"\x00\x01\x00\x01", "bad_name"),
     (header() + LONG_NAME + b"\x00\x01\x00\x01", "bad_name"),
     (header() + b"\x03a.b\x03com\x00\x00\x01\x00\x01", "bad_name"),  # a dot inside a label
     (query(edns=True) + b"\x00\x00\x29\x10\x00\x00\x00\x00\x00\x00\x00", "bad_edns"),
